@@ -1,0 +1,64 @@
+"""The one error hierarchy of kvbm.
+
+Every class also subclasses the builtin a caller would naturally catch (``ValueError`` for
+bad arguments, ``KeyError`` for unknown hashes, ``MemoryError`` for exhausted pools ...), so
+code that knows nothing about kvbm still handles them sensibly.
+"""
+
+from __future__ import annotations
+
+
+class KvbmError(Exception):
+    """Base class of every error raised on purpose by kvbm."""
+
+
+class ConfigError(KvbmError, ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+class LayoutError(KvbmError, ValueError):
+    """A KV layout is invalid, or a tensor does not match the layout."""
+
+
+class LayoutMismatchError(LayoutError):
+    """Stored data was written under a different layout fingerprint."""
+
+
+class TokenError(KvbmError, ValueError):
+    """Token ids are not a 1-D sequence of unsigned 32-bit integers."""
+
+
+class BlockIdError(KvbmError, IndexError):
+    """A block id is outside the pool."""
+
+
+class BlockStateError(KvbmError, ValueError):
+    """An operation does not fit the block's state (released but not held, committed twice ...)."""
+
+
+class UnknownBlockError(KvbmError, KeyError):
+    """A block hash is not in the index."""
+
+
+class PoolExhaustedError(KvbmError, MemoryError):
+    """No free or evictable page is left in a pool."""
+
+
+class PolicyError(KvbmError, ValueError):
+    """Unknown policy name or invalid policy parameters."""
+
+
+class StorageError(KvbmError, OSError):
+    """A storage tier failed to read or write."""
+
+
+class CorruptPageError(StorageError):
+    """A stored page failed verification (header, length or checksum)."""
+
+
+class TierUnavailableError(StorageError):
+    """A tier is unreachable or its circuit breaker is open."""
+
+
+class TransferError(KvbmError, RuntimeError):
+    """A data movement between tiers or peers failed."""

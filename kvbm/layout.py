@@ -1,0 +1,156 @@
+"""KV layout: the shape of one block's keys and values, and how pages are arranged."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import xxhash
+
+from kvbm.errors import LayoutError
+
+# dtype name -> bytes per element. Names are torch's; torch itself is imported lazily.
+DTYPE_SIZES: dict[str, int] = {
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "uint8": 1,
+    "int8": 1,
+}
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
+                  "fp8": "float8_e4m3fn", "float": "float32"}
+
+
+class Arrangement(enum.Enum):
+    """How the pages of one pool are laid out in memory."""
+
+    #: one buffer ``[num_blocks, num_layers, 2, block_size, heads, head_dim]``; a block is one
+    #: contiguous page (what host, disk and network tiers want).
+    FULLY_CONTIGUOUS = "fully_contiguous"
+    #: one buffer per layer ``[num_blocks, 2, block_size, heads, head_dim]`` (vLLM's way).
+    LAYER_SEPARATE = "layer_separate"
+
+
+def normalize_dtype(dtype: Any) -> str:
+    """Accept ``"bfloat16"``, ``"bf16"`` or a ``torch.dtype``; return the canonical name."""
+    name = str(dtype).removeprefix("torch.")
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPE_SIZES:
+        raise LayoutError(f"unsupported dtype {dtype!r}; expected one of {sorted(DTYPE_SIZES)}")
+    return name
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise LayoutError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise LayoutError(f"{name} must be positive, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape of the KV of one block: ``num_layers x 2 x block_size x num_kv_heads x head_dim``.
+
+    ``model_id`` takes part in the fingerprint so that two models with equal shapes never
+    read each other's pages.
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int
+    dtype: str = "bfloat16"
+    arrangement: Arrangement = Arrangement.FULLY_CONTIGUOUS
+    model_id: str = ""
+    _fingerprint: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size"):
+            _positive_int(name, getattr(self, name))
+        object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        if isinstance(self.arrangement, str):
+            try:
+                object.__setattr__(self, "arrangement", Arrangement(self.arrangement))
+            except ValueError:
+                raise LayoutError(
+                    f"unknown arrangement {self.arrangement!r}; expected one of "
+                    f"{[a.value for a in Arrangement]}") from None
+        if not isinstance(self.arrangement, Arrangement):
+            raise LayoutError(f"arrangement must be an Arrangement, got {self.arrangement!r}")
+        if not isinstance(self.model_id, str):
+            raise LayoutError(f"model_id must be a str, got {self.model_id!r}")
+        fields = [self.num_layers, self.num_kv_heads, self.head_dim, self.block_size,
+                  self.dtype, self.model_id]
+        # The arrangement is not part of the fingerprint: a page is always stored contiguous,
+        # whatever the device arrangement, so both arrangements can share lower tiers.
+        object.__setattr__(self, "_fingerprint",
+                           xxhash.xxh3_64_intdigest(msgpack.packb(["kvbm-layout-v1", *fields])))
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPE_SIZES[self.dtype]
+
+    @property
+    def layer_shape(self) -> tuple[int, int, int, int]:
+        """Shape of one block of one layer: ``(2, block_size, heads, head_dim)``."""
+        return (2, self.block_size, self.num_kv_heads, self.head_dim)
+
+    @property
+    def block_shape(self) -> tuple[int, int, int, int, int]:
+        """Shape of one whole block, contiguous: ``(layers, 2, block_size, heads, head_dim)``."""
+        return (self.num_layers, *self.layer_shape)
+
+    @property
+    def elements_per_block(self) -> int:
+        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.elements_per_block * self.itemsize
+
+    @property
+    def bytes_per_layer_block(self) -> int:
+        return self.bytes_per_block // self.num_layers
+
+    @property
+    def fingerprint(self) -> int:
+        """64-bit identity of the page format (shape, dtype, model id)."""
+        return self._fingerprint
+
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim, "block_size": self.block_size, "dtype": self.dtype,
+                "arrangement": self.arrangement.value, "model_id": self.model_id}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KVLayout:
+        known = {"num_layers", "num_kv_heads", "head_dim", "block_size", "dtype",
+                 "arrangement", "model_id"}
+        unknown = set(d) - known
+        if unknown:
+            raise LayoutError(f"unknown layout fields {sorted(unknown)}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise LayoutError(f"invalid layout {d!r}: {e}") from None
+
+
+#: Named layouts for benchmarks and the demo.
+PRESETS: dict[str, KVLayout] = {
+    # Llama-3-8B: 32 layers, 8 KV heads, head_dim 128, bf16, 16-token blocks = 2 MiB pages.
+    "llama3-8b": KVLayout(32, 8, 128, 16, "bfloat16", model_id="llama3-8b"),
+    # A small page (32 KiB): 2 layers of the above.
+    "small": KVLayout(2, 4, 64, 16, "bfloat16", model_id="small"),
+    # Metadata-sized pages for policy replays.
+    "tiny": KVLayout(1, 1, 4, 16, "float16", model_id="tiny"),
+}

@@ -1,0 +1,611 @@
+"""BlockManager: the engine's single entry point to the KV cache.
+
+Synchronous and single-owner: the engine calls it from one thread. Lifecycle of a request::
+
+    match = mgr.match_prefix(tokens)              # longest cached prefix, across tiers
+    ids = mgr.onboard(match)                      # pin it in G1 (copying up what is lower)
+    new = mgr.allocate(n_blocks - len(ids))       # pages for the rest
+    ... the engine computes KV into mgr.block_view(i) for i in new ...
+    ids += mgr.commit(new, tokens, start_block=len(ids), hashes=match.hashes)
+    mgr.release(ids)                              # cached, evictable, still matchable
+
+A committed block is named by its sequence hash; committing a block that is already cached
+deduplicates it (the returned id is the existing page's). Committed blocks are offloaded to
+the host tier eagerly (as Dynamo does) unless ``host.eager_offload`` is off, in which case a
+block is written back to G2 when G1 evicts it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from kvbm.config import DeviceTierConfig, ManagerConfig
+from kvbm.errors import BlockStateError, ConfigError, LayoutError, PoolExhaustedError
+from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvbm.hashing import BlockHashes, MmHashes, as_token_array, hash_blocks
+from kvbm.index import BlockRecord, MatchResult, PrefixIndex
+from kvbm.layout import KVLayout
+from kvbm.medium import Medium
+from kvbm.policies import make_admission, make_eviction
+from kvbm.policies.base import AdmissionPolicy, EvictionPolicy
+from kvbm.pool import DevicePool, HostPool, SlotAllocator, copy_blocks
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+_GPU = Medium.GPU.bit
+_HOST = Medium.CPU_PINNED.bit
+
+
+class _MemTier:
+    """One in-memory tier: its pool, the record owning each slot, and its policies."""
+
+    __slots__ = ("admission", "alloc", "bit", "evictions", "is_g1", "medium", "owner", "pinned",
+                 "policy", "pool", "rejected", "skipped")
+
+    def __init__(self, medium: Medium, pool: DevicePool | HostPool, policy: EvictionPolicy,
+                 admission: AdmissionPolicy | None) -> None:
+        self.medium = medium
+        self.bit = medium.bit
+        self.is_g1 = medium is Medium.GPU
+        self.pool = pool
+        self.alloc: SlotAllocator = pool.allocator
+        self.owner: list[BlockRecord | None] = [None] * pool.num_blocks
+        self.policy = policy
+        self.admission = admission
+        #: committed blocks of this tier with a refcount > 0 (resident but not evictable)
+        self.pinned = 0
+        self.evictions = 0
+        self.rejected = 0  # refused by admission
+        self.skipped = 0  # no room (every page pinned)
+
+    def slot(self, rec: BlockRecord) -> int:
+        return rec.g1 if self.is_g1 else rec.g2
+
+    def set_slot(self, rec: BlockRecord, slot: int) -> None:
+        if self.is_g1:
+            rec.g1 = slot
+        else:
+            rec.g2 = slot
+
+    def evictable(self) -> int:
+        return len(self.policy) - self.pinned
+
+
+@dataclass(frozen=True)
+class TierUsage:
+    medium: Medium
+    capacity_blocks: int
+    used_blocks: int  # holding a page (cached or in use)
+    free_blocks: int
+    pinned_blocks: int  # in use (refcount > 0)
+    cached_blocks: int  # committed, in the index
+    evictions: int
+    admission_rejected: int
+    offload_skipped: int
+
+
+@dataclass(frozen=True)
+class ManagerStats:
+    """A snapshot of counters. Hit counts are in blocks."""
+
+    lookups: int
+    query_blocks: int
+    hit_blocks: int
+    hits_by_medium: dict[Medium, int]
+    committed_blocks: int
+    deduplicated_blocks: int
+    onboarded_blocks: dict[Medium, int]
+    offloaded_blocks: int
+    indexed_blocks: int
+    events_dropped: int
+    tiers: dict[Medium, TierUsage] = field(default_factory=dict)
+
+    @property
+    def hit_ratio(self) -> float:
+        return self.hit_blocks / self.query_blocks if self.query_blocks else 0.0
+
+
+class BlockManager:
+    """Owns the prefix index, the G1/G2 pools and their policies (see module docstring)."""
+
+    def __init__(self, layout: KVLayout, config: ManagerConfig | None = None) -> None:
+        if not isinstance(layout, KVLayout):
+            raise LayoutError(f"layout must be a KVLayout, got {type(layout).__name__}")
+        if config is None:
+            config = ManagerConfig(device=DeviceTierConfig(num_blocks=1024))
+        if not isinstance(config, ManagerConfig):
+            raise ConfigError(f"config must be a ManagerConfig, got {type(config).__name__}")
+        self.layout = layout
+        self.config = config
+        self.block_size = layout.block_size
+        self._index = PrefixIndex()
+        dev = config.device
+        self._g1 = _MemTier(Medium.GPU, DevicePool(layout, dev.num_blocks, dev.device),
+                            make_eviction(dev.eviction, dev.num_blocks), None)
+        self._g2: _MemTier | None = None
+        if config.host is not None:
+            h = config.host
+            self._g2 = _MemTier(Medium.CPU_PINNED, HostPool(layout, h.num_blocks, h.pin_memory),
+                                make_eviction(h.eviction, h.num_blocks),
+                                make_admission(h.admission))
+        self._tiers = [t for t in (self._g1, self._g2) if t is not None]
+        self._events: collections.deque[KVEvent] = collections.deque()
+        self._events_dropped = 0
+        self._tick = 0
+        self._lookups = 0
+        self._query_blocks = 0
+        self._hit_blocks = 0
+        self._hits_by_medium = dict.fromkeys(Medium, 0)
+        self._onboarded = dict.fromkeys(Medium, 0)
+        self._committed = 0
+        self._deduplicated = 0
+        self._offloaded = 0
+
+    # ------------------------------------------------------------------ engine-facing API --
+    def match_prefix(self, tokens: Any, *, lora_name: str | None = None,
+                     mm_hashes: MmHashes | None = None) -> MatchResult:
+        """Hash the full blocks of ``tokens`` and find the longest prefix cached in any tier.
+
+        No side effects besides hit statistics: nothing is pinned until :meth:`onboard`.
+        """
+        hashes = hash_blocks(tokens, self.block_size, lora_name=lora_name, mm_hashes=mm_hashes,
+                             salt=self.config.salt)
+        return self.match_hashes(hashes, lora_name=lora_name)
+
+    def match_hashes(self, hashes: BlockHashes, *, lora_name: str | None = None) -> MatchResult:
+        """:meth:`match_prefix` for hashes computed by the caller."""
+        recs = self._index.match(hashes.sequence)
+        by_medium: dict[Medium, int] = {}
+        mediums = [r.best_medium() for r in recs]
+        for m in mediums:
+            by_medium[m] = by_medium.get(m, 0) + 1
+        self._lookups += 1
+        self._query_blocks += len(hashes)
+        self._hit_blocks += len(recs)
+        for m, c in by_medium.items():
+            self._hits_by_medium[m] += c
+        return MatchResult(len(recs), by_medium, hashes.sequence[: len(recs)], hashes, mediums,
+                           lora_name)
+
+    def onboard(self, match: MatchResult) -> list[int]:
+        """Pin the matched prefix in G1, copying up the blocks held only in lower tiers.
+
+        Returns the G1 block ids of the prefix, in order, each held once (release them with
+        :meth:`release`). A block that left every tier since the match ends the prefix early,
+        so the list can be shorter than ``match.num_blocks``. Raises
+        :class:`~kvbm.errors.PoolExhaustedError`, changing nothing, when G1 has no room.
+        """
+        g1, g2 = self._g1, self._g2
+        recs = self._index.match(match.sequence_hashes)
+        missing = [r for r in recs if r.g1 < 0]
+        if missing:
+            unpinned_here = sum(1 for r in recs if r.g1 >= 0 and g1.alloc.refcount(r.g1) == 0)
+            short = len(missing) - g1.alloc.num_free
+            if short > g1.evictable() - unpinned_here:
+                raise PoolExhaustedError(
+                    f"onboarding {len(missing)} blocks needs {short} evictions in G1, only "
+                    f"{g1.evictable() - unpinned_here} blocks are evictable")
+        for r in recs:
+            if r.g1 >= 0:
+                self._hold(g1, r)
+        if missing:
+            assert g2 is not None, "a block outside G1 with no lower tier"
+            # The G2 copies are the sources: pin them so that evictions made while taking
+            # G1 pages (write-back may evict from G2) cannot drop them.
+            for r in missing:
+                self._hold(g2, r)
+            slots = self._take(g1, len(missing))
+            copy_blocks(g2.pool, [r.g2 for r in missing], g1.pool, slots)
+            for r, s in zip(missing, slots, strict=True):
+                self._unhold(g2, r)
+                self._place(g1, r, s, pinned=True)
+            self._onboarded[Medium.CPU_PINNED] += len(missing)
+            self._emit_stored(missing, Medium.GPU)
+        self._touch(recs)
+        return [r.g1 for r in recs]
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` fresh G1 pages for the engine to compute into (held once each)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise BlockStateError(f"allocate needs a non-negative int, got {n!r}")
+        g1 = self._g1
+        if n > g1.alloc.num_free + g1.evictable():
+            raise PoolExhaustedError(f"{n} blocks requested; G1 has {g1.alloc.num_free} free and "
+                                     f"{g1.evictable()} evictable")
+        return self._take(g1, n)
+
+    def commit(self, block_ids: Sequence[int], token_ids: Any, *, start_block: int = 0,
+               hashes: BlockHashes | None = None, lora_name: str | None = None,
+               mm_hashes: MmHashes | None = None) -> list[int]:
+        """Register computed full blocks so later requests can match them.
+
+        ``block_ids[i]`` holds block ``start_block + i`` of ``token_ids``. Blocks already
+        cached are deduplicated: the returned list holds, per block, the id the engine must use
+        from now on (the existing page, whose hold replaces the one on the passed page).
+        """
+        g1 = self._g1
+        ids = [g1.alloc.check(b) for b in block_ids]
+        if len(set(ids)) != len(ids):
+            raise BlockStateError(f"duplicate block ids in commit: {list(block_ids)}")
+        for b in ids:
+            if g1.alloc.refcount(b) == 0:
+                raise BlockStateError(f"block {b} is not held (allocate it first)")
+            if g1.owner[b] is not None:
+                raise BlockStateError(f"block {b} is already committed")
+        if isinstance(start_block, bool) or not isinstance(start_block, int) or start_block < 0:
+            raise BlockStateError(f"start_block must be a non-negative int, got {start_block!r}")
+        tokens = as_token_array(token_ids)
+        if hashes is None:
+            hashes = hash_blocks(tokens, self.block_size, lora_name=lora_name,
+                                 mm_hashes=mm_hashes, salt=self.config.salt)
+        end = start_block + len(ids)
+        if end > len(hashes) or end * self.block_size > tokens.size:
+            raise BlockStateError(
+                f"commit of blocks [{start_block}, {end}) but the tokens hold "
+                f"{min(len(hashes), tokens.size // self.block_size)} full blocks")
+        parent: BlockRecord | None = None
+        if start_block > 0:
+            parent = self._index.get(hashes.sequence[start_block - 1])
+            if parent is None:
+                raise BlockStateError(
+                    f"the parent of block {start_block} ({hashes.sequence[start_block - 1]:#x}) "
+                    f"is not cached; commit blocks in prefix order and keep the prefix held")
+        if not ids:
+            return []
+
+        out: list[int] = []
+        stored: list[BlockRecord] = []
+        recs: list[BlockRecord] = []
+        bs4 = self.block_size * 4
+        tok_bytes = tokens[: end * self.block_size].tobytes()
+        for i, b in enumerate(ids):
+            pos = start_block + i
+            h = hashes.sequence[pos]
+            rec = self._index.get(h)
+            if rec is None:
+                rec = BlockRecord(h, hashes.local[pos], parent,
+                                  tok_bytes[pos * bs4: (pos + 1) * bs4], lora_name)
+                self._index.insert(rec)
+                self._place(g1, rec, b, pinned=True)
+                stored.append(rec)
+                out.append(b)
+            elif rec.g1 >= 0:
+                # Same block already in G1: keep one page. The caller's hold moves to it.
+                self._hold(g1, rec)
+                g1.alloc.free([b])
+                self._deduplicated += 1
+                out.append(rec.g1)
+            else:
+                # Cached below G1 only: the freshly computed page becomes its G1 copy.
+                self._place(g1, rec, b, pinned=True)
+                stored.append(rec)
+                out.append(b)
+            recs.append(rec)
+            parent = rec
+        self._committed += len(ids)
+        self._emit_stored(stored, Medium.GPU)
+        self._touch(recs)
+        if self._g2 is not None and self.config.host is not None and self.config.host.eager_offload:
+            self._offload(recs)
+        return out
+
+    def release(self, block_ids: Iterable[int]) -> None:
+        """Drop one hold on each block. A committed block stays cached (evictable); an
+        uncommitted one goes back to the free list. Validates everything first: a block not
+        held raises :class:`~kvbm.errors.BlockStateError` and nothing is released."""
+        g1 = self._g1
+        ids = [g1.alloc.check(b) for b in block_ids]
+        counts = collections.Counter(ids)
+        for b, c in counts.items():
+            if g1.alloc.refcount(b) < c:
+                raise BlockStateError(f"block {b} released {c} time(s) but held "
+                                      f"{g1.alloc.refcount(b)} time(s)")
+        for b in ids:
+            if g1.alloc.decref(b) == 0:
+                rec = g1.owner[b]
+                if rec is None:
+                    g1.alloc.free([b])
+                else:
+                    g1.pinned -= 1
+                    g1.policy.unpin(rec.seq_hash)
+
+    def offload(self, block_ids: Iterable[int] | None = None) -> int:
+        """Copy committed G1 blocks (all of them by default) to the host tier now.
+
+        Returns how many blocks were newly written to G2 (admission and room permitting).
+        """
+        if self._g2 is None:
+            raise ConfigError("offload needs a host tier (config.host)")
+        g1 = self._g1
+        if block_ids is None:
+            recs = [r for r in g1.owner if r is not None]
+        else:
+            recs = []
+            for b in [g1.alloc.check(b) for b in block_ids]:
+                rec = g1.owner[b]
+                if rec is None:
+                    raise BlockStateError(f"block {b} is not committed")
+                recs.append(rec)
+        return self._offload(recs)
+
+    def take_events(self) -> list[KVEvent]:
+        """Drain the queued residency events, oldest first."""
+        out = list(self._events)
+        self._events.clear()
+        return out
+
+    def clear(self) -> int:
+        """Drop every cached block from every tier (vLLM's ``reset_prefix_cache``).
+
+        Refused with :class:`~kvbm.errors.BlockStateError` while any block is held. Returns
+        how many blocks were dropped and queues one ``AllBlocksCleared`` event.
+        """
+        for t in self._tiers:
+            if t.alloc.num_free + len(t.policy) - t.pinned != t.alloc.num_slots or t.pinned:
+                raise BlockStateError(f"cannot clear: blocks of {t.medium.value} are in use")
+        n = len(self._index)
+        for t in self._tiers:
+            for slot, rec in enumerate(t.owner):
+                if rec is not None:
+                    t.policy.remove(rec.seq_hash)
+                    t.owner[slot] = None
+                    t.alloc.free([slot])
+        for rec in self._index:
+            rec.mask, rec.g1, rec.g2, rec.children = 0, -1, -1, None
+        self._index = PrefixIndex()
+        self._emit(AllBlocksCleared())
+        return n
+
+    # ------------------------------------------------------------------------- data access --
+    def block_view(self, block_id: int) -> torch.Tensor | list[torch.Tensor]:
+        """The engine's view of one G1 block's KV (see :meth:`DevicePool.block_view`)."""
+        return self._g1.pool.block_view(self._g1.alloc.check(block_id))
+
+    @property
+    def kv_caches(self) -> list[torch.Tensor]:
+        """The G1 tensors, one per layer (views into one buffer when fully contiguous)."""
+        pool = self._g1.pool
+        assert isinstance(pool, DevicePool)
+        return pool.layers
+
+    @property
+    def device_pool(self) -> DevicePool:
+        pool = self._g1.pool
+        assert isinstance(pool, DevicePool)
+        return pool
+
+    @property
+    def host_pool(self) -> HostPool | None:
+        if self._g2 is None:
+            return None
+        pool = self._g2.pool
+        assert isinstance(pool, HostPool)
+        return pool
+
+    def lookup(self, seq_hash: int) -> BlockRecord | None:
+        """The index record of a block (read-only use), or ``None``."""
+        return self._index.get(seq_hash)
+
+    def stats(self) -> ManagerStats:
+        tiers = {}
+        for t in self._tiers:
+            used = t.alloc.num_slots - t.alloc.num_free
+            tiers[t.medium] = TierUsage(
+                t.medium, t.alloc.num_slots, used, t.alloc.num_free,
+                sum(1 for s in range(t.alloc.num_slots) if t.alloc.refcount(s) > 0)
+                if t.is_g1 else t.pinned,
+                len(t.policy), t.evictions, t.rejected, t.skipped)
+        return ManagerStats(self._lookups, self._query_blocks, self._hit_blocks,
+                            dict(self._hits_by_medium), self._committed, self._deduplicated,
+                            dict(self._onboarded), self._offloaded, len(self._index),
+                            self._events_dropped, tiers)
+
+    # ---------------------------------------------------------------------------- internals --
+    def _hold(self, tier: _MemTier, rec: BlockRecord) -> None:
+        slot = tier.slot(rec)
+        if tier.alloc.incref(slot) == 1:
+            tier.pinned += 1
+            tier.policy.pin(rec.seq_hash)
+
+    def _unhold(self, tier: _MemTier, rec: BlockRecord) -> None:
+        slot = tier.slot(rec)
+        if tier.alloc.decref(slot) == 0:
+            tier.pinned -= 1
+            tier.policy.unpin(rec.seq_hash)
+
+    def _place(self, tier: _MemTier, rec: BlockRecord, slot: int, *, pinned: bool) -> None:
+        """Make ``slot`` (taken, refcount 1) the copy of ``rec`` in ``tier``."""
+        tier.set_slot(rec, slot)
+        tier.owner[slot] = rec
+        rec.mask |= tier.bit
+        tier.policy.insert(rec.seq_hash, rec.parent_hash, pinned=pinned)
+        if pinned:
+            tier.pinned += 1
+        else:
+            tier.alloc.decref(slot)
+
+    def _take(self, tier: _MemTier, n: int) -> list[int]:
+        """``n`` pages of ``tier``, evicting by its policy; the caller checked there is room."""
+        short = n - tier.alloc.num_free
+        while short > 0:
+            key = tier.policy.victim()
+            if key is None:  # pragma: no cover - callers check evictable() first
+                raise PoolExhaustedError(f"{tier.medium.value}: nothing left to evict")
+            rec = self._index.get(key)
+            assert rec is not None and tier.slot(rec) >= 0, "policy returned a non-resident key"
+            self._evict(tier, rec)
+            short = n - tier.alloc.num_free
+        return tier.alloc.allocate(n)
+
+    def _evict(self, tier: _MemTier, rec: BlockRecord) -> None:
+        """``rec`` was chosen as victim of ``tier`` (the policy already forgot it)."""
+        slot = tier.slot(rec)
+        host = self.config.host
+        if (tier.is_g1 and self._g2 is not None and rec.g2 < 0 and host is not None
+                and not host.eager_offload):
+            # Write-back. Hold the page raw (the policy already forgot the key) so that a
+            # lineage cascade triggered by G2's own evictions detaches it instead of freeing it.
+            tier.alloc.incref(slot)
+            tier.pinned += 1
+            self._offload([rec], evicting=rec)
+            tier.alloc.decref(slot)
+            tier.pinned -= 1 if tier.slot(rec) >= 0 else 0
+            if tier.slot(rec) < 0:  # forgotten meanwhile: the page is ours to free
+                tier.alloc.free([slot])
+                tier.evictions += 1
+                return
+        tier.set_slot(rec, -1)
+        tier.owner[slot] = None
+        rec.mask &= ~tier.bit
+        tier.alloc.free([slot])
+        tier.evictions += 1
+        self._emit(BlockRemoved([rec.seq_hash], tier.medium))
+        if rec.mask == 0:
+            self._forget(rec)
+
+    def _forget(self, rec: BlockRecord) -> None:
+        """Lineage rule: ``rec`` left every tier, so it and its descendants leave the index."""
+        removed = self._index.remove_subtree(rec)
+        by_medium: dict[Medium, list[int]] = {}
+        for r in removed:
+            for t in self._tiers:
+                slot = t.slot(r)
+                if slot < 0:
+                    continue
+                t.set_slot(r, -1)
+                t.owner[slot] = None
+                t.policy.remove(r.seq_hash)
+                if t.alloc.refcount(slot) > 0:
+                    # Still in use by the engine: the page stays held but is no longer a
+                    # cached block; release() frees it like an uncommitted page.
+                    t.pinned -= 1
+                else:
+                    t.alloc.free([slot])
+                by_medium.setdefault(t.medium, []).append(r.seq_hash)
+            r.mask = 0
+        for m, hs in by_medium.items():
+            self._emit(BlockRemoved(hs, m))
+
+    def _offload(self, recs: Sequence[BlockRecord], evicting: BlockRecord | None = None) -> int:
+        """Copy G1-resident ``recs`` without a G2 copy down to G2 (admission and room
+        permitting). ``evicting`` is a G1 victim being written back (it is not evictable)."""
+        g1, g2 = self._g1, self._g2
+        assert g2 is not None
+        todo = [r for r in recs if r.g2 < 0 and r.g1 >= 0]
+        if g2.admission is not None:
+            admit = g2.admission.admit
+            kept = [r for r in todo if admit(r.seq_hash)]
+            g2.rejected += len(todo) - len(kept)
+            todo = kept
+        room = g2.alloc.num_free + g2.evictable()
+        if len(todo) > room:
+            g2.skipped += len(todo) - room
+            todo = todo[:room]  # parents first: a prefix of the run stays matchable
+        if not todo:
+            return 0
+        # Evictions in G2 may drop blocks from the index (lineage); hold the sources meanwhile
+        # so a cascade detaches their pages instead of freeing them under the copy.
+        src = [r.g1 for r in todo]
+        for r in todo:
+            if r is not evicting:
+                self._hold(g1, r)
+        slots = self._take(g2, len(todo))
+        live: list[tuple[BlockRecord, int, int]] = []
+        for r, s1, s2 in zip(todo, src, slots, strict=True):
+            if r.mask == 0:  # forgotten by a cascade while G2 made room
+                g2.alloc.free([s2])
+                if r is not evicting and g1.alloc.decref(s1) == 0:
+                    g1.alloc.free([s1])
+            else:
+                live.append((r, s1, s2))
+        copy_blocks(g1.pool, [x[1] for x in live], g2.pool, [x[2] for x in live])
+        placed: list[BlockRecord] = []
+        for r, _, s2 in live:
+            if r is not evicting:
+                self._unhold(g1, r)
+            self._place(g2, r, s2, pinned=False)
+            placed.append(r)
+        self._offloaded += len(placed)
+        self._emit_stored(placed, Medium.CPU_PINNED)
+        return len(placed)
+
+    def _touch(self, recs: Sequence[BlockRecord]) -> None:
+        """A prefix was used: refresh recency/frequency in every tier holding each block.
+
+        Touching root first makes children more recent than their parents, so recency-based
+        policies naturally evict leaves before the prefixes they depend on.
+        """
+        self._tick += 1
+        tick = self._tick
+        g1, g2 = self._g1, self._g2
+        for r in recs:
+            r.last_access = tick
+            r.frequency += 1
+            if r.g1 >= 0:
+                g1.policy.access(r.seq_hash)
+            if g2 is not None and r.g2 >= 0:
+                g2.policy.access(r.seq_hash)
+
+    def _emit(self, event: KVEvent) -> None:
+        if len(self._events) >= self.config.max_pending_events:
+            self._events.popleft()
+            self._events_dropped += 1
+        self._events.append(event)
+
+    def _emit_stored(self, recs: Sequence[BlockRecord], medium: Medium) -> None:
+        """One BlockStored per run of consecutive blocks (each block the parent of the next)."""
+        run: list[BlockRecord] = []
+        for r in recs:
+            if run and r.parent is not run[-1]:
+                self._emit_run(run, medium)
+                run = []
+            run.append(r)
+        if run:
+            self._emit_run(run, medium)
+
+    def _emit_run(self, run: list[BlockRecord], medium: Medium) -> None:
+        tokens = np.frombuffer(b"".join(r.tokens for r in run), dtype="<u4").tolist()
+        self._emit(BlockStored([r.seq_hash for r in run], run[0].parent_hash, tokens,
+                               self.block_size, medium, run[0].lora_name, None,
+                               [r.local_hash for r in run]))
+
+    # ----------------------------------------------------------------------- test support --
+    def check_invariants(self) -> None:
+        """Assert the internal invariants (used by the stateful tests; O(size))."""
+        for t in self._tiers:
+            free = set(t.alloc.free_slots())
+            assert len(free) == t.alloc.num_free, "free list length"
+            pinned = 0
+            for slot in range(t.alloc.num_slots):
+                rec = t.owner[slot]
+                refs = t.alloc.refcount(slot)
+                assert refs >= 0
+                if slot in free:
+                    assert rec is None and refs == 0 and t.alloc.is_free(slot)
+                    continue
+                assert not t.alloc.is_free(slot)
+                if rec is None:
+                    assert t.is_g1 and refs > 0, f"{t.medium}: slot {slot} leaked"
+                    continue
+                assert t.slot(rec) == slot and rec.mask & t.bit
+                assert self._index.get(rec.seq_hash) is rec, "resident block not indexed"
+                assert rec.seq_hash in t.policy
+                pinned += refs > 0
+            assert pinned == t.pinned, f"{t.medium}: pinned count {t.pinned} != {pinned}"
+            assert len(t.policy) == sum(1 for r in t.owner if r is not None)
+        for rec in self._index:
+            assert rec.mask != 0, "indexed block resident nowhere"
+            assert bool(rec.mask & _GPU) == (rec.g1 >= 0)
+            assert bool(rec.mask & _HOST) == (rec.g2 >= 0)
+            if rec.parent is not None:
+                assert self._index.get(rec.parent.seq_hash) is rec.parent, "lineage rule"
+                assert rec.parent.children is not None and rec in rec.parent.children

@@ -1,0 +1,39 @@
+"""Tiers (media) a block can reside in."""
+
+from __future__ import annotations
+
+import enum
+
+
+class Medium(enum.Enum):
+    """Where a copy of a block lives. Values are the names used in events.
+
+    The order of declaration is the order of preference when onboarding: a block resident
+    in several tiers is served from the first one listed here.
+    """
+
+    GPU = "GPU"  # G1: device memory (a CPU tensor where no GPU exists)
+    CPU_PINNED = "CPU_PINNED"  # G2: host memory (pinned where CUDA is present)
+    DISK = "DISK"  # G3: local disk / NVMe
+    OBJECT = "OBJECT"  # G4: object storage (S3, GCS)
+
+    @property
+    def bit(self) -> int:
+        """The bit of this medium in a residency mask."""
+        return _BITS[self]
+
+    @property
+    def tier(self) -> int:
+        """1 for G1 ... 4 for G4."""
+        return _BITS[self].bit_length()
+
+
+_BITS: dict[Medium, int] = {m: 1 << i for i, m in enumerate(Medium)}
+
+#: Mediums by bit position, so a residency mask can be decoded without a dict lookup.
+MEDIUM_BY_BIT: tuple[Medium, ...] = tuple(Medium)
+
+
+def mediums_of(mask: int) -> list[Medium]:
+    """The media set in a residency mask, best first."""
+    return [m for i, m in enumerate(MEDIUM_BY_BIT) if mask >> i & 1]

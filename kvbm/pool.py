@@ -1,0 +1,258 @@
+"""Fixed-page pools: an O(1) slot allocator and the tensors behind G1 and G2.
+
+:class:`SlotAllocator` hands out page slots ``0..N-1``. It is pure Python and on the hot path
+of every request, so it avoids per-call allocations: the free list is *intrusive* (two int
+lists indexed by slot, no node objects) and *doubly linked* around one sentinel, which makes
+taking a particular slot out of the middle O(1) and lets a batch of slots be unlinked or
+spliced in with a constant number of pointer writes.
+
+:class:`DevicePool` (G1) and :class:`HostPool` (G2) own the memory. G1 is a torch tensor on
+``cuda`` when available, else on ``cpu``; G2 is pinned when CUDA is present, plain otherwise
+(``pin_memory=True`` raises on a CPU-only torch).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from kvbm.errors import BlockIdError, BlockStateError, ConfigError, PoolExhaustedError
+from kvbm.layout import Arrangement, KVLayout
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+
+class SlotAllocator:
+    """Free list + refcounts of ``num_slots`` pages.
+
+    A slot is *free* (on the list, refcount 0), or *held* (refcount >= 1). What a held slot
+    contains is the owner's business; a slot whose refcount drops to 0 is not freed here
+    (the owner may keep it cached) but only by :meth:`free`.
+    """
+
+    __slots__ = ("_free", "_next", "_num_free", "_prev", "_refs", "_sentinel", "num_slots")
+
+    def __init__(self, num_slots: int) -> None:
+        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots <= 0:
+            raise ConfigError(f"a pool needs a positive number of blocks, got {num_slots!r}")
+        self.num_slots = num_slots
+        s = num_slots  # the sentinel is one extra node after the last slot: no None checks
+        self._sentinel = s
+        # next/prev of a circular list through the sentinel; initially 0 -> 1 -> ... -> N-1.
+        self._next = [*range(1, num_slots + 1), 0]
+        self._prev = [s, *range(num_slots)]
+        self._refs = [0] * num_slots
+        self._free = bytearray(b"\x01") * num_slots  # O(1) membership, catches double frees
+        self._num_free = num_slots
+
+    # -- queries -----------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return self._num_free
+
+    def is_free(self, slot: int) -> bool:
+        return bool(self._free[slot])
+
+    def refcount(self, slot: int) -> int:
+        return self._refs[slot]
+
+    def check(self, slot: Any) -> int:
+        """Validate a slot id from outside; returns it as int."""
+        if isinstance(slot, bool) or not isinstance(slot, int):
+            try:
+                slot = int(slot.__index__())
+            except (AttributeError, TypeError):
+                raise BlockIdError(f"block id must be an int, got {slot!r}") from None
+        if not 0 <= slot < self.num_slots:
+            raise BlockIdError(f"block id {slot} out of range [0, {self.num_slots})")
+        return int(slot)
+
+    # -- allocation ----------------------------------------------------------------------------
+    def allocate(self, n: int) -> list[int]:
+        """Take ``n`` free slots (refcount 1 each), oldest-freed first."""
+        if n > self._num_free:
+            raise PoolExhaustedError(f"{n} blocks requested, {self._num_free} free")
+        if n <= 0:
+            return []
+        nxt, refs, free = self._next, self._refs, self._free
+        out = [0] * n
+        s = nxt[self._sentinel]
+        for i in range(n):
+            out[i] = s
+            refs[s] = 1
+            free[s] = 0
+            s = nxt[s]
+        # the taken run is contiguous at the head: unlink it with two writes
+        nxt[self._sentinel] = s
+        self._prev[s] = self._sentinel
+        self._num_free -= n
+        return out
+
+    def take(self, slot: int) -> None:
+        """Take one particular free slot (refcount 1), O(1)."""
+        if not self._free[slot]:
+            raise BlockStateError(f"block {slot} is not free")
+        p, n = self._prev[slot], self._next[slot]
+        self._next[p] = n
+        self._prev[n] = p
+        self._free[slot] = 0
+        self._refs[slot] = 1
+        self._num_free -= 1
+
+    def free(self, slots: Iterable[int]) -> None:
+        """Return slots to the tail of the free list (refcounts reset to 0).
+
+        Slots go to the tail so that a freed page is reused last: its memory is the least
+        likely to still be read by an in-flight copy.
+        """
+        slots = list(slots)
+        nxt, prv, refs, free = self._next, self._prev, self._refs, self._free
+        # Validate the whole batch before linking anything, so a bad id changes nothing.
+        for i, s in enumerate(slots):
+            if free[s]:
+                for t in slots[:i]:
+                    free[t] = 0
+                raise BlockStateError(f"block {s} freed twice")
+            free[s] = 1
+        sentinel = self._sentinel
+        tail = prv[sentinel]
+        for s in slots:
+            refs[s] = 0
+            nxt[tail] = s
+            prv[s] = tail
+            tail = s
+        nxt[tail] = sentinel
+        prv[sentinel] = tail
+        self._num_free += len(slots)
+
+    def incref(self, slot: int) -> int:
+        r = self._refs[slot] + 1
+        self._refs[slot] = r
+        return r
+
+    def decref(self, slot: int) -> int:
+        r = self._refs[slot] - 1
+        if r < 0:
+            raise BlockStateError(f"block {slot} released more often than held")
+        self._refs[slot] = r
+        return r
+
+    def free_slots(self) -> list[int]:
+        """The free list in order (for tests and invariant checks)."""
+        out = []
+        s = self._next[self._sentinel]
+        while s != self._sentinel:
+            out.append(s)
+            s = self._next[s]
+        return out
+
+
+def resolve_device(device: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but torch sees no CUDA device")
+    return device
+
+
+class DevicePool:
+    """G1: the pages the engine computes into, in the layout's arrangement."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int, device: str = "auto") -> None:
+        import torch
+
+        self.layout = layout
+        self.allocator = SlotAllocator(num_blocks)
+        self.device = torch.device(resolve_device(device))
+        dtype = layout.torch_dtype()
+        self.layers: list[torch.Tensor]
+        if layout.arrangement is Arrangement.FULLY_CONTIGUOUS:
+            self.buffer: torch.Tensor | None = torch.zeros(
+                (num_blocks, *layout.block_shape), dtype=dtype, device=self.device)
+            self.layers = [self.buffer[:, i] for i in range(layout.num_layers)]
+        else:
+            self.buffer = None
+            self.layers = [torch.zeros((num_blocks, *layout.layer_shape), dtype=dtype,
+                                       device=self.device) for _ in range(layout.num_layers)]
+        log.debug("G1 pool: %d blocks of %d bytes on %s (%s)", num_blocks,
+                  layout.bytes_per_block, self.device, layout.arrangement.value)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_slots
+
+    def block_view(self, slot: int) -> torch.Tensor | list[torch.Tensor]:
+        """One block's KV: ``[layers, 2, block_size, heads, head_dim]`` when contiguous,
+        else one ``[2, block_size, heads, head_dim]`` view per layer."""
+        if self.buffer is not None:
+            return self.buffer[slot]
+        return [layer[slot] for layer in self.layers]
+
+
+class HostPool:
+    """G2: one contiguous page per block, byte-addressable for the tiers below."""
+
+    def __init__(self, layout: KVLayout, num_blocks: int, pin_memory: bool | None = None) -> None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        if pin_memory and not cuda:
+            raise ConfigError("host.pin_memory=True needs CUDA; this torch sees no GPU "
+                              "(leave it unset to pin only where CUDA is present)")
+        self.pinned = cuda if pin_memory is None else pin_memory
+        self.layout = layout
+        self.allocator = SlotAllocator(num_blocks)
+        # Raw bytes first: numpy has no bfloat16, and the disk/object tiers want bytes anyway.
+        self.raw = torch.zeros((num_blocks, layout.bytes_per_block), dtype=torch.uint8,
+                               pin_memory=self.pinned)
+        self.buffer = self.raw.view(layout.torch_dtype()).view(num_blocks, *layout.block_shape)
+        self._np = self.raw.numpy()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_slots
+
+    def page(self, slot: int) -> memoryview:
+        """The bytes of one page, zero-copy (writable)."""
+        return memoryview(self._np[slot])
+
+    def block_view(self, slot: int) -> torch.Tensor:
+        return self.buffer[slot]
+
+
+def copy_blocks(src: DevicePool | HostPool, src_slots: Sequence[int],
+                dst: DevicePool | HostPool, dst_slots: Sequence[int]) -> None:
+    """Copy whole blocks between pools, batched per layer, whatever the arrangements."""
+    import torch
+
+    if not src_slots:
+        return
+    src_dev = getattr(src, "device", torch.device("cpu"))
+    dst_dev = getattr(dst, "device", torch.device("cpu"))
+    si = torch.tensor(src_slots, dtype=torch.long, device=src_dev)
+    di = torch.tensor(dst_slots, dtype=torch.long, device=dst_dev)
+    non_blocking = src_dev.type == "cuda" or dst_dev.type == "cuda"
+    src_buf = src.buffer if src.buffer is not None else None
+    dst_buf = dst.buffer if dst.buffer is not None else None
+    if src_buf is not None and dst_buf is not None:
+        part = src_buf.index_select(0, si).to(dst_dev, non_blocking=non_blocking)
+        dst_buf.index_copy_(0, di, part)
+    else:
+        for layer in range(src.layout.num_layers):
+            s = src_buf[:, layer] if src_buf is not None else src.layers[layer]  # type: ignore[union-attr]
+            part = s.index_select(0, si).to(dst_dev, non_blocking=non_blocking)
+            if dst_buf is not None:
+                dst_buf[:, layer].index_copy_(0, di, part)
+            else:
+                dst.layers[layer].index_copy_(0, di, part)  # type: ignore[union-attr]
+    if non_blocking:
+        # Correctness first: the copy must be complete before either page is reused. The
+        # offload engine overlaps copies with compute on its own stream.
+        torch.cuda.synchronize(src_dev if src_dev.type == "cuda" else dst_dev)

@@ -1,0 +1,144 @@
+"""The page-store interface every tier below host memory implements.
+
+A store keeps whole pages (one block's KV, contiguous, ``layout.bytes_per_block`` bytes)
+under their sequence hash. Operations are batched and asynchronous (asyncio): a tier does
+its blocking I/O on its own threads, so one event loop can drive several tiers at once.
+
+Contract, checked by the shared conformance suite ``kvbm.testing.PageStoreTests``:
+
+* ``put`` is create-only and idempotent: putting a key that exists is a success that
+  writes nothing. When ``put`` returns, the pages it reports stored are durable to the
+  tier's promise (``Capability.DURABLE``: they survive a crash of this process).
+* ``get`` reads into caller-provided buffers (no extra copy of the payload where the tier
+  can avoid it) and verifies every page (storage/page.py). A missing, torn or corrupt page
+  is a *miss*: the buffer's content is then unspecified, the page is dropped, counted in
+  ``stats().corrupt`` and reported to the listener as removed.
+* Pages a tier drops on its own (eviction at capacity, corruption) are reported through
+  ``TierListener.on_removed`` so the block manager can update its index and emit events.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from kvbm.layout import KVLayout
+from kvbm.medium import Medium
+
+if TYPE_CHECKING:  # collections.abc.Buffer is 3.12+
+    from typing_extensions import Buffer
+
+
+class Capability(enum.Flag):
+    NONE = 0
+    #: pages whose put returned survive a crash of the process
+    DURABLE = enum.auto()
+    #: data leaves the machine (object stores): the engine should expect latency
+    REMOTE = enum.auto()
+    #: the tier enforces a capacity and evicts by itself
+    EVICTS = enum.auto()
+    #: pages survive a restart and are found again by a new instance on the same location
+    PERSISTENT = enum.auto()
+
+
+class RemovalReason(enum.Enum):
+    EVICTED = "evicted"
+    CORRUPT = "corrupt"
+    DELETED = "deleted"
+
+
+class TierListener(Protocol):
+    def on_removed(self, medium: Medium, keys: Sequence[int], reason: RemovalReason) -> None:
+        """Pages left the tier without the caller asking for it (or were found corrupt)."""
+
+
+@dataclass
+class TierStats:
+    """Counters of one tier (monotonic, since the store was opened)."""
+
+    puts: int = 0
+    put_bytes: int = 0
+    put_skipped: int = 0  # already present (create-only)
+    gets: int = 0
+    hits: int = 0
+    misses: int = 0
+    get_bytes: int = 0
+    corrupt: int = 0
+    evicted: int = 0
+    deleted: int = 0
+    errors: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class PageStore(abc.ABC):
+    """An asynchronous, batched store of verified pages."""
+
+    medium: Medium
+    capabilities: Capability = Capability.NONE
+
+    def __init__(self, layout: KVLayout, *, listener: TierListener | None = None) -> None:
+        self.layout = layout
+        self.page_bytes = layout.bytes_per_block
+        self.fingerprint = layout.fingerprint
+        self.listener = listener
+        self._stats = TierStats()
+
+    # -- data -------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def put(self, items: Sequence[tuple[int, Buffer]]) -> list[bool]:
+        """Store ``(seq_hash, payload)`` pairs; payloads are ``page_bytes`` long.
+
+        Returns, per item, whether the page is in the store afterwards (stored now or
+        already present). A page the tier could not take (full of pinned data, admission,
+        I/O error) is ``False``; nothing is partially visible.
+        """
+
+    @abc.abstractmethod
+    async def get(self, items: Sequence[tuple[int, Buffer]]) -> list[bool]:
+        """Read pages into the given writable buffers; per item, ``True`` on a verified hit."""
+
+    @abc.abstractmethod
+    async def exists(self, keys: Sequence[int]) -> list[bool]:
+        """Whether each key is stored (without verifying its payload)."""
+
+    @abc.abstractmethod
+    async def delete(self, keys: Sequence[int]) -> int:
+        """Remove pages; returns how many existed."""
+
+    @abc.abstractmethod
+    async def keys(self) -> list[int]:
+        """Every stored key (for restart and tests; may be slow on big stores)."""
+
+    # -- accounting -------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def capacity_bytes(self) -> int | None:
+        """The most payload bytes the tier will hold; ``None`` when unbounded."""
+
+    @property
+    @abc.abstractmethod
+    def used_bytes(self) -> int:
+        """Payload bytes held now."""
+
+    def stats(self) -> TierStats:
+        return self._stats
+
+    async def close(self) -> None:  # noqa: B027 - optional hook, most stores need it
+        """Flush and release resources; the store is unusable afterwards."""
+
+    # -- helpers for implementations ---------------------------------------------------------
+    def _notify_removed(self, keys: Sequence[int], reason: RemovalReason) -> None:
+        if keys and self.listener is not None:
+            self.listener.on_removed(self.medium, list(keys), reason)
+
+    def _check_payload(self, key: int, buf: Buffer) -> memoryview:
+        from kvbm.errors import LayoutError
+
+        mv = memoryview(buf).cast("B")
+        if mv.nbytes != self.page_bytes:
+            raise LayoutError(f"page {key:#x} has {mv.nbytes} bytes, the layout needs "
+                              f"{self.page_bytes}")
+        return mv

@@ -1,0 +1,1 @@
+"""Transports between processes and machines (importable as ``kvbm.transports``)."""
