@@ -14,7 +14,7 @@ import sys
 import types
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -81,7 +81,6 @@ class ManagerConfig:
     salt: str | None = None
     #: Keep at most this many undrained events; older ones are dropped and counted.
     max_pending_events: int = 1_000_000
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         _check_positive("manager", "max_pending_events", self.max_pending_events)
@@ -139,6 +138,14 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     if unknown:
         raise ConfigError(f"unknown key(s) in {where}: {sorted(unknown)}; "
                           f"expected some of {sorted(names)}")
+    required = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+                if f.init and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in data]
+    if missing:
+        raise ConfigError(f"{where}: missing required key(s) {missing}"
+                          + (f" (environment: {ENV_PREFIX}{missing[0].upper()}_...)"
+                             if where == "config" else ""))
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         tp, optional = _unwrap_optional(hints[name])

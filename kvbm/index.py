@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from kvbm.hashing import BlockHashes
-from kvbm.medium import MEDIUM_BY_BIT, Medium
+from kvbm.medium import BEST_MEDIUM, Medium
 
 
 class BlockRecord:
@@ -49,7 +49,7 @@ class BlockRecord:
 
     def best_medium(self) -> Medium:
         """The fastest tier holding the block (the lowest set bit)."""
-        return MEDIUM_BY_BIT[(self.mask & -self.mask).bit_length() - 1]
+        return BEST_MEDIUM[self.mask]
 
 
 @dataclass(frozen=True, slots=True)

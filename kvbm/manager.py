@@ -31,7 +31,7 @@ from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvbm.hashing import BlockHashes, MmHashes, as_token_array, hash_blocks
 from kvbm.index import BlockRecord, MatchResult, PrefixIndex
 from kvbm.layout import KVLayout
-from kvbm.medium import Medium
+from kvbm.medium import BEST_MEDIUM, Medium
 from kvbm.policies import make_admission, make_eviction
 from kvbm.policies.base import AdmissionPolicy, EvictionPolicy
 from kvbm.pool import DevicePool, HostPool, SlotAllocator, copy_blocks
@@ -164,10 +164,14 @@ class BlockManager:
     def match_hashes(self, hashes: BlockHashes, *, lora_name: str | None = None) -> MatchResult:
         """:meth:`match_prefix` for hashes computed by the caller."""
         recs = self._index.match(hashes.sequence)
+        # Per-block work stays on ints (Enum hashing is Python-level and slow): count the
+        # masks, then map the few distinct ones to media.
+        masks = [r.mask for r in recs]
+        best = BEST_MEDIUM
+        mediums = [best[m] for m in masks]
         by_medium: dict[Medium, int] = {}
-        mediums = [r.best_medium() for r in recs]
-        for m in mediums:
-            by_medium[m] = by_medium.get(m, 0) + 1
+        for m, c in collections.Counter(masks).items():
+            by_medium[best[m]] = by_medium.get(best[m], 0) + c
         self._lookups += 1
         self._query_blocks += len(hashes)
         self._hit_blocks += len(recs)

@@ -37,3 +37,10 @@ MEDIUM_BY_BIT: tuple[Medium, ...] = tuple(Medium)
 def mediums_of(mask: int) -> list[Medium]:
     """The media set in a residency mask, best first."""
     return [m for i, m in enumerate(MEDIUM_BY_BIT) if mask >> i & 1]
+
+
+#: The fastest medium of each residency mask (index: mask), for hot loops. Entry 0 is never
+#: read: a block resident nowhere is not in the index.
+BEST_MEDIUM: tuple[Medium, ...] = tuple(
+    MEDIUM_BY_BIT[(mask & -mask).bit_length() - 1] if mask else Medium.GPU
+    for mask in range(1 << len(MEDIUM_BY_BIT)))

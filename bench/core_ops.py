@@ -1,0 +1,179 @@
+"""Core operation throughput of the block manager, on one core.
+
+Measures, in one run: block hashing (local + sequence), ``match_prefix`` latency for a
+1,000-block prompt (hashing included; full hit and full miss), slot allocate/free in
+batches of 64 (allocator alone and through ``BlockManager.allocate/release``), and commit
+throughput. Each figure is printed next to its target and next to a reference measured in
+the same run (the floor Python itself imposes on that kind of work), as a ratio.
+
+    python bench/core_ops.py [--json] [--repeat N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from kvbm import BlockManager, DeviceTierConfig, HostTierConfig, KVLayout, ManagerConfig
+from kvbm.hashing import _accel, hash_blocks
+from kvbm.pool import SlotAllocator
+
+BS = 16
+
+
+def best_of(fn: Callable[[], Any], repeat: int) -> float:
+    """Seconds of the fastest of ``repeat`` runs (the least disturbed by a shared machine)."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def median_of(fn: Callable[[], Any], repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_hash(repeat: int) -> dict[str, Any]:
+    n = 100_000
+    toks = np.random.default_rng(0).integers(0, 2**31, n * BS).astype(np.uint32)
+    t = best_of(lambda: hash_blocks(toks, BS), repeat)
+    buf = toks.tobytes()
+    # reference: one xxh3 pass over the same bytes (memory-speed hashing, no per-block work)
+    ref = best_of(lambda: xxhash.xxh3_64_intdigest(buf), repeat)
+    return {"op": "hash_blocks (local+sequence)", "unit": "blocks/s", "value": n / t,
+            "target": 5e6, "reference": n / ref, "reference_name": "one xxh3 over all bytes"}
+
+
+def bench_match(repeat: int) -> list[dict[str, Any]]:
+    layout = KVLayout(1, 1, 4, BS, "float16")
+    mgr = BlockManager(layout, ManagerConfig(device=DeviceTierConfig(1200, device="cpu")))
+    toks = np.random.default_rng(1).integers(0, 2**31, 1000 * BS).astype(np.uint32)
+    m = mgr.match_prefix(toks)
+    ids = mgr.allocate(1000)
+    mgr.release(mgr.commit(ids, toks, hashes=m.hashes))
+    hit = median_of(lambda: mgr.match_prefix(toks), repeat * 20)
+    miss_toks = toks + 1
+    miss = median_of(lambda: mgr.match_prefix(miss_toks), repeat * 20)
+    as_list = toks.tolist()
+    hit_list = median_of(lambda: mgr.match_prefix(as_list), repeat * 20)
+    hashes = hash_blocks(toks, BS).sequence
+    table = {h: h for h in hashes}
+    ref = median_of(lambda: [table.get(h) for h in hashes], repeat * 20)
+    rows = []
+    for name, t in (("match_prefix 1k blocks, full hit", hit),
+                    ("match_prefix 1k blocks, miss", miss),
+                    ("match_prefix 1k blocks, full hit, list input", hit_list)):
+        rows.append({"op": name, "unit": "us", "value": t * 1e6, "target": 500.0,
+                     "reference": ref * 1e6, "reference_name": "1k dict lookups"})
+    assert mgr.match_prefix(toks).num_blocks == 1000
+    return rows
+
+
+def bench_alloc(repeat: int) -> list[dict[str, Any]]:
+    n_slots, batch, rounds = 65_536, 64, 1000
+    alloc = SlotAllocator(n_slots)
+
+    def allocator() -> None:
+        for _ in range(rounds):
+            got = alloc.allocate(batch)
+            alloc.free(got)
+
+    free_list = list(range(n_slots))
+
+    def reference() -> None:  # the cheapest Python free list: pop/extend on a list of ints
+        for _ in range(rounds):
+            got = free_list[-batch:]
+            del free_list[-batch:]
+            free_list.extend(got)
+
+    layout = KVLayout(1, 1, 4, BS, "float16")
+    mgr = BlockManager(layout, ManagerConfig(device=DeviceTierConfig(n_slots, device="cpu")))
+
+    def manager() -> None:
+        for _ in range(rounds):
+            mgr.release(mgr.allocate(batch))
+
+    ops = rounds * batch
+    ref = ops / best_of(reference, repeat)
+    return [
+        {"op": "SlotAllocator allocate+free, batches of 64", "unit": "blocks/s",
+         "value": ops / best_of(allocator, repeat), "target": 1e6, "reference": ref,
+         "reference_name": "list slice pop/extend"},
+        {"op": "BlockManager allocate+release, batches of 64", "unit": "blocks/s",
+         "value": ops / best_of(manager, repeat), "target": 1e6, "reference": ref,
+         "reference_name": "list slice pop/extend"},
+    ]
+
+
+def bench_commit(repeat: int) -> list[dict[str, Any]]:
+    layout = KVLayout(1, 1, 4, BS, "float16")
+    n_req, blocks = 200, 64
+    rng = np.random.default_rng(2)
+    reqs = [rng.integers(0, 2**31, blocks * BS).astype(np.uint32) for _ in range(n_req)]
+    hashes = [hash_blocks(t, BS) for t in reqs]
+    rows = []
+    for name, host in (("commit (G1 only)", None), ("commit + eager offload to G2",
+                                                     HostTierConfig(n_req * blocks))):
+        def run(host: HostTierConfig | None = host) -> None:
+            mgr = BlockManager(layout, ManagerConfig(
+                device=DeviceTierConfig(n_req * blocks, device="cpu"), host=host))
+            for t, h in zip(reqs, hashes, strict=True):
+                ids = mgr.allocate(blocks)
+                mgr.commit(ids, t, hashes=h)
+        t = best_of(run, repeat)
+        rows.append({"op": name + ", batches of 64", "unit": "blocks/s",
+                     "value": n_req * blocks / t, "target": None, "reference": None,
+                     "reference_name": ""})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", action="store_true", help="print one JSON document only")
+    ap.add_argument("--repeat", type=int, default=5)
+    args = ap.parse_args(argv)
+    rows = [bench_hash(args.repeat), *bench_match(args.repeat), *bench_alloc(args.repeat),
+            *bench_commit(args.repeat)]
+    for r in rows:
+        lower_is_better = r["unit"] == "us"
+        if r["target"]:
+            r["vs_target"] = (r["target"] / r["value"]) if lower_is_better else \
+                r["value"] / r["target"]
+        if r["reference"]:
+            r["ratio"] = (r["reference"] / r["value"]) if lower_is_better else \
+                r["value"] / r["reference"]
+    meta = {"native_hashing": _accel is not None, "python": sys.version.split()[0]}
+    if args.json:
+        print(json.dumps({"meta": meta, "rows": rows}))
+        return 0
+    print(f"native hashing: {meta['native_hashing']}")
+    print(f"{'operation':50} {'value':>14} {'target':>10} {'vs target':>9}  "
+          f"{'reference (same run)':>34} {'ratio':>6}")
+    for r in rows:
+        unit = r["unit"]
+        fmt = (lambda v: f"{v:,.0f} {unit}") if unit == "us" else (lambda v: f"{v / 1e6:.2f} M/s")
+        tgt = fmt(r["target"]) if r["target"] else "-"
+        vt = f"{r['vs_target']:.2f}x" if "vs_target" in r else "-"
+        ref = f"{fmt(r['reference'])} {r['reference_name']}" if r["reference"] else "-"
+        ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
+        print(f"{r['op']:50} {fmt(r['value']):>14} {tgt:>10} {vt:>9}  {ref:>34} {ratio:>6}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from kvbm.cli import main
+
+sys.exit(main())
