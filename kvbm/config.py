@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kvbm.errors import ConfigError
+from kvbm.storage.disk.config import DiskTierConfig
+from kvbm.storage.gcs import GCSTierConfig
+from kvbm.storage.s3 import S3TierConfig
 
 #: Default eviction policy of every tier, chosen from bench/policy_replay.py (docs/policies.md).
 DEFAULT_EVICTION = "lineage"
@@ -71,11 +74,38 @@ class HostTierConfig:
 
 
 @dataclass(frozen=True)
+class OffloadConfig:
+    """The background workers that move pages between G2 and the tiers below."""
+
+    #: Pages in flight to one tier at most; an offload beyond it is skipped and counted
+    #: (the engine is never blocked on a slow tier).
+    max_inflight_pages: int = 4096
+    #: Queued transfers of one tier are coalesced into calls of up to this many pages.
+    batch_pages: int = 256
+    #: On close: finish queued offloads (True) or drop them (False).
+    flush_on_close: bool = True
+    #: Longest wait of a synchronous onboard on a lower tier, in seconds.
+    load_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check_positive("offload", "max_inflight_pages", self.max_inflight_pages)
+        _check_positive("offload", "batch_pages", self.batch_pages)
+        if not self.load_timeout_s > 0:
+            raise ConfigError(f"offload.load_timeout_s must be > 0, got {self.load_timeout_s}")
+
+
+@dataclass(frozen=True)
 class ManagerConfig:
     """Everything a :class:`kvbm.BlockManager` needs besides the layout."""
 
     device: DeviceTierConfig
     host: HostTierConfig | None = None
+    #: G3: local disk (needs a host tier: pages move through G2).
+    disk: DiskTierConfig | None = None
+    #: G4: object storage, S3 or GCS (at most one; needs a host tier).
+    s3: S3TierConfig | None = None
+    gcs: GCSTierConfig | None = None
+    offload: OffloadConfig = OffloadConfig()
     #: Namespace salt for block hashes (model id, tenant): caches with different salts
     #: never match each other.
     salt: str | None = None
@@ -84,6 +114,18 @@ class ManagerConfig:
 
     def __post_init__(self) -> None:
         _check_positive("manager", "max_pending_events", self.max_pending_events)
+        if not isinstance(self.device, DeviceTierConfig):
+            raise ConfigError(f"config.device must be a DeviceTierConfig, got {self.device!r}")
+        if self.s3 is not None and self.gcs is not None:
+            raise ConfigError("configure at most one object tier (s3 or gcs)")
+        if self.host is None and (self.disk or self.s3 or self.gcs):
+            raise ConfigError("disk and object tiers need a host tier (config.host): pages "
+                              "move between them through host memory")
+
+    @property
+    def lower_tiers(self) -> list[DiskTierConfig | S3TierConfig | GCSTierConfig]:
+        """The configured tiers below host memory, fastest first."""
+        return [c for c in (self.disk, self.s3, self.gcs) if c is not None]
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ManagerConfig:

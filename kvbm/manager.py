@@ -18,7 +18,10 @@ block is written back to G2 when G1 evicts it.
 from __future__ import annotations
 
 import collections
+import enum
 import logging
+import queue
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -26,12 +29,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvbm.config import DeviceTierConfig, ManagerConfig
-from kvbm.errors import BlockStateError, ConfigError, LayoutError, PoolExhaustedError
+from kvbm.errors import (
+    BlockStateError,
+    ConfigError,
+    LayoutError,
+    PoolExhaustedError,
+    TransferError,
+)
 from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvbm.hashing import BlockHashes, MmHashes, as_token_array, hash_blocks
 from kvbm.index import BlockRecord, MatchResult, PrefixIndex
 from kvbm.layout import KVLayout
-from kvbm.medium import BEST_MEDIUM, Medium
+from kvbm.medium import BEST_MEDIUM, Medium, mediums_of
+from kvbm.offload import OffloadEngine, TierQueueStats, TransferHandle, TransferKind
 from kvbm.policies import make_admission, make_eviction
 from kvbm.policies.base import AdmissionPolicy, EvictionPolicy
 from kvbm.pool import DevicePool, HostPool, SlotAllocator, copy_blocks
@@ -39,10 +49,13 @@ from kvbm.pool import DevicePool, HostPool, SlotAllocator, copy_blocks
 if TYPE_CHECKING:
     import torch
 
+    from kvbm.storage.base import PageStore, RemovalReason, TierStats
+
 log = logging.getLogger(__name__)
 
 _GPU = Medium.GPU.bit
 _HOST = Medium.CPU_PINNED.bit
+_LOWER = Medium.DISK.bit | Medium.OBJECT.bit
 
 
 class _MemTier:
@@ -80,6 +93,89 @@ class _MemTier:
         return len(self.policy) - self.pinned
 
 
+class _StoreTier:
+    """A tier below host memory: its store runs on the offload engine."""
+
+    __slots__ = ("bit", "inflight", "medium", "store")
+
+    def __init__(self, store: PageStore) -> None:
+        self.store = store
+        self.medium = store.medium
+        self.bit = store.medium.bit
+        #: keys with a store transfer under way (not submitted twice)
+        self.inflight: set[int] = set()
+
+
+@dataclass(frozen=True, slots=True)
+class _Removal:
+    """A tier dropped pages on its own (eviction, corruption); from a tier's thread."""
+
+    medium: Medium
+    keys: list[int]
+
+
+class OnboardStatus(enum.Enum):
+    PENDING = "pending"  # loads from lower tiers under way
+    DONE = "done"  # block_ids is final
+    CANCELLED = "cancelled"  # cut short by cancel() or a timeout; block_ids is final
+
+
+class OnboardHandle:
+    """The result of :meth:`BlockManager.onboard_async`: G1 pages of a matched prefix, some
+    of them still being loaded from disk or object storage.
+
+    ``wait()`` (or ``poll()`` until ``done()``) must be called on the manager's owner thread:
+    completing a load updates the index. When a load fails (a miss, a corrupt page, a dead
+    tier) the prefix ends before that block: ``block_ids`` is then shorter and the engine
+    computes the rest. The engine owns one hold on each id in ``block_ids`` once done.
+    """
+
+    def __init__(self, mgr: BlockManager, recs: list[BlockRecord], g1_slots: list[int],
+                 staged: dict[int, tuple[int, int]], pending: int) -> None:
+        self._mgr = mgr
+        self._recs = recs
+        self._g1 = g1_slots
+        #: position in recs -> (G2 staging slot, G1 slot) of blocks loaded from below
+        self._staged = staged
+        self._pending = pending
+        self._ok: dict[int, bool] = {}
+        self._cut: int | None = None  # set by cancel(): nothing from here on is returned
+        self.status = OnboardStatus.PENDING if pending else OnboardStatus.DONE
+        self.loaded_from: dict[Medium, int] = {}
+        self.block_ids: list[int] = [] if pending else list(g1_slots)
+
+    def done(self) -> bool:
+        return self.status is not OnboardStatus.PENDING
+
+    def poll(self) -> bool:
+        """Process finished transfers (owner thread); returns :meth:`done`."""
+        self._mgr.poll()
+        return self.done()
+
+    def wait(self, timeout: float | None = None) -> list[int]:
+        """Block until every load finished (owner thread); returns ``block_ids``. On timeout
+        the handle is cancelled: the prefix is cut before the first block still loading."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.done():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                self.cancel()
+                break
+            self._mgr._drain(block=True, timeout=left)
+        return self.block_ids
+
+    def cancel(self) -> None:
+        """Give up on the loads: the prefix ends before the first block that had to be
+        loaded (their pages are still cached in G2 if they arrive)."""
+        if self.status is not OnboardStatus.PENDING:
+            return
+        first = min(self._staged)
+        self._cut = first
+        self.block_ids = self._g1[:first]
+        self._mgr._release_tail(self, first)
+        self.status = OnboardStatus.CANCELLED
+
+
 @dataclass(frozen=True)
 class TierUsage:
     medium: Medium
@@ -108,6 +204,10 @@ class ManagerStats:
     indexed_blocks: int
     events_dropped: int
     tiers: dict[Medium, TierUsage] = field(default_factory=dict)
+    #: tiers below host memory: the store's counters and its offload queue's
+    lower_tiers: dict[Medium, tuple[TierStats, TierQueueStats]] = field(default_factory=dict)
+    #: pages found in persistent tiers whose prefix is not (yet) in the index
+    unlinked_pages: int = 0
 
     @property
     def hit_ratio(self) -> float:
@@ -138,6 +238,13 @@ class BlockManager:
                                 make_eviction(h.eviction, h.num_blocks),
                                 make_admission(h.admission))
         self._tiers = [t for t in (self._g1, self._g2) if t is not None]
+        #: finished transfers and tier removals, in the order they happened (any thread)
+        self._inbox: queue.SimpleQueue[TransferHandle | _Removal] = queue.SimpleQueue()
+        #: pages of persistent tiers not linked into the index (after a restart, or whose
+        #: prefix left every memory tier): seq hash -> residency mask. A match re-links them.
+        self._orphans: dict[int, int] = {}
+        self._lower: list[_StoreTier] = []
+        self._engine: OffloadEngine | None = None
         self._events: collections.deque[KVEvent] = collections.deque()
         self._events_dropped = 0
         self._tick = 0
@@ -149,21 +256,30 @@ class BlockManager:
         self._committed = 0
         self._deduplicated = 0
         self._offloaded = 0
+        if config.lower_tiers:
+            self._open_lower_tiers()
 
     # ------------------------------------------------------------------ engine-facing API --
     def match_prefix(self, tokens: Any, *, lora_name: str | None = None,
                      mm_hashes: MmHashes | None = None) -> MatchResult:
         """Hash the full blocks of ``tokens`` and find the longest prefix cached in any tier.
 
-        No side effects besides hit statistics: nothing is pinned until :meth:`onboard`.
+        Nothing is pinned until :meth:`onboard`. Pages of a persistent tier found under this
+        prefix (after a restart) are linked into the index here.
         """
-        hashes = hash_blocks(tokens, self.block_size, lora_name=lora_name, mm_hashes=mm_hashes,
+        arr = as_token_array(tokens)
+        hashes = hash_blocks(arr, self.block_size, lora_name=lora_name, mm_hashes=mm_hashes,
                              salt=self.config.salt)
-        return self.match_hashes(hashes, lora_name=lora_name)
+        return self.match_hashes(hashes, lora_name=lora_name, tokens=arr)
 
-    def match_hashes(self, hashes: BlockHashes, *, lora_name: str | None = None) -> MatchResult:
-        """:meth:`match_prefix` for hashes computed by the caller."""
+    def match_hashes(self, hashes: BlockHashes, *, lora_name: str | None = None,
+                     tokens: Any = None) -> MatchResult:
+        """:meth:`match_prefix` for hashes computed by the caller (``tokens``, when given,
+        only fill the token ids of events)."""
+        self._drain()
         recs = self._index.match(hashes.sequence)
+        if self._orphans and len(recs) < len(hashes):
+            self._relink(recs, hashes, tokens, lora_name)
         # Per-block work stays on ints (Enum hashing is Python-level and slow): count the
         # masks, then map the few distinct ones to media.
         masks = [r.mask for r in recs]
@@ -181,44 +297,75 @@ class BlockManager:
                            lora_name)
 
     def onboard(self, match: MatchResult) -> list[int]:
-        """Pin the matched prefix in G1, copying up the blocks held only in lower tiers.
+        """Pin the matched prefix in G1, copying up the blocks held only in lower tiers, and
+        wait for it (see :meth:`onboard_async`; a lower-tier load waits at most
+        ``config.offload.load_timeout_s``).
 
         Returns the G1 block ids of the prefix, in order, each held once (release them with
-        :meth:`release`). A block that left every tier since the match ends the prefix early,
-        so the list can be shorter than ``match.num_blocks``. Raises
-        :class:`~kvbm.errors.PoolExhaustedError`, changing nothing, when G1 has no room.
+        :meth:`release`). A block that left every tier since the match, or whose load failed,
+        ends the prefix early, so the list can be shorter than ``match.num_blocks``. Raises
+        :class:`~kvbm.errors.PoolExhaustedError`, changing nothing, when there is no room.
         """
-        g1, g2 = self._g1, self._g2
+        return self.onboard_async(match).wait(self.config.offload.load_timeout_s)
+
+    def onboard_async(self, match: MatchResult) -> OnboardHandle:
+        """Start onboarding the matched prefix; blocks in G1 and G2 are ready at once, blocks
+        only on disk or object storage are loaded (through G2) by the offload engine."""
+        self._drain()
+        g1 = self._g1
         recs = self._index.match(match.sequence_hashes)
         missing = [r for r in recs if r.g1 < 0]
-        if missing:
-            unpinned_here = sum(1 for r in recs if r.g1 >= 0 and g1.alloc.refcount(r.g1) == 0)
-            short = len(missing) - g1.alloc.num_free
-            if short > g1.evictable() - unpinned_here:
-                raise PoolExhaustedError(
-                    f"onboarding {len(missing)} blocks needs {short} evictions in G1, only "
-                    f"{g1.evictable() - unpinned_here} blocks are evictable")
+        staged = [r for r in missing if r.g2 < 0]
+        self._check_room(g1, len(missing), recs)
+        if staged:
+            assert self._g2 is not None, "a block outside G1 and G2 with no host tier"
+            self._check_room(self._g2, len(staged), missing)
         for r in recs:
             if r.g1 >= 0:
                 self._hold(g1, r)
+        direct = [r for r in missing if r.g2 >= 0]
+        g1_slots: dict[int, int] = {}
+        staging: dict[int, tuple[int, int]] = {}
+        loads: dict[Medium, list[tuple[int, BlockRecord, int]]] = {}
         if missing:
-            assert g2 is not None, "a block outside G1 with no lower tier"
+            g2 = self._g2
+            assert g2 is not None
             # The G2 copies are the sources: pin them so that evictions made while taking
-            # G1 pages (write-back may evict from G2) cannot drop them.
-            for r in missing:
+            # pages (write-back may evict from G2) cannot drop them.
+            for r in direct:
                 self._hold(g2, r)
-            slots = self._take(g1, len(missing))
-            copy_blocks(g2.pool, [r.g2 for r in missing], g1.pool, slots)
-            for r, s in zip(missing, slots, strict=True):
+            s2 = self._take(g2, len(staged)) if staged else []
+            s1 = self._take(g1, len(missing))
+            copy_blocks(g2.pool, [r.g2 for r in direct], g1.pool, s1[: len(direct)])
+            for r, s in zip(direct, s1, strict=False):
                 self._unhold(g2, r)
                 self._place(g1, r, s, pinned=True)
-            self._onboarded[Medium.CPU_PINNED] += len(missing)
-            self._emit_stored(missing, Medium.GPU)
-        self._touch(recs)
-        return [r.g1 for r in recs]
+            self._onboarded[Medium.CPU_PINNED] += len(direct)
+            self._emit_stored(direct, Medium.GPU)
+            pos = {id(r): i for i, r in enumerate(recs)}
+            for r, a, b in zip(staged, s2, s1[len(direct):], strict=True):
+                i = pos[id(r)]
+                staging[i] = (a, b)
+                g1_slots[i] = b
+                src = Medium.DISK if r.mask & Medium.DISK.bit else Medium.OBJECT
+                loads.setdefault(src, []).append((i, r, a))
+        ids = [g1_slots.get(i, r.g1) for i, r in enumerate(recs)]
+        handle = OnboardHandle(self, recs, ids, staging, len(loads))
+        if not loads:
+            self._touch(recs)
+            return handle
+        engine, g2pool = self._engine, self.host_pool
+        assert engine is not None and g2pool is not None
+        for medium, items in loads.items():
+            engine.submit(TransferHandle(
+                TransferKind.LOAD, medium, [r.seq_hash for _, r, _ in items],
+                [g2pool.page(a) for _, _, a in items],
+                context=(handle, medium, [i for i, _, _ in items])))
+        return handle
 
     def allocate(self, n: int) -> list[int]:
         """``n`` fresh G1 pages for the engine to compute into (held once each)."""
+        self._drain()
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise BlockStateError(f"allocate needs a non-negative int, got {n!r}")
         g1 = self._g1
@@ -236,6 +383,7 @@ class BlockManager:
         cached are deduplicated: the returned list holds, per block, the id the engine must use
         from now on (the existing page, whose hold replaces the one on the passed page).
         """
+        self._drain()
         g1 = self._g1
         ids = [g1.alloc.check(b) for b in block_ids]
         if len(set(ids)) != len(ids):
@@ -306,6 +454,7 @@ class BlockManager:
         """Drop one hold on each block. A committed block stays cached (evictable); an
         uncommitted one goes back to the free list. Validates everything first: a block not
         held raises :class:`~kvbm.errors.BlockStateError` and nothing is released."""
+        self._drain()
         g1 = self._g1
         ids = [g1.alloc.check(b) for b in block_ids]
         counts = collections.Counter(ids)
@@ -314,13 +463,16 @@ class BlockManager:
                 raise BlockStateError(f"block {b} released {c} time(s) but held "
                                       f"{g1.alloc.refcount(b)} time(s)")
         for b in ids:
-            if g1.alloc.decref(b) == 0:
-                rec = g1.owner[b]
-                if rec is None:
-                    g1.alloc.free([b])
-                else:
-                    g1.pinned -= 1
-                    g1.policy.unpin(rec.seq_hash)
+            self._release_one(g1, b)
+
+    def _release_one(self, tier: _MemTier, slot: int) -> None:
+        if tier.alloc.decref(slot) == 0:
+            rec = tier.owner[slot]
+            if rec is None:  # an uncommitted (or detached) page
+                tier.alloc.free([slot])
+            else:
+                tier.pinned -= 1
+                tier.policy.unpin(rec.seq_hash)
 
     def offload(self, block_ids: Iterable[int] | None = None) -> int:
         """Copy committed G1 blocks (all of them by default) to the host tier now.
@@ -329,6 +481,7 @@ class BlockManager:
         """
         if self._g2 is None:
             raise ConfigError("offload needs a host tier (config.host)")
+        self._drain()
         g1 = self._g1
         if block_ids is None:
             recs = [r for r in g1.owner if r is not None]
@@ -343,6 +496,7 @@ class BlockManager:
 
     def take_events(self) -> list[KVEvent]:
         """Drain the queued residency events, oldest first."""
+        self._drain()
         out = list(self._events)
         self._events.clear()
         return out
@@ -351,8 +505,10 @@ class BlockManager:
         """Drop every cached block from every tier (vLLM's ``reset_prefix_cache``).
 
         Refused with :class:`~kvbm.errors.BlockStateError` while any block is held. Returns
-        how many blocks were dropped and queues one ``AllBlocksCleared`` event.
+        how many blocks were dropped and queues one ``AllBlocksCleared`` event. Pages of
+        persistent tiers stay where they are, unlinked, and are found again by later matches.
         """
+        self._quiesce()
         for t in self._tiers:
             if t.alloc.num_free + len(t.policy) - t.pinned != t.alloc.num_slots or t.pinned:
                 raise BlockStateError(f"cannot clear: blocks of {t.medium.value} are in use")
@@ -364,6 +520,8 @@ class BlockManager:
                     t.owner[slot] = None
                     t.alloc.free([slot])
         for rec in self._index:
+            if rec.mask & _LOWER:
+                self._orphans[rec.seq_hash] = rec.mask & _LOWER
             rec.mask, rec.g1, rec.g2, rec.children = 0, -1, -1, None
         self._index = PrefixIndex()
         self._emit(AllBlocksCleared())
@@ -400,6 +558,7 @@ class BlockManager:
         return self._index.get(seq_hash)
 
     def stats(self) -> ManagerStats:
+        self._drain()
         tiers = {}
         for t in self._tiers:
             used = t.alloc.num_slots - t.alloc.num_free
@@ -408,10 +567,14 @@ class BlockManager:
                 sum(1 for s in range(t.alloc.num_slots) if t.alloc.refcount(s) > 0)
                 if t.is_g1 else t.pinned,
                 len(t.policy), t.evictions, t.rejected, t.skipped)
+        lower = {}
+        if self._engine is not None:
+            for lt in self._lower:
+                lower[lt.medium] = (lt.store.stats(), self._engine.stats(lt.medium))
         return ManagerStats(self._lookups, self._query_blocks, self._hit_blocks,
                             dict(self._hits_by_medium), self._committed, self._deduplicated,
                             dict(self._onboarded), self._offloaded, len(self._index),
-                            self._events_dropped, tiers)
+                            self._events_dropped, tiers, lower, len(self._orphans))
 
     # ---------------------------------------------------------------------------- internals --
     def _hold(self, tier: _MemTier, rec: BlockRecord) -> None:
@@ -495,6 +658,12 @@ class BlockManager:
                 else:
                     t.alloc.free([slot])
                 by_medium.setdefault(t.medium, []).append(r.seq_hash)
+            if r.mask & _LOWER:
+                # The page stays in its persistent tier, unlinked: a later match whose
+                # prefix is cached again links it back.
+                self._orphans[r.seq_hash] = r.mask & _LOWER
+                for m in mediums_of(r.mask & _LOWER):
+                    by_medium.setdefault(m, []).append(r.seq_hash)
             r.mask = 0
         for m, hs in by_medium.items():
             self._emit(BlockRemoved(hs, m))
@@ -540,6 +709,7 @@ class BlockManager:
             placed.append(r)
         self._offloaded += len(placed)
         self._emit_stored(placed, Medium.CPU_PINNED)
+        self._store_down(placed)
         return len(placed)
 
     def _touch(self, recs: Sequence[BlockRecord]) -> None:
@@ -582,6 +752,257 @@ class BlockManager:
                                self.block_size, medium, run[0].lora_name, None,
                                [r.local_hash for r in run]))
 
+    # ------------------------------------------------------------- lower tiers (G3, G4) --
+    def _open_lower_tiers(self) -> None:
+        from kvbm.tiers import open_store
+
+        oc = self.config.offload
+        self._engine = OffloadEngine(max_inflight_pages=oc.max_inflight_pages,
+                                     batch_pages=oc.batch_pages, on_complete=self._inbox.put)
+        try:
+            for cfg in self.config.lower_tiers:
+                store: PageStore = self._engine.run(open_store(cfg, self.layout, self))
+                self._engine.add_tier(store)
+                lt = _StoreTier(store)
+                self._lower.append(lt)
+                for k in self._engine.run(store.keys()):
+                    self._orphans[k] = self._orphans.get(k, 0) | lt.bit
+        except BaseException:
+            self._engine.shutdown(flush=False)
+            raise
+        log.info("lower tiers: %s; %d stored pages found", [t.medium.value for t in self._lower],
+                 len(self._orphans))
+
+    def on_removed(self, medium: Medium, keys: Sequence[int], reason: RemovalReason) -> None:
+        """TierListener: a tier dropped pages (called on the tier's threads)."""
+        self._inbox.put(_Removal(medium, list(keys)))
+
+    def poll(self) -> int:
+        """Complete finished background transfers now (owner thread). Every other call does
+        it too; an idle engine can call this to get offload events out sooner."""
+        return self._drain()
+
+    def _drain(self, *, block: bool = False, timeout: float | None = None) -> int:
+        """Process the inbox on the owner thread. ``block``: wait for at least one item."""
+        if self._engine is None:
+            return 0
+        n = 0
+        inbox = self._inbox
+        while True:
+            try:
+                item = inbox.get(block=block and n == 0, timeout=timeout)
+            except queue.Empty:
+                return n
+            n += 1
+            if isinstance(item, _Removal):
+                self._on_removed(item)
+            elif item.kind is TransferKind.STORE:
+                self._on_stored(item)
+            else:
+                self._on_loaded(item)
+
+    def _quiesce(self, timeout: float = 60.0) -> None:
+        """Wait until no store transfer is in flight (their G2 pages are pinned)."""
+        deadline = time.monotonic() + timeout
+        while any(lt.inflight for lt in self._lower):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransferError("offloads to lower tiers did not finish in time")
+            self._drain(block=True, timeout=left)
+
+    def close(self, *, flush: bool | None = None) -> None:
+        """Stop the offload engine (finishing queued offloads when ``flush``, default
+        ``config.offload.flush_on_close``) and close the lower tiers. Idempotent."""
+        if self._engine is None:
+            return
+        self._engine.shutdown(flush=self.config.offload.flush_on_close if flush is None
+                              else flush)
+        self._drain()
+        self._engine = None
+
+    def __enter__(self) -> BlockManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _store_down(self, recs: Sequence[BlockRecord]) -> None:
+        """Queue G2-resident ``recs`` for every lower tier that lacks them (inclusive tiers).
+        Their G2 pages stay pinned until the store finishes; over the tier's in-flight bound
+        the engine refuses the batch and nothing waits."""
+        engine, g2 = self._engine, self._g2
+        if engine is None or g2 is None or not recs:
+            return
+        pool = self.host_pool
+        assert pool is not None
+        for lt in self._lower:
+            todo = [r for r in recs if r.g2 >= 0 and not r.mask & lt.bit
+                    and r.seq_hash not in lt.inflight]
+            if not todo:
+                continue
+            for r in todo:
+                self._hold(g2, r)
+                lt.inflight.add(r.seq_hash)
+            engine.submit(TransferHandle(TransferKind.STORE, lt.medium,
+                                         [r.seq_hash for r in todo],
+                                         [pool.page(r.g2) for r in todo],
+                                         context=(lt, [(r, r.g2) for r in todo])))
+
+    def _lower_tier(self, medium: Medium) -> _StoreTier:
+        for lt in self._lower:
+            if lt.medium is medium:
+                return lt
+        raise KeyError(medium)
+
+    def _on_stored(self, th: TransferHandle) -> None:
+        lt, pages = th.context
+        g2 = self._g2
+        assert g2 is not None
+        stored: list[BlockRecord] = []
+        for (rec, slot), ok in zip(pages, th.results, strict=True):
+            lt.inflight.discard(rec.seq_hash)
+            if rec.g2 == slot:
+                self._unhold(g2, rec)
+            else:  # forgotten meanwhile: the page was detached and is ours to free
+                self._release_one(g2, slot)
+            if not ok:
+                continue
+            if rec.mask:
+                if not rec.mask & lt.bit:
+                    rec.mask |= lt.bit
+                    stored.append(rec)
+            else:
+                self._orphans[rec.seq_hash] = self._orphans.get(rec.seq_hash, 0) | lt.bit
+        self._emit_stored(stored, lt.medium)
+
+    def _on_removed(self, item: _Removal) -> None:
+        bit = item.medium.bit
+        gone: list[BlockRecord] = []
+        for k in item.keys:
+            rec = self._index.get(k)
+            if rec is not None and rec.mask & bit:
+                rec.mask &= ~bit
+                gone.append(rec)
+            elif k in self._orphans:
+                left = self._orphans[k] & ~bit
+                if left:
+                    self._orphans[k] = left
+                else:
+                    del self._orphans[k]
+        if gone:
+            self._emit(BlockRemoved([r.seq_hash for r in gone], item.medium))
+        for r in gone:
+            if r.mask == 0 and self._index.get(r.seq_hash) is r:
+                self._forget(r)
+
+    def _on_loaded(self, th: TransferHandle) -> None:
+        handle, medium, positions = th.context
+        for i, ok in zip(positions, th.results, strict=True):
+            handle._ok[i] = ok
+        if not all(th.results):
+            # The tier answered "not there" (or failed): it no longer holds these pages.
+            missing = [handle._recs[i].seq_hash for i, ok in zip(positions, th.results,
+                                                                   strict=True) if not ok]
+            if th.status is not th.status.FAILED:
+                self._on_removed(_Removal(medium, missing))
+        else:
+            self._onboarded[medium] += len(positions)
+        handle._pending -= 1
+        if handle._pending == 0:
+            self._finish_onboard(handle)
+
+    def _finish_onboard(self, h: OnboardHandle) -> None:
+        """All loads of an onboard finished: keep what arrived in G2, cut the prefix at the
+        first block that did not arrive, copy the rest up to G1, give back what follows."""
+        g1, g2 = self._g1, self._g2
+        assert g2 is not None
+        recs, staged = h._recs, h._staged
+        cancelled = h._cut is not None
+        cut = h._cut if h._cut is not None else len(recs)
+        to_g2: list[BlockRecord] = []
+        for i in sorted(staged):
+            s2 = staged[i][0]
+            rec = recs[i]
+            ok = h._ok.get(i, False) and self._index.get(rec.seq_hash) is rec
+            if ok and rec.g2 < 0:
+                self._place(g2, rec, s2, pinned=False)  # good data: cache it whatever the cut
+                to_g2.append(rec)
+            else:  # a failed load, or a G2 copy appeared meanwhile (recomputed elsewhere)
+                g2.alloc.free([s2])
+            if not ok:
+                cut = min(cut, i)
+        src: list[int] = []
+        dst: list[int] = []
+        up: list[BlockRecord] = []
+        for i in sorted(staged):
+            s1 = staged[i][1]
+            rec = recs[i]
+            if i >= cut:
+                g1.alloc.free([s1])
+            elif rec.g1 >= 0:  # committed by another request meanwhile: share that page
+                self._hold(g1, rec)
+                g1.alloc.free([s1])
+                h._g1[i] = rec.g1
+            else:
+                src.append(rec.g2)
+                dst.append(s1)
+                up.append(rec)
+        copy_blocks(g2.pool, src, g1.pool, dst)
+        for rec, s1 in zip(up, dst, strict=True):
+            self._place(g1, rec, s1, pinned=True)
+        self._emit_stored(to_g2, Medium.CPU_PINNED)
+        self._emit_stored(up, Medium.GPU)
+        if not cancelled:
+            self._release_tail(h, cut)
+            h.block_ids = h._g1[:cut]
+            h.status = OnboardStatus.DONE
+        self._touch(recs[:cut])
+        self._store_down(to_g2)  # promotion: a page loaded from G4 also goes to G3
+
+    def _release_tail(self, h: OnboardHandle, cut: int) -> None:
+        """Give back the engine's holds on the blocks of ``h`` from ``cut`` on that are
+        ready (not staged: staged pages are dealt with when their load finishes)."""
+        for i in range(cut, len(h._recs)):
+            if i not in h._staged:
+                self._release_one(self._g1, h._g1[i])
+
+    def _check_room(self, tier: _MemTier, need: int, will_hold: Sequence[BlockRecord]) -> None:
+        """Raise, changing nothing, unless ``need`` pages can be taken in ``tier`` after
+        pinning the ``will_hold`` records it holds."""
+        short = need - tier.alloc.num_free
+        if short <= 0:
+            return
+        unpinned = sum(1 for r in will_hold
+                       if tier.slot(r) >= 0 and tier.alloc.refcount(tier.slot(r)) == 0)
+        if short > tier.evictable() - unpinned:
+            raise PoolExhaustedError(
+                f"{tier.medium.value}: {need} pages needed, {tier.alloc.num_free} free and "
+                f"{tier.evictable() - unpinned} evictable")
+
+    def _relink(self, recs: list[BlockRecord], hashes: BlockHashes, tokens: Any,
+                lora_name: str | None) -> None:
+        """Extend a match with unlinked pages of persistent tiers (lineage: only right after
+        a linked parent, or at the start of a sequence)."""
+        seq, bs = hashes.sequence, self.block_size
+        tok = None if tokens is None else as_token_array(tokens)
+        linked: dict[Medium, list[BlockRecord]] = {}
+        k = len(recs)
+        while k < len(seq):
+            mask = self._orphans.pop(seq[k], 0)
+            if not mask:
+                break
+            piece = b"" if tok is None else tok[k * bs: (k + 1) * bs].tobytes()
+            rec = BlockRecord(seq[k], hashes.local[k], recs[-1] if recs else None, piece,
+                              lora_name)
+            rec.mask = mask
+            self._index.insert(rec)
+            recs.append(rec)
+            for m in mediums_of(mask):
+                linked.setdefault(m, []).append(rec)
+            k += 1
+        for m, rs in linked.items():
+            self._emit_stored(rs, m)
+
     # ----------------------------------------------------------------------- test support --
     def check_invariants(self) -> None:
         """Assert the internal invariants (used by the stateful tests; O(size))."""
@@ -597,8 +1018,8 @@ class BlockManager:
                     assert rec is None and refs == 0 and t.alloc.is_free(slot)
                     continue
                 assert not t.alloc.is_free(slot)
-                if rec is None:
-                    assert t.is_g1 and refs > 0, f"{t.medium}: slot {slot} leaked"
+                if rec is None:  # uncommitted, detached or a staging page: held
+                    assert refs > 0, f"{t.medium}: slot {slot} leaked"
                     continue
                 assert t.slot(rec) == slot and rec.mask & t.bit
                 assert self._index.get(rec.seq_hash) is rec, "resident block not indexed"
@@ -610,6 +1031,7 @@ class BlockManager:
             assert rec.mask != 0, "indexed block resident nowhere"
             assert bool(rec.mask & _GPU) == (rec.g1 >= 0)
             assert bool(rec.mask & _HOST) == (rec.g2 >= 0)
+            assert rec.seq_hash not in self._orphans
             if rec.parent is not None:
                 assert self._index.get(rec.parent.seq_hash) is rec.parent, "lineage rule"
                 assert rec.parent.children is not None and rec in rec.parent.children

@@ -1,0 +1,306 @@
+"""OffloadEngine: background workers that move pages between host memory and the tiers below.
+
+The block manager is single-owner and must never wait on a slow tier, so every transfer to or
+from a :class:`~kvbm.storage.base.PageStore` runs here, on one asyncio loop in a daemon thread
+("kvbm-offload"). The manager *prepares* a transfer (pins the host pages it reads or writes),
+submits it and gets a :class:`TransferHandle`; when the transfer finishes, the handle is put
+on :attr:`OffloadEngine.completions`, which the manager drains on its own thread to *complete*
+it (unpin, update residency, emit events). Pages stay pinned in between, so nothing can
+overwrite a buffer a worker is reading or writing.
+
+Backpressure: each tier has a bound on pages in flight. A store submitted over the bound is
+refused at once (:attr:`TransferStatus.SKIPPED`, counted): the engine is never blocked on a
+slow tier, it only offloads less. Loads are never refused (the engine asked for them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from kvbm.errors import TransferError
+from kvbm.medium import Medium
+
+if TYPE_CHECKING:
+    from kvbm.storage.base import PageStore
+
+log = logging.getLogger(__name__)
+
+
+class TransferKind(enum.Enum):
+    STORE = "store"  # host pages -> tier
+    LOAD = "load"  # tier -> host pages
+
+
+class TransferStatus(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"  # ran; per-page results in ``results``
+    FAILED = "failed"  # the tier raised; ``error`` says why, every page counts as failed
+    CANCELLED = "cancelled"  # cancelled before it ran
+    SKIPPED = "skipped"  # refused at submit time (backpressure)
+
+    @property
+    def finished(self) -> bool:
+        return self not in (TransferStatus.QUEUED, TransferStatus.RUNNING)
+
+
+@dataclass(eq=False)
+class TransferHandle:
+    """One batch of page transfers between host memory and one tier.
+
+    ``keys[i]`` moves between the tier and ``buffers[i]`` (a host page). ``results[i]`` is
+    ``True`` when that page was stored / loaded and verified. ``context`` is the submitter's
+    own bookkeeping (the manager keeps the records and pages it pinned there).
+    """
+
+    kind: TransferKind
+    medium: Medium
+    keys: list[int]
+    buffers: list[Any]
+    context: Any = None
+    status: TransferStatus = TransferStatus.QUEUED
+    results: list[bool] = field(default_factory=list)
+    error: BaseException | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+    finished_at: float | None = None
+    _event: threading.Event = field(default_factory=threading.Event, repr=False)
+    _cancel: bool = field(default=False, repr=False)
+
+    def done(self) -> bool:
+        """Whether the transfer finished (in any way)."""
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until finished; returns :meth:`done`."""
+        return self._event.wait(timeout)
+
+    def cancel(self) -> bool:
+        """Ask not to run it. True when it had not started (it will end CANCELLED)."""
+        self._cancel = True
+        return self.status is TransferStatus.QUEUED
+
+    @property
+    def ok_keys(self) -> list[int]:
+        return [k for k, ok in zip(self.keys, self.results, strict=False) if ok]
+
+    def _finish(self, status: TransferStatus, results: list[bool] | None = None,
+                error: BaseException | None = None) -> None:
+        self.status = status
+        self.results = results if results is not None else [False] * len(self.keys)
+        self.error = error
+        self.finished_at = time.monotonic()
+        self._event.set()
+
+
+@dataclass
+class TierQueueStats:
+    submitted: int = 0
+    skipped: int = 0  # refused by backpressure
+    cancelled: int = 0
+    failed: int = 0  # the tier raised
+    pages_ok: int = 0
+    pages_failed: int = 0
+    bytes: int = 0
+    busy_seconds: float = 0.0
+
+
+class _TierWorker:
+    """The queue and worker task of one tier (lives on the engine's loop)."""
+
+    def __init__(self, store: PageStore, max_inflight_pages: int, batch_pages: int) -> None:
+        self.store = store
+        self.max_inflight_pages = max_inflight_pages
+        self.batch_pages = batch_pages
+        self.inflight_pages = 0  # guarded by the engine lock
+        self.queue: asyncio.Queue[TransferHandle | None] = asyncio.Queue()
+        self.stats = TierQueueStats()
+        self.task: asyncio.Task[None] | None = None
+
+
+class OffloadEngine:
+    """Runs page transfers of several tiers on one background asyncio loop."""
+
+    def __init__(self, *, max_inflight_pages: int = 4096, batch_pages: int = 256,
+                 on_complete: Callable[[TransferHandle], None] | None = None) -> None:
+        self.max_inflight_pages = max_inflight_pages
+        self.batch_pages = batch_pages
+        #: finished handles, for the owner thread to complete (thread-safe; its size is
+        #: bounded by the transfers in flight). Unused when ``on_complete`` is given.
+        self.completions: queue.SimpleQueue[TransferHandle] = queue.SimpleQueue()
+        self._on_complete = on_complete or self.completions.put
+        self._lock = threading.Lock()
+        self._workers: dict[Medium, _TierWorker] = {}
+        self._loop = asyncio.new_event_loop()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run_loop, name="kvbm-offload", daemon=True)
+        self._thread.start()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_forever()
+
+    def run(self, coro: Any, timeout: float | None = None) -> Any:
+        """Run a coroutine on the engine's loop from another thread and wait for it."""
+        if self._closed:
+            raise TransferError("the offload engine is shut down")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def add_tier(self, store: PageStore, *, max_inflight_pages: int | None = None,
+                 batch_pages: int | None = None) -> None:
+        w = _TierWorker(store, max_inflight_pages or self.max_inflight_pages,
+                        batch_pages or self.batch_pages)
+
+        async def start() -> None:
+            w.queue = asyncio.Queue()
+            w.task = asyncio.get_running_loop().create_task(self._work(w))
+
+        self.run(start())
+        self._workers[store.medium] = w
+
+    def tiers(self) -> list[Medium]:
+        return list(self._workers)
+
+    def store(self, medium: Medium) -> PageStore:
+        return self._workers[medium].store
+
+    def stats(self, medium: Medium) -> TierQueueStats:
+        return self._workers[medium].stats
+
+    def inflight_pages(self, medium: Medium) -> int:
+        return self._workers[medium].inflight_pages
+
+    def shutdown(self, *, flush: bool = True, timeout: float | None = 60.0) -> None:
+        """Stop the workers. ``flush``: finish every queued transfer first; otherwise queued
+        transfers end CANCELLED (running ones still finish: their buffers are in use).
+        Closes the stores. Idempotent."""
+        if self._closed:
+            return
+
+        async def stop() -> None:
+            for w in self._workers.values():
+                if not flush:
+                    while not w.queue.empty():
+                        h = w.queue.get_nowait()
+                        if h is not None:
+                            self._finish(w, h, TransferStatus.CANCELLED)
+                await w.queue.put(None)
+            for w in self._workers.values():
+                if w.task is not None:
+                    await w.task
+            for w in self._workers.values():
+                try:
+                    await w.store.close()
+                except Exception:
+                    log.exception("closing the %s tier failed", w.store.medium.value)
+
+        try:
+            self.run(stop(), timeout)
+        finally:
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+
+    # -- submission (any thread) ---------------------------------------------------------------
+    def submit(self, handle: TransferHandle) -> TransferHandle:
+        """Queue a transfer. A store over the tier's in-flight bound ends SKIPPED at once."""
+        w = self._workers.get(handle.medium)
+        if w is None:
+            raise TransferError(f"no {handle.medium.value} tier in the offload engine")
+        if len(handle.keys) != len(handle.buffers):
+            raise TransferError("a transfer needs one buffer per key")
+        n = len(handle.keys)
+        with self._lock:
+            refused = TransferStatus.CANCELLED if self._closed else None
+            if (refused is None and handle.kind is TransferKind.STORE
+                    and w.inflight_pages + n > w.max_inflight_pages):
+                w.stats.skipped += 1
+                refused = TransferStatus.SKIPPED
+            if refused is None:
+                w.inflight_pages += n
+                w.stats.submitted += 1
+        if refused is not None:
+            handle._finish(refused)
+            self._on_complete(handle)
+            return handle
+        self._loop.call_soon_threadsafe(w.queue.put_nowait, handle)
+        return handle
+
+    # -- workers (engine loop) -------------------------------------------------------------------
+    async def _work(self, w: _TierWorker) -> None:
+        while True:
+            h = await w.queue.get()
+            if h is None:
+                return
+            batch = [h]
+            # Coalesce queued transfers of the same kind into one call: a tier batches
+            # better (one fsync, one pack object) than many small calls.
+            pages = len(h.keys)
+            stop = False
+            while pages < w.batch_pages and not w.queue.empty():
+                nxt = w.queue.get_nowait()
+                if nxt is None:
+                    stop = True
+                    break
+                if nxt.kind is not h.kind:
+                    await self._run_batch(w, batch)
+                    batch, h, pages = [nxt], nxt, 0
+                else:
+                    batch.append(nxt)
+                pages += len(nxt.keys)
+            await self._run_batch(w, batch)
+            if stop:
+                return
+
+    async def _run_batch(self, w: _TierWorker, batch: list[TransferHandle]) -> None:
+        live = []
+        for h in batch:
+            if h._cancel:
+                self._finish(w, h, TransferStatus.CANCELLED)
+            else:
+                h.status = TransferStatus.RUNNING
+                live.append(h)
+        if not live:
+            return
+        items = [(k, b) for h in live for k, b in zip(h.keys, h.buffers, strict=True)]
+        t0 = time.perf_counter()
+        try:
+            if live[0].kind is TransferKind.STORE:
+                results = await w.store.put(items)
+            else:
+                results = await w.store.get(items)
+        except Exception as e:
+            w.stats.failed += len(live)
+            log.warning("%s %s of %d pages failed: %s", w.store.medium.value,
+                        live[0].kind.value, len(items), e)
+            for h in live:
+                self._finish(w, h, TransferStatus.FAILED, error=e)
+            return
+        finally:
+            w.stats.busy_seconds += time.perf_counter() - t0
+        i = 0
+        for h in live:
+            res = [bool(x) for x in results[i: i + len(h.keys)]]
+            i += len(h.keys)
+            ok = sum(res)
+            w.stats.pages_ok += ok
+            w.stats.pages_failed += len(res) - ok
+            w.stats.bytes += ok * w.store.page_bytes
+            self._finish(w, h, TransferStatus.DONE, res)
+
+    def _finish(self, w: _TierWorker, h: TransferHandle, status: TransferStatus,
+                results: list[bool] | None = None, error: BaseException | None = None) -> None:
+        with self._lock:
+            w.inflight_pages -= len(h.keys)
+        if status is TransferStatus.CANCELLED:
+            w.stats.cancelled += 1
+        h._finish(status, results, error)
+        self._on_complete(h)

@@ -1,0 +1,29 @@
+"""Opening the page stores of the tiers below host memory from their configs."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from kvbm.errors import ConfigError
+from kvbm.layout import KVLayout
+
+if TYPE_CHECKING:
+    from kvbm.storage.base import PageStore, TierListener
+
+
+async def open_store(config: Any, layout: KVLayout, listener: TierListener) -> PageStore:
+    """The store a tier config describes (disk, S3 or GCS), opened. Client libraries are
+    imported here, lazily: they are extras."""
+    from kvbm.storage.disk import DiskStore, DiskTierConfig
+
+    if isinstance(config, DiskTierConfig):
+        return await DiskStore.open(layout, config, listener=listener)
+    from kvbm.storage.s3 import S3Store, S3TierConfig
+
+    if isinstance(config, S3TierConfig):
+        return S3Store(layout, config, listener=listener)
+    from kvbm.storage.gcs import GCSStore, GCSTierConfig
+
+    if isinstance(config, GCSTierConfig):
+        return GCSStore(layout, config, listener=listener)
+    raise ConfigError(f"not a tier config: {type(config).__name__}")
