@@ -1,0 +1,885 @@
+"""G4 machinery shared by the object-store tiers: packing, a local index, ranged reads.
+
+Object stores charge per request and take tens of milliseconds per request, so storing each
+page as its own object would make a put of 1,000 pages 1,000 requests. Instead a ``put``
+packs its pages into *pack objects* of up to ``pack_bytes`` each, uploaded concurrently, and
+a local lmdb index records where each page lives (pack, offset, length). A ``get`` looks the
+pages up and reads them with ranged GETs, one per run of adjacent pages.
+
+Pack object ``{prefix}{fingerprint:016x}/{pack_id}.kvpack``::
+
+    page 0: 64-byte header (storage/page.py) + payload
+    page 1: ...
+    manifest: msgpack [PACK_VERSION, fingerprint, [[seq_hash, offset, length], ...]]
+    trailer (24 bytes): b"KVBMPACK", u64 manifest length, u64 xxh3-64 of the manifest
+
+* The pack id is the xxh3-128 of the page headers (which hold each payload's checksum), so a
+  pack's name is a function of its content. Writes are create-only (the backend's
+  conditional put): a retried upload that had in fact landed, or a second writer of the very
+  same batch, finds the object there and that is a success, never an overwrite.
+* A page becomes visible only after its pack upload succeeded *and* its index entry was
+  committed (lmdb, synchronous commit): an entry never points at a pack that is not whole.
+* Index keys are ``fingerprint || seq_hash``: stores of different models on the same bucket
+  and prefix share nothing, and never drop each other's pages.
+* The manifest lets a store with an empty local index rebuild it by listing the packs of
+  its fingerprint (:meth:`PackedObjectStore.rebuild_index`). Deleted pages are not recorded
+  remotely, so a rebuild resurrects deleted pages whose pack still holds live ones (they are
+  valid data; a cache can afford that).
+* A pack object is deleted when the last page the local index has in it is deleted. Stores
+  on different machines sharing a bucket and prefix keep separate indexes, so one may delete
+  a pack another still points at (identical batches even share a pack name): the other then
+  finds the pack gone and drops its pages. That costs misses, never wrong data; give each
+  writer its own prefix where that matters.
+* Every read is verified (page header + xxh3-128 of the payload). A page that fails is read
+  once more on its own (a transfer can be damaged in flight); failing again, it is a miss,
+  counted ``corrupt``, dropped from the index and reported to the listener. A pack object
+  that is gone drops all of its pages the same way. Network failures are misses too, but
+  leave the index alone: the data is probably still there.
+* Every request goes through :func:`~kvbm.storage.resilience.call_with_retry` (timeouts,
+  bounded retries, a circuit breaker). While the breaker is open, ``get`` and ``exists``
+  report misses and ``put`` returns ``False`` at once, without touching the network.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import logging
+import os
+import struct
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+import lmdb
+import msgpack
+import xxhash
+
+from kvbm.errors import ConfigError, StorageError, TierUnavailableError
+from kvbm.layout import KVLayout
+from kvbm.medium import Medium
+from kvbm.storage.base import Capability, PageStore, RemovalReason, TierListener, TierStats
+from kvbm.storage.page import HEADER_SIZE, make_header, verify_page
+from kvbm.storage.resilience import (
+    BreakerConfig,
+    BreakerState,
+    CircuitBreaker,
+    FaultKind,
+    RetryPolicy,
+    call_with_retry,
+)
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+MiB = 1 << 20
+PACK_VERSION = 1
+PACK_SUFFIX = ".kvpack"
+_TRAILER = struct.Struct("<8sQQ")
+_TRAILER_MAGIC = b"KVBMPACK"
+#: Bytes read from a pack's end when rebuilding: holds the manifest of ~3,000 pages at once.
+_TAIL_GUESS = 64 * 1024
+#: Index entry: pack id (16 bytes), offset, length (header + payload), pack object size.
+_ENTRY = struct.Struct("<16sQQQ")
+_U64BE = struct.Struct(">Q")
+
+
+# -- configuration -----------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class ObjectTierConfig:
+    """Settings every object-store tier shares; S3TierConfig / GCSTierConfig extend it."""
+
+    #: Key prefix of every object this tier writes ("folder" in the bucket).
+    prefix: str = "kvbm/"
+    #: Target size of one pack object; a page larger than this gets a pack of its own.
+    pack_bytes: int = 32 * MiB
+    #: Largest single ranged GET when adjacent pages are read together.
+    max_read_bytes: int = 16 * MiB
+    #: Directory of the local lmdb index; ``None``: ``$XDG_CACHE_HOME/kvbm/object-index/<id
+    #: of the location>`` (``~/.cache`` without XDG_CACHE_HOME).
+    index_path: str | None = None
+    #: Most bytes the lmdb index may grow to (a sparse file; ~100 bytes per page).
+    index_map_bytes: int = 1 << 30
+    #: Threads doing transfers (and so concurrent requests).
+    max_workers: int = 8
+    connect_timeout_s: float = 2.0
+    read_timeout_s: float = 20.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    #: Send create-only conditions on uploads (S3 ``If-None-Match: *``, GCS
+    #: ``ifGenerationMatch=0``). Turn off only for S3-compatible servers that reject them.
+    conditional_writes: bool = True
+    #: With an empty local index, list the bucket's packs and rebuild it on first use.
+    rebuild_if_empty: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("pack_bytes", "max_read_bytes", "index_map_bytes", "max_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
+            raise ConfigError("timeouts must be > 0")
+        if self.prefix.startswith("/"):
+            raise ConfigError(f"prefix must not start with '/', got {self.prefix!r}")
+
+    @property
+    def key_prefix(self) -> str:
+        """The prefix as a folder: empty, or ending with ``/``."""
+        p = self.prefix
+        return p if not p or p.endswith("/") else p + "/"
+
+
+def default_index_path(location: str) -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kvbm" / "object-index" / f"{xxhash.xxh3_64_hexdigest(location.encode())}"
+
+
+# -- the backend a tier plugs in ------------------------------------------------------------------
+class ObjectBackend(abc.ABC):
+    """The few object-store requests a packed store needs; synchronous and thread-safe.
+
+    Implementations raise their client library's exceptions; :meth:`classify` tells the
+    retry loop what each one means.
+    """
+
+    #: Where the objects live, e.g. ``s3://bucket`` plus the endpoint: names the default
+    #: index directory and is checked when an index is reopened.
+    location: str
+
+    @abc.abstractmethod
+    def put(self, key: str, data: bytearray, *, create_only: bool) -> None:
+        """Upload a whole object; with ``create_only`` an existing object raises (EXISTS)."""
+
+    @abc.abstractmethod
+    def read(self, key: str, offset: int, length: int, *, whole: bool) -> bytes:
+        """Up to ``length`` bytes from ``offset``; fewer when the object is shorter.
+
+        ``whole`` says the range is the entire object, so a backend may read it without a
+        range and verify the object's stored checksum.
+        """
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove an object (a missing one is not an error)."""
+
+    @abc.abstractmethod
+    def list(self, prefix: str) -> list[tuple[str, int]]:
+        """``(key, size)`` of every object under ``prefix``."""
+
+    @abc.abstractmethod
+    def classify(self, exc: BaseException) -> FaultKind:
+        """What an exception raised by one of the methods above means."""
+
+    def close(self) -> None:  # noqa: B027 - most backends have nothing to release
+        """Release connections."""
+
+
+# -- the index --------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Location:
+    """Where one page lives: which pack, at which offset, how long (header + payload)."""
+
+    pack_id: bytes
+    offset: int
+    length: int
+    pack_size: int
+
+
+class PackIndex:
+    """Local lmdb index: ``fingerprint||seq_hash -> Location`` and pack membership.
+
+    Sub-databases: ``pages`` (the mapping), ``members`` (``pack_id||seq_hash``, to know when
+    a pack holds no live page and to drop all pages of a lost pack) and ``meta`` (the
+    location the index belongs to). Writes commit synchronously: one commit per pack.
+    """
+
+    def __init__(self, path: Path, *, location: str, map_size: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self._env = lmdb.open(str(path), map_size=map_size, max_dbs=3, subdir=True,
+                              sync=True, metasync=True)
+        self._pages = self._env.open_db(b"pages")
+        self._members = self._env.open_db(b"members")
+        meta = self._env.open_db(b"meta")
+        with self._env.begin(write=True, db=meta) as txn:
+            stored = txn.get(b"location")
+            if stored is None:
+                txn.put(b"location", location.encode())
+            elif stored.decode() != location:
+                raise ConfigError(f"object index {path} belongs to {stored.decode()!r}, not "
+                                  f"{location!r}; use another index_path")
+
+    @staticmethod
+    def page_key(fingerprint: int, seq_hash: int) -> bytes:
+        return _U64BE.pack(fingerprint) + _U64BE.pack(seq_hash)
+
+    def lookup(self, fingerprint: int, keys: Iterable[int]) -> list[Location | None]:
+        out: list[Location | None] = []
+        with self._env.begin(db=self._pages) as txn:
+            for k in keys:
+                raw = txn.get(self.page_key(fingerprint, k))
+                out.append(None if raw is None else Location(*_ENTRY.unpack(raw)))
+        return out
+
+    def contains(self, fingerprint: int, key: int) -> bool:
+        with self._env.begin(db=self._pages) as txn:
+            return txn.get(self.page_key(fingerprint, key)) is not None
+
+    def keys(self, fingerprint: int) -> list[int]:
+        prefix = _U64BE.pack(fingerprint)
+        out: list[int] = []
+        with self._env.begin(db=self._pages) as txn:
+            cur = txn.cursor()
+            if cur.set_range(prefix):
+                for k in cur.iternext(keys=True, values=False):
+                    if k[:8] != prefix:
+                        break
+                    out.append(_U64BE.unpack_from(k, 8)[0])
+        return out
+
+    def has_pack(self, pack_id: bytes) -> bool:
+        with self._env.begin(db=self._members) as txn:
+            cur = txn.cursor()
+            return bool(cur.set_range(pack_id)) and cur.key()[:16] == pack_id
+
+    def add(self, fingerprint: int, entries: Sequence[tuple[int, Location]]) -> list[int]:
+        """Insert entries not yet present (create-only); returns the keys added."""
+        added: list[int] = []
+        with self._env.begin(write=True) as txn:
+            for k, loc in entries:
+                value = _ENTRY.pack(loc.pack_id, loc.offset, loc.length, loc.pack_size)
+                if txn.put(self.page_key(fingerprint, k), value, overwrite=False,
+                           db=self._pages):
+                    txn.put(loc.pack_id + _U64BE.pack(k), b"", db=self._members)
+                    added.append(k)
+        return added
+
+    def remove(self, fingerprint: int, keys: Iterable[int],
+               expect: dict[int, bytes] | None = None) -> tuple[list[int], list[bytes]]:
+        """Remove entries; with ``expect``, only those still in the given pack (so a page
+        re-put elsewhere meanwhile is kept). Returns the keys removed and the packs left
+        without any live page."""
+        removed: list[int] = []
+        touched: set[bytes] = set()
+        with self._env.begin(write=True) as txn:
+            for k in keys:
+                pk = self.page_key(fingerprint, k)
+                raw = txn.get(pk, db=self._pages)
+                if raw is None:
+                    continue
+                pack_id = raw[:16]
+                if expect is not None and expect.get(k) != pack_id:
+                    continue
+                txn.delete(pk, db=self._pages)
+                txn.delete(pack_id + _U64BE.pack(k), db=self._members)
+                removed.append(k)
+                touched.add(pack_id)
+            cur = txn.cursor(db=self._members)
+            empty = [p for p in touched if not (cur.set_range(p) and cur.key()[:16] == p)]
+        return removed, empty
+
+    def pack_members(self, pack_id: bytes) -> list[int]:
+        out: list[int] = []
+        with self._env.begin(db=self._members) as txn:
+            cur = txn.cursor()
+            if cur.set_range(pack_id):
+                for k in cur.iternext(keys=True, values=False):
+                    if k[:16] != pack_id:
+                        break
+                    out.append(_U64BE.unpack_from(k, 16)[0])
+        return out
+
+    def close(self) -> None:
+        self._env.close()
+
+
+# -- pack format ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuiltPack:
+    pack_id: bytes
+    data: bytearray
+    entries: list[tuple[int, Location]]
+
+
+def build_pack(fingerprint: int, pages: Sequence[tuple[int, memoryview]]) -> BuiltPack:
+    """Lay out ``pages`` (distinct keys) as one pack object, manifest and trailer included."""
+    offsets: list[int] = []
+    pos = 0
+    for _, payload in pages:
+        offsets.append(pos)
+        pos += HEADER_SIZE + payload.nbytes
+    manifest = msgpack.packb([PACK_VERSION, fingerprint,
+                              [[k, off, HEADER_SIZE + p.nbytes]
+                               for (k, p), off in zip(pages, offsets, strict=True)]])
+    size = pos + len(manifest) + _TRAILER.size
+    data = bytearray(size)
+    view = memoryview(data)
+    ids = xxhash.xxh3_128()
+    for (k, payload), off in zip(pages, offsets, strict=True):
+        body = view[off + HEADER_SIZE: off + HEADER_SIZE + payload.nbytes]
+        # Copy first, checksum the copy: a caller that scribbles on its buffer during the
+        # put cannot make the header disagree with the bytes actually uploaded.
+        body[:] = payload
+        header = make_header(fingerprint, k, body)
+        view[off: off + HEADER_SIZE] = header
+        ids.update(header)
+    view[pos: pos + len(manifest)] = manifest
+    view[pos + len(manifest):] = _TRAILER.pack(_TRAILER_MAGIC, len(manifest),
+                                               xxhash.xxh3_64_intdigest(manifest))
+    pack_id = ids.digest()
+    entries = [(k, Location(pack_id, off, HEADER_SIZE + p.nbytes, size))
+               for (k, p), off in zip(pages, offsets, strict=True)]
+    return BuiltPack(pack_id, data, entries)
+
+
+class ManifestError(ValueError):
+    """A pack's trailer or manifest is damaged."""
+
+
+def parse_manifest(tail: bytes, *, pack_size: int) -> tuple[int, list[tuple[int, int, int]]] | int:
+    """Decode a pack's manifest from its last bytes.
+
+    Returns ``(fingerprint, [(seq_hash, offset, length)])``, or the number of tail bytes
+    needed when ``tail`` is too short to hold the whole manifest.
+    """
+    if len(tail) < _TRAILER.size:
+        raise ManifestError("pack shorter than its trailer")
+    magic, mlen, msum = _TRAILER.unpack_from(tail, len(tail) - _TRAILER.size)
+    if magic != _TRAILER_MAGIC or mlen + _TRAILER.size > pack_size:
+        raise ManifestError("bad pack trailer")
+    if mlen + _TRAILER.size > len(tail):
+        return int(mlen + _TRAILER.size)
+    raw = tail[len(tail) - _TRAILER.size - mlen: len(tail) - _TRAILER.size]
+    if xxhash.xxh3_64_intdigest(raw) != msum:
+        raise ManifestError("manifest checksum mismatch")
+    try:
+        version, fingerprint, pages = msgpack.unpackb(raw)
+        out = [(int(k), int(off), int(ln)) for k, off, ln in pages]
+    except (ValueError, TypeError, msgpack.UnpackException) as e:
+        raise ManifestError(f"undecodable manifest: {e}") from None
+    if version != PACK_VERSION:
+        raise ManifestError(f"unknown pack version {version}")
+    return int(fingerprint), out
+
+
+# -- reads ------------------------------------------------------------------------------------
+class ReadOutcome(enum.Enum):
+    HIT = "hit"
+    CORRUPT = "corrupt"  # the stored page is damaged or not there: drop it
+    PACK_GONE = "pack_gone"  # the whole pack object is missing: drop all its pages
+    ERROR = "error"  # the read failed (network, breaker): a miss, but keep the entry
+
+
+@dataclass(slots=True)
+class _Slot:
+    """One page to read out of a pack, into one or more destination buffers."""
+
+    key: int
+    offset: int
+    length: int
+    dests: list[memoryview]
+    outcome: ReadOutcome = ReadOutcome.ERROR
+
+
+@dataclass(slots=True)
+class _Range:
+    """One ranged GET: adjacent pages of one pack."""
+
+    pack_id: bytes
+    pack_size: int
+    start: int
+    end: int
+    slots: list[_Slot]
+
+
+def plan_ranges(slots_by_pack: dict[bytes, tuple[int, list[_Slot]]], *,
+                max_read_bytes: int) -> list[_Range]:
+    """Group the pages to read into ranged GETs: runs of contiguous pages, capped in size.
+
+    A range that covers every page of a pack is widened to the whole object (the manifest is
+    small), so the backend can fetch it without a range and check the object's checksum.
+    """
+    ranges: list[_Range] = []
+    for pack_id, (pack_size, slots) in slots_by_pack.items():
+        slots.sort(key=lambda s: s.offset)
+        cur: _Range | None = None
+        for s in slots:
+            if (cur is not None and s.offset == cur.end
+                    and s.offset + s.length - cur.start <= max_read_bytes):
+                cur.end = s.offset + s.length
+                cur.slots.append(s)
+            else:
+                cur = _Range(pack_id, pack_size, s.offset, s.offset + s.length, [s])
+                ranges.append(cur)
+    for r in ranges:
+        # Widen when at most the manifest follows (< 32 bytes per page, plus the trailer):
+        # it costs a few kilobytes and buys an end-to-end checksum where the backend has one.
+        if r.start == 0 and r.pack_size - r.end <= _TRAILER.size + 64 + 32 * len(r.slots):
+            r.end = r.pack_size
+    return ranges
+
+
+# -- the store --------------------------------------------------------------------------------
+class PackedObjectStore(PageStore):
+    """A :class:`PageStore` over an :class:`ObjectBackend`, packing pages into big objects."""
+
+    medium = Medium.OBJECT
+    # DURABLE: put returns only after the pack upload completed and the entry is committed.
+    capabilities = Capability.REMOTE | Capability.PERSISTENT | Capability.DURABLE
+
+    def __init__(self, layout: KVLayout, backend: ObjectBackend, config: ObjectTierConfig, *,
+                 listener: TierListener | None = None) -> None:
+        super().__init__(layout, listener=listener)
+        self.config = config
+        self._backend = backend
+        self._pack_prefix = f"{config.key_prefix}{self.fingerprint:016x}/"
+        location = f"{backend.location}/{config.key_prefix}"
+        path = Path(config.index_path) if config.index_path else default_index_path(location)
+        self._index = PackIndex(path, location=location, map_size=config.index_map_bytes)
+        self.breaker = CircuitBreaker(config.breaker, name=location)
+        self._pool = ThreadPoolExecutor(config.max_workers,
+                                        thread_name_prefix=f"kvbm-{type(self).__name__}")
+        self._lock = threading.Lock()  # guards _pending, _used, the stats counters
+        self._pending: dict[int, Future[bool]] = {}
+        self._used = len(self._index.keys(self.fingerprint)) * self.page_bytes
+        self._ready = self._used > 0 or not config.rebuild_if_empty
+        self._ready_lock = threading.Lock()
+        self._closed = False
+        for name in ("rejected_open", "retries", "packs_put", "pack_bytes_put", "ranged_gets",
+                     "reread", "packs_existing", "packs_deleted", "rebuilt_pages"):
+            self._stats.extra[name] = 0
+
+    # -- small helpers ------------------------------------------------------------------------
+    def object_key(self, pack_id: bytes) -> str:
+        return f"{self._pack_prefix}{pack_id.hex()}{PACK_SUFFIX}"
+
+    def locate(self, key: int) -> tuple[str, int, int] | None:
+        """``(object key, offset, length)`` of a stored page (header + payload), for tools and
+        tests; ``None`` when the page is not in the index."""
+        (loc,) = self._index.lookup(self.fingerprint, [key])
+        return None if loc is None else (self.object_key(loc.pack_id), loc.offset, loc.length)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, d in deltas.items():
+                if hasattr(self._stats, name):
+                    setattr(self._stats, name, getattr(self._stats, name) + d)
+                else:
+                    self._stats.extra[name] += d
+
+    def _count_retry(self, exc: BaseException) -> None:
+        self._count(retries=1)
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            self._stats.extra["breaker_opens"] = self.breaker.opens
+            self._stats.extra["breaker_open"] = int(self.breaker.state is BreakerState.OPEN)
+        return self._stats
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        return call_with_retry(fn, policy=self.config.retry, breaker=self.breaker,
+                               classify=self._backend.classify, what=what,
+                               on_retry=self._count_retry)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StorageError(f"{type(self).__name__} is closed")
+
+    async def _ensure_ready(self) -> None:
+        """Rebuild an empty index from the bucket once, before the first operation."""
+        if not self._ready and self.breaker.would_allow():
+            await self._run(self._rebuild_once)
+
+    def _rebuild_once(self) -> None:
+        with self._ready_lock:
+            if self._ready:
+                return
+            try:
+                self._rebuild()
+            except Exception as e:
+                # Not fatal: the store works without the old pages; try again next time.
+                log.warning("cannot rebuild the object index from %s: %s",
+                            self._pack_prefix, e)
+                return
+            self._ready = True
+
+    # -- put --------------------------------------------------------------------------------
+    async def put(self, items: Sequence[tuple[int, Buffer]]) -> list[bool]:
+        self._check_open()
+        views = [self._check_payload(k, buf) for k, buf in items]  # all or nothing
+        if not items:
+            return []
+        if not self.breaker.would_allow():
+            self._count(rejected_open=len(items))
+            return [False] * len(items)
+        await self._ensure_ready()
+
+        # Decide per item: new (ours to write), already stored, or being written by a
+        # concurrent put (wait for it). The index is checked under the lock after
+        # _pending, and writers commit before leaving _pending, so no page is written twice.
+        mine: list[tuple[int, memoryview]] = []
+        waits: list[Future[bool] | None] = [None] * len(items)
+        outcome: list[bool] = [False] * len(items)
+        skipped = 0
+        with self._lock:
+            for i, ((k, _), view) in enumerate(zip(items, views, strict=True)):
+                fut = self._pending.get(k)
+                if fut is not None:
+                    # Written by another put, or earlier in this batch (the first one wins).
+                    waits[i] = fut
+                    skipped += 1
+                elif self._index.contains(self.fingerprint, k):
+                    outcome[i] = True
+                    skipped += 1
+                else:
+                    mine.append((k, view))
+                    self._pending[k] = Future()
+                    waits[i] = self._pending[k]
+        self._count(put_skipped=skipped)
+
+        groups = self._split(mine)
+        if groups:
+            await asyncio.gather(*(asyncio.wrap_future(self._pool.submit(self._put_pack, g))
+                                   for g in groups))
+        for i, fut in enumerate(waits):
+            if fut is not None:
+                outcome[i] = await asyncio.wrap_future(fut)
+        return outcome
+
+    def _split(self, pages: list[tuple[int, memoryview]]) -> list[list[tuple[int, memoryview]]]:
+        groups: list[list[tuple[int, memoryview]]] = []
+        cur: list[tuple[int, memoryview]] = []
+        size = 0
+        for k, v in pages:
+            rec = HEADER_SIZE + v.nbytes
+            if cur and size + rec > self.config.pack_bytes:
+                groups.append(cur)
+                cur, size = [], 0
+            cur.append((k, v))
+            size += rec
+        if cur:
+            groups.append(cur)
+        return groups
+
+    def _put_pack(self, pages: list[tuple[int, memoryview]]) -> bool:
+        """Build, upload and commit one pack (on a pool thread); resolve its pending keys."""
+        keys = [k for k, _ in pages]
+        ok = False
+        try:
+            pack = build_pack(self.fingerprint, pages)
+            obj = self.object_key(pack.pack_id)
+            try:
+                self._call(lambda: self._backend.put(
+                    obj, pack.data, create_only=self.config.conditional_writes),
+                    what=f"put {obj}")
+            except TierUnavailableError as e:
+                log.warning("pack upload failed, %d page(s) not stored: %s", len(pages), e)
+                self._count(errors=len(pages))
+                return False
+            except Exception as e:
+                if self._backend.classify(e) is not FaultKind.EXISTS:
+                    log.warning("pack upload of %s failed, %d page(s) not stored: %r", obj,
+                                len(pages), e)
+                    self._count(errors=len(pages))
+                    return False
+                # Create-only write found the object: same name, same content. Done.
+                self._count(packs_existing=1)
+            added = self._index.add(self.fingerprint, pack.entries)
+            with self._lock:
+                self._used += len(added) * self.page_bytes
+            self._count(puts=len(added), put_bytes=len(added) * self.page_bytes,
+                        put_skipped=len(pages) - len(added), packs_put=1,
+                        pack_bytes_put=len(pack.data))
+            ok = True
+            return True
+        finally:
+            with self._lock:
+                for k in keys:
+                    fut = self._pending.pop(k, None)
+                    if fut is not None:
+                        fut.set_result(ok)
+
+    # -- get --------------------------------------------------------------------------------
+    async def get(self, items: Sequence[tuple[int, Buffer]]) -> list[bool]:
+        self._check_open()
+        dests = [self._check_payload(k, buf) for k, buf in items]
+        for (k, _), dst in zip(items, dests, strict=True):
+            if dst.readonly:
+                raise TypeError(f"the buffer for page {k:#x} is read-only")
+        n = len(items)
+        if n == 0:
+            return []
+        if not self.breaker.would_allow():
+            self._count(gets=n, misses=n, rejected_open=n)
+            return [False] * n
+        await self._ensure_ready()
+        locs = self._index.lookup(self.fingerprint, (k for k, _ in items))
+        by_pack: dict[bytes, tuple[int, list[_Slot]]] = {}
+        slot_of: list[_Slot | None] = []
+        seen: dict[tuple[bytes, int], _Slot] = {}
+        for (k, _), dst, loc in zip(items, dests, locs, strict=True):
+            if loc is None:
+                slot_of.append(None)
+                continue
+            slot = seen.get((loc.pack_id, loc.offset))
+            if slot is None:
+                slot = _Slot(k, loc.offset, loc.length, [dst])
+                seen[(loc.pack_id, loc.offset)] = slot
+                by_pack.setdefault(loc.pack_id, (loc.pack_size, []))[1].append(slot)
+            else:
+                slot.dests.append(dst)  # the same page asked twice: read once
+            slot_of.append(slot)
+
+        ranges = plan_ranges(by_pack, max_read_bytes=self.config.max_read_bytes)
+        if ranges:
+            loop = asyncio.get_running_loop()
+            await asyncio.gather(*(loop.run_in_executor(self._pool, self._read_range, r)
+                                   for r in ranges))
+        await self._drop_damaged(ranges)
+
+        hits = [s is not None and s.outcome is ReadOutcome.HIT for s in slot_of]
+        nhit = sum(hits)
+        damaged = sum(1 for s in slot_of if s is not None
+                      and s.outcome in (ReadOutcome.CORRUPT, ReadOutcome.PACK_GONE))
+        failed = sum(1 for s in slot_of if s is not None and s.outcome is ReadOutcome.ERROR)
+        self._count(gets=n, hits=nhit, misses=n - nhit, get_bytes=nhit * self.page_bytes,
+                    corrupt=damaged, errors=failed)
+        return hits
+
+    def _read_range(self, r: _Range) -> None:
+        """Fetch one range and verify its pages into their buffers (on a pool thread)."""
+        obj = self.object_key(r.pack_id)
+        whole = r.start == 0 and r.end == r.pack_size
+        try:
+            data = self._fetch(obj, r.start, r.end - r.start, whole=whole)
+        except _PackGone:
+            for s in r.slots:
+                s.outcome = ReadOutcome.PACK_GONE
+            return
+        except _ReadFailed:
+            return  # outcomes stay ERROR
+        view = memoryview(data)
+        for s in r.slots:
+            rel = s.offset - r.start
+            if self._verify_into(s, view[rel: rel + s.length]):
+                s.outcome = ReadOutcome.HIT
+                continue
+            # Damaged in flight or at rest? Read this page alone once more before dropping it.
+            self._count(reread=1)
+            try:
+                again = self._fetch(obj, s.offset, s.length, whole=False)
+            except _PackGone:
+                s.outcome = ReadOutcome.PACK_GONE
+                continue
+            except _ReadFailed:
+                continue
+            s.outcome = (ReadOutcome.HIT if self._verify_into(s, memoryview(again))
+                         else ReadOutcome.CORRUPT)
+
+    def _fetch(self, obj: str, offset: int, length: int, *, whole: bool) -> bytes:
+        self._count(ranged_gets=1)
+        try:
+            return self._call(lambda: self._backend.read(obj, offset, length, whole=whole),
+                              what=f"get {obj}")
+        except TierUnavailableError as e:
+            log.debug("read of %s failed: %s", obj, e)
+            raise _ReadFailed from e
+        except Exception as e:
+            if self._backend.classify(e) is FaultKind.MISSING:
+                raise _PackGone from e
+            log.warning("read of %s failed: %r", obj, e)
+            raise _ReadFailed from e
+
+    def _verify_into(self, slot: _Slot, piece: memoryview) -> bool:
+        if piece.nbytes != slot.length:
+            return False  # the object is shorter than the index says: truncated
+        first = slot.dests[0]
+        payload = piece[HEADER_SIZE:]
+        if payload.nbytes != first.nbytes:
+            return False
+        # Copy, then verify the copy: what the caller gets is exactly what was checked.
+        first[:] = payload
+        fault = verify_page(piece[:HEADER_SIZE], first, fingerprint=self.fingerprint,
+                            seq_hash=slot.key)
+        if fault is not None:
+            log.debug("page %#x failed verification: %s", slot.key, fault.value)
+            return False
+        for extra in slot.dests[1:]:
+            extra[:] = first
+        return True
+
+    async def _drop_damaged(self, ranges: list[_Range]) -> None:
+        """Remove damaged pages (and every page of a lost pack) from the index; notify."""
+        expect: dict[int, bytes] = {}
+        gone: set[bytes] = set()
+        for r in ranges:
+            for s in r.slots:
+                if s.outcome is ReadOutcome.CORRUPT:
+                    expect[s.key] = r.pack_id
+                elif s.outcome is ReadOutcome.PACK_GONE:
+                    gone.add(r.pack_id)
+        if not expect and not gone:
+            return
+
+        def drop() -> list[int]:
+            for pack_id in gone:
+                for k in self._index.pack_members(pack_id):
+                    expect[k] = pack_id
+            removed, _ = self._index.remove(self.fingerprint, list(expect), expect)
+            with self._lock:
+                self._used -= len(removed) * self.page_bytes
+            return removed
+
+        removed = await self._run(drop)
+        if removed:
+            log.warning("dropped %d damaged or lost page(s) from %s", len(removed),
+                        self._pack_prefix)
+            self._notify_removed(removed, RemovalReason.CORRUPT)
+
+    # -- exists / delete / keys ---------------------------------------------------------------
+    async def exists(self, keys: Sequence[int]) -> list[bool]:
+        self._check_open()
+        if not keys:
+            return []
+        if not self.breaker.would_allow():
+            return [False] * len(keys)  # unreachable now: as good as absent for the engine
+        await self._ensure_ready()
+        return [loc is not None for loc in self._index.lookup(self.fingerprint, keys)]
+
+    async def delete(self, keys: Sequence[int]) -> int:
+        self._check_open()
+        if not keys:
+            return 0
+        await self._ensure_ready()
+
+        def work() -> int:
+            removed, empty = self._index.remove(self.fingerprint, keys)
+            with self._lock:
+                self._used -= len(removed) * self.page_bytes
+            for pack_id in empty:
+                self._delete_pack(pack_id)
+            return len(removed)
+
+        n = await self._run(work)
+        self._count(deleted=n)
+        return n
+
+    def _delete_pack(self, pack_id: bytes) -> None:
+        # Best effort: a pack that cannot be deleted now is garbage, never wrong data (no
+        # index entry points at it any more).
+        if not self.breaker.would_allow():
+            return
+        obj = self.object_key(pack_id)
+        try:
+            self._call(lambda: self._backend.delete(obj), what=f"delete {obj}")
+            self._count(packs_deleted=1)
+        except Exception as e:
+            if self._backend.classify(e) is not FaultKind.MISSING:
+                log.warning("cannot delete pack %s (left as garbage): %r", obj, e)
+
+    async def keys(self) -> list[int]:
+        self._check_open()
+        await self._ensure_ready()
+        return self._index.keys(self.fingerprint)
+
+    # -- rebuild ----------------------------------------------------------------------------
+    async def rebuild_index(self) -> int:
+        """List this layout's packs and index every page not indexed yet; returns how many
+        pages were added. Raises :class:`TierUnavailableError` when the store cannot be
+        reached."""
+        self._check_open()
+        n = await self._run(self._rebuild)
+        self._ready = True
+        return n
+
+    def _rebuild(self) -> int:
+        objects = self._call(lambda: self._backend.list(self._pack_prefix),
+                             what=f"list {self._pack_prefix}")
+        todo: list[tuple[str, bytes, int]] = []
+        for key, size in objects:
+            name = key[len(self._pack_prefix):]
+            if not name.endswith(PACK_SUFFIX) or "/" in name:
+                continue
+            try:
+                pack_id = bytes.fromhex(name[: -len(PACK_SUFFIX)])
+            except ValueError:
+                continue
+            if len(pack_id) == 16 and not self._index.has_pack(pack_id):
+                todo.append((key, pack_id, size))
+        added = 0
+        # A private pool: this runs on one of the store's own threads, and waiting there
+        # for work queued behind it on the same pool could deadlock.
+        def read(item: tuple[str, bytes, int]) -> list[tuple[int, Location]]:
+            return self._read_manifest(*item)
+
+        with ThreadPoolExecutor(self.config.max_workers) as pool:
+            for entries in pool.map(read, todo):
+                if entries:
+                    added += len(self._index.add(self.fingerprint, entries))
+        with self._lock:
+            self._used += added * self.page_bytes
+        self._count(rebuilt_pages=added)
+        log.info("rebuilt object index from %d pack(s) under %s: %d page(s)", len(todo),
+                 self._pack_prefix, added)
+        return added
+
+    def _read_manifest(self, key: str, pack_id: bytes, size: int
+                       ) -> list[tuple[int, Location]]:
+        want = min(size, _TAIL_GUESS)
+        try:
+            tail = self._call(lambda: self._backend.read(key, size - want, want, whole=False),
+                              what=f"get {key}")
+            parsed = parse_manifest(tail, pack_size=size)
+            if isinstance(parsed, int):
+                need = parsed
+                tail = self._call(lambda: self._backend.read(key, size - need, need,
+                                                             whole=False), what=f"get {key}")
+                parsed = parse_manifest(tail, pack_size=size)
+            if isinstance(parsed, int):
+                raise ManifestError("manifest changed while read")
+        except (ManifestError, TierUnavailableError) as e:
+            log.warning("skipping pack %s: %s", key, e)
+            return []
+        except Exception as e:
+            log.warning("skipping pack %s: %r", key, e)
+            return []
+        fingerprint, pages = parsed
+        if fingerprint != self.fingerprint:
+            return []
+        return [(k, Location(pack_id, off, ln, size)) for k, off, ln in pages
+                if ln == HEADER_SIZE + self.page_bytes and off + ln <= size]
+
+    # -- accounting & lifecycle ---------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int | None:
+        return None  # the bucket is the limit; lifecycle rules, not this tier, expire data
+
+    @property
+    def used_bytes(self) -> int:
+        return self._used
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+        self._index.close()
+        self._backend.close()
+
+
+class _PackGone(Exception):
+    """The pack object does not exist (internal signal)."""
+
+
+class _ReadFailed(Exception):
+    """The read did not complete (internal signal)."""

@@ -1,0 +1,229 @@
+"""Fault handling for remote tiers: bounded retries with backoff and jitter, and a breaker.
+
+A dead or sick object store must degrade to *misses*, never to a hung engine (DESIGN §6).
+Three mechanisms do that together:
+
+* every request carries a client-side timeout (set by the backend on its client);
+* :func:`call_with_retry` retries transient failures a bounded number of times, sleeping
+  with exponential backoff and full jitter so that many workers do not retry in lockstep;
+* a :class:`CircuitBreaker` counts consecutive failed attempts; past a threshold it *opens*
+  and every call is refused at once (the tier reports misses) until a cool-down has passed.
+  Then one probe is let through (*half-open*): its success closes the breaker again, its
+  failure re-opens it for a longer cool-down.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from kvbm.errors import ConfigError, TierUnavailableError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class BreakerState(enum.Enum):
+    CLOSED = "closed"  # calls flow
+    OPEN = "open"  # calls are refused until the cool-down has passed
+    HALF_OPEN = "half_open"  # one probe call is in flight; others are refused
+
+
+class FaultKind(enum.Enum):
+    """How a backend classifies an exception raised by one request."""
+
+    #: the object (or range) does not exist; the service itself is healthy
+    MISSING = "missing"
+    #: a create-only write found the object already there; the service is healthy
+    EXISTS = "exists"
+    #: worth another attempt (timeouts, refused connections, 5xx, throttling)
+    TRANSIENT = "transient"
+    #: will fail again (access denied, no such bucket, bad request); not retried
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries with exponential backoff and full jitter.
+
+    The n-th retry (n = 1, 2, ...) sleeps a uniform random time in
+    ``[0, min(max_delay_s, base_delay_s * multiplier ** (n - 1))]`` ("full jitter", which
+    spreads retrying clients best). ``deadline_s`` bounds one whole call, sleeps included.
+    """
+
+    max_attempts: int = 3
+    base_delay_s: float = 0.05
+    max_delay_s: float = 1.0
+    multiplier: float = 2.0
+    deadline_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.base_delay_s < 0 or self.max_delay_s < 0 or self.deadline_s <= 0:
+            raise ConfigError("retry delays must be >= 0 and deadline_s > 0")
+        if self.multiplier < 1:
+            raise ConfigError(f"multiplier must be >= 1, got {self.multiplier}")
+
+    def backoff(self, retry: int, rng: random.Random | None = None) -> float:
+        """The sleep before retry number ``retry`` (1-based)."""
+        cap = min(self.max_delay_s, self.base_delay_s * self.multiplier ** (retry - 1))
+        return (rng or random).uniform(0.0, cap)
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    """When the breaker opens and how long it stays open.
+
+    ``failure_threshold`` consecutive failed attempts open it; it stays open ``cooldown_s``,
+    doubled after each failed probe up to ``max_cooldown_s``.
+    """
+
+    failure_threshold: int = 5
+    cooldown_s: float = 5.0
+    max_cooldown_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.failure_threshold < 1:
+            raise ConfigError(f"failure_threshold must be >= 1, got {self.failure_threshold}")
+        if self.cooldown_s <= 0 or self.max_cooldown_s < self.cooldown_s:
+            raise ConfigError("need 0 < cooldown_s <= max_cooldown_s")
+
+
+class CircuitBreaker:
+    """A thread-safe circuit breaker over consecutive failures.
+
+    ``allow()`` is asked before each attempt; ``record_success()`` / ``record_failure()``
+    report its outcome. The clock is injectable so tests need not sleep.
+    """
+
+    def __init__(self, config: BreakerConfig | None = None, *,
+                 clock: Callable[[], float] = time.monotonic, name: str = "") -> None:
+        self.config = config or BreakerConfig()
+        self.name = name
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = BreakerState.CLOSED
+        self._failures = 0
+        self._opened_at = 0.0
+        self._cooldown = self.config.cooldown_s
+        self._probe_in_flight = False
+        self.opens = 0  # how many times it went CLOSED/HALF_OPEN -> OPEN
+        self.rejections = 0  # calls refused while open
+
+    @property
+    def state(self) -> BreakerState:
+        with self._lock:
+            self._maybe_half_open()
+            return self._state
+
+    def _maybe_half_open(self) -> None:
+        # Called with the lock held: an open breaker whose cool-down has passed becomes
+        # half-open lazily, on the next look, so no timer thread is needed.
+        if (self._state is BreakerState.OPEN
+                and self._clock() - self._opened_at >= self._cooldown):
+            self._state = BreakerState.HALF_OPEN
+            self._probe_in_flight = False
+
+    def allow(self) -> bool:
+        """Whether a call may go out now; in HALF_OPEN only one probe at a time does."""
+        with self._lock:
+            self._maybe_half_open()
+            if self._state is BreakerState.CLOSED:
+                return True
+            if self._state is BreakerState.HALF_OPEN and not self._probe_in_flight:
+                self._probe_in_flight = True
+                return True
+            self.rejections += 1
+            return False
+
+    def would_allow(self) -> bool:
+        """Like :meth:`allow` but takes no probe slot (for cheap fast-path checks)."""
+        with self._lock:
+            self._maybe_half_open()
+            if self._state is BreakerState.HALF_OPEN:
+                return not self._probe_in_flight
+            return self._state is BreakerState.CLOSED
+
+    def record_success(self) -> None:
+        with self._lock:
+            if self._state is not BreakerState.CLOSED:
+                log.info("circuit breaker %s closed again", self.name)
+            self._state = BreakerState.CLOSED
+            self._failures = 0
+            self._cooldown = self.config.cooldown_s
+            self._probe_in_flight = False
+
+    def record_failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            if self._state is BreakerState.HALF_OPEN:
+                # The probe failed: the service is still down; back off harder.
+                self._cooldown = min(self._cooldown * 2, self.config.max_cooldown_s)
+                self._open()
+            elif (self._state is BreakerState.CLOSED
+                  and self._failures >= self.config.failure_threshold):
+                self._open()
+
+    def _open(self) -> None:
+        self._state = BreakerState.OPEN
+        self._opened_at = self._clock()
+        self._probe_in_flight = False
+        self.opens += 1
+        log.warning("circuit breaker %s opened after %d consecutive failures; "
+                    "refusing calls for %.1f s", self.name, self._failures, self._cooldown)
+
+    def reset(self) -> None:
+        """Close the breaker (for tests and operator commands)."""
+        self.record_success()
+
+
+def call_with_retry(fn: Callable[[], T], *, policy: RetryPolicy, breaker: CircuitBreaker,
+                    classify: Callable[[BaseException], FaultKind],
+                    what: str = "request",
+                    sleep: Callable[[float], None] = time.sleep,
+                    clock: Callable[[], float] = time.monotonic,
+                    rng: random.Random | None = None,
+                    on_retry: Callable[[BaseException], None] | None = None) -> T:
+    """Run ``fn`` under the breaker, retrying transient failures.
+
+    Raises :class:`TierUnavailableError` when the breaker refuses the call (also between
+    retries, so an opening breaker cuts a retry loop short) or when the retries are spent;
+    re-raises the original exception for ``MISSING``, ``EXISTS`` and ``PERMANENT`` faults,
+    which the caller handles (the first two also count as a healthy answer).
+    """
+    start = clock()
+    attempt = 0
+    while True:
+        if not breaker.allow():
+            raise TierUnavailableError(f"{what}: circuit breaker {breaker.name} is open")
+        attempt += 1
+        try:
+            result = fn()
+        except Exception as exc:
+            kind = classify(exc)
+            if kind in (FaultKind.MISSING, FaultKind.EXISTS):
+                breaker.record_success()  # the service answered, and meaningfully
+                raise
+            breaker.record_failure()
+            if kind is FaultKind.PERMANENT:
+                raise
+            delay = policy.backoff(attempt, rng)
+            if attempt >= policy.max_attempts or clock() - start + delay > policy.deadline_s:
+                raise TierUnavailableError(
+                    f"{what} failed after {attempt} attempt(s): {exc!r}") from exc
+            log.debug("%s failed (attempt %d/%d, retry in %.3f s): %r", what, attempt,
+                      policy.max_attempts, delay, exc)
+            if on_retry is not None:
+                on_retry(exc)
+            sleep(delay)
+        else:
+            breaker.record_success()
+            return result

@@ -1,0 +1,214 @@
+"""G4 on S3 (or any S3-compatible server) through boto3.
+
+Endpoint, region and credentials come from boto3's usual chain unless the config names
+them: ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``, ``AWS_REGION`` /
+``AWS_DEFAULT_REGION``, ``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID`` ..., shared config files,
+instance roles. boto3 is imported lazily (extra ``kvtier[s3]``).
+
+botocore's own retries are switched off (one attempt per request): retries, backoff and the
+circuit breaker are kvbm's (storage/resilience.py), so that their bounds are the only ones.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvbm.errors import ConfigError
+from kvbm.layout import KVLayout
+from kvbm.storage.base import TierListener
+from kvbm.storage.objectstore import ObjectBackend, ObjectTierConfig, PackedObjectStore
+from kvbm.storage.resilience import FaultKind
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+_MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
+_EXISTS_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+_TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
+                              "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                              "RequestLimitExceeded", "BadDigest", "XAmzContentSHA256Mismatch"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class S3TierConfig(ObjectTierConfig):
+    """Where and how the S3 tier stores its packs."""
+
+    bucket: str
+    #: ``None``: boto3 decides (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``, AWS itself).
+    endpoint_url: str | None = None
+    #: ``None``: boto3 decides (``AWS_REGION``, ``AWS_DEFAULT_REGION``, config files).
+    region: str | None = None
+    #: A named profile of ~/.aws/config; ``None``: ``AWS_PROFILE`` or the default chain.
+    profile: str | None = None
+    #: ``"auto"``, ``"virtual"`` or ``"path"`` (S3-compatible servers often need path).
+    addressing_style: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.bucket:
+            raise ConfigError("s3 tier needs a bucket")
+        if self.addressing_style not in ("auto", "virtual", "path"):
+            raise ConfigError(f"addressing_style must be auto, virtual or path, got "
+                              f"{self.addressing_style!r}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> S3TierConfig:
+        """``KVBM_S3_BUCKET`` and ``KVBM_S3_PREFIX`` (the rest is boto3's own environment);
+        keyword arguments override."""
+        env = os.environ if env is None else env
+        kw: dict[str, Any] = {}
+        if "KVBM_S3_BUCKET" in env:
+            kw["bucket"] = env["KVBM_S3_BUCKET"]
+        if "KVBM_S3_PREFIX" in env:
+            kw["prefix"] = env["KVBM_S3_PREFIX"]
+        kw.update(overrides)
+        if "bucket" not in kw:
+            raise ConfigError("no S3 bucket: set KVBM_S3_BUCKET or pass bucket=")
+        return cls(**kw)
+
+
+# boto3 sessions by (profile, region). A session caches the parsed service model, and
+# parsing it again costs ~0.2 s per new client; sessions are not thread-safe, hence the lock.
+_sessions: dict[tuple[str | None, str | None], Any] = {}
+_sessions_lock = threading.Lock()
+
+
+def make_client(config: S3TierConfig) -> Any:
+    """A boto3 S3 client for ``config``: timeouts set, botocore retries off."""
+    import boto3
+    from botocore.config import Config
+
+    with _sessions_lock:
+        session = _sessions.get((config.profile, config.region))
+        if session is None:
+            session = boto3.session.Session(profile_name=config.profile,
+                                            region_name=config.region)
+            _sessions[(config.profile, config.region)] = session
+        return session.client("s3", endpoint_url=config.endpoint_url, config=Config(
+            connect_timeout=config.connect_timeout_s,
+            read_timeout=config.read_timeout_s,
+            retries={"total_max_attempts": 1},
+            max_pool_connections=config.max_workers + 2,
+            s3={"addressing_style": config.addressing_style},
+            # Ranged GETs carry no checksum of their bytes; asking for one would make
+            # botocore compare a part against the whole object's checksum. Pages carry
+            # their own (xxh3-128), checked on every read.
+            response_checksum_validation="when_required",
+        ))
+
+
+class S3Backend(ObjectBackend):
+    def __init__(self, config: S3TierConfig, client: Any = None) -> None:
+        self.config = config
+        self.bucket = config.bucket
+        self._client = client if client is not None else make_client(config)
+        self.location = f"s3://{config.bucket} @ {self._client.meta.endpoint_url}"
+        from botocore import exceptions as bex
+
+        self._bex = bex
+        # Connection-level failures worth another attempt (all botocore.exceptions).
+        self._transient: tuple[type[BaseException], ...] = (
+            bex.ConnectionError, bex.HTTPClientError, bex.IncompleteReadError,
+            bex.ResponseStreamingError, bex.ReadTimeoutError, bex.ConnectTimeoutError,
+            bex.FlexibleChecksumError, ConnectionError, TimeoutError)
+
+    def put(self, key: str, data: bytearray, *, create_only: bool) -> None:
+        extra = {"IfNoneMatch": "*"} if create_only else {}
+        self._client.put_object(Bucket=self.bucket, Key=key, Body=data, **extra)
+
+    def read(self, key: str, offset: int, length: int, *, whole: bool) -> bytes:
+        if length <= 0:
+            return b""
+        try:
+            if whole:
+                resp = self._client.get_object(Bucket=self.bucket, Key=key)
+            else:
+                resp = self._client.get_object(Bucket=self.bucket, Key=key,
+                                               Range=f"bytes={offset}-{offset + length - 1}")
+            # botocore checks the body against Content-Length: a cut transfer raises.
+            data: bytes = resp["Body"].read()
+        except self._bex.ClientError as e:
+            if _code(e) in ("InvalidRange", "416"):
+                return b""  # the object ends before offset: it is shorter than indexed
+            raise
+        return data[:length]
+
+    def delete(self, key: str) -> None:
+        self._client.delete_object(Bucket=self.bucket, Key=key)
+
+    def list(self, prefix: str) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                         Prefix=prefix)
+        for page in pages:
+            out.extend((o["Key"], int(o["Size"])) for o in page.get("Contents", ()))
+        return out
+
+    def classify(self, exc: BaseException) -> FaultKind:
+        if isinstance(exc, self._bex.ClientError):
+            code = _code(exc)
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            # 404 is also NoSuchBucket: a misconfiguration, not a missing pack.
+            if code in _MISSING_CODES:
+                return FaultKind.MISSING
+            if code in _EXISTS_CODES or status == 412:
+                return FaultKind.EXISTS
+            if code in _TRANSIENT_CODES or status >= 500 or status in (408, 429):
+                return FaultKind.TRANSIENT
+            return FaultKind.PERMANENT
+        if isinstance(exc, self._transient):
+            return FaultKind.TRANSIENT
+        return FaultKind.PERMANENT
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def _code(exc: Any) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+class S3Store(PackedObjectStore):
+    """The G4 tier on S3: pages packed into objects under ``s3://bucket/prefix``."""
+
+    def __init__(self, layout: KVLayout, config: S3TierConfig, *,
+                 listener: TierListener | None = None, client: Any = None) -> None:
+        super().__init__(layout, S3Backend(config, client), config, listener=listener)
+
+
+# -- raw ceiling, for benchmarks -----------------------------------------------------------------
+@dataclass(frozen=True)
+class RawThroughput:
+    """Raw boto3 transfer of one large object: what a tier over this endpoint can approach."""
+
+    nbytes: int
+    put_gbps: float  # GB/s (10**9 bytes per second)
+    get_gbps: float
+
+
+def measure_raw_s3(config: S3TierConfig, *, nbytes: int = 64 << 20, repeats: int = 3,
+                   client: Any = None) -> RawThroughput:
+    """Put and get one ``nbytes`` object with plain boto3 calls (best of ``repeats``), under
+    ``config``'s bucket and prefix, and delete it afterwards."""
+    client = client if client is not None else make_client(config)
+    key = f"{config.key_prefix}raw-ceiling-{uuid.uuid4().hex}"
+    body = os.urandom(nbytes)
+    best_put = best_get = float("inf")
+    try:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            client.put_object(Bucket=config.bucket, Key=key, Body=body)
+            best_put = min(best_put, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            got = client.get_object(Bucket=config.bucket, Key=key)["Body"].read()
+            best_get = min(best_get, time.perf_counter() - t0)
+            if len(got) != nbytes:
+                raise RuntimeError(f"raw get returned {len(got)} of {nbytes} bytes")
+    finally:
+        client.delete_object(Bucket=config.bucket, Key=key)
+    return RawThroughput(nbytes, nbytes / best_put / 1e9, nbytes / best_get / 1e9)

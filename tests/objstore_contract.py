@@ -1,0 +1,425 @@
+"""Tests every packed object-store tier (S3, GCS) passes beyond the PageStore contract:
+packing, ranged reads, index rebuild, damaged packs, and fault handling against a real
+server that is killed, or behind a proxy that returns errors, hangs, cuts or garbles replies.
+
+A backend's test class mixes :class:`ObjectStoreTests` into ``PageStoreTests`` and supplies
+the raw object access and servers (see tests/test_s3_store.py).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from objstore_servers import Fault, FaultProxy, ServerProcess
+
+from kvbm.layout import KVLayout
+from kvbm.storage.base import RemovalReason, TierListener
+from kvbm.storage.objectstore import PACK_SUFFIX, PackedObjectStore
+from kvbm.storage.resilience import BreakerConfig, BreakerState, RetryPolicy
+from kvbm.testing import RecordingListener, page_payload
+from kvbm.testing import make_keys as keys
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16, dtype="float16",
+                  model_id="kvbm-objstore-tests")
+PAGE = LAYOUT.bytes_per_block
+
+#: Fast fault handling, so the fault tests take a fraction of a second each.
+FAST_RETRY = RetryPolicy(max_attempts=3, base_delay_s=0.01, max_delay_s=0.05, deadline_s=5.0)
+FAST_BREAKER = BreakerConfig(failure_threshold=3, cooldown_s=0.3, max_cooldown_s=1.0)
+
+
+def payloads(ks: list[int]) -> list[Any]:
+    return [page_payload(k, PAGE) for k in ks]
+
+
+def buffers(n: int) -> list[Any]:
+    return [np.zeros(PAGE, dtype=np.uint8) for _ in range(n)]
+
+
+class ObjectStoreTests(abc.ABC):
+    """Mixed into a ``PageStoreTests`` subclass; the abstract methods name the backend."""
+
+    tmp_path: Any
+    #: 256 KiB packs hold 15 conformance pages: a batch of 64 spans several packs.
+    pack_bytes = 256 * 1024
+
+    # -- what a backend's test class provides ----------------------------------------------
+    @abc.abstractmethod
+    def store_for(self, layout: KVLayout, listener: TierListener | None, *,
+                  endpoint: str | None = None, index: str = "index",
+                  **config: Any) -> PackedObjectStore:
+        """A store on this test's prefix, through ``endpoint`` (default: the shared server)."""
+
+    @abc.abstractmethod
+    def raw_read(self, key: str) -> bytes: ...
+
+    @abc.abstractmethod
+    def raw_write(self, key: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def raw_delete(self, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def raw_list(self, prefix: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def server_port(self) -> int:
+        """Port of the shared server (a proxy goes in front of it)."""
+
+    @abc.abstractmethod
+    def own_server(self) -> ServerProcess:
+        """A fresh server of this backend, not started; :meth:`prepare_server` readies it."""
+
+    @abc.abstractmethod
+    def prepare_server(self, server: ServerProcess) -> None:
+        """Create the bucket on a freshly (re)started server."""
+
+    @property
+    def prefix(self) -> str:
+        return f"tests/{self.tmp_path.name}/"
+
+    # -- the PageStoreTests hooks ----------------------------------------------------------
+    async def open_store(self, layout: KVLayout, listener: TierListener | None
+                         ) -> PackedObjectStore:
+        return self.store_for(layout, listener)
+
+    def _splice(self, store: PackedObjectStore, key: int, at: int, new: bytes) -> None:
+        where = store.locate(key)
+        assert where is not None, f"page {key:#x} is not stored"
+        obj, offset, length = where
+        assert at + len(new) <= length
+        data = bytearray(self.raw_read(obj))
+        data[offset + at: offset + at + len(new)] = new
+        self.raw_write(obj, bytes(data))
+
+    async def corrupt(self, store: PackedObjectStore, key: int) -> None:
+        # Bit rot in the middle of the payload, the pack rewritten by someone else.
+        where = store.locate(key)
+        assert where is not None
+        obj, offset, length = where
+        data = bytearray(self.raw_read(obj))
+        data[offset + length // 2] ^= 0x40
+        self.raw_write(obj, bytes(data))
+
+    async def plant_page(self, store: PackedObjectStore, key: int, stored: bytes) -> None:
+        self._splice(store, key, 0, stored)
+
+    # -- helpers ---------------------------------------------------------------------------
+    @pytest.fixture
+    def proxy(self) -> Iterator[FaultProxy]:
+        p = FaultProxy(self.server_port(), hang_s=1.5)
+        try:
+            yield p
+        finally:
+            p.close()
+
+    def fast(self, **kw: Any) -> dict[str, Any]:
+        return {"retry": FAST_RETRY, "breaker": FAST_BREAKER, "connect_timeout_s": 0.5,
+                "read_timeout_s": 0.5, "max_workers": 4, **kw}
+
+    def packs(self, store: PackedObjectStore) -> list[str]:
+        return [k for k in self.raw_list(self.prefix) if k.endswith(PACK_SUFFIX)]
+
+    # -- packing ---------------------------------------------------------------------------
+    def test_many_pages_few_requests(self) -> None:
+        async def body() -> None:
+            store = self.store_for(LAYOUT, None, pack_bytes=1 << 20)
+            try:
+                ks = keys(200)
+                assert await store.put(list(zip(ks, payloads(ks), strict=True))) == [True] * 200
+                per_pack = (1 << 20) // (PAGE + 64)
+                n_packs = -(-200 // per_pack)
+                assert store.stats().extra["packs_put"] == n_packs
+                assert len(self.packs(store)) == n_packs
+                bufs = buffers(200)
+                assert await store.get(list(zip(ks, bufs, strict=True))) == [True] * 200
+                # Adjacent pages of a pack are read with one request.
+                assert store.stats().extra["ranged_gets"] == n_packs
+                assert all(np.array_equal(b, p) for b, p in zip(bufs, payloads(ks),
+                                                                strict=True))
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    def test_duplicate_get_destinations(self) -> None:
+        async def body() -> None:
+            store = self.store_for(LAYOUT, None)
+            try:
+                (k,) = keys(1)
+                await store.put([(k, page_payload(k, PAGE))])
+                a, b = buffers(2)
+                assert await store.get([(k, a), (k, b)]) == [True, True]
+                assert np.array_equal(a, b) and np.array_equal(a, page_payload(k, PAGE))
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    # -- damaged packs ---------------------------------------------------------------------
+    def test_truncated_pack_serves_what_is_whole_and_drops_the_rest(self) -> None:
+        async def body() -> None:
+            listener = RecordingListener()
+            store = self.store_for(LAYOUT, listener)
+            try:
+                ks = keys(6)
+                await store.put(list(zip(ks, payloads(ks), strict=True)))
+                (obj,) = self.packs(store)
+                where = store.locate(ks[3])
+                assert where is not None
+                # Cut the pack in the middle of page 3: pages 0-2 are whole, 3-5 are not.
+                self.raw_write(obj, self.raw_read(obj)[: where[1] + where[2] // 2])
+                bufs = buffers(6)
+                got = await store.get(list(zip(ks, bufs, strict=True)))
+                assert got == [True] * 3 + [False] * 3
+                for b, p in zip(bufs[:3], payloads(ks[:3]), strict=True):
+                    assert np.array_equal(b, p)
+                assert store.stats().corrupt == 3
+                assert listener.removed(RemovalReason.CORRUPT) == ks[3:]
+                assert sorted(await store.keys()) == sorted(ks[:3])
+                assert store.used_bytes == 3 * PAGE
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    def test_lost_pack_drops_all_its_pages(self) -> None:
+        async def body() -> None:
+            listener = RecordingListener()
+            store = self.store_for(LAYOUT, listener)
+            try:
+                ks = keys(4)
+                await store.put(list(zip(ks, payloads(ks), strict=True)))
+                (obj,) = self.packs(store)
+                self.raw_delete(obj)
+                assert await store.get([(ks[0], buffers(1)[0])]) == [False]
+                # The other pages lived in the same object: gone too, reported at once.
+                assert sorted(listener.removed(RemovalReason.CORRUPT)) == sorted(ks)
+                assert await store.keys() == []
+                assert await store.exists(ks) == [False] * 4
+                assert store.used_bytes == 0
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    # -- index -----------------------------------------------------------------------------
+    def test_rebuild_index_from_bucket(self) -> None:
+        async def body() -> None:
+            ks = keys(40)
+            first = self.store_for(LAYOUT, None)
+            other = KVLayout(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16,
+                             dtype="float16", model_id="another-model")
+            foreign = self.store_for(other, None, index="index-other")
+            try:
+                assert all(await first.put(list(zip(ks, payloads(ks), strict=True))))
+                assert all(await foreign.put([(k, page_payload(k, PAGE, salt=9))
+                                              for k in keys(3, start=100)]))
+            finally:
+                await first.close()
+                await foreign.close()
+            # A new machine: same bucket and prefix, empty local index.
+            second = self.store_for(LAYOUT, None, index="index-fresh")
+            try:
+                assert sorted(await second.keys()) == sorted(ks)  # other model's not listed
+                assert second.used_bytes == 40 * PAGE
+                assert second.stats().extra["rebuilt_pages"] == 40
+                bufs = buffers(40)
+                assert await second.get(list(zip(ks, bufs, strict=True))) == [True] * 40
+                assert all(np.array_equal(b, p) for b, p in zip(bufs, payloads(ks),
+                                                                strict=True))
+                assert await second.rebuild_index() == 0  # idempotent
+            finally:
+                await second.close()
+
+        asyncio.run(body())
+
+    def test_same_batch_from_two_writers_is_harmless(self) -> None:
+        async def body() -> None:
+            a = self.store_for(LAYOUT, None, index="index-a")
+            b = self.store_for(LAYOUT, None, index="index-b")
+            try:
+                ks = keys(5)
+                items = list(zip(ks, payloads(ks), strict=True))
+                ra, rb = await asyncio.gather(a.put(items), b.put(items))
+                assert ra == rb == [True] * 5
+                # The pack's name is its content's hash: one object, written once or twice
+                # with the same bytes, never a mix.
+                assert len(self.packs(a)) == 1
+                for s in (a, b):
+                    bufs = buffers(5)
+                    assert await s.get(list(zip(ks, bufs, strict=True))) == [True] * 5
+                    assert all(np.array_equal(x, p) for x, p in zip(bufs, payloads(ks),
+                                                                    strict=True))
+            finally:
+                await a.close()
+                await b.close()
+
+        asyncio.run(body())
+
+    # -- faults through a proxy ------------------------------------------------------------
+    def test_failed_upload_is_never_visible(self, proxy: FaultProxy) -> None:
+        async def body() -> None:
+            store = self.store_for(LAYOUT, None, endpoint=proxy.endpoint,
+                                   **self.fast(breaker=BreakerConfig(failure_threshold=50)))
+            try:
+                ks = keys(3)
+                proxy.inject(Fault.ERROR_500, methods=("PUT", "POST"))
+                assert await store.put(list(zip(ks, payloads(ks), strict=True))) == [False] * 3
+                s = store.stats()
+                assert s.errors == 3 and s.puts == 0
+                assert s.extra["retries"] == FAST_RETRY.max_attempts - 1
+                assert await store.exists(ks) == [False] * 3
+                assert await store.keys() == []
+                assert store.used_bytes == 0
+                proxy.clear()
+                assert await store.put(list(zip(ks, payloads(ks), strict=True))) == [True] * 3
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    def test_transient_errors_are_retried(self, proxy: FaultProxy) -> None:
+        async def body() -> None:
+            store = self.store_for(LAYOUT, None, endpoint=proxy.endpoint, **self.fast())
+            try:
+                ks = keys(2)
+                proxy.inject(Fault.ERROR_503, count=1, methods=("PUT", "POST"))
+                assert await store.put(list(zip(ks, payloads(ks), strict=True))) == [True] * 2
+                for fault in (Fault.ERROR_500, Fault.TRUNCATE, Fault.RESET):
+                    proxy.inject(fault, count=1, methods=("GET",), match=PACK_SUFFIX)
+                    bufs = buffers(2)
+                    assert await store.get(list(zip(ks, bufs, strict=True))) == [True] * 2, fault
+                    assert np.array_equal(bufs[1], page_payload(ks[1], PAGE))
+                s = store.stats()
+                assert s.extra["retries"] == 4 and proxy.injected == 4
+                assert s.corrupt == 0 and s.errors == 0
+                assert store.breaker.state is BreakerState.CLOSED
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    def test_garbled_transfer_is_read_again_not_dropped(self, proxy: FaultProxy) -> None:
+        async def body() -> None:
+            listener = RecordingListener()
+            store = self.store_for(LAYOUT, listener, endpoint=proxy.endpoint, **self.fast())
+            try:
+                ks = keys(2)
+                await store.put(list(zip(ks, payloads(ks), strict=True)))
+                proxy.inject(Fault.CORRUPT, count=1, methods=("GET",), match=PACK_SUFFIX)
+                bufs = buffers(2)
+                assert await store.get(list(zip(ks, bufs, strict=True))) == [True, True]
+                assert all(np.array_equal(b, p) for b, p in zip(bufs, payloads(ks),
+                                                                strict=True))
+                s = store.stats()
+                # Caught by the object checksum (retried) or by the page check (re-read).
+                assert s.extra["retries"] + s.extra["reread"] >= 1
+                assert s.corrupt == 0 and listener.events == []
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    def test_hanging_server_times_out_into_misses(self, proxy: FaultProxy) -> None:
+        async def body() -> None:
+            store = self.store_for(LAYOUT, None, endpoint=proxy.endpoint, **self.fast(
+                read_timeout_s=0.2, retry=RetryPolicy(max_attempts=2, base_delay_s=0.01)))
+            try:
+                ks = keys(2)
+                await store.put(list(zip(ks, payloads(ks), strict=True)))
+                proxy.inject(Fault.HANG, methods=("GET",), match=PACK_SUFFIX)
+                t0 = time.monotonic()
+                assert await store.get(list(zip(ks, buffers(2), strict=True))) == [False] * 2
+                assert time.monotonic() - t0 < 1.2  # 2 attempts x 0.2 s, not 2 x 1.5 s
+                assert store.stats().errors == 2 and store.stats().corrupt == 0
+                proxy.clear()
+                # The index was left alone: the pages are served once the server answers.
+                assert await store.get(list(zip(ks, buffers(2), strict=True))) == [True] * 2
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    def test_breaker_opens_fails_fast_and_rearms(self, proxy: FaultProxy) -> None:
+        async def body() -> None:
+            store = self.store_for(LAYOUT, None, endpoint=proxy.endpoint, **self.fast())
+            try:
+                ks = keys(4)
+                await store.put(list(zip(ks[:2], payloads(ks[:2]), strict=True)))
+                proxy.inject(Fault.RESET, match=PACK_SUFFIX)
+                assert await store.get([(ks[0], buffers(1)[0])]) == [False]
+                assert store.breaker.state is BreakerState.OPEN  # 3 failed attempts
+                n_requests = len(proxy.seen)
+                t0 = time.monotonic()
+                assert await store.get(list(zip(ks[:2], buffers(2), strict=True))) == [False] * 2
+                assert await store.put([(ks[2], page_payload(ks[2], PAGE))]) == [False]
+                assert await store.exists(ks[:2]) == [False, False]
+                assert time.monotonic() - t0 < 0.25  # no request, no sleep: just bookkeeping
+                # Refused without a request (a client library's own requests aside).
+                assert [p for _, p in proxy.seen[n_requests:] if PACK_SUFFIX in p] == []
+                assert store.stats().extra["rejected_open"] == 3
+                proxy.clear()
+                await asyncio.sleep(FAST_BREAKER.cooldown_s + 0.05)
+                # Half-open: the next call is the probe; it succeeds and closes the breaker.
+                assert await store.get(list(zip(ks[:2], buffers(2), strict=True))) == [True] * 2
+                assert store.breaker.state is BreakerState.CLOSED
+                assert await store.put([(ks[2], page_payload(ks[2], PAGE))]) == [True]
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    # -- a real server killed mid-transfer -----------------------------------------------------
+    def test_server_killed_mid_transfer(self) -> None:
+        server = self.own_server()
+        server.start()
+        try:
+            self.prepare_server(server)
+            asyncio.run(self._killed_body(server))
+        finally:
+            server.stop()
+
+    async def _killed_body(self, server: ServerProcess) -> None:
+        big = KVLayout(num_layers=16, num_kv_heads=8, head_dim=128, block_size=16,
+                       dtype="bfloat16", model_id="kill-test")  # 1 MiB pages
+        page = big.bytes_per_block
+        store = self.store_for(big, None, endpoint=server.endpoint, index="index-kill",
+                               **self.fast(pack_bytes=8 << 20, max_workers=2,
+                                           read_timeout_s=2.0))
+        try:
+            ks = keys(128)
+            items = [(k, page_payload(k, page)) for k in ks]
+            put = asyncio.ensure_future(store.put(items))
+            await asyncio.sleep(0.1)
+            server.kill()
+            t0 = time.monotonic()
+            got = await put  # no exception, no hang: what did not land is False
+            assert time.monotonic() - t0 < 5.0
+            assert False in got
+            stored = [k for k, ok in zip(ks, got, strict=True) if ok]
+            assert sorted(await store.keys()) == sorted(stored)
+            # More calls against the dead server: the breaker opens, then calls fail fast.
+            for _ in range(3):
+                await store.get([(ks[0], np.zeros(page, dtype=np.uint8))])
+            assert store.breaker.state is BreakerState.OPEN
+            t0 = time.monotonic()
+            assert await store.put(items[:8]) == [False] * 8
+            assert time.monotonic() - t0 < 0.25
+            # A restarted (empty) server: after the cool-down a probe closes the breaker.
+            server.start()
+            self.prepare_server(server)
+            await asyncio.sleep(FAST_BREAKER.max_cooldown_s + 0.05)
+            fresh = keys(2, start=1000)
+            assert await store.put([(k, page_payload(k, page)) for k in fresh]) == [True, True]
+            assert store.breaker.state is BreakerState.CLOSED
+            bufs = [np.zeros(page, dtype=np.uint8) for _ in range(2)]
+            assert await store.get(list(zip(fresh, bufs, strict=True))) == [True, True]
+        finally:
+            await store.close()

@@ -1,0 +1,199 @@
+"""Retries, backoff and the circuit breaker (storage/resilience.py), on a fake clock."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvbm.errors import ConfigError, TierUnavailableError
+from kvbm.storage.resilience import (
+    BreakerConfig,
+    BreakerState,
+    CircuitBreaker,
+    FaultKind,
+    RetryPolicy,
+    call_with_retry,
+)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.now += s
+
+
+class Transient(Exception):
+    pass
+
+
+class Missing(Exception):
+    pass
+
+
+class Permanent(Exception):
+    pass
+
+
+def classify(exc: BaseException) -> FaultKind:
+    return {Transient: FaultKind.TRANSIENT, Missing: FaultKind.MISSING,
+            Permanent: FaultKind.PERMANENT}.get(type(exc), FaultKind.PERMANENT)
+
+
+def flaky(failures: list[BaseException], result: str = "ok"):  # type: ignore[no-untyped-def]
+    calls = []
+
+    def fn() -> str:
+        calls.append(1)
+        if failures:
+            raise failures.pop(0)
+        return result
+
+    fn.calls = calls  # type: ignore[attr-defined]
+    return fn
+
+
+def run(fn, clock: FakeClock, breaker: CircuitBreaker | None = None,  # type: ignore[no-untyped-def]
+        policy: RetryPolicy | None = None):
+    return call_with_retry(fn, policy=policy or RetryPolicy(max_attempts=3),
+                           breaker=breaker or CircuitBreaker(clock=clock), classify=classify,
+                           sleep=clock.sleep, clock=clock, rng=random.Random(0))
+
+
+# -- backoff -------------------------------------------------------------------------------------
+@given(st.integers(1, 30), st.integers(0, 2**32))
+def test_backoff_is_full_jitter_under_an_exponential_cap(retry: int, seed: int) -> None:
+    p = RetryPolicy(base_delay_s=0.1, max_delay_s=2.0, multiplier=2.0)
+    d = p.backoff(retry, random.Random(seed))
+    assert 0.0 <= d <= min(2.0, 0.1 * 2.0 ** (retry - 1))
+
+
+def test_backoff_is_jittered() -> None:
+    p = RetryPolicy(base_delay_s=1.0, max_delay_s=1.0)
+    rng = random.Random(1)
+    assert len({p.backoff(3, rng) for _ in range(20)}) == 20
+
+
+def test_bad_policies() -> None:
+    for kw in ({"max_attempts": 0}, {"base_delay_s": -1.0}, {"multiplier": 0.5},
+               {"deadline_s": 0.0}):
+        with pytest.raises(ConfigError):
+            RetryPolicy(**kw)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError):
+        BreakerConfig(failure_threshold=0)
+    with pytest.raises(ConfigError):
+        BreakerConfig(cooldown_s=10.0, max_cooldown_s=1.0)
+
+
+# -- call_with_retry -----------------------------------------------------------------------------
+def test_transient_failures_are_retried_with_backoff() -> None:
+    clock = FakeClock()
+    fn = flaky([Transient(), Transient()])
+    assert run(fn, clock) == "ok"
+    assert len(fn.calls) == 3
+    assert len(clock.sleeps) == 2
+    assert clock.sleeps[1] <= 2 * RetryPolicy().base_delay_s
+
+
+def test_retries_are_bounded() -> None:
+    clock = FakeClock()
+    fn = flaky([Transient()] * 10)
+    with pytest.raises(TierUnavailableError) as err:
+        run(fn, clock)
+    assert len(fn.calls) == 3
+    assert isinstance(err.value.__cause__, Transient)
+
+
+def test_deadline_bounds_the_whole_call() -> None:
+    clock = FakeClock()
+    fn = flaky([Transient()] * 10)
+    policy = RetryPolicy(max_attempts=100, base_delay_s=1.0, max_delay_s=1.0, deadline_s=3.0)
+    with pytest.raises(TierUnavailableError):
+        run(fn, clock, policy=policy)
+    assert clock.now <= 3.0
+
+
+def test_permanent_and_missing_are_not_retried() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=2), clock=clock)
+    fn = flaky([Missing()])
+    with pytest.raises(Missing):
+        run(fn, clock, breaker)
+    fn = flaky([Permanent()])
+    with pytest.raises(Permanent):
+        run(fn, clock, breaker)
+    assert clock.sleeps == []
+    # A missing object is a healthy answer; a permanent error counts against the service.
+    assert breaker.state is BreakerState.CLOSED
+    with pytest.raises(Permanent):
+        run(flaky([Permanent()]), clock, breaker)
+    assert breaker.state is BreakerState.OPEN
+
+
+# -- the breaker ---------------------------------------------------------------------------------
+def test_breaker_opens_refuses_and_rearms() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=3, cooldown_s=5.0,
+                                           max_cooldown_s=20.0), clock=clock)
+    for _ in range(2):
+        breaker.record_failure()
+    breaker.record_success()  # consecutive failures only
+    for _ in range(2):
+        breaker.record_failure()
+    assert breaker.state is BreakerState.CLOSED
+    breaker.record_failure()
+    assert breaker.state is BreakerState.OPEN and breaker.opens == 1
+
+    fn = flaky([])
+    with pytest.raises(TierUnavailableError):
+        run(fn, clock, breaker)
+    assert fn.calls == []  # refused without trying
+    assert not breaker.would_allow()
+
+    clock.now += 5.0
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.allow()  # the probe
+    assert not breaker.allow()  # only one at a time
+    breaker.record_failure()  # probe failed: open again, for twice as long
+    assert breaker.state is BreakerState.OPEN and breaker.opens == 2
+    clock.now += 5.0
+    assert breaker.state is BreakerState.OPEN
+    clock.now += 5.0
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert run(flaky([]), clock, breaker) == "ok"  # probe succeeds
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.rejections >= 2
+
+
+def test_an_opening_breaker_cuts_retries_short() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=2), clock=clock)
+    fn = flaky([Transient()] * 10)
+    with pytest.raises(TierUnavailableError):
+        run(fn, clock, breaker, RetryPolicy(max_attempts=10))
+    assert len(fn.calls) == 2
+
+
+def test_breaker_is_thread_safe() -> None:
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=1000))
+
+    def hammer() -> None:
+        for _ in range(500):
+            breaker.record_failure()
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert breaker.state is BreakerState.OPEN and breaker.opens == 1

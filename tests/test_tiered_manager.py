@@ -1,0 +1,225 @@
+"""The block manager with tiers below host memory: offload cascade, onboard from disk and
+object storage, restart, corruption, backpressure, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from kvbm import BlockManager, BlockRemoved, BlockStored, DeviceTierConfig, HostTierConfig, Medium
+from kvbm.config import ManagerConfig, OffloadConfig
+from kvbm.errors import ConfigError, LayoutMismatchError
+from kvbm.layout import KVLayout
+from kvbm.offload import OffloadEngine, TransferHandle, TransferKind, TransferStatus
+from kvbm.storage.disk import DiskStore, DiskTierConfig
+from kvbm.storage.s3 import S3TierConfig
+
+BS = 4
+LAYOUT = KVLayout(2, 2, 4, BS, "float32")
+
+
+def toks(n_blocks: int, base: int = 0) -> np.ndarray:
+    return np.arange(base, base + n_blocks * BS, dtype=np.uint32)
+
+
+def value(seq_hash: int) -> float:
+    return float(seq_hash % 999_983)
+
+
+def run(mgr: BlockManager, tokens: np.ndarray) -> list[int]:
+    """One request; every computed block is filled with a value derived from its hash, and
+    every onboarded block is checked against it. Returns the media the prefix came from."""
+    m = mgr.match_prefix(tokens)
+    ids = mgr.onboard(m)
+    for b, h in zip(ids, m.hashes.sequence, strict=False):
+        assert bool((mgr.block_view(b) == value(h)).all()), "served a wrong page"
+    new = mgr.allocate(len(m.hashes) - len(ids))
+    for i, b in enumerate(new):
+        mgr.block_view(b).fill_(value(m.hashes.sequence[len(ids) + i]))
+    ids += mgr.commit(new, tokens, start_block=len(ids), hashes=m.hashes)
+    mgr.release(ids)
+    mgr.check_invariants()
+    return m.mediums
+
+
+def disk_cfg(tmp_path, **kw) -> DiskTierConfig:
+    return DiskTierConfig(tmp_path / "g3", capacity_bytes=kw.pop("capacity_bytes", 1 << 22),
+                          slab_bytes=1 << 20, **kw)
+
+
+def config(tmp_path, g1=4, g2=8, **kw) -> ManagerConfig:
+    kw.setdefault("disk", disk_cfg(tmp_path))
+    return ManagerConfig(device=DeviceTierConfig(g1, device="cpu"), host=HostTierConfig(g2),
+                         **kw)
+
+
+def test_cascade_to_disk_and_onboard_back(tmp_path):
+    with BlockManager(LAYOUT, config(tmp_path)) as mgr:
+        run(mgr, toks(3))
+        for i in range(1, 6):  # push the first request out of G1 and G2
+            run(mgr, toks(3, 1000 * i))
+            mgr._quiesce()
+        assert run(mgr, toks(3)) == [Medium.DISK] * 3
+        st = mgr.stats()
+        assert st.onboarded_blocks[Medium.DISK] == 3
+        assert st.lower_tiers[Medium.DISK][0].hits == 3
+        events = mgr.take_events()
+        disk_stored = {h for e in events if isinstance(e, BlockStored) and e.medium is Medium.DISK
+                       for h in e.block_hashes}
+        assert set(mgr.match_prefix(toks(3)).sequence_hashes) <= disk_stored
+
+
+def test_restart_finds_pages_and_other_layout_is_refused(tmp_path):
+    cfg = config(tmp_path)
+    with BlockManager(LAYOUT, cfg) as mgr:
+        run(mgr, toks(4))
+        mgr._quiesce()
+    with BlockManager(LAYOUT, cfg) as mgr:
+        assert mgr.stats().unlinked_pages == 4
+        m = mgr.match_prefix(toks(4))
+        assert m.num_blocks == 4 and m.by_medium == {Medium.DISK: 4}
+        assert run(mgr, toks(4)) == [Medium.DISK] * 4
+        assert mgr.stats().unlinked_pages == 0
+    other = KVLayout(2, 2, 4, BS, "float32", model_id="another-model")
+    with pytest.raises(LayoutMismatchError):
+        BlockManager(other, cfg)
+    with BlockManager(LAYOUT, cfg) as mgr:  # the refused directory was left intact
+        assert mgr.match_prefix(toks(4)).num_blocks == 4
+
+
+def test_unreachable_disk_pages_relink_when_their_prefix_returns(tmp_path):
+    cfg = config(tmp_path)
+    with BlockManager(LAYOUT, cfg) as mgr:
+        run(mgr, toks(4))
+        mgr._quiesce()
+    with BlockManager(LAYOUT, cfg) as mgr:
+        # a prefix that only shares the first 2 blocks links exactly those
+        t = np.concatenate([toks(2), toks(2, 5000)])
+        assert mgr.match_prefix(t).num_blocks == 2
+        assert mgr.stats().unlinked_pages == 2
+        assert mgr.match_prefix(toks(4)).num_blocks == 4
+
+
+def test_corrupt_disk_page_is_a_miss_never_data(tmp_path):
+    cfg = config(tmp_path)
+    with BlockManager(LAYOUT, cfg) as mgr:
+        run(mgr, toks(4))
+        mgr._quiesce()
+    # damage the payload of every page on disk (past the 64-byte header of each slot)
+    for slab in (tmp_path / "g3").rglob("*"):
+        if slab.is_file() and "slab" in slab.name:
+            data = bytearray(slab.read_bytes())
+            for off in range(0, len(data), 4096):
+                if data[off: off + 8] == b"KVBMPAGE":
+                    data[off + 100] ^= 0xFF
+            slab.write_bytes(bytes(data))
+    with BlockManager(LAYOUT, cfg) as mgr:
+        m = mgr.match_prefix(toks(4))
+        assert m.num_blocks == 4  # the index still lists them ...
+        ids = mgr.onboard(m)
+        assert ids == []  # ... but nothing corrupt is served
+        mgr.check_invariants()
+        assert mgr.stats().lower_tiers[Medium.DISK][0].corrupt >= 1
+        removed = [e for e in mgr.take_events() if isinstance(e, BlockRemoved)]
+        assert any(e.medium is Medium.DISK for e in removed)
+        assert mgr.match_prefix(toks(4)).num_blocks == 0
+        assert run(mgr, toks(4)) == []  # recomputed and cached again
+
+
+class GatedStore(DiskStore):
+    """A real disk store whose puts wait for a gate: makes 'the tier is slow' deterministic."""
+
+    gate: threading.Event
+
+    async def put(self, items):  # type: ignore[override]
+        await asyncio.get_running_loop().run_in_executor(None, self.gate.wait)
+        return await super().put(items)
+
+
+def test_backpressure_skips_offloads_and_never_blocks(tmp_path):
+    engine = OffloadEngine(max_inflight_pages=4)
+    try:
+        store = engine.run(DiskStore.open(LAYOUT, disk_cfg(tmp_path)))
+        store.__class__ = GatedStore
+        store.gate = threading.Event()
+        engine.add_tier(store)
+        page = bytearray(LAYOUT.bytes_per_block)
+        first = engine.submit(TransferHandle(TransferKind.STORE, Medium.DISK, [1, 2, 3],
+                                             [page] * 3))
+        second = engine.submit(TransferHandle(TransferKind.STORE, Medium.DISK, [4, 5],
+                                              [page] * 2))
+        assert second.status is TransferStatus.SKIPPED and second.done()
+        assert not first.done()
+        assert engine.stats(Medium.DISK).skipped == 1
+        store.gate.set()
+        assert first.wait(10) and first.status is TransferStatus.DONE
+        assert first.results == [True, True, True]
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_without_flush_cancels_queued(tmp_path):
+    engine = OffloadEngine()
+    store = engine.run(DiskStore.open(LAYOUT, disk_cfg(tmp_path)))
+    store.__class__ = GatedStore
+    store.gate = threading.Event()
+    engine.add_tier(store)
+    page = bytearray(LAYOUT.bytes_per_block)
+    running = engine.submit(TransferHandle(TransferKind.STORE, Medium.DISK, [1], [page]))
+    queued = engine.submit(TransferHandle(TransferKind.STORE, Medium.DISK, [2], [page]))
+    threading.Timer(0.2, store.gate.set).start()
+    engine.shutdown(flush=False)
+    assert running.done() and queued.done()
+    assert queued.status in (TransferStatus.CANCELLED, TransferStatus.DONE)
+    assert running.status is TransferStatus.DONE
+
+
+def test_manager_backpressure_with_a_slow_disk(tmp_path):
+    cfg = config(tmp_path, g2=16, offload=OffloadConfig(max_inflight_pages=2))
+    mgr = BlockManager(LAYOUT, cfg)
+    store = mgr._lower[0].store
+    store.__class__ = GatedStore
+    store.gate = threading.Event()
+    for i in range(4):
+        run(mgr, toks(2, 100 * i))  # never blocks although the disk does not move
+    assert mgr.stats().lower_tiers[Medium.DISK][1].skipped >= 1
+    store.gate.set()
+    mgr._quiesce()
+    mgr.check_invariants()
+    mgr.close()
+
+
+def test_config_validation_for_lower_tiers(tmp_path):
+    with pytest.raises(ConfigError, match="host tier"):
+        ManagerConfig(device=DeviceTierConfig(4), disk=disk_cfg(tmp_path))
+    with pytest.raises(ConfigError, match="at most one"):
+        ManagerConfig(device=DeviceTierConfig(4), host=HostTierConfig(4),
+                      s3=S3TierConfig(bucket="b"),
+                      gcs=__import__("kvbm.storage.gcs", fromlist=["x"]).GCSTierConfig(bucket="b"))
+    cfg = ManagerConfig.from_env({"KVBM_DEVICE_NUM_BLOCKS": "4", "KVBM_HOST_NUM_BLOCKS": "4",
+                                  "KVBM_DISK_PATH": str(tmp_path / "d"),
+                                  "KVBM_DISK_CAPACITY_BYTES": "1048576"})
+    assert cfg.disk is not None and cfg.disk.capacity_bytes == 1 << 20
+
+
+def test_object_tier_through_the_manager_promotes_to_disk(tmp_path, moto_endpoint, s3_bucket):
+    s3 = S3TierConfig(bucket=s3_bucket, endpoint_url=moto_endpoint, prefix="mgr-test/",
+                      index_path=str(tmp_path / "s3index"), pack_bytes=1 << 16)
+    cfg = config(tmp_path, s3=s3)
+    with BlockManager(LAYOUT, cfg) as mgr:
+        run(mgr, toks(3))
+        mgr._quiesce()
+        assert mgr.stats().lower_tiers[Medium.OBJECT][0].puts >= 3
+    # a new machine: no disk, same bucket and object index
+    cfg2 = ManagerConfig(device=DeviceTierConfig(4, device="cpu"), host=HostTierConfig(8),
+                         disk=DiskTierConfig(tmp_path / "g3b", capacity_bytes=1 << 22,
+                                             slab_bytes=1 << 20), s3=s3)
+    with BlockManager(LAYOUT, cfg2) as mgr:
+        assert run(mgr, toks(3)) == [Medium.OBJECT] * 3
+        mgr._quiesce()
+        m = mgr.match_prefix(toks(3))
+        rec = mgr.lookup(m.sequence_hashes[0])
+        assert rec is not None and rec.mask & Medium.DISK.bit  # promoted G4 -> G3
