@@ -286,8 +286,8 @@ class BlockManager:
         best = BEST_MEDIUM
         mediums = [best[m] for m in masks]
         by_medium: dict[Medium, int] = {}
-        for m, c in collections.Counter(masks).items():
-            by_medium[best[m]] = by_medium.get(best[m], 0) + c
+        for mask, c in collections.Counter(masks).items():
+            by_medium[best[mask]] = by_medium.get(best[mask], 0) + c
         self._lookups += 1
         self._query_blocks += len(hashes)
         self._hit_blocks += len(recs)
@@ -846,7 +846,8 @@ class BlockManager:
             engine.submit(TransferHandle(TransferKind.STORE, lt.medium,
                                          [r.seq_hash for r in todo],
                                          [pool.page(r.g2) for r in todo],
-                                         context=(lt, [(r, r.g2) for r in todo])))
+                                         context=(lt, [(r, r.g2) for r in todo]),
+                                         parents=[r.parent_hash for r in todo]))
 
     def _lower_tier(self, medium: Medium) -> _StoreTier:
         for lt in self._lower:

@@ -66,6 +66,9 @@ class TransferHandle:
     keys: list[int]
     buffers: list[Any]
     context: Any = None
+    #: for stores: each page's prefix parent (``None`` for a first block), so a tier's
+    #: lineage-aware eviction knows the tree
+    parents: list[int | None] | None = None
     status: TransferStatus = TransferStatus.QUEUED
     results: list[bool] = field(default_factory=list)
     error: BaseException | None = None
@@ -274,7 +277,10 @@ class OffloadEngine:
         t0 = time.perf_counter()
         try:
             if live[0].kind is TransferKind.STORE:
-                results = await w.store.put(items)
+                parents = None
+                if all(h.parents is not None for h in live):
+                    parents = [p for h in live for p in (h.parents or ())]
+                results = await w.store.put(items, parents=parents)
             else:
                 results = await w.store.get(items)
         except Exception as e:

@@ -88,8 +88,12 @@ class PageStore(abc.ABC):
 
     # -- data -------------------------------------------------------------------------------
     @abc.abstractmethod
-    async def put(self, items: Sequence[tuple[int, Buffer]]) -> list[bool]:
+    async def put(self, items: Sequence[tuple[int, Buffer]], *,
+                  parents: Sequence[int | None] | None = None) -> list[bool]:
         """Store ``(seq_hash, payload)`` pairs; payloads are ``page_bytes`` long.
+
+        ``parents`` (optional, one per item) names each block's prefix parent; a tier with
+        lineage-aware eviction keeps it, others ignore it.
 
         Returns, per item, whether the page is in the store afterwards (stored now or
         already present). A page the tier could not take (full of pinned data, admission,

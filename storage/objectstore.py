@@ -514,7 +514,9 @@ class PackedObjectStore(PageStore):
             self._ready = True
 
     # -- put --------------------------------------------------------------------------------
-    async def put(self, items: Sequence[tuple[int, Buffer]]) -> list[bool]:
+    async def put(self, items: Sequence[tuple[int, Buffer]], *,
+                  parents: Sequence[int | None] | None = None) -> list[bool]:
+        # parents: object stores do not evict (bucket lifecycle rules do), so unused.
         self._check_open()
         views = [self._check_payload(k, buf) for k, buf in items]  # all or nothing
         if not items:

@@ -134,9 +134,9 @@ class GatedStore(DiskStore):
 
     gate: threading.Event
 
-    async def put(self, items):  # type: ignore[override]
+    async def put(self, items, *, parents=None):  # type: ignore[override]
         await asyncio.get_running_loop().run_in_executor(None, self.gate.wait)
-        return await super().put(items)
+        return await super().put(items, parents=parents)
 
 
 def test_backpressure_skips_offloads_and_never_blocks(tmp_path):
