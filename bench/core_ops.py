@@ -164,9 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"native hashing: {meta['native_hashing']}")
     print(f"{'operation':50} {'value':>14} {'target':>10} {'vs target':>9}  "
           f"{'reference (same run)':>34} {'ratio':>6}")
+    def fmt_us(v: float) -> str:
+        return f"{v:,.0f} us"
+
+    def fmt_rate(v: float) -> str:
+        return f"{v / 1e6:.2f} M/s"
+
     for r in rows:
-        unit = r["unit"]
-        fmt = (lambda v: f"{v:,.0f} {unit}") if unit == "us" else (lambda v: f"{v / 1e6:.2f} M/s")
+        fmt = fmt_us if r["unit"] == "us" else fmt_rate
         tgt = fmt(r["target"]) if r["target"] else "-"
         vt = f"{r['vs_target']:.2f}x" if "vs_target" in r else "-"
         ref = f"{fmt(r['reference'])} {r['reference_name']}" if r["reference"] else "-"

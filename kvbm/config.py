@@ -80,8 +80,8 @@ class OffloadConfig:
     #: Pages in flight to one tier at most; an offload beyond it is skipped and counted
     #: (the engine is never blocked on a slow tier).
     max_inflight_pages: int = 4096
-    #: Queued transfers of one tier are coalesced into calls of up to this many pages.
-    batch_pages: int = 256
+    #: Queued transfers of one tier are coalesced into calls of up to this many bytes.
+    batch_bytes: int = 128 << 20
     #: On close: finish queued offloads (True) or drop them (False).
     flush_on_close: bool = True
     #: Longest wait of a synchronous onboard on a lower tier, in seconds.
@@ -89,7 +89,7 @@ class OffloadConfig:
 
     def __post_init__(self) -> None:
         _check_positive("offload", "max_inflight_pages", self.max_inflight_pages)
-        _check_positive("offload", "batch_pages", self.batch_pages)
+        _check_positive("offload", "batch_bytes", self.batch_bytes)
         if not self.load_timeout_s > 0:
             raise ConfigError(f"offload.load_timeout_s must be > 0, got {self.load_timeout_s}")
 

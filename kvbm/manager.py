@@ -758,7 +758,7 @@ class BlockManager:
 
         oc = self.config.offload
         self._engine = OffloadEngine(max_inflight_pages=oc.max_inflight_pages,
-                                     batch_pages=oc.batch_pages, on_complete=self._inbox.put)
+                                     batch_bytes=oc.batch_bytes, on_complete=self._inbox.put)
         try:
             for cfg in self.config.lower_tiers:
                 store: PageStore = self._engine.run(open_store(cfg, self.layout, self))

@@ -131,10 +131,13 @@ class _TierWorker:
 class OffloadEngine:
     """Runs page transfers of several tiers on one background asyncio loop."""
 
-    def __init__(self, *, max_inflight_pages: int = 4096, batch_pages: int = 256,
+    def __init__(self, *, max_inflight_pages: int = 4096, batch_bytes: int = 128 << 20,
                  on_complete: Callable[[TransferHandle], None] | None = None) -> None:
         self.max_inflight_pages = max_inflight_pages
-        self.batch_pages = batch_pages
+        #: queued transfers of a tier are coalesced into calls of up to this many bytes (one
+        #: durable commit, one set of pack uploads per call); by bytes, not pages, so that
+        #: small and large pages both make calls of a useful size
+        self.batch_bytes = batch_bytes
         #: finished handles, for the owner thread to complete (thread-safe; its size is
         #: bounded by the transfers in flight). Unused when ``on_complete`` is given.
         self.completions: queue.SimpleQueue[TransferHandle] = queue.SimpleQueue()
@@ -158,9 +161,9 @@ class OffloadEngine:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     def add_tier(self, store: PageStore, *, max_inflight_pages: int | None = None,
-                 batch_pages: int | None = None) -> None:
+                 batch_bytes: int | None = None) -> None:
         w = _TierWorker(store, max_inflight_pages or self.max_inflight_pages,
-                        batch_pages or self.batch_pages)
+                        max(1, (batch_bytes or self.batch_bytes) // store.page_bytes))
 
         async def start() -> None:
             w.queue = asyncio.Queue()

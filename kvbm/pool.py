@@ -151,6 +151,24 @@ class SlotAllocator:
         return out
 
 
+def page_aligned_bytes(nbytes: int) -> torch.Tensor:
+    """A zeroed, page-aligned, pre-faulted uint8 CPU tensor of ``nbytes``.
+
+    Page alignment lets the disk tier do O_DIRECT I/O straight from and into host pages
+    (no staging copy); pre-faulting makes the first copy into the pool run at memcpy speed
+    instead of page-fault speed (about half, see CEILINGS.md).
+    """
+    import mmap
+
+    import numpy as np
+    import torch
+
+    buf = mmap.mmap(-1, max(nbytes, 1))  # anonymous: page-aligned and zero-filled
+    arr = np.frombuffer(buf, dtype=np.uint8)[:nbytes]  # the array keeps the mapping alive
+    arr[:: mmap.PAGESIZE] = 0  # touch every page now
+    return torch.from_numpy(arr)
+
+
 def resolve_device(device: str) -> str:
     """``"auto"`` -> ``"cuda"`` when torch sees a GPU, else ``"cpu"``."""
     import torch
@@ -210,8 +228,12 @@ class HostPool:
         self.layout = layout
         self.allocator = SlotAllocator(num_blocks)
         # Raw bytes first: numpy has no bfloat16, and the disk/object tiers want bytes anyway.
-        self.raw = torch.zeros((num_blocks, layout.bytes_per_block), dtype=torch.uint8,
-                               pin_memory=self.pinned)
+        if self.pinned:  # cudaHostAlloc memory is page-aligned already
+            self.raw = torch.zeros((num_blocks, layout.bytes_per_block), dtype=torch.uint8,
+                                   pin_memory=True)
+        else:
+            self.raw = page_aligned_bytes(num_blocks * layout.bytes_per_block).view(
+                num_blocks, layout.bytes_per_block)
         self.buffer = self.raw.view(layout.torch_dtype()).view(num_blocks, *layout.block_shape)
         self._np = self.raw.numpy()
 
@@ -227,32 +249,67 @@ class HostPool:
         return self.buffer[slot]
 
 
+#: With a GPU on one side, a run of adjacent pages is one DMA (``copy_``) when the runs
+#: average at least this many bytes; below that, per-copy launch costs exceed those of one
+#: gather + one transfer + one scatter.
+_MIN_RUN_BYTES_CUDA = 256 << 10
+
+
+def _runs(src_slots: Sequence[int], dst_slots: Sequence[int]) -> list[list[int]]:
+    """``[src_start, dst_start, length]`` of the runs of slots adjacent in both pools."""
+    runs: list[list[int]] = []
+    last: list[int] = [-2, -2, 0]
+    for s, d in zip(src_slots, dst_slots, strict=True):
+        if s == last[0] + last[2] and d == last[1] + last[2]:
+            last[2] += 1
+        else:
+            last = [int(s), int(d), 1]
+            runs.append(last)
+    return runs
+
+
 def copy_blocks(src: DevicePool | HostPool, src_slots: Sequence[int],
                 dst: DevicePool | HostPool, dst_slots: Sequence[int]) -> None:
-    """Copy whole blocks between pools, batched per layer, whatever the arrangements."""
+    """Copy whole blocks between pools, batched per layer, whatever the arrangements.
+
+    Pages adjacent in both pools are copied as one run with one ``copy_`` (a memcpy, or one
+    DMA between pinned host memory and the GPU): a gather (``index_select``) on a CPU tensor
+    runs at a small fraction of memcpy speed, and a GPU transfer wants large copies. Many
+    tiny runs to or from a GPU go through one gather on each side instead.
+    """
     import torch
 
     if not src_slots:
         return
     src_dev = getattr(src, "device", torch.device("cpu"))
     dst_dev = getattr(dst, "device", torch.device("cpu"))
-    si = torch.tensor(src_slots, dtype=torch.long, device=src_dev)
-    di = torch.tensor(dst_slots, dtype=torch.long, device=dst_dev)
-    non_blocking = src_dev.type == "cuda" or dst_dev.type == "cuda"
+    cuda = src_dev.type == "cuda" or dst_dev.type == "cuda"
     src_buf = src.buffer if src.buffer is not None else None
     dst_buf = dst.buffer if dst.buffer is not None else None
+    # (source, destination) tensors indexed by slot: the whole buffers, or one per layer.
+    pairs: list[tuple[torch.Tensor, torch.Tensor]]
     if src_buf is not None and dst_buf is not None:
-        part = src_buf.index_select(0, si).to(dst_dev, non_blocking=non_blocking)
-        dst_buf.index_copy_(0, di, part)
+        pairs = [(src_buf, dst_buf)]
     else:
-        for layer in range(src.layout.num_layers):
-            s = src_buf[:, layer] if src_buf is not None else src.layers[layer]  # type: ignore[union-attr]
-            part = s.index_select(0, si).to(dst_dev, non_blocking=non_blocking)
-            if dst_buf is not None:
-                dst_buf[:, layer].index_copy_(0, di, part)
-            else:
-                dst.layers[layer].index_copy_(0, di, part)  # type: ignore[union-attr]
-    if non_blocking:
+        pairs = [(src_buf[:, layer] if src_buf is not None else src.layers[layer],  # type: ignore[union-attr]
+                  dst_buf[:, layer] if dst_buf is not None else dst.layers[layer])  # type: ignore[union-attr]
+                 for layer in range(src.layout.num_layers)]
+    runs = _runs(src_slots, dst_slots)
+    copy_bytes = len(src_slots) * src.layout.bytes_per_block / (len(runs) * len(pairs))
+    if not cuda or copy_bytes >= _MIN_RUN_BYTES_CUDA:
+        for s_t, d_t in pairs:
+            for s, d, n in runs:
+                d_t[d:d + n].copy_(s_t[s:s + n], non_blocking=cuda)
+    else:
+        si = torch.tensor(src_slots, dtype=torch.long, device=src_dev)
+        di = torch.tensor(dst_slots, dtype=torch.long, device=dst_dev)
+        # A device-to-host copy must be complete before the CPU scatters it: only a copy
+        # to the GPU may be asynchronous here (the GPU orders it before the scatter).
+        to_gpu = dst_dev.type == "cuda"
+        for s_t, d_t in pairs:
+            part = s_t.index_select(0, si).to(dst_dev, non_blocking=to_gpu)
+            d_t.index_copy_(0, di, part)
+    if cuda:
         # Correctness first: the copy must be complete before either page is reused. The
         # offload engine overlaps copies with compute on its own stream.
         torch.cuda.synchronize(src_dev if src_dev.type == "cuda" else dst_dev)

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
+from kvbm.errors import LayoutError
 from kvbm.layout import KVLayout
 from kvbm.medium import Medium
 
@@ -139,8 +140,6 @@ class PageStore(abc.ABC):
             self.listener.on_removed(self.medium, list(keys), reason)
 
     def _check_payload(self, key: int, buf: Buffer) -> memoryview:
-        from kvbm.errors import LayoutError
-
         mv = memoryview(buf).cast("B")
         if mv.nbytes != self.page_bytes:
             raise LayoutError(f"page {key:#x} has {mv.nbytes} bytes, the layout needs "

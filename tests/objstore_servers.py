@@ -9,97 +9,24 @@ from __future__ import annotations
 import contextlib
 import enum
 import http.client
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-HOST = "127.0.0.1"
-BIN = Path(sys.executable).parent
+# The servers themselves live in the library (kvbm/testing/servers.py), where the benchmarks
+# use them too; they are re-exported here for the tests.
+from kvbm.testing.servers import (
+    AWS_TEST_ENV,
+    HOST,
+    ServerProcess,
+    free_port,
+    gcs_emulator,
+    moto_server,
+)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
-
-
-class ServerProcess:
-    """A test server in a subprocess, restartable on the same port (to kill it mid-test)."""
-
-    def __init__(self, argv: list[str], port: int, *, name: str) -> None:
-        self.argv = argv
-        self.port = port
-        self.name = name
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{HOST}:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> None:
-        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
-            if self._answers():
-                return
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not answer on port {self.port}")
-
-    def _answers(self) -> bool:
-        # Any HTTP answer (even an error status) means the server is up.
-        try:
-            conn = http.client.HTTPConnection(HOST, self.port, timeout=1.0)
-            conn.request("GET", "/")
-            conn.getresponse().read()
-            conn.close()
-            return True
-        except OSError:
-            return False
-
-    def kill(self) -> None:
-        """SIGKILL, no goodbye: connections in flight break."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-
-def moto_server(port: int | None = None) -> ServerProcess:
-    port = port or free_port()
-    return ServerProcess([str(BIN / "moto_server"), "-H", HOST, "-p", str(port)], port,
-                         name="moto_server")
-
-
-def gcs_emulator(port: int | None = None) -> ServerProcess:
-    port = port or free_port()
-    return ServerProcess([str(BIN / "gcp-storage-emulator"), "start", "--host", HOST,
-                          "--port", str(port), "--in-memory"], port,
-                         name="gcp-storage-emulator")
-
-
-AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_REGION": "us-east-1",
-                # Never read the developer's real profile or endpoint.
-                "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+__all__ = ["AWS_TEST_ENV", "HOST", "Fault", "FaultProxy", "ServerProcess", "free_port",
+           "gcs_emulator", "moto_server"]
 
 
 # -- fault-injecting proxy ------------------------------------------------------------------------

@@ -100,3 +100,31 @@ def test_pinned_host_pool_with_cuda():
     dev.block_view(0).fill_(3)
     copy_blocks(dev, [0], host, [1])
     assert bool((host.block_view(1) == 3).all())
+
+
+@pytest.mark.parametrize("src_arr", list(Arrangement))
+@pytest.mark.parametrize("dst_arr", list(Arrangement))
+def test_copy_blocks_runs_and_scattered_slots(src_arr, dst_arr):
+    # Runs of adjacent slots (one copy_ each) mixed with scattered ones, both directions.
+    lay = KVLayout(3, 2, 4, 4, "bfloat16")
+    n = 24
+    dev = DevicePool(KVLayout(3, 2, 4, 4, "bfloat16", arrangement=src_arr), n, "cpu")
+    host = HostPool(lay, n)
+    ref = torch.randn((n, *lay.block_shape)).to(torch.bfloat16)
+    for s in range(n):
+        v = dev.block_view(s)
+        for i, t in enumerate(v if isinstance(v, list) else [v]):
+            t.copy_(ref[s, i] if isinstance(v, list) else ref[s])
+    src = [0, 1, 2, 3, 10, 5, 6, 20, 21, 22, 9]
+    dst = [4, 5, 6, 7, 0, 12, 13, 1, 2, 3, 23]
+    copy_blocks(dev, src, host, dst)
+    for s, d in zip(src, dst, strict=True):
+        assert torch.equal(host.block_view(d), ref[s])
+    back = DevicePool(KVLayout(3, 2, 4, 4, "bfloat16", arrangement=dst_arr), n, "cpu")
+    copy_blocks(host, dst, back, src)
+    for s in src:
+        v = back.block_view(s)
+        got = torch.stack(list(v)) if isinstance(v, list) else v
+        assert torch.equal(got, ref[s])
+    with pytest.raises(ValueError):
+        copy_blocks(host, [0, 1], back, [0])
