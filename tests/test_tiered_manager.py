@@ -223,3 +223,36 @@ def test_object_tier_through_the_manager_promotes_to_disk(tmp_path, moto_endpoin
         m = mgr.match_prefix(toks(3))
         rec = mgr.lookup(m.sequence_hashes[0])
         assert rec is not None and rec.mask & Medium.DISK.bit  # promoted G4 -> G3
+
+
+def test_dead_object_store_degrades_to_misses(tmp_path, aws_test_env):
+    """The object server dies: onboarding its blocks is a miss (recompute), nothing hangs,
+    and offloads to it fail without blocking the engine."""
+    import boto3
+
+    from kvbm.testing.servers import moto_server
+
+    server = moto_server()
+    server.start()
+    try:
+        boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket="dying")
+        s3 = S3TierConfig(bucket="dying", endpoint_url=server.endpoint,
+                          index_path=str(tmp_path / "idx"), connect_timeout_s=0.5,
+                          read_timeout_s=1.0)
+        cfg = ManagerConfig(device=DeviceTierConfig(4, device="cpu"), host=HostTierConfig(8),
+                            s3=s3)
+        with BlockManager(LAYOUT, cfg) as mgr:
+            run(mgr, toks(3))
+            mgr._quiesce()
+        server.stop()
+        with BlockManager(LAYOUT, cfg) as mgr:
+            m = mgr.match_prefix(toks(3))
+            assert m.by_medium == {Medium.OBJECT: 3}  # the local index still lists them
+            assert mgr.onboard(m) == []  # ... but the server is gone: a miss, not a hang
+            for i in range(3):
+                run(mgr, toks(3, 100 * (i + 1)))  # offloads to the dead tier fail quietly
+            mgr._quiesce()
+            mgr.check_invariants()
+            assert mgr.stats().lower_tiers[Medium.OBJECT][0].puts == 0
+    finally:
+        server.stop()
