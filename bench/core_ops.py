@@ -29,23 +29,24 @@ from kvbm.pool import SlotAllocator
 BS = 16
 
 
-def best_of(fn: Callable[[], Any], repeat: int) -> float:
-    """Seconds of the fastest of ``repeat`` runs (the least disturbed by a shared machine)."""
+def timed(fn: Callable[[], Any], repeat: int) -> list[float]:
+    """Seconds of each of ``repeat`` runs of ``fn``."""
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t)
-    return min(times)
+    return times
+
+
+def best_of(fn: Callable[[], Any], repeat: int) -> float:
+    """The fastest run: the least disturbed by a shared machine (throughput figures)."""
+    return min(timed(fn, repeat))
 
 
 def median_of(fn: Callable[[], Any], repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """The median run (latency figures)."""
+    return statistics.median(timed(fn, repeat))
 
 
 def bench_hash(repeat: int) -> dict[str, Any]:
