@@ -236,7 +236,8 @@ class BlockManager:
             h = config.host
             self._g2 = _MemTier(Medium.CPU_PINNED, HostPool(layout, h.num_blocks, h.pin_memory),
                                 make_eviction(h.eviction, h.num_blocks),
-                                make_admission(h.admission))
+                                make_admission(h.admission, capacity=h.num_blocks)
+                                if h.admission is not None else None)
         self._tiers = [t for t in (self._g1, self._g2) if t is not None]
         #: finished transfers and tier removals, in the order they happened (any thread)
         self._inbox: queue.SimpleQueue[TransferHandle | _Removal] = queue.SimpleQueue()
@@ -462,7 +463,7 @@ class BlockManager:
             if g1.alloc.refcount(b) < c:
                 raise BlockStateError(f"block {b} released {c} time(s) but held "
                                       f"{g1.alloc.refcount(b)} time(s)")
-        for b in ids:
+        for b in reversed(ids):  # tail first: see _touch
             self._release_one(g1, b)
 
     def _release_one(self, tier: _MemTier, slot: int) -> None:
@@ -701,12 +702,11 @@ class BlockManager:
             else:
                 live.append((r, s1, s2))
         copy_blocks(g1.pool, [x[1] for x in live], g2.pool, [x[2] for x in live])
-        placed: list[BlockRecord] = []
-        for r, _, s2 in live:
+        for r, _, s2 in reversed(live):  # tail first: see _touch
             if r is not evicting:
                 self._unhold(g1, r)
             self._place(g2, r, s2, pinned=False)
-            placed.append(r)
+        placed = [r for r, _, _ in live]
         self._offloaded += len(placed)
         self._emit_stored(placed, Medium.CPU_PINNED)
         self._store_down(placed)
@@ -715,13 +715,15 @@ class BlockManager:
     def _touch(self, recs: Sequence[BlockRecord]) -> None:
         """A prefix was used: refresh recency/frequency in every tier holding each block.
 
-        Touching root first makes children more recent than their parents, so recency-based
-        policies naturally evict leaves before the prefixes they depend on.
+        Leaf first, root last: the root ends up the most recent, so a recency-based policy
+        evicts the tail of a chain before the prefix it depends on. Root first would make
+        the root the oldest, and evicting it from its last tier drops the whole chain
+        (lineage rule). vLLM frees a request's blocks in reverse order for the same reason.
         """
         self._tick += 1
         tick = self._tick
         g1, g2 = self._g1, self._g2
-        for r in recs:
+        for r in reversed(recs):
             r.last_access = tick
             r.frequency += 1
             if r.g1 >= 0:

@@ -122,15 +122,33 @@ def test_events_per_medium():
 
 
 def test_lineage_rule_drops_unreachable_children():
-    # LRU in both tiers and no G2: evicting a parent from its only tier drops its subtree.
+    # The root is committed (and last used) before its child, so LRU evicts the root; with
+    # no other tier the child is unreachable then, and leaves the index with it.
     mgr = BlockManager(LAYOUT, ManagerConfig(device=DeviceTierConfig(4, device="cpu",
                                                                      eviction="lru")))
-    run(mgr, toks(2))
-    ids = mgr.allocate(3)  # one eviction: the LRU block is the root (touched first)
+    t = toks(2)
+    mgr.release(mgr.commit(mgr.allocate(1), t[:BS]))
+    mgr.release(mgr.commit(mgr.allocate(1), t, start_block=1))
+    assert mgr.match_prefix(t).num_blocks == 2
+    ids = mgr.allocate(3)  # one eviction: the root
     mgr.check_invariants()
-    assert mgr.match_prefix(toks(2)).num_blocks == 0
+    assert mgr.match_prefix(t).num_blocks == 0
     assert mgr.stats().indexed_blocks == 0
+    assert mgr.stats().tiers[Medium.GPU].free_blocks == 1  # the child's page was freed too
+    removed = [e for e in mgr.take_events() if isinstance(e, BlockRemoved)]
+    assert {h for e in removed for h in e.block_hashes} == set(hash_blocks(t, BS).sequence)
     mgr.release(ids)
+
+
+def test_leaf_first_recency_keeps_prefixes():
+    # With plain LRU a used chain's tail is the least recent: it goes before its prefix.
+    mgr = BlockManager(LAYOUT, ManagerConfig(device=DeviceTierConfig(4, device="cpu",
+                                                                     eviction="lru")))
+    run(mgr, toks(3))
+    ids = mgr.allocate(2)  # one eviction: the tail, not the root
+    assert mgr.match_prefix(toks(3)).num_blocks == 2
+    mgr.release(ids)
+    mgr.check_invariants()
 
 
 def test_lineage_detaches_a_held_child():

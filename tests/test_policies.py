@@ -1,0 +1,638 @@
+"""Eviction and admission policies: a conformance suite run against every eviction policy,
+per-policy behaviour, a stateful model check, and the frequency admission filter."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
+from kvbm.errors import PolicyError
+from kvbm.policies import (
+    ADMISSION_POLICIES,
+    EVICTION_POLICIES,
+    AdaptivePolicy,
+    ARCPolicy,
+    FrequencyAdmission,
+    LFUPolicy,
+    LineagePolicy,
+    LRUPolicy,
+    S3FIFOPolicy,
+    make_admission,
+    make_eviction,
+)
+from kvbm.policies.base import EvictionPolicy
+
+NAMES = sorted(EVICTION_POLICIES)
+
+
+def drain(p: EvictionPolicy) -> list[int]:
+    out = []
+    while (k := p.victim()) is not None:
+        out.append(k)
+    return out
+
+
+# ------------------------------------------------------------------------------ registry --
+def test_registry_names() -> None:
+    assert set(EVICTION_POLICIES) == {"lru", "lineage", "lfu", "arc", "s3fifo", "adaptive"}
+    assert set(ADMISSION_POLICIES) == {"frequency"}
+    for name, cls in EVICTION_POLICIES.items():
+        assert cls.name == name
+        assert isinstance(make_eviction(name, 8), cls)
+
+
+def test_unknown_eviction_lists_valid_names() -> None:
+    with pytest.raises(PolicyError) as ei:
+        make_eviction("mru", 8)
+    assert isinstance(ei.value, ValueError)
+    for name in NAMES:
+        assert name in str(ei.value)
+
+
+def test_unknown_admission_and_bad_options() -> None:
+    with pytest.raises(PolicyError, match="frequency"):
+        make_admission("bloom")
+    with pytest.raises(PolicyError):
+        make_eviction("lru", 8, bogus=1)
+    with pytest.raises(PolicyError):
+        make_eviction("lfu", 8, half_life=0)
+    with pytest.raises(PolicyError):
+        make_eviction("s3fifo", 8, small_fraction=1.5)
+    with pytest.raises(PolicyError):
+        make_eviction("lru", -1)
+    with pytest.raises(PolicyError):
+        make_admission("frequency", width=1000)   # not a power of two
+    with pytest.raises(PolicyError):
+        make_admission("frequency", threshold=0)
+
+
+def test_make_admission_none() -> None:
+    assert make_admission(None) is None
+    assert make_admission("none") is None
+    assert isinstance(make_admission("frequency", threshold=3), FrequencyAdmission)
+    assert isinstance(make_admission(" Frequency "), FrequencyAdmission)
+
+
+# --------------------------------------------------------------------------- conformance --
+@pytest.fixture(params=NAMES)
+def policy_name(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+class TestConformance:
+    """What every eviction policy promises (kvbm.policies.base)."""
+
+    def test_empty(self, policy_name: str) -> None:
+        p = make_eviction(policy_name, 4)
+        assert len(p) == 0 and 1 not in p
+        assert p.victim() is None
+        p.remove(1)  # absent: no-op
+        assert len(p) == 0
+
+    def test_insert_contains_len(self, policy_name: str) -> None:
+        p = make_eviction(policy_name, 8)
+        for k in range(5):
+            p.insert(k, k - 1 if k else None)
+        assert len(p) == 5
+        assert all(k in p for k in range(5)) and 5 not in p and "x" not in p
+
+    def test_victims_are_each_resident_key_once(self, policy_name: str) -> None:
+        p = make_eviction(policy_name, 16)
+        for k in range(10):
+            p.insert(k, None)
+        got = drain(p)
+        assert sorted(got) == list(range(10))
+        assert len(p) == 0 and p.victim() is None
+
+    def test_victims_of_a_tree_are_each_key_once(self, policy_name: str) -> None:
+        p = make_eviction(policy_name, 64)
+        parents = {0: None, 1: 0, 2: 1, 3: 1, 4: 0, 5: 4, 6: 5, 7: None, 8: 7}
+        for k, par in parents.items():
+            p.insert(k, par)
+        for k in (2, 6, 8, 0):
+            p.access(k)
+        assert sorted(drain(p)) == sorted(parents)
+
+    def test_never_returns_pinned(self, policy_name: str) -> None:
+        p = make_eviction(policy_name, 8)
+        for k in range(8):
+            p.insert(k, None, pinned=k % 2 == 0)
+        p.pin(1)
+        got = drain(p)
+        assert sorted(got) == [3, 5, 7]
+        assert len(p) == 5
+        assert all(k in p for k in (0, 1, 2, 4, 6))
+
+    def test_none_when_all_pinned_then_unpin(self, policy_name: str) -> None:
+        p = make_eviction(policy_name, 4)
+        for k in range(4):
+            p.insert(k, k - 1 if k else None)
+        for k in range(4):
+            p.access(k)
+            p.pin(k)
+        assert p.victim() is None
+        assert len(p) == 4
+        p.unpin(2)
+        assert p.victim() == 2
+        assert p.victim() is None
+        assert len(p) == 3
+
+    def test_pinned_chain_leaves_free_interior(self, policy_name: str) -> None:
+        # Leaves pinned, their ancestors not: a victim must still be found (lineage falls
+        # back to an interior key rather than report "everything pinned").
+        p = make_eviction(policy_name, 8)
+        p.insert(0, None)
+        p.insert(1, 0)
+        p.pin(1)
+        assert p.victim() == 0
+        assert p.victim() is None
+
+    def test_remove_keeps_len(self, policy_name: str) -> None:
+        p = make_eviction(policy_name, 8)
+        for k in range(6):
+            p.insert(k, k - 1 if k else None)
+        p.pin(3)
+        p.remove(3)   # pinned and removed
+        p.remove(5)
+        p.remove(5)   # twice: no-op
+        p.remove(99)
+        assert len(p) == 4 and 3 not in p and 5 not in p
+        assert sorted(drain(p)) == [0, 1, 2, 4]
+
+    def test_reinsert_after_eviction(self, policy_name: str) -> None:
+        p = make_eviction(policy_name, 2)
+        p.insert(1, None)
+        p.insert(2, None)
+        k = p.victim()
+        assert k in (1, 2)
+        p.insert(k, None)   # back (e.g. from a ghost list)
+        assert len(p) == 2 and k in p
+
+    def test_capacity_churn(self, policy_name: str) -> None:
+        cap = 64
+        p = make_eviction(policy_name, cap)
+        rng = random.Random(7)
+        resident: set[int] = set()
+        pinned: set[int] = set()
+        for step in range(5000):
+            if len(resident) >= cap:
+                v = p.victim()
+                assert v is not None and v in resident and v not in pinned
+                resident.remove(v)
+            # Zipf-ish reuse of a small key space: ghosts and re-inserts happen.
+            k = int(rng.paretovariate(1.2)) % 400 if rng.random() < 0.7 else 1000 + step
+            if k in resident:
+                p.access(k)
+            else:
+                p.insert(k, None)
+                resident.add(k)
+            if step % 50 == 0:
+                for q in list(pinned):
+                    p.unpin(q)
+                pinned.clear()
+                for q in rng.sample(sorted(resident), min(3, len(resident))):
+                    p.pin(q)
+                    pinned.add(q)
+            assert len(p) == len(resident)
+        assert set(drain(p)) == resident - pinned
+
+
+# -------------------------------------------------------------------- per-policy behaviour --
+def test_lru_order() -> None:
+    p = LRUPolicy(8)
+    for k in range(1, 6):
+        p.insert(k, None)
+    p.access(1)
+    p.access(3)
+    assert drain(p) == [2, 4, 5, 1, 3]
+
+
+def test_lru_unpin_is_most_recent() -> None:
+    p = LRUPolicy(8)
+    for k in range(1, 4):
+        p.insert(k, None)
+    p.pin(1)
+    assert p.victim() == 2
+    p.unpin(1)
+    assert drain(p) == [3, 1]
+
+
+def test_lineage_evicts_leaves_first() -> None:
+    p = LineagePolicy(16)
+    # A chain 1 -> 2 -> 3 used root first (the leaf is the most recent) and an older branch.
+    p.insert(1, None)
+    p.insert(2, 1)
+    p.insert(3, 2)
+    p.insert(4, 1)   # 1 has two children
+    p.access(1)
+    p.access(2)
+    p.access(3)
+    # Plain LRU would evict 4, then 1 (the oldest use), stranding 2 and 3.
+    assert drain(p) == [4, 3, 2, 1]
+
+
+def test_lineage_parent_becomes_leaf_at_its_own_position() -> None:
+    p = LineagePolicy(16)
+    p.insert(1, None)     # used at t1
+    p.insert(2, 1)        # t2
+    p.insert(10, None)    # t3, an unrelated root
+    assert p.victim() == 2   # leaves: 2 (t2), 10 (t3)
+    # 1 is a leaf again, ranked by its own last use (t1), so it goes before 10.
+    assert p.victim() == 1
+    assert p.victim() == 10
+
+
+def test_lineage_parent_inserted_after_child_is_not_a_leaf() -> None:
+    p = LineagePolicy(16)
+    p.insert(2, 1)        # the child arrives first (e.g. offload order)
+    p.insert(1, None)
+    p.insert(3, None)
+    assert not p.is_leaf(1)
+    assert drain(p) == [2, 1, 3]
+
+
+def test_lineage_pinned_leaf_protects_nothing_else() -> None:
+    p = LineagePolicy(16)
+    p.insert(1, None)
+    p.insert(2, 1)
+    p.insert(3, 1)
+    p.pin(2)
+    assert p.victim() == 3
+    assert p.victim() == 1   # fallback: only interior keys are unpinned
+    p.unpin(2)
+    assert drain(p) == [2]
+
+
+def test_lineage_heap_stays_bounded() -> None:
+    p = LineagePolicy(4)
+    for k in range(4):
+        p.insert(k, None)
+    for _ in range(10000):
+        p.access(1)
+    assert len(p._heap) <= 2 * len(p) + 65
+
+
+def test_lfu_evicts_least_frequent() -> None:
+    p = LFUPolicy(8, half_life=math.inf)
+    for k in range(4):
+        p.insert(k, None)
+    for k, n in ((0, 5), (1, 1), (2, 3), (3, 0)):
+        for _ in range(n):
+            p.access(k)
+    assert drain(p) == [3, 1, 2, 0]
+
+
+def test_lfu_ties_go_to_least_recent() -> None:
+    p = LFUPolicy(8)
+    for k in (5, 6, 7):
+        p.insert(k, None)
+    assert drain(p) == [5, 6, 7]
+
+
+def test_lfu_aging_lets_old_popularity_fade() -> None:
+    def run(half_life: float) -> bool:
+        p = LFUPolicy(8, half_life=half_life)
+        p.insert(0, None)
+        for _ in range(20):   # very popular, long ago
+            p.access(0)
+        survived = True
+        for k in range(1, 400):   # a new working set, each key used twice
+            if len(p) >= 8 and p.victim() == 0:
+                survived = False
+            p.insert(k, None)
+            p.access(k)
+        return survived
+
+    assert run(math.inf)          # plain LFU: the old favourite squats forever
+    assert not run(8.0)           # aging: it fades and leaves
+    p = LFUPolicy(8, half_life=10.0)
+    p.insert(1, None)
+    c0 = p.count(1)
+    for k in range(2, 12):
+        p.insert(k, None)
+    assert p.count(1) == pytest.approx(c0 / 2, rel=1e-9)
+
+
+def test_lfu_pin_keeps_count() -> None:
+    p = LFUPolicy(8, half_life=math.inf)
+    p.insert(1, None)
+    p.insert(2, None)
+    for _ in range(5):
+        p.access(1)
+    p.pin(1)
+    assert p.victim() == 2
+    p.insert(3, None)
+    p.unpin(1)
+    assert p.count(1) == pytest.approx(6.0)
+    assert drain(p) == [3, 1]
+
+
+def test_arc_scan_resistance() -> None:
+    def hot_survivors(p: EvictionPolicy) -> int:
+        hot = list(range(5))
+        for k in hot:   # a working set used twice
+            p.insert(k, None)
+            p.access(k)
+        for k in range(100, 400):   # a long scan of keys used once
+            if len(p) >= 10:
+                p.victim()
+            p.insert(k, None)
+        return sum(k in p for k in hot)
+
+    assert hot_survivors(ARCPolicy(10)) == 5
+    assert hot_survivors(LRUPolicy(10)) == 0
+
+
+def test_arc_ghost_hit_goes_to_t2_and_adapts() -> None:
+    p = ARCPolicy(4)
+    for k in range(4):
+        p.insert(k, None)
+    assert p.victim() == 0          # T1's oldest, remembered in B1
+    p0 = p.p
+    p.insert(0, None)               # a B1 ghost hit: T1 was too small
+    assert p.in_t2(0) and p.p > p0
+
+
+def test_arc_pin_keeps_list_membership() -> None:
+    p = ARCPolicy(8)
+    p.insert(1, None)
+    p.access(1)                     # T2
+    p.insert(2, None)               # T1
+    p.pin(1)
+    p.pin(2)
+    p.unpin(1)
+    p.unpin(2)
+    assert p.in_t2(1) and not p.in_t2(2)
+    p.pin(2)
+    p.access(2)                     # promoted while pinned
+    p.unpin(2)
+    assert p.in_t2(2)
+
+
+def test_s3fifo_one_hit_wonders_leave_early() -> None:
+    p = S3FIFOPolicy(20, small_fraction=0.1)
+    hot = list(range(10))
+    for k in hot:
+        p.insert(k, None)
+        p.access(k)
+    evicted = []
+    for k in range(100, 200):   # one-hit wonders
+        if len(p) >= 20:
+            evicted.append(p.victim())
+        p.insert(k, None)
+    assert all(k in p for k in hot)
+    assert all(k >= 100 for k in evicted)
+    # The one-hit wonders left in insertion order, from the small queue.
+    assert evicted == sorted(evicted)
+
+
+def test_s3fifo_ghost_readmits_to_main() -> None:
+    p = S3FIFOPolicy(10, small_fraction=0.1)
+    for k in range(10):
+        p.insert(k, None)
+    assert p.victim() == 0          # one-hit: out, into the ghost queue
+    p.insert(0, None)               # seen again: straight to main
+    assert 0 in p._main
+    p.pin(0)
+    p.unpin(0)
+    assert 0 in p._main
+
+
+def test_s3fifo_pin_keeps_freq() -> None:
+    p = S3FIFOPolicy(10, small_fraction=0.1)
+    p.insert(1, None)
+    p.access(1)
+    p.pin(1)
+    p.unpin(1)
+    for k in range(2, 12):
+        if len(p) >= 10:
+            p.victim()
+        p.insert(k, None)
+    assert 1 in p                   # its use still counted: it moved to main
+
+
+def _hits(p: EvictionPolicy, refs: list[int]) -> int:
+    """Drive ``p`` as a tier of ``p.capacity`` blocks; count the references that hit."""
+    hits = 0
+    for k in refs:
+        if k in p:
+            p.access(k)
+            hits += 1
+        else:
+            if len(p) >= p.capacity:
+                p.victim()
+            p.insert(k, None)
+    return hits
+
+
+def test_adaptive_starts_as_lineage() -> None:
+    a, b = AdaptivePolicy(16), LineagePolicy(16)
+    for p in (a, b):
+        p.insert(1, None)
+        p.insert(2, 1)
+        p.insert(3, 2)
+        p.insert(4, 1)
+        p.access(1)
+        p.access(2)
+        p.access(3)
+    assert a.mode == "lru"
+    assert drain(a) == drain(b) == [4, 3, 2, 1]
+
+
+def test_adaptive_turns_probation_first_against_one_hit_wonders() -> None:
+    # A hot set reused every cycle, between floods of blocks seen once: the reuse distance
+    # exceeds the tier, so LRU never hits, while keeping first sightings on probation does.
+    refs: list[int] = []
+    fresh = 10_000
+    for _ in range(40):
+        refs += list(range(48))
+        refs += list(range(fresh, fresh + 100))
+        fresh += 100
+    lru = _hits(LRUPolicy(64), refs)
+    ad = AdaptivePolicy(64, sample=1)
+    got = _hits(ad, refs)
+    assert ad.mode == "probation"
+    assert lru == 0 and got > 0.8 * 48 * 39
+
+
+def test_adaptive_stays_lru_when_lru_wins() -> None:
+    # Every block is reused once, soon, and never again: promoted blocks are dead weight,
+    # so probation-first would evict the next block before its reuse. LRU hits them all.
+    refs: list[int] = []
+    for base in range(0, 4000, 20):
+        block = list(range(base, base + 20))
+        refs += block + block
+    lru = _hits(LRUPolicy(64), refs)
+    ad = AdaptivePolicy(64, sample=1)
+    assert _hits(ad, refs) == lru == 4000
+    assert ad.mode == "lru"
+
+
+def test_adaptive_pin_keeps_segment() -> None:
+    p = AdaptivePolicy(8)
+    p.insert(1, None)
+    p.insert(2, None)
+    p.access(2)
+    assert p.in_probation(1) and not p.in_probation(2)
+    p.pin(1)
+    p.unpin(1)
+    assert p.in_probation(1)
+
+
+# --------------------------------------------------------------------- stateful model test --
+class PolicyMachine(RuleBasedStateMachine):
+    """Random insert/access/pin/unpin/remove/victim against a model of the resident and
+    pinned sets."""
+
+    policy_name = "lru"
+    keys = Bundle("keys")
+
+    @initialize(capacity=st.integers(1, 12))
+    def setup(self, capacity: int) -> None:
+        self.p = make_eviction(self.policy_name, capacity)
+        self.resident: dict[int, int | None] = {}
+        self.pinned: set[int] = set()
+
+    @rule(key=st.integers(0, 40), use_parent=st.booleans(), pin=st.booleans(),
+          data=st.data())
+    def insert(self, key: int, use_parent: bool, pin: bool, data: st.DataObject) -> None:
+        if key in self.resident:
+            return
+        parent = None
+        if use_parent:
+            parent = data.draw(st.integers(0, 40).filter(lambda k: k != key))
+        self.p.insert(key, parent, pinned=pin)
+        self.resident[key] = parent
+        if pin:
+            self.pinned.add(key)
+
+    @precondition(lambda self: bool(self.resident))
+    @rule(data=st.data())
+    def access(self, data: st.DataObject) -> None:
+        self.p.access(data.draw(st.sampled_from(sorted(self.resident))))
+
+    @precondition(lambda self: bool(set(self.resident) - self.pinned))
+    @rule(data=st.data())
+    def pin(self, data: st.DataObject) -> None:
+        k = data.draw(st.sampled_from(sorted(set(self.resident) - self.pinned)))
+        self.p.pin(k)
+        self.pinned.add(k)
+
+    @precondition(lambda self: bool(self.pinned))
+    @rule(data=st.data())
+    def unpin(self, data: st.DataObject) -> None:
+        k = data.draw(st.sampled_from(sorted(self.pinned)))
+        self.p.unpin(k)
+        self.pinned.remove(k)
+
+    @rule(key=st.integers(0, 40))
+    def remove(self, key: int) -> None:
+        self.p.remove(key)
+        self.resident.pop(key, None)
+        self.pinned.discard(key)
+
+    @rule()
+    def victim(self) -> None:
+        k = self.p.victim()
+        if k is None:
+            assert set(self.resident) == self.pinned, "None while an unpinned key is resident"
+        else:
+            assert k in self.resident, f"victim {k} is not resident"
+            assert k not in self.pinned, f"victim {k} is pinned"
+            del self.resident[k]
+
+    @invariant()
+    def sizes_agree(self) -> None:
+        if not hasattr(self, "p"):
+            return
+        assert len(self.p) == len(self.resident)
+        for k in range(0, 41, 5):
+            assert (k in self.p) == (k in self.resident)
+
+
+def _machine(name: str) -> type[RuleBasedStateMachine]:
+    return type(f"{name}Machine", (PolicyMachine,), {"policy_name": name})
+
+
+_SETTINGS = settings(max_examples=60, stateful_step_count=60, deadline=None)
+TestLRUStateful = _SETTINGS(_machine("lru")).TestCase
+TestLineageStateful = _SETTINGS(_machine("lineage")).TestCase
+TestLFUStateful = _SETTINGS(_machine("lfu")).TestCase
+TestARCStateful = _SETTINGS(_machine("arc")).TestCase
+TestS3FIFOStateful = _SETTINGS(_machine("s3fifo")).TestCase
+TestAdaptiveStateful = _SETTINGS(_machine("adaptive")).TestCase
+
+
+def test_every_policy_has_a_stateful_test() -> None:
+    covered = {"lru", "lineage", "lfu", "arc", "s3fifo", "adaptive"}
+    assert covered == set(EVICTION_POLICIES)
+
+
+# -------------------------------------------------------------------------------- admission --
+def test_frequency_admits_on_second_sighting() -> None:
+    a = FrequencyAdmission()
+    assert a.admit(42) is False
+    assert a.admit(42) is True
+    assert a.admit(42) is True
+    assert a.admit(43) is False
+
+
+def test_frequency_threshold() -> None:
+    a = FrequencyAdmission(threshold=3)
+    assert [a.admit(7) for _ in range(4)] == [False, False, True, True]
+    assert FrequencyAdmission(threshold=1).admit(8) is True
+
+
+def test_frequency_decay_forgets() -> None:
+    a = FrequencyAdmission()
+    a.admit(5)
+    a.decay()                     # 1 -> 0
+    assert a.admit(5) is False    # a first sighting again
+    b = FrequencyAdmission(window=100)
+    b.admit(5)
+    for k in range(1000, 1099):   # the window passes: counters halve
+        b.admit(k)
+    assert b.estimate(5) == 0
+    assert b.admit(5) is False
+
+
+def test_frequency_decay_keeps_popular_keys() -> None:
+    a = FrequencyAdmission()
+    for _ in range(10):
+        a.admit(9)
+    a.decay()
+    assert a.admit(9) is True
+
+
+def test_frequency_memory_is_bounded() -> None:
+    a = FrequencyAdmission(width=1 << 12, depth=4)
+    before = a.nbytes
+    assert before == 4 * (1 << 12)
+    rng = random.Random(3)
+    for _ in range(200_000):
+        a.admit(rng.getrandbits(64))
+    assert a.nbytes == before
+
+
+def test_frequency_false_admissions_are_rare() -> None:
+    # 20,000 keys in 65,536 counters per row: a quarter of the counters are set.
+    a = FrequencyAdmission(width=1 << 16, depth=4)
+    rng = random.Random(11)
+    keys = [rng.getrandbits(64) for _ in range(20_000)]
+    false_admits = sum(a.admit(k) for k in keys)   # each seen once: none should pass
+    assert false_admits / len(keys) < 0.01
+    # Structured keys (small consecutive ints) spread as well as hashes do.
+    b = FrequencyAdmission(width=1 << 16, depth=4)
+    assert sum(b.admit(k) for k in range(20_000)) / 20_000 < 0.01

@@ -1,0 +1,167 @@
+"""kvbm.workload and kvbm.replay (bench/make_trace.py, bench/policy_replay.py): trace shape,
+Belady, and a replay smoke test through the real BlockManager."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from kvbm import replay as policy_replay
+from kvbm import workload
+from kvbm.errors import PolicyError
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod   # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+make_trace = _load("make_trace")  # the command line; the logic lives in the library
+
+
+@pytest.fixture(scope="module")
+def small_trace() -> list[list[int]]:
+    recs = workload.generate(400, seed=3, family="chat")
+    return [r["hash_ids"] for r in recs]
+
+
+# ------------------------------------------------------------------------------ make_trace --
+@pytest.mark.parametrize("family", sorted(workload.FAMILIES))
+def test_trace_records_are_mooncake_shaped(family: str) -> None:
+    recs = workload.generate(300, seed=1, family=family, block_size_tokens=512)
+    assert len(recs) == 300
+    ts = [r["timestamp"] for r in recs]
+    assert ts == sorted(ts)
+    parent_of: dict[int, int | None] = {}
+    for r in recs:
+        assert set(r) == {"timestamp", "input_length", "output_length", "hash_ids"}
+        ids = r["hash_ids"]
+        assert len(ids) == -(-r["input_length"] // 512)   # one id per (partial) block
+        assert r["output_length"] >= 1
+        # Prefix semantics: an id always follows the same id (or starts a request).
+        for j, h in enumerate(ids):
+            p = ids[j - 1] if j else None
+            assert parent_of.setdefault(h, p) == p
+    # Ids are numbered in order of first appearance.
+    firsts: list[int] = []
+    seen: set[int] = set()
+    for r in recs:
+        for h in r["hash_ids"]:
+            if h not in seen:
+                seen.add(h)
+                firsts.append(h)
+    assert firsts == list(range(len(firsts)))
+
+
+def test_trace_is_deterministic_and_seeded() -> None:
+    a = workload.generate(200, seed=5)
+    assert a == workload.generate(200, seed=5)
+    assert a != workload.generate(200, seed=6)
+
+
+def test_families_differ() -> None:
+    stats = {f: workload.summarize(workload.generate(1500, seed=2, family=f))
+             for f in workload.FAMILIES}
+    reuse = sorted(s["infinite_cache_hit_ratio"] for s in stats.values())
+    assert reuse[-1] - reuse[0] > 0.1
+    for s in stats.values():
+        assert 0 < s["distinct_blocks"] < s["block_refs"]
+
+
+def test_trace_cli_writes_json_lines(tmp_path: Path) -> None:
+    out = tmp_path / "t.jsonl"
+    assert make_trace.main(["--out", str(out), "--requests", "50", "--family", "rag",
+                            "--seed", "4"]) == 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 50
+    assert json.loads(lines[0])["hash_ids"]
+    assert policy_replay.load_trace(out) == [json.loads(x)["hash_ids"] for x in lines]
+
+
+# ---------------------------------------------------------------------------------- Belady --
+def test_belady_known_answer() -> None:
+    trace = [[1, 2, 3], [4, 5], [1, 2, 3], [4, 5]]
+    # Capacity 3: keep 1-2-3 (used again first), drop 4-5; the second 4-5 misses too.
+    assert policy_replay.belady(trace, 3) == pytest.approx(3 / 10)
+    assert policy_replay.belady(trace, 5) == pytest.approx(5 / 10)
+    assert policy_replay.belady(trace, 0) == 0.0
+
+
+def test_belady_bounds_policies_on_the_simple_model(small_trace: list[list[int]]) -> None:
+    from kvbm.policies import make_eviction
+
+    cap = 300
+    opt = policy_replay.belady(small_trace, cap)
+    for name in ("lru", "lineage", "arc", "adaptive"):
+        p = make_eviction(name, cap)
+        hits = total = 0
+        for ids in small_trace:
+            total += len(ids)
+            h = 0
+            while h < len(ids) and ids[h] in p:
+                p.access(ids[h])
+                h += 1
+            hits += h
+            for j in range(h, len(ids)):
+                if ids[j] in p:
+                    continue
+                while len(p) >= cap:
+                    p.victim()
+                p.insert(ids[j], ids[j - 1] if j else None)
+        assert hits / total <= opt + 1e-12, name
+
+
+# ---------------------------------------------------------------------------------- replay --
+def test_replay_smoke(small_trace: list[list[int]]) -> None:
+    doc = policy_replay.run(small_trace, 0.05,
+                            ["lru", "lineage", "adaptive", "s3fifo+frequency"], block_size=4)
+    ratios = doc["hit_ratio"]
+    assert set(ratios) == {"lru", "lineage", "adaptive", "s3fifo+frequency", "belady"}
+    assert all(0.0 <= x <= 1.0 for x in ratios.values())
+    for name, x in ratios.items():
+        assert x <= ratios["belady"] + 1e-12, name
+    assert ratios["lru"] > 0.0
+    assert doc["blocks"] == int(policy_replay.distinct_blocks(small_trace) * 0.05)
+    assert doc["default"] == policy_replay.default_name()
+    assert "|" not in policy_replay.format_table(doc)
+
+
+def test_replay_counts_hits_like_the_manager(small_trace: list[list[int]]) -> None:
+    r = policy_replay.replay(small_trace, 200, "lru", None, block_size=2)
+    assert r["hits"] == sum(r["hits_by_medium"].values())
+    assert r["blocks"] == sum(len(t) for t in small_trace)
+
+
+def test_replay_json_cli() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "policy_replay.py"), "--generate", "--requests", "150",
+         "--capacity-fraction", "0.05", "--policy", "lru", "--policy", "lineage+freq",
+         "--block-size", "4", "--json"],
+        capture_output=True, text=True, timeout=300, check=True)
+    doc = json.loads(proc.stdout)   # exactly one document, nothing else on stdout
+    assert proc.stdout.strip().count("\n") == 0
+    assert set(doc) >= {"capacity_fraction", "blocks", "hit_ratio", "default"}
+    assert doc["capacity_fraction"] == 0.05
+    assert isinstance(doc["blocks"], int)
+    assert set(doc["hit_ratio"]) == {"lru", "lineage+frequency", "belady"}
+    assert isinstance(doc["default"], str)
+
+
+def test_replay_rejects_unknown_policy() -> None:
+    with pytest.raises(PolicyError, match="valid"):
+        policy_replay.parse_policy("mru")
+    with pytest.raises(PolicyError, match="valid"):
+        policy_replay.parse_policy("lru+bloom")
+    assert policy_replay.parse_policy("Lineage+freq") == ("lineage", "frequency")
