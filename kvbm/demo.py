@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kvbm.config import DeviceTierConfig, HostTierConfig, ManagerConfig
 from kvbm.events import BlockRemoved, BlockStored
-from kvbm.layout import PRESETS, KVLayout
+from kvbm.layout import PRESETS
 from kvbm.manager import BlockManager
 from kvbm.medium import Medium
 from kvbm.replay import distinct_blocks, format_table, run, trace_tokens
@@ -27,9 +27,7 @@ from kvbm.workload import generate
 BLOCK_TOKENS = 16
 
 
-def _tiered_replay(trace: list[list[int]], layout: KVLayout, cfg: ManagerConfig
-                   ) -> tuple[BlockManager, dict[str, int]]:
-    mgr = BlockManager(layout, cfg)
+def _tiered_replay(trace: list[list[int]], mgr: BlockManager) -> dict[str, int]:
     events: collections.Counter[str] = collections.Counter()
     for ids in trace:
         tokens = trace_tokens(ids, BLOCK_TOKENS)
@@ -49,7 +47,7 @@ def _tiered_replay(trace: list[list[int]], layout: KVLayout, cfg: ManagerConfig
     for e in mgr.take_events():
         if isinstance(e, BlockStored | BlockRemoved):
             events[f"{type(e).__name__}({e.medium.value})"] += len(e.block_hashes)
-    return mgr, dict(events)
+    return dict(events)
 
 
 def _hit_table(mgr: BlockManager) -> str:
@@ -77,8 +75,8 @@ def run_demo(*, requests: int = 3000, seed: int = 7, out_dir: str | Path = ".kvb
     trace = [r["hash_ids"] for r in records]
     distinct = distinct_blocks(trace)
     longest = max(len(t) for t in trace)
-    print(f"workload: {len(trace)} requests ({len(set(r['timestamp'] for r in records))} "
-          f"distinct arrival times), {sum(map(len, trace))} block references, {distinct} "
+    print(f"workload: {len(trace)} requests of a multi-turn chat service, "
+          f"{sum(map(len, trace))} block references, {distinct} "
           f"distinct blocks of {BLOCK_TOKENS} tokens; G1 on "
           f"{'cuda' if torch.cuda.is_available() else 'cpu'}")
 
@@ -90,13 +88,14 @@ def run_demo(*, requests: int = 3000, seed: int = 7, out_dir: str | Path = ".kvb
                         host=HostTierConfig(g2), disk=disk)
     print(f"\n== 1. tiered replay: G1 {longest * 2} blocks, G2 {g2} blocks (3% of distinct), "
           f"G3 disk {disk.capacity_bytes >> 20} MiB at {disk.path} ==")
-    mgr, events = _tiered_replay(trace, layout, cfg)
-    print(_hit_table(mgr))
-    print("events for routers (blocks):", ", ".join(f"{k} {v}" for k, v in sorted(events.items())))
-    d = mgr.stats().lower_tiers[Medium.DISK]
-    print(f"disk tier: {d[0].puts} pages written, {d[0].hits} read, {d[0].evicted} evicted, "
-          f"{d[1].skipped} offload batches skipped under backpressure")
-    mgr.close()
+    with BlockManager(layout, cfg) as mgr:
+        events = _tiered_replay(trace, mgr)
+        print(_hit_table(mgr))
+        print("events for routers (blocks):",
+              ", ".join(f"{k} {v}" for k, v in sorted(events.items())))
+        d = mgr.stats().lower_tiers[Medium.DISK]
+        print(f"disk tier: {d[0].puts} pages written, {d[0].hits} read, {d[0].evicted} "
+              f"evicted, {d[1].skipped} offload batches skipped under backpressure")
 
     print("\n== 2. restart: a new manager on the same disk directory ==")
     with BlockManager(layout, cfg) as again:

@@ -257,6 +257,7 @@ class BlockManager:
         self._committed = 0
         self._deduplicated = 0
         self._offloaded = 0
+        self._staging_misses = 0  # onboards cut short: no G2 page to stage a lower-tier load
         if config.lower_tiers:
             self._open_lower_tiers()
 
@@ -317,10 +318,17 @@ class BlockManager:
         recs = self._index.match(match.sequence_hashes)
         missing = [r for r in recs if r.g1 < 0]
         staged = [r for r in missing if r.g2 < 0]
-        self._check_room(g1, len(missing), recs)
         if staged:
-            assert self._g2 is not None, "a block outside G1 and G2 with no host tier"
-            self._check_room(self._g2, len(staged), missing)
+            g2 = self._g2
+            assert g2 is not None, "a block outside G1 and G2 with no host tier"
+            if not self._has_room(g2, len(staged), missing):
+                # No staging pages in G2 (all in flight to a slow tier): the blocks below
+                # are a miss this time, not an error; the prefix ends before the first one.
+                recs = recs[: recs.index(staged[0])]
+                missing = [r for r in recs if r.g1 < 0]
+                staged = []
+                self._staging_misses += 1
+        self._check_room(g1, len(missing), recs)
         for r in recs:
             if r.g1 >= 0:
                 self._hold(g1, r)
@@ -759,7 +767,12 @@ class BlockManager:
         from kvbm.tiers import open_store
 
         oc = self.config.offload
-        self._engine = OffloadEngine(max_inflight_pages=oc.max_inflight_pages,
+        host = self.config.host
+        assert host is not None
+        # Pages in flight to a tier are pinned in G2: at most half of G2, so that G2 always
+        # keeps room to stage loads and to take new offloads.
+        inflight = max(1, min(oc.max_inflight_pages, host.num_blocks // 2))
+        self._engine = OffloadEngine(max_inflight_pages=inflight,
                                      batch_bytes=oc.batch_bytes, on_complete=self._inbox.put)
         try:
             for cfg in self.config.lower_tiers:
@@ -969,18 +982,21 @@ class BlockManager:
             if i not in h._staged:
                 self._release_one(self._g1, h._g1[i])
 
-    def _check_room(self, tier: _MemTier, need: int, will_hold: Sequence[BlockRecord]) -> None:
-        """Raise, changing nothing, unless ``need`` pages can be taken in ``tier`` after
-        pinning the ``will_hold`` records it holds."""
+    def _has_room(self, tier: _MemTier, need: int, will_hold: Sequence[BlockRecord]) -> bool:
+        """Whether ``need`` pages can be taken in ``tier`` after pinning ``will_hold``."""
         short = need - tier.alloc.num_free
         if short <= 0:
-            return
+            return True
         unpinned = sum(1 for r in will_hold
                        if tier.slot(r) >= 0 and tier.alloc.refcount(tier.slot(r)) == 0)
-        if short > tier.evictable() - unpinned:
+        return short <= tier.evictable() - unpinned
+
+    def _check_room(self, tier: _MemTier, need: int, will_hold: Sequence[BlockRecord]) -> None:
+        """Raise, changing nothing, unless :meth:`_has_room`."""
+        if not self._has_room(tier, need, will_hold):
             raise PoolExhaustedError(
                 f"{tier.medium.value}: {need} pages needed, {tier.alloc.num_free} free and "
-                f"{tier.evictable() - unpinned} evictable")
+                f"{tier.evictable()} evictable (some may be about to be pinned)")
 
     def _relink(self, recs: list[BlockRecord], hashes: BlockHashes, tokens: Any,
                 lora_name: str | None) -> None:
