@@ -4,29 +4,9 @@
         [--policy lru --policy lineage+frequency ...] [--block-size 16] [--json]
     python bench/policy_replay.py --generate [--family rag] --capacity-fraction 0.03
 
-Each trace record (JSON lines: ``timestamp``, ``input_length``, ``output_length``,
-``hash_ids``) is one request; each hash id is one block. A request hits the longest cached
-run of its leading blocks (prefix semantics). Every request goes through the real manager,
-as an engine would drive it: ``match_prefix`` -> ``onboard`` -> ``allocate`` -> ``commit``
--> ``release``, with committed blocks offloaded eagerly to the host tier.
-
-* Tokens: hash id ``h`` becomes ``block_size`` tokens equal to ``h mod 2**32``; the chained
-  block hashes then reproduce the trace's prefix identity. The layout is tiny (one layer,
-  one head, head_dim 4) because this measures policy, not bytes.
-* Host tier (G2): ``capacity-fraction`` x the trace's distinct blocks, with the policy under
-  test (``EVICTION[+ADMISSION]``, e.g. ``lineage+frequency``).
-* Device tier (G1): as small as the manager allows, i.e. the largest request's block count
-  (a request pins its whole prefix there), with ``lineage`` eviction in every run so that
-  only the host policy varies. G1 also serves hits, so Belady is computed for host + G1
-  capacity, which keeps it an upper bound of every replay.
-* Belady: furthest-next-use over the same trace, computed here: blocks never used again
-  bypass the cache, ties go to the deeper block (its next use can be no earlier than its
-  parent's, so the simulated cache stays prefix-closed and a cached block is a hit).
-
-The hit ratio is hit blocks / requested blocks. Without ``--json`` a table shows each
-policy next to LRU and the fraction of the LRU -> Belady gap it closes; with ``--json`` one
-JSON document: ``{"capacity_fraction", "blocks", "hit_ratio": {name: x, ..., "belady": y},
-"default": name, ...}``.
+Method (tokens per trace block, G1 sizing, Belady) in kvbm/replay.py; results and the
+choice of the default in docs/policies.md. With ``--json``, one JSON document:
+``{"capacity_fraction", "blocks", "hit_ratio": {name: x, ..., "belady": y}, "default", ...}``.
 """
 
 from __future__ import annotations
