@@ -55,9 +55,14 @@ class PageHeader:
     checksum: bytes
 
     def pack(self) -> bytes:
-        head = _HEAD.pack(MAGIC, FORMAT_VERSION, 0, self.fingerprint, self.seq_hash,
-                          self.payload_len, self.checksum)
-        return head + _SUM.pack(xxhash.xxh3_64_intdigest(head))
+        return pack_header(self.fingerprint, self.seq_hash, self.payload_len, self.checksum)
+
+
+def pack_header(fingerprint: int, seq_hash: int, payload_len: int, checksum: bytes) -> bytes:
+    """The 64 header bytes of these fields (what ``PageHeader(...).pack()`` gives, without
+    building the object: a tier that packs one header per page per I/O saves ~1 µs each)."""
+    head = _HEAD.pack(MAGIC, FORMAT_VERSION, 0, fingerprint, seq_hash, payload_len, checksum)
+    return head + _SUM.pack(xxhash.xxh3_64_intdigest(head))
 
 
 def payload_checksum(payload: bytes | bytearray | memoryview) -> bytes:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
+import mmap
 import os
 import random
 import signal
@@ -20,6 +23,8 @@ from kvbm.layout import KVLayout
 from kvbm.medium import Medium
 from kvbm.storage.base import RemovalReason, TierListener
 from kvbm.storage.disk import DiskStore, DiskTierConfig, Durability
+from kvbm.storage.disk import slabs as slab_io
+from kvbm.storage.page import PageHeader, parse_header, payload_checksum
 from kvbm.testing import PageStoreTests, RecordingListener, page_payload
 
 LAYOUT = PageStoreTests.layout
@@ -35,8 +40,9 @@ def cfg(path: Path, **kw: Any) -> DiskTierConfig:
 
 
 def slot_offset(store: DiskStore, key: int) -> tuple[Path, int]:
-    entry = store._index[key]
-    slab, offset = store.geometry.locate(entry.slot)
+    """The slab file and offset of the slot of ``key``: its payload, then its header at
+    ``offset + PAGE`` (storage/disk/directory.py)."""
+    slab, offset = store.geometry.locate(store._index_db.slot_of(store._index[key]))
     return store._slabs.path(slab), offset
 
 
@@ -56,11 +62,13 @@ class TestDiskStoreConformance(PageStoreTests[DiskStore]):
 
     async def corrupt(self, store: DiskStore, key: int) -> None:
         path, offset = slot_offset(store, key)
-        write_at(path, offset + 64 + 1000, b"\xff\x00\xff")  # bit rot in the payload
+        write_at(path, offset + 1000, b"\xff\x00\xff")  # bit rot in the payload
 
     async def plant_page(self, store: DiskStore, key: int, stored: bytes) -> None:
+        # ``stored`` is header + payload (storage/page.py); a slot holds them the other way
         path, offset = slot_offset(store, key)
-        write_at(path, offset, stored)
+        write_at(path, offset, stored[64:])
+        write_at(path, offset + PAGE, stored[:64])
 
 
 @pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm")
@@ -189,6 +197,56 @@ def test_foreign_directory_is_refused(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["precious.txt"]
 
 
+def test_store_of_an_older_format_is_refused_and_untouched(tmp_path: Path) -> None:
+    # What kvbm-disk-v1 (header first in each slot) left behind: its slots must never be
+    # read with another layout.
+    (tmp_path / "kvbm-disk.json").write_text(json.dumps(
+        {"format": "kvbm-disk-v1", "fingerprint": f"{LAYOUT.fingerprint:016x}",
+         "layout": LAYOUT.to_dict(), "page_bytes": PAGE, "slot_bytes": 20480,
+         "slab_slots": 204}))
+    (tmp_path / "slabs").mkdir()
+    (tmp_path / "slabs" / "000000.slab").write_bytes(b"v1 pages")
+    before = tree(tmp_path)
+    with pytest.raises(StorageError, match=r"'kvbm-disk-v1'.*reads 'kvbm-disk-v2'.*remove"):
+        DiskStore(LAYOUT, cfg(tmp_path))
+    assert tree(tmp_path) == before
+
+
+def test_damaged_identity_is_refused(tmp_path: Path) -> None:
+    async def create() -> None:
+        await (await DiskStore.open(LAYOUT, cfg(tmp_path))).close()
+
+    run(create())
+    meta_path = tmp_path / "kvbm-disk.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["header_offset"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StorageError, match="damaged"):
+        DiskStore(LAYOUT, cfg(tmp_path))
+
+
+def test_slot_holds_payload_then_header(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        (k,) = keys_(1)
+        await put(store, [k])
+        path, offset = slot_offset(store, k)
+        slot = store.geometry.slot_bytes
+        data = path.read_bytes()[offset:offset + slot]
+        payload = page_payload(k, PAGE).tobytes()
+        assert data[:PAGE] == payload
+        header = parse_header(data[PAGE:PAGE + 64])
+        assert isinstance(header, PageHeader)
+        assert (header.seq_hash, header.fingerprint) == (k, LAYOUT.fingerprint)
+        assert header.checksum == payload_checksum(payload)
+        assert data[PAGE + 64:] == bytes(slot - PAGE - 64)
+        # In memory, an entry is bytes: no object for the cyclic GC to track per page.
+        assert not gc.is_tracked(store._index[k])
+        await store.close()
+
+    run(body())
+
+
 def test_second_opener_is_refused(tmp_path: Path) -> None:
     async def body() -> None:
         store = await DiskStore.open(LAYOUT, cfg(tmp_path))
@@ -257,7 +315,7 @@ def test_capacity_eviction_and_slot_reuse(tmp_path: Path) -> None:
         assert await served(store, first[:3] + first[7:] + second) == [True] * 10
         assert await store.exists(first[3:7]) == [False] * 4
         # Every page sits in one of the 10 slots: evicted slots were reused, no slab grew.
-        slots = sorted(e.slot for e in store._index.values())
+        slots = sorted(map(store._index_db.slot_of, store._index.values()))
         assert slots == list(range(10))
         assert sorted(p.name for p in (tmp_path / "slabs").iterdir()) == \
             ["000000.slab", "000001.slab", "000002.slab"]
@@ -265,7 +323,7 @@ def test_capacity_eviction_and_slot_reuse(tmp_path: Path) -> None:
         # Deleted slots are reused too.
         assert await store.delete(second) == 4
         assert await put(store, keys_(4, start=80)) == [True] * 4
-        assert sorted(e.slot for e in store._index.values()) == list(range(10))
+        assert sorted(map(store._index_db.slot_of, store._index.values())) == list(range(10))
         await store.close()
 
     run(body())
@@ -329,11 +387,11 @@ def test_torn_page_is_a_miss(tmp_path: Path, damage: str) -> None:
 
     path, offset = run(write())
     if damage == "truncate":
-        os.truncate(path, offset + 64 + PAGE // 2)
+        os.truncate(path, offset + PAGE // 2)
     elif damage == "zero_header":
-        write_at(path, offset, bytes(64))
-    elif damage == "half_written":  # a newer page's first half over the old one
-        write_at(path, offset + 64 + PAGE // 2, page_payload(123, PAGE // 2).tobytes())
+        write_at(path, offset + PAGE, bytes(64))
+    elif damage == "half_written":  # a newer page's second half over the old one
+        write_at(path, offset + PAGE // 2, page_payload(123, PAGE // 2).tobytes())
     else:
         path.unlink()
 
@@ -352,6 +410,32 @@ def test_torn_page_is_a_miss(tmp_path: Path, damage: str) -> None:
     run(reread())
 
 
+@pytest.mark.parametrize("mix", ["new_header_old_payload", "old_header_new_payload"])
+def test_slot_mixing_two_writes_is_a_miss(tmp_path: Path, mix: str) -> None:
+    """A crash while a freed slot is rewritten can leave one write's header with the other's
+    payload (they are not written atomically): neither may be served."""
+    old_key, new_key = keys_(2)
+
+    async def body() -> None:
+        listener = RecordingListener()
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path), listener=listener)
+        await put(store, [old_key])
+        path, offset = slot_offset(store, old_key)
+        old = path.read_bytes()[offset:offset + PAGE + 64]
+        assert await store.delete([old_key]) == 1
+        await put(store, [new_key])
+        assert slot_offset(store, new_key) == (path, offset)  # the freed slot, reused
+        if mix == "new_header_old_payload":
+            write_at(path, offset, old[:PAGE])
+        else:
+            write_at(path, offset + PAGE, old[PAGE:])
+        assert await served(store, [new_key]) == [False]
+        assert listener.removed(RemovalReason.CORRUPT) == [new_key]
+        await store.close()
+
+    run(body())
+
+
 def test_listener_gets_disk_medium(tmp_path: Path) -> None:
     async def body() -> None:
         listener = RecordingListener()
@@ -359,7 +443,7 @@ def test_listener_gets_disk_medium(tmp_path: Path) -> None:
         (k,) = keys_(1)
         await put(store, [k])
         path, offset = slot_offset(store, k)
-        write_at(path, offset + 64, b"\x00" * 8)
+        write_at(path, offset, b"\x00" * 8)
         assert await served(store, [k]) == [False]
         assert listener.events == [(Medium.DISK, [k], RemovalReason.CORRUPT)]
         await store.close()
@@ -381,6 +465,122 @@ def test_two_mib_pages_round_trip(tmp_path: Path) -> None:
         outs = [np.zeros(pb, np.uint8) for _ in keys]
         assert await store.get(list(zip(keys, outs, strict=True))) == [True] * 12
         assert all(np.array_equal(a, b) for a, b in zip(bufs, outs, strict=True))
+        await store.close()
+
+    run(body())
+
+
+def aligned_pages(n: int, nbytes: int = PAGE) -> list[np.ndarray]:
+    """``n`` pages in one page-aligned buffer (as HostPool's)."""
+    buf = np.frombuffer(mmap.mmap(-1, n * nbytes), dtype=np.uint8)
+    return [buf[i * nbytes:(i + 1) * nbytes] for i in range(n)]
+
+
+@pytest.mark.skipif(not getattr(os, "O_DIRECT", 0), reason="no O_DIRECT")
+def test_aligned_pages_go_zero_copy_and_others_are_staged(tmp_path: Path) -> None:
+    keys = keys_(12)
+
+    async def body() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        assert store.direct_io
+        staged = lambda: store.stats().extra["staged_pages"]  # noqa: E731
+        # Aligned sources and destinations: nothing copied.
+        src = aligned_pages(4)
+        for k, page in zip(keys[:4], src, strict=True):
+            page[:] = page_payload(k, PAGE)
+        assert await store.put(list(zip(keys[:4], src, strict=True))) == [True] * 4
+        dst = aligned_pages(4)
+        assert await store.get(list(zip(keys[:4], dst, strict=True))) == [True] * 4
+        assert all(np.array_equal(d, page_payload(k, PAGE)) for k, d in zip(keys[:4], dst,
+                                                                             strict=True))
+        assert staged() == 0
+        # Unaligned (numpy's own memory, offset by a byte) and read-only ones are staged;
+        # mixed with aligned ones in one batch.
+        mixed = []
+        for i, k in enumerate(keys[4:]):
+            page = aligned_pages(1)[0] if i % 2 else np.zeros(PAGE + 1, np.uint8)[1:]
+            page[:] = page_payload(k, PAGE)
+            if i == 2:
+                page.flags.writeable = False
+            mixed.append(page)
+        assert await store.put(list(zip(keys[4:], mixed, strict=True))) == [True] * 8
+        assert staged() == 4
+        outs = [aligned_pages(1)[0] if i % 2 else np.zeros(PAGE + 1, np.uint8)[1:]
+                for i in range(8)]
+        assert await store.get(list(zip(keys[4:], outs, strict=True))) == [True] * 8
+        assert staged() == 8
+        assert all(np.array_equal(o, page_payload(k, PAGE)) for k, o in zip(keys[4:], outs,
+                                                                             strict=True))
+        await store.close()
+
+    run(body())
+
+
+@pytest.mark.parametrize("direct", [None, False])
+def test_pages_of_no_whole_number_of_blocks(tmp_path: Path, direct: bool | None) -> None:
+    layout = KVLayout(1, 1, 8, 16, "float16", model_id="tiny")  # 512-byte pages
+    pb = layout.bytes_per_block
+    keys = keys_(40)
+
+    async def body() -> None:
+        store = await DiskStore.open(layout, cfg(tmp_path, direct_io=direct))
+        assert store.geometry.slot_bytes == 4096
+        assert await store.put([(k, page_payload(k, pb)) for k in keys]) == [True] * 40
+        await store.close()
+        listener = RecordingListener()
+        store = await DiskStore.open(layout, cfg(tmp_path, direct_io=direct), listener=listener)
+        outs = [np.zeros(pb, np.uint8) for _ in keys]
+        assert await store.get(list(zip(keys, outs, strict=True))) == [True] * 40
+        assert all(np.array_equal(o, page_payload(k, pb)) for k, o in zip(keys, outs,
+                                                                           strict=True))
+        path, offset = slot_offset(store, keys[7])
+        write_at(path, offset + 100, b"\x00\x01")
+        assert await store.get([(keys[7], outs[7])]) == [False]
+        assert listener.removed(RemovalReason.CORRUPT) == [keys[7]]
+        await store.close()
+
+    run(body())
+
+
+def test_short_transfers_are_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel may move fewer bytes than asked (signals, odd filesystems): the rest of
+    the vector follows, from the right buffer and offset."""
+    real_writev, real_readv = os.pwritev, os.preadv
+
+    def short(real: Any) -> Any:
+        def call(fd: int, iov: list[memoryview], offset: int) -> int:
+            budget, cut = 5000, []
+            for b in iov:  # at most ``budget`` bytes, ending mid-buffer
+                cut.append(b[:budget])
+                budget -= cut[-1].nbytes
+                if budget <= 0:
+                    break
+            return int(real(fd, cut, offset))
+        return call
+
+    monkeypatch.setattr(slab_io.os, "pwritev", short(real_writev))
+    monkeypatch.setattr(slab_io.os, "preadv", short(real_readv))
+
+    async def body() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path, direct_io=False))
+        keys = keys_(10)
+        assert await put(store, keys) == [True] * 10
+        assert await served(store, keys) == [True] * 10
+        await store.close()
+
+    run(body())
+
+
+def test_reads_do_not_commit(tmp_path: Path) -> None:
+    """Access times ride along with the next commit: a get waits for no disk sync."""
+    async def body() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        keys = keys_(8)
+        await put(store, keys)
+        commits = store.group_commits
+        for _ in range(3):
+            assert await served(store, keys) == [True] * 8
+        assert store.group_commits == commits
         await store.close()
 
     run(body())

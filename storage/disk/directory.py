@@ -9,7 +9,20 @@
       slabs/NNNNNN.slab
 
 The identity file is checked *before* anything is created or opened for writing, so a
-store opened with another layout leaves a foreign directory exactly as it found it.
+store opened with another layout, or written in another on-disk format, leaves the directory
+exactly as it found it.
+
+Slot format (``kvbm-disk-v2``): the payload at the slot's start, then the 64-byte page header
+(storage/page.py), then zeros up to the next ALIGN boundary::
+
+    [0, page_bytes)                            payload
+    [page_bytes, page_bytes + 64)              header (``header_offset`` = page_bytes)
+    [page_bytes + 64, slot_bytes)              zeros; slot_bytes = align_up(page_bytes + 64)
+
+With page_bytes a multiple of ALIGN (any real model's page) the payload is aligned and the
+header sits alone in the slot's last ALIGN block, so O_DIRECT can move the payload straight
+between the device and an aligned caller page (storage/disk/runs.py). ``kvbm-disk-v1`` had
+the header first; its stores are refused, never misread.
 """
 
 from __future__ import annotations
@@ -29,7 +42,10 @@ from kvbm.storage.page import HEADER_SIZE
 
 log = logging.getLogger(__name__)
 
-FORMAT = "kvbm-disk-v1"
+FORMAT = "kvbm-disk-v2"
+#: Every format of this store is named with this prefix, so an older (or newer) store is
+#: told apart from a directory that is no store at all.
+_FORMAT_FAMILY = "kvbm-disk-"
 META_NAME = "kvbm-disk.json"
 LOCK_NAME = "LOCK"
 #: O_DIRECT needs file offsets, lengths and memory aligned to the logical block size;
@@ -43,11 +59,13 @@ def align_up(n: int, a: int = ALIGN) -> int:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where slot ``s`` lives: slab ``s // slab_slots``, offset ``s % slab_slots * slot_bytes``."""
+    """Where slot ``s`` lives: slab ``s // slab_slots``, offset ``s % slab_slots * slot_bytes``;
+    its header at ``header_offset`` within the slot (see the module docstring)."""
 
     slot_bytes: int
     slab_slots: int
     max_slots: int
+    header_offset: int
 
     def locate(self, slot: int) -> tuple[int, int]:
         slab, i = divmod(slot, self.slab_slots)
@@ -64,10 +82,11 @@ class Geometry:
 
 
 def geometry_for(layout: KVLayout, capacity_bytes: int, slab_bytes: int) -> Geometry:
-    """Slots hold a 64-byte header and the payload, rounded up to ALIGN for O_DIRECT."""
-    slot = align_up(HEADER_SIZE + layout.bytes_per_block)
+    """The payload, then the header, rounded up to ALIGN (see the module docstring)."""
+    header_offset = layout.bytes_per_block
+    slot = align_up(header_offset + HEADER_SIZE)
     return Geometry(slot_bytes=slot, slab_slots=max(1, slab_bytes // slot),
-                    max_slots=capacity_bytes // slot)
+                    max_slots=capacity_bytes // slot, header_offset=header_offset)
 
 
 def _read_meta(root: Path) -> dict[str, Any] | None:
@@ -79,9 +98,14 @@ def _read_meta(root: Path) -> dict[str, Any] | None:
         meta = json.loads(text)
     except ValueError:
         raise StorageError(f"{root / META_NAME} is not valid JSON; not opening {root}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise StorageError(f"{root} is not a {FORMAT} store (format "
-                           f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    if isinstance(fmt, str) and fmt.startswith(_FORMAT_FAMILY) and fmt != FORMAT:
+        # Never guess at another format's slots: its pages would be misread or torn.
+        raise StorageError(f"disk store {root} is in on-disk format {fmt!r}, and this kvbm "
+                           f"reads {FORMAT!r} only; remove the directory to discard its "
+                           f"pages (the tier is a cache), or use another path")
+    if not isinstance(meta, dict) or fmt != FORMAT:
+        raise StorageError(f"{root} is not a {FORMAT} store (format {fmt!r})")
     return meta
 
 
@@ -123,7 +147,8 @@ def create_identity(root: Path, layout: KVLayout, geometry: Geometry) -> dict[st
     """Write the identity file of a new store: to a temporary name, fsync, rename."""
     meta = {"format": FORMAT, "fingerprint": f"{layout.fingerprint:016x}",
             "layout": layout.to_dict(), "page_bytes": layout.bytes_per_block,
-            "slot_bytes": geometry.slot_bytes, "slab_slots": geometry.slab_slots}
+            "slot_bytes": geometry.slot_bytes, "slab_slots": geometry.slab_slots,
+            "header_offset": geometry.header_offset}
     tmp = root / (META_NAME + ".tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -137,11 +162,22 @@ def create_identity(root: Path, layout: KVLayout, geometry: Geometry) -> dict[st
 def stored_geometry(meta: dict[str, Any], wanted: Geometry, capacity_bytes: int) -> Geometry:
     """The geometry of an existing store: its slot and slab sizes win over the config's
     (slabs already on disk have them); the capacity is the config's."""
-    slot, slab_slots = int(meta["slot_bytes"]), int(meta["slab_slots"])
+    try:
+        slot, slab_slots = int(meta["slot_bytes"]), int(meta["slab_slots"])
+        header_offset = int(meta["header_offset"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise StorageError(f"disk store identity file is damaged ({e!r})") from None
+    # The slot shape follows from the layout, whose fingerprint matched: anything else is a
+    # damaged identity file, and reading slots at the wrong offsets would serve nothing.
+    if (slot, header_offset) != (wanted.slot_bytes, wanted.header_offset):
+        raise StorageError(f"disk store identity says slots of {slot} bytes with the header "
+                           f"at {header_offset}; the layout needs {wanted.slot_bytes} and "
+                           f"{wanted.header_offset}")
     if slab_slots != wanted.slab_slots:
         log.info("disk store keeps its slab size of %d slots (config asks for %d)",
                  slab_slots, wanted.slab_slots)
-    return Geometry(slot_bytes=slot, slab_slots=slab_slots, max_slots=capacity_bytes // slot)
+    return Geometry(slot_bytes=slot, slab_slots=slab_slots, max_slots=capacity_bytes // slot,
+                    header_offset=header_offset)
 
 
 class DirectoryLock:

@@ -7,12 +7,15 @@ One record per page::
     key    u64 big-endian block hash (big-endian so that lmdb's byte order is numeric order)
     value  <slab u32, offset u64, length u32, checksum 16s, last_access_ns u64,
             frequency u32, has_parent u8, parent u64>   (53 bytes, little-endian)
+
+In memory, the store keeps each page's record as it is (an :data:`Entry`), and reads its
+fields with the functions below.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lmdb
@@ -22,25 +25,40 @@ from kvbm.storage.disk.directory import Geometry
 
 _KEY = struct.Struct(">Q")
 _REC = struct.Struct("<IQI16sQIBQ")
+_WHERE = struct.Struct("<IQ")  # slab, offset: the record's head
+_USE = struct.Struct("<QI")  # last_access_ns, frequency
+_USE_AT = 32  # where they sit in the record
+_PARENT = struct.Struct("<BQ")  # has_parent, parent
+_PARENT_AT = 44
 _DB_NAME = b"pages"
 
-
-class Entry:
-    """One stored page, in memory (the store keeps one per page, hence ``__slots__``)."""
-
-    __slots__ = ("checksum", "freq", "last_access", "parent", "slot")
-
-    def __init__(self, slot: int, checksum: bytes, last_access: int, freq: int,
-                 parent: int | None) -> None:
-        self.slot = slot
-        self.checksum = checksum
-        self.last_access = last_access
-        self.freq = freq
-        self.parent = parent
+#: One stored page in memory: its index record, bytes. Not a tuple or an object, because the
+#: cyclic GC does not track bytes: a store holds one per page (millions), and puts and reads
+#: make thousands of new ones per batch; tracked, they would set off full collections, which
+#: also walk all of them (~100 ms each in a process that holds torch). An access replaces the
+#: record; the slot tells whether a page is still the same one.
+Entry = bytes
 
 
-#: An index mutation: ``(key, entry)`` stores or rewrites ``key``, ``(key, None)`` deletes it.
-IndexOp = tuple[int, Entry | None]
+def checksum_of(e: Entry) -> bytes:
+    return e[16:32]
+
+
+def parent_of(e: Entry) -> int | None:
+    has_parent, parent = _PARENT.unpack_from(e, _PARENT_AT)
+    return parent if has_parent else None
+
+
+def use_of(e: Entry) -> tuple[int, int]:
+    """``(last_access_ns, frequency)``."""
+    last_access, freq = _USE.unpack_from(e, _USE_AT)
+    return last_access, freq
+
+
+def touched(e: Entry, now: int) -> Entry:
+    """``e`` accessed once more, at ``now``."""
+    freq = _USE.unpack_from(e, _USE_AT)[1]
+    return e[:_USE_AT] + _USE.pack(now, freq + 1) + e[_USE_AT + _USE.size:]
 
 
 class PageIndex:
@@ -60,43 +78,58 @@ class PageIndex:
         except lmdb.Error as e:
             raise StorageError(f"cannot open the page index at {path}: {e}") from e
 
-    def _pack(self, e: Entry) -> bytes:
-        slab, offset = self.geometry.locate(e.slot)
-        parent = e.parent if e.parent is not None else 0
-        return _REC.pack(slab, offset, self.page_bytes, e.checksum, e.last_access, e.freq,
-                         e.parent is not None, parent)
+    def record(self, slab: int, offset: int, checksum: bytes, last_access: int, freq: int,
+               parent: int | None) -> Entry:
+        """The record of a page in the slot at ``offset`` in ``slab``."""
+        return _REC.pack(slab, offset, self.page_bytes, checksum, last_access, freq,
+                         parent is not None, parent or 0)
+
+    def slot_of(self, e: Entry) -> int:
+        slab: int
+        offset: int
+        slab, offset = _WHERE.unpack_from(e)
+        return slab * self.geometry.slab_slots + offset // self.geometry.slot_bytes
 
     def load(self) -> tuple[dict[int, Entry], list[int]]:
         """Every valid entry, and the keys of records that cannot be (to be dropped)."""
         entries: dict[int, Entry] = {}
         bad: list[int] = []
+        g = self.geometry
         with self.env.begin(db=self.db) as txn:
             for kb, vb in txn.cursor():
                 (key,) = _KEY.unpack(kb)
                 if len(vb) != _REC.size:
                     bad.append(key)
                     continue
-                slab, offset, length, checksum, last, freq, has_parent, parent = \
-                    _REC.unpack(vb)
-                g = self.geometry
+                _, offset, length = _REC.unpack(vb)[:3]
                 if (length != self.page_bytes or offset % g.slot_bytes
                         or offset // g.slot_bytes >= g.slab_slots):
                     bad.append(key)
                     continue
-                entries[key] = Entry(g.slot_of(slab, offset), checksum, last, freq,
-                                     parent if has_parent else None)
+                entries[key] = bytes(vb)
         return entries, bad
 
-    def apply(self, ops: Sequence[IndexOp]) -> None:
-        """Apply ``ops`` in order, in one transaction (durable on return when ``sync``)."""
+    def apply(self, keys: Sequence[int], records: Sequence[bytes | None], *,
+              before_commit: Callable[[], object] | None = None) -> None:
+        """Store ``records[i]`` (from :meth:`record`) under ``keys[i]``, or delete the key
+        where it is ``None``, in order, in one transaction (durable on return when ``sync``).
+        ``before_commit`` runs once the transaction is filled, before it commits; if it
+        raises, nothing is committed.
+
+        Records are packed by whoever makes the change, typically an I/O thread while other
+        I/O is in flight, so that the commit, which every waiting put sits behind, only
+        copies bytes into lmdb.
+        """
         try:
             with self.env.begin(write=True, db=self.db) as txn:
-                for key, entry in ops:
-                    kb = _KEY.pack(key)
-                    if entry is None:
-                        txn.delete(kb)
+                put, delete, pack = txn.put, txn.delete, _KEY.pack
+                for key, record in zip(keys, records, strict=True):
+                    if record is None:
+                        delete(pack(key))
                     else:
-                        txn.put(kb, self._pack(entry))
+                        put(pack(key), record)
+                if before_commit is not None:
+                    before_commit()
         except lmdb.Error as e:
             raise StorageError(f"page index commit failed: {e}") from e
 

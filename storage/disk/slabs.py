@@ -1,9 +1,10 @@
 """Slab files: preallocated files of fixed-size slots, read and written with positional I/O.
 
-One fd per slab serves every thread (``pread``/``pwrite`` carry their own offset). With
-O_DIRECT the kernel DMA's straight between our aligned buffers and the device: no page
-cache pollution from a tier whose working set is far larger than RAM, and cold reads
-really are cold. Where the filesystem refuses O_DIRECT the same code runs buffered.
+One fd per slab serves every thread (``preadv``/``pwritev`` carry their own offset). With
+O_DIRECT the kernel DMA's straight between aligned buffers (the caller's pages, or staging
+buffers: storage/disk/runs.py) and the device: no page cache pollution from a tier whose
+working set is far larger than RAM, and cold reads really are cold. Where the filesystem
+refuses O_DIRECT the same code runs buffered.
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ from kvbm.storage.disk.directory import ALIGN, Geometry
 log = logging.getLogger(__name__)
 
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+
+#: Most buffers one pwritev/preadv takes (the kernel's UIO_MAXIOV, 1024 on Linux).
+IOV_MAX: int = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+
+
+def _skip(iov: list[memoryview], n: int) -> list[memoryview]:
+    """``iov`` without its first ``n`` bytes (after a short transfer)."""
+    i = 0
+    while n >= iov[i].nbytes:
+        n -= iov[i].nbytes
+        i += 1
+    rest = iov[i:]
+    rest[0] = rest[0][n:]
+    return rest
 
 
 def aligned_buffer(nbytes: int) -> mmap.mmap:
@@ -50,33 +65,6 @@ def probe_direct_io(directory: Path) -> bool:
         buf.close()
         with contextlib.suppress(FileNotFoundError):
             probe.unlink()
-
-
-class BufferPool:
-    """Reusable aligned staging buffers of one size.
-
-    Fresh anonymous memory page-faults on first touch at about half of memcpy speed, so
-    buffers are kept and reused rather than allocated per I/O.
-    """
-
-    def __init__(self, nbytes: int, keep: int) -> None:
-        self.nbytes = nbytes
-        self._keep = keep
-        self._free: list[mmap.mmap] = []
-        self._lock = threading.Lock()
-
-    def acquire(self) -> mmap.mmap:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return aligned_buffer(self.nbytes)
-
-    def release(self, buf: mmap.mmap) -> None:
-        # Past ``keep``, the buffer is just dropped: views of it may still be alive in the
-        # caller's frame, and the mmap unmaps itself once the last one goes.
-        with self._lock:
-            if len(self._free) < self._keep:
-                self._free.append(buf)
 
 
 class SlabFiles:
@@ -137,28 +125,36 @@ class SlabFiles:
                 os.close(dfd)
         self._allocated.add(slab)
 
-    def write(self, slab: int, offset: int, data: memoryview) -> None:
-        """Write all of ``data`` at ``offset`` (aligned, for O_DIRECT)."""
+    def writev(self, slab: int, offset: int, iov: list[memoryview]) -> None:
+        """Write all of ``iov`` (at most IOV_MAX buffers; with O_DIRECT each aligned in
+        memory and length) contiguously from ``offset``."""
         fd = self._fd(slab, for_write=True)
         assert fd is not None
-        done, n = 0, data.nbytes
-        while done < n:
-            wrote = os.pwrite(fd, data[done:], offset + done)
+        left = sum(b.nbytes for b in iov)
+        while left:
+            wrote = os.pwritev(fd, iov, offset)
             if wrote <= 0:
-                raise StorageError(f"short write to {self.path(slab)} at {offset + done}")
-            done += wrote
+                raise StorageError(f"short write to {self.path(slab)} at {offset}")
+            left -= wrote
+            offset += wrote
+            if left:
+                iov = _skip(iov, wrote)
 
-    def read(self, slab: int, offset: int, into: memoryview) -> int:
-        """Read up to ``into.nbytes`` from ``offset``; the count is short at end of file."""
+    def readv(self, slab: int, offset: int, iov: list[memoryview]) -> int:
+        """Fill ``iov`` from ``offset`` on; the count is short at the end of the file (0 for a
+        slab that is gone)."""
         fd = self._fd(slab, for_write=False)
         if fd is None:
             return 0
-        done, n = 0, into.nbytes
-        while done < n:
-            got = os.preadv(fd, [into[done:]], offset + done)
+        done, left = 0, sum(b.nbytes for b in iov)
+        while left:
+            got = os.preadv(fd, iov, offset + done)
             if got <= 0:
                 break
             done += got
+            left -= got
+            if left:
+                iov = _skip(iov, got)
         return done
 
     def sync(self, slabs: Iterable[int]) -> None:

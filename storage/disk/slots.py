@@ -11,7 +11,7 @@ is still copying the old page out of it. Only then is it handed out again.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from kvbm.storage.disk.directory import Geometry
 
@@ -28,45 +28,67 @@ class SlotAllocator:
         self._free = [s for s in range(self._fresh) if s not in in_use]
         heapq.heapify(self._free)
         self._readers: dict[int, int] = {}
-        self._limbo: dict[int, int] = {}  # slot -> ticket of the commit it waits for
+        # Keyed by commit ticket, so that settling costs one comparison per commit rather
+        # than per slot (a delete of a big batch puts thousands of slots here at once).
+        self._limbo: dict[int, list[int]] = {}
+        self._in_limbo = 0
+        #: Committed, but still being read: free when the last reader ends.
+        self._held: set[int] = set()
 
     def available(self) -> int:
         """Slots that can be handed out now or once their commit and readers are done."""
-        return len(self._free) + (self.max_slots - self._fresh) + len(self._limbo)
+        return (len(self._free) + (self.max_slots - self._fresh) + self._in_limbo
+                + len(self._held))
 
-    def settle(self, is_done: Callable[[int], bool]) -> None:
-        """Move limbo slots whose commit is done and that nobody reads to the free heap."""
-        if not self._limbo:
-            return
-        ready = [s for s, t in self._limbo.items() if s not in self._readers and is_done(t)]
-        for s in ready:
-            del self._limbo[s]
-            heapq.heappush(self._free, s)
+    def settle(self, done: int) -> None:
+        """Free the limbo slots of every commit ticket ``<= done`` (readers permitting)."""
+        for ticket in [t for t in self._limbo if t <= done]:
+            slots = self._limbo.pop(ticket)
+            self._in_limbo -= len(slots)
+            readers = self._readers
+            self._add_free([s for s in slots if s not in readers])
+            self._held.update(s for s in slots if s in readers)
+
+    def _add_free(self, slots: list[int]) -> None:
+        # A big batch (a delete of thousands of pages) re-heapifies in one linear pass
+        # rather than paying a push each.
+        if len(slots) * 8 > len(self._free):
+            self._free += slots
+            heapq.heapify(self._free)
+        else:
+            for s in slots:
+                heapq.heappush(self._free, s)
 
     def take(self, n: int) -> list[int]:
         """Up to ``n`` free slots, ascending."""
-        out: list[int] = []
-        while len(out) < n and self._free:
-            out.append(heapq.heappop(self._free))
-        while len(out) < n and self._fresh < self.max_slots:
-            out.append(self._fresh)
-            self._fresh += 1
-        out.sort()
+        free = self._free
+        if n * 4 >= len(free):
+            # A sorted list is a heap: one sort beats n pops when n is a good part of it.
+            free.sort()
+            out = free[:n]
+            del free[:n]
+        else:
+            out = [heapq.heappop(free) for _ in range(n)]
+        if len(out) < n and self._fresh < self.max_slots:
+            end = min(self.max_slots, self._fresh + n - len(out))
+            out += range(self._fresh, end)
+            self._fresh = end
         return out
 
     def give_back(self, slots: Iterable[int]) -> None:
         """Slots taken but never committed to the index: free again at once."""
-        for s in slots:
-            heapq.heappush(self._free, s)
+        self._add_free(list(slots))
 
     def release(self, slots: Iterable[int], ticket: int) -> None:
         """Slots whose pages left the index in commit ``ticket``."""
-        for s in slots:
-            self._limbo[s] = ticket
+        slots = list(slots)
+        if slots:
+            self._limbo.setdefault(ticket, []).extend(slots)
+            self._in_limbo += len(slots)
 
     def pending(self) -> int:
-        """Limbo slots no reader holds (free as soon as their commit is)."""
-        return sum(1 for s in self._limbo if s not in self._readers)
+        """Limbo slots: free as soon as their commit is (unless a read still holds one)."""
+        return self._in_limbo
 
     def start_read(self, slot: int) -> None:
         self._readers[slot] = self._readers.get(slot, 0) + 1
@@ -75,5 +97,8 @@ class SlotAllocator:
         n = self._readers[slot] - 1
         if n:
             self._readers[slot] = n
-        else:
-            del self._readers[slot]
+            return
+        del self._readers[slot]
+        if slot in self._held:
+            self._held.remove(slot)
+            heapq.heappush(self._free, slot)

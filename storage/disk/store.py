@@ -1,33 +1,37 @@
 """G3: the local-disk page store.
 
-Pages live in slots of large preallocated slab files (storage/disk/slabs.py), each slot a
-64-byte header and the payload (storage/page.py), rounded up to 4 KiB for O_DIRECT. The
-index (storage/disk/index.py) maps block hash -> slot in lmdb.
+Pages live in slots of large preallocated slab files (storage/disk/slabs.py), each slot the
+payload then its 64-byte header (storage/page.py), rounded up to 4 KiB for O_DIRECT
+(storage/disk/directory.py). The index (storage/disk/index.py) maps block hash -> slot in lmdb.
 
-A put goes: reserve slots (evicting if full) -> write header + payload into aligned staging
-buffers, adjacent slots in one large write -> fdatasync the slabs -> commit the index
-entries (group commit, storage/disk/commit.py) -> make the pages visible. A page is in the
-index only once its bytes are durable, so after ``kill -9`` at any moment a reopened store
-serves every page whose put returned, and a torn page (written, never committed, or
-damaged later) is caught by its header and checksum and dropped.
+A put goes: reserve slots (evicting if full) -> write payload + header, a run of adjacent
+slots per vectored write, straight from the caller's pages where O_DIRECT allows
+(storage/disk/runs.py) -> fdatasync the slabs -> commit the index entries (group commit,
+storage/disk/commit.py) -> make the pages visible. A page is in the index only once its
+bytes are durable, so after ``kill -9`` at any moment a reopened store serves every page
+whose put returned, and a torn page (written, never committed, or damaged later) is caught
+by its header and checksum and dropped.
 
 Threading: the asyncio methods hand each call to one *op* thread, which does the blocking
-work and splits big batches into chunks for the *I/O* threads. All shared state sits
-behind one lock that is never held across I/O or waits.
+work and splits big batches into runs for the *I/O* threads. All shared state sits behind
+one lock that is never held across I/O or waits. The per-page Python work (hashing, headers,
+index records, policy updates after a read) is done inside the runs, where it overlaps other
+runs' system calls (which release the GIL); what is left between the last write and the
+return of a put is the commit and publishing the pages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypeVar, cast
 
 from kvbm.errors import ConfigError, LayoutError, StorageError
 from kvbm.layout import KVLayout
@@ -44,17 +48,10 @@ from kvbm.storage.disk.directory import (
     geometry_for,
     stored_geometry,
 )
-from kvbm.storage.disk.index import Entry, IndexOp, PageIndex
-from kvbm.storage.disk.slabs import BufferPool, SlabFiles, probe_direct_io
+from kvbm.storage.disk.index import Entry, PageIndex, checksum_of, parent_of, touched, use_of
+from kvbm.storage.disk.runs import MAX_RUN_SLOTS, Run, RunIO, cut_runs
+from kvbm.storage.disk.slabs import SlabFiles, probe_direct_io
 from kvbm.storage.disk.slots import SlotAllocator
-from kvbm.storage.page import (
-    HEADER_SIZE,
-    PageFault,
-    PageHeader,
-    parse_header,
-    payload_checksum,
-    verify_page,
-)
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -63,8 +60,12 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-#: Access-time updates wait for the next commit; past this many, a get commits them itself.
+#: Access-time updates ride along with the next commit. Past this many, and once the oldest
+#: has waited this long, a get queues a commit of them that an I/O thread sees through (never
+#: the get itself): they cost device time (random B-tree pages), and only recency after a
+#: crash depends on them.
 _DIRTY_FLUSH = 4096
+_DIRTY_MAX_AGE_S = 1.0
 #: A put that finds the tier full evicts, commits the evictions and retries this often.
 _EVICT_ROUNDS = 8
 #: Batches are not cut into runs smaller than this (a system call per run must pay off).
@@ -80,16 +81,6 @@ class _Read(enum.Enum):
     ABSENT = enum.auto()  # not in the index: a plain miss
     CORRUPT = enum.auto()  # read, failed verification: dropped
     ERROR = enum.auto()  # the read itself failed: a miss, the page is kept
-
-
-@dataclass(frozen=True, slots=True)
-class _Run:
-    """Adjacent slots of one slab, read or written with one system call."""
-
-    slab: int
-    offset: int
-    #: (item index in the batch, key, slot) in slot order
-    pages: list[tuple[int, int, int]]
 
 
 class DiskStore(PageStore):
@@ -150,49 +141,55 @@ class DiskStore(PageStore):
         self._lock = threading.Lock()
         #: Keys being written by a put -> that put's completion event.
         self._pending: dict[int, threading.Event] = {}
-        self._dirty: dict[int, Entry] = {}
+        #: Access-time updates not committed yet: key -> its packed index record.
+        self._dirty: dict[int, bytes] = {}
+        self._dirty_since = 0.0  # time.monotonic() of the oldest of them
         self._closed = False
-        self._chunk_slots = max(1, config.io_chunk_bytes // geometry.slot_bytes)
+        self._chunk_slots = max(1, min(MAX_RUN_SLOTS,
+                                       config.io_chunk_bytes // geometry.slot_bytes))
         self._min_run_slots = max(1, min(self._chunk_slots,
                                          _MIN_RUN_BYTES // geometry.slot_bytes))
-        self._buffers = BufferPool(self._chunk_slots * geometry.slot_bytes,
-                                   keep=2 * config.io_threads)
+        self._runio = RunIO(self._slabs, geometry, self.page_bytes, self.fingerprint,
+                            max_run_slots=self._chunk_slots, keep_buffers=2 * config.io_threads)
         self._ops = ThreadPoolExecutor(2 * config.io_threads, thread_name_prefix="kvbm-disk-op")
         self._io = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvbm-disk-io")
+        self._io_threads = config.io_threads
         self._stats.extra["direct_io"] = int(direct)
+        #: Pages copied through a staging buffer (not aligned for O_DIRECT), puts and gets.
+        self._stats.extra["staged_pages"] = 0
         log.info("disk store %s open: %d pages, %d slots of %d bytes, %s I/O, %s", root,
                  len(self._index), geometry.max_slots, geometry.slot_bytes,
                  "O_DIRECT" if direct else "buffered", config.durability.value)
 
     def _load(self, root: Path) -> None:
         """The index into memory, the free slots, the policy's state."""
-        geometry = self.geometry
+        geometry, slot_of = self.geometry, self._index_db.slot_of
         entries, bad = self._index_db.load()
         seen: set[int] = set()
         drop = list(bad)
         for k, e in list(entries.items()):
             # Records of a smaller capacity, or a second claim on a slot (which only damage
             # could produce), are dropped for good.
-            if e.slot >= geometry.max_slots or e.slot in seen:
+            slot = slot_of(e)
+            if slot >= geometry.max_slots or slot in seen:
                 drop.append(k)
                 del entries[k]
             else:
-                seen.add(e.slot)
+                seen.add(slot)
         if drop:
             log.warning("disk store %s: dropping %d index entries (beyond the capacity, "
                         "unreadable or overlapping)", root, len(drop))
-            self._index_db.apply([(k, None) for k in drop])
+            self._index_db.apply(drop, [None] * len(drop))
 
         existing = self._slabs.existing()
         existing_slots = (existing[-1] + 1) * geometry.slab_slots if existing else 0
-        self._alloc = SlotAllocator(geometry, (e.slot for e in entries.values()),
-                                    existing_slots)
+        self._alloc = SlotAllocator(geometry, seen, existing_slots)
         self._index: dict[int, Entry] = entries
         # Replay the index into the policy oldest use first, so that recency (and roughly
         # frequency) survive the restart.
-        for key, e in sorted(entries.items(), key=lambda kv: kv[1].last_access):
-            self._policy.insert(key, e.parent)
-            for _ in range(min(e.freq - 1, _REPLAY_ACCESSES)):
+        for key, e in sorted(entries.items(), key=lambda kv: use_of(kv[1])):
+            self._policy.insert(key, parent_of(e))
+            for _ in range(min(use_of(e)[1] - 1, _REPLAY_ACCESSES)):
                 self._policy.access(key)
 
     @classmethod
@@ -242,21 +239,31 @@ class DiskStore(PageStore):
         """See :meth:`PageStore.put`. ``parents`` (optional, one per item) names each
         block's prefix parent, for lineage-aware eviction; it is kept across restarts."""
         # Validate every payload before anything is written: a bad batch stores nothing.
-        pages = [(key, self._check_payload(key, buf)) for key, buf in items]
-        if parents is not None and len(parents) != len(pages):
-            raise LayoutError(f"{len(parents)} parents for {len(pages)} pages")
-        if not pages:
+        keys = [key for key, _ in items]
+        views = [self._view(key, buf) for key, buf in items]
+        if parents is not None and len(parents) != len(keys):
+            raise LayoutError(f"{len(parents)} parents for {len(keys)} pages")
+        if not keys:
             return []
-        return await self._call(self._put_sync, pages, parents)
+        return await self._call(self._put_sync, keys, views, parents)
 
     async def get(self, items: Sequence[tuple[int, Buffer]]) -> list[bool]:
-        dests = [(key, self._check_payload(key, buf)) for key, buf in items]
-        for key, mv in dests:
+        keys = [key for key, _ in items]
+        views = [self._view(key, buf) for key, buf in items]
+        for key, mv in zip(keys, views, strict=True):
             if mv.readonly:
                 raise LayoutError(f"the buffer for page {key:#x} is read-only")
-        if not dests:
+        if not keys:
             return []
-        return await self._call(self._get_sync, dests)
+        return await self._call(self._get_sync, keys, views)
+
+    def _view(self, key: int, buf: Buffer) -> memoryview:
+        """The page as a flat byte view: the caller's own when it is one already (as
+        HostPool pages are), which saves an object per page."""
+        if (type(buf) is memoryview and buf.format == "B" and buf.ndim == 1
+                and buf.c_contiguous and buf.nbytes == self.page_bytes):
+            return buf
+        return self._check_payload(key, buf)
 
     async def exists(self, keys: Sequence[int]) -> list[bool]:
         with self._lock:
@@ -281,16 +288,22 @@ class DiskStore(PageStore):
         await asyncio.to_thread(self._close_sync)
 
     # -- internals: shared --------------------------------------------------------------------
+    # Batches travel as parallel lists (keys, views, slots, ...) rather than a tuple per page:
+    # per-page objects that live as long as a batch are promoted by the cyclic GC and set off
+    # full collections (see storage/disk/runs.py).
+
     def _check_open(self) -> None:
         if self._closed:
             raise StorageError("disk store is closed")
 
-    def _submit(self, ops: list[IndexOp], slabs: Sequence[int] = ()) -> int:
-        """Queue index mutations, with any pending access updates in front. Lock held."""
+    def _submit(self, keys: list[int], records: list[bytes | None],
+                slabs: Sequence[int] = ()) -> int:
+        """Queue index changes, with any pending access updates in front. Lock held."""
         if self._dirty:
-            ops = list(self._dirty.items()) + ops
+            keys = list(self._dirty) + keys
+            records = [*self._dirty.values(), *records]
             self._dirty.clear()
-        return self._committer.submit(ops, slabs)
+        return self._committer.submit(keys, records, slabs)
 
     def _forget(self, key: int) -> Entry | None:
         """Take ``key`` out of the in-memory index and the policy. Lock held."""
@@ -300,79 +313,72 @@ class DiskStore(PageStore):
             self._dirty.pop(key, None)
         return entry
 
-    def _runs(self, pages: list[tuple[int, int, int]]) -> list[_Run]:
-        """Group ``(item, key, slot)`` into runs of adjacent slots, at most a chunk each.
+    def _runs(self, slots: list[int]) -> list[Run]:
+        """Cut ascending ``slots`` into runs, a chunk at most, and at least one per worker of
+        :meth:`_parallel` (down to ``_MIN_RUN_BYTES``): the device then has several requests
+        in flight, and one run's hashing (which holds the GIL) overlaps another's system
+        call (which does not)."""
+        share = -(-len(slots) // (self._io_threads + 1))
+        return cut_runs(slots, self.geometry,
+                        min(self._chunk_slots, max(share, self._min_run_slots)))
 
-        A batch is cut into at least as many runs as there are I/O threads (down to
-        ``_MIN_RUN_BYTES``): the device then has several requests in flight, and one run's
-        copy and checksum (which hold the GIL) overlap another's system call (which does not).
-        """
-        per_thread = -(-len(pages) // self.config.io_threads)
-        limit = min(self._chunk_slots, max(per_thread, self._min_run_slots))
-        runs: list[_Run] = []
-        cur: list[tuple[int, int, int]] = []
-        for page in sorted(pages, key=lambda p: p[2]):
-            if cur and (page[2] != cur[-1][2] + 1 or len(cur) == limit
-                        or page[2] % self.geometry.slab_slots == 0):
-                runs.append(self._run(cur))
-                cur = []
-            cur.append(page)
-        if cur:
-            runs.append(self._run(cur))
-        return runs
+    def _parallel(self, fn: Callable[[Run], T], runs: list[Run]) -> list[T | BaseException]:
+        """``fn`` over runs, on this thread and the I/O threads alike, each taking the next
+        run as it gets done with one (so that none idles while runs are left); per run, its
+        result or the exception it raised."""
+        out: list[T | BaseException | None] = [None] * len(runs)
+        take = itertools.count().__next__  # atomic: one C call under the GIL
 
-    def _run(self, pages: list[tuple[int, int, int]]) -> _Run:
-        slab, offset = self.geometry.locate(pages[0][2])
-        return _Run(slab, offset, pages)
+        def work() -> None:
+            while (k := take()) < len(runs):
+                try:
+                    out[k] = fn(runs[k])
+                except Exception as e:  # per-run failure; the caller maps it to its pages
+                    out[k] = e
 
-    def _parallel(self, fn: Callable[[_Run], T], runs: list[_Run]) -> list[T | BaseException]:
-        """``fn`` over runs: the first on this thread, the rest on the I/O threads."""
-        futures = [self._io.submit(fn, run) for run in runs[1:]]
-        out: list[T | BaseException] = []
-        try:
-            out.append(fn(runs[0]))
-        except Exception as e:  # per-run failure; the caller maps it to its pages
-            out.append(e)
-        for f in futures:
-            try:
-                out.append(f.result())
-            except Exception as e:
-                out.append(e)
-        return out
+        helpers = [self._io.submit(work) for _ in range(min(len(runs) - 1, self._io_threads))]
+        work()
+        for f in helpers:
+            f.result()
+        return cast("list[T | BaseException]", out)  # every run has its entry by now
 
     # -- internals: put ---------------------------------------------------------------------
-    def _put_sync(self, pages: list[tuple[int, memoryview]],
+    def _put_sync(self, keys: list[int], views: list[memoryview],
                   parents: Sequence[int | None] | None) -> list[bool]:
-        results = [False] * len(pages)
+        results = [False] * len(keys)
         # One event per put, shared by all its keys: a second put of a key in flight waits
         # for it, then looks the key up (one Future per key cost more than the index work).
         mine: threading.Event = threading.Event()
         claimed: list[int] = []
         waits: list[tuple[int, int, threading.Event]] = []
-        todo: list[int] = []
+        todo: list[int] = []  # item positions to write
         try:
             with self._lock:
                 self._check_open()
-                for i, (key, _) in enumerate(pages):
-                    if key in self._index:
+                index, pending, admission = self._index, self._pending, self._admission
+                skipped = 0
+                for i, key in enumerate(keys):
+                    if key in index:
                         results[i] = True
-                        self._stats.put_skipped += 1
+                        skipped += 1
                         continue
-                    other = self._pending.get(key)
+                    other = pending.get(key)
                     if other is not None:  # in flight: earlier in this batch or another put
                         waits.append((i, key, other))
                         continue
-                    if self._admission is not None and not self._admission.admit(key):
+                    if admission is not None and not admission.admit(key):
                         continue
-                    self._pending[key] = mine
+                    pending[key] = mine
                     claimed.append(key)
                     todo.append(i)
+                self._stats.put_skipped += skipped
             slots = self._reserve(len(todo))
             if len(slots) < len(todo):
                 log.debug("disk store full of pages being read: %d of %d pages not stored",
                           len(todo) - len(slots), len(todo))
-            placed = [(i, pages[i][0], s) for i, s in zip(todo, slots, strict=False)]
-            stored = self._write_and_commit(pages, placed, parents) if placed else []
+                del todo[len(slots):]
+            # Slots come ascending: todo[j] goes to slots[j], and the lists are in slot order.
+            stored = self._write_and_commit(keys, views, parents, todo, slots) if slots else []
             for i in stored:
                 results[i] = True
         finally:
@@ -390,11 +396,12 @@ class DiskStore(PageStore):
         return results
 
     def _reserve(self, n: int) -> list[int]:
-        """``n`` free slots (fewer if the policy cannot free enough), evicting as needed."""
+        """``n`` free slots, ascending (fewer if the policy cannot free enough), evicting
+        as needed."""
         slots: list[int] = []
         for _ in range(_EVICT_ROUNDS):
             with self._lock:
-                self._alloc.settle(self._committer.is_done)
+                self._alloc.settle(self._committer.done)
                 slots += self._alloc.take(n - len(slots))
                 short = n - len(slots) - self._alloc.pending()
                 evicted: list[int] = []
@@ -407,8 +414,8 @@ class DiskStore(PageStore):
                     self._dirty.pop(victim, None)
                     if entry is not None:
                         evicted.append(victim)
-                        freed.append(entry.slot)
-                ticket = self._submit([(k, None) for k in evicted]) if evicted else 0
+                        freed.append(self._index_db.slot_of(entry))
+                ticket = self._submit(evicted, [None] * len(evicted)) if evicted else 0
                 self._alloc.release(freed, ticket)
                 self._stats.evicted += len(evicted)
                 waiting = self._alloc.pending() > 0
@@ -432,179 +439,203 @@ class DiskStore(PageStore):
             log.error("disk store: committing removals failed: %s", e)
 
     def _flush(self) -> None:
+        """Commit everything queued, pending access updates included."""
         with self._lock:
-            ticket = self._submit([])
-        self._wait_quietly(ticket)
+            if self._dirty:
+                self._submit([], [])
+        try:
+            self._committer.flush()
+        except StorageError as e:
+            log.error("disk store: commit failed: %s", e)
 
-    def _write_and_commit(self, pages: list[tuple[int, memoryview]],
-                          placed: list[tuple[int, int, int]],
-                          parents: Sequence[int | None] | None) -> list[int]:
-        """Write placed pages, commit them, publish them; the item indexes that stored."""
-        runs = self._runs(placed)
-        outcomes = self._parallel(lambda run: self._write_run(run, pages), runs)
+    def _write_and_commit(self, keys: list[int], views: list[memoryview],
+                          parents: Sequence[int | None] | None, todo: list[int],
+                          slots: list[int]) -> list[int]:
+        """Write items ``todo`` to ``slots``, commit them, publish them; the items stored."""
+        runs = self._runs(slots)
         now = time.time_ns()
-        ok: list[tuple[int, int, Entry]] = []
-        failed_slots: list[int] = []
+        outcomes = self._parallel(
+            lambda run: self._write_run(run, keys, views, parents, todo, slots, now), runs)
+        new_keys: list[int] = []
+        entries: list[bytes | None] = []  # all bytes; typed for the commit queue
+        stored: list[int] = []
+        written: list[int] = []
+        failed: list[int] = []
         slabs: set[int] = set()
+        staged = 0
         for run, outcome in zip(runs, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 log.error("disk store: writing %d pages to slab %d failed: %s",
-                          len(run.pages), run.slab, outcome)
-                failed_slots += [s for _, _, s in run.pages]
+                          run.stop - run.start, run.slab, outcome)
+                failed += slots[run.start:run.stop]
                 continue
             slabs.add(run.slab)
-            for (i, key, slot), checksum in zip(run.pages, outcome, strict=True):
-                parent = parents[i] if parents is not None else None
-                ok.append((i, key, Entry(slot, checksum, now, 1, parent)))
+            new_keys += outcome[0]
+            entries += outcome[1]
+            staged += outcome[2]
+            stored += todo[run.start:run.stop]
+            written += slots[run.start:run.stop]
         ticket = 0
         with self._lock:
-            if failed_slots:
-                self._stats.errors += len(failed_slots)
-                self._alloc.give_back(failed_slots)
-            if ok:
-                ticket = self._submit([(key, e) for _, key, e in ok], sorted(slabs))
-        if not ok:
+            self._stats.extra["staged_pages"] += staged
+            if failed:
+                self._stats.errors += len(failed)
+                self._alloc.give_back(failed)
+            if new_keys:
+                ticket = self._submit(new_keys, entries, sorted(slabs))
+        if not new_keys:
             return []
         try:
             self._committer.wait(ticket)
         except StorageError as err:
-            log.error("disk store: committing %d pages failed: %s", len(ok), err)
+            log.error("disk store: committing %d pages failed: %s", len(new_keys), err)
             with self._lock:
-                self._stats.errors += len(ok)
-                self._alloc.give_back(entry.slot for _, _, entry in ok)
+                self._stats.errors += len(new_keys)
+                self._alloc.give_back(written)
             return []
         with self._lock:
-            for _, key, e in ok:
-                self._index[key] = e
-                self._policy.insert(key, e.parent)
-            self._stats.puts += len(ok)
-            self._stats.put_bytes += len(ok) * self.page_bytes
-        return [i for i, _, _ in ok]
+            index, insert = self._index, self._policy.insert
+            for key, e, i in zip(new_keys, entries, stored, strict=True):
+                index[key] = cast(Entry, e)
+                insert(key, parents[i] if parents is not None else None)
+            self._stats.puts += len(new_keys)
+            self._stats.put_bytes += len(new_keys) * self.page_bytes
+        return stored
 
-    def _write_run(self, run: _Run, pages: list[tuple[int, memoryview]]) -> list[bytes]:
-        """Header + payload of each page into a staging buffer, then one write."""
-        slot, pb = self.geometry.slot_bytes, self.page_bytes
-        buf = self._buffers.acquire()
-        try:
-            mv = memoryview(buf)
-            checksums = []
-            for j, (i, key, _) in enumerate(run.pages):
-                payload = pages[i][1]
-                base = j * slot
-                checksum = payload_checksum(payload)
-                mv[base:base + HEADER_SIZE] = PageHeader(self.fingerprint, key, pb,
-                                                         checksum).pack()
-                mv[base + HEADER_SIZE:base + HEADER_SIZE + pb] = payload
-                pad = slot - HEADER_SIZE - pb
-                if pad:
-                    mv[base + slot - pad:base + slot] = bytes(pad)
-                checksums.append(checksum)
-            self._slabs.write(run.slab, run.offset, mv[:len(run.pages) * slot])
-            return checksums
-        finally:
-            self._buffers.release(buf)
+    def _write_run(self, run: Run, keys: list[int], views: list[memoryview],
+                   parents: Sequence[int | None] | None, todo: list[int], slots: list[int],
+                   now: int) -> tuple[list[int], list[bytes | None], int]:
+        """Write a run; its keys and entries (built here, in parallel with other runs'
+        writes), and how many of its pages were staged."""
+        items = todo[run.start:run.stop]
+        run_keys = [keys[i] for i in items]
+        checksums, staged = self._runio.write(run.slab, run.offset, run_keys,
+                                              [views[i] for i in items])
+        record, slab, step = self._index_db.record, run.slab, self.geometry.slot_bytes
+        offset = run.offset - step
+        entries: list[bytes | None] = []
+        for checksum, i in zip(checksums, items, strict=True):
+            offset += step
+            entries.append(record(slab, offset, checksum, now, 1,
+                                  parents[i] if parents is not None else None))
+        return run_keys, entries, staged
 
     # -- internals: get -----------------------------------------------------------------------
-    def _get_sync(self, dests: list[tuple[int, memoryview]]) -> list[bool]:
-        outcome = [_Read.ABSENT] * len(dests)
-        reading: list[tuple[int, int, int]] = []
-        entries: dict[int, Entry] = {}
+    def _get_sync(self, keys: list[int], views: list[memoryview]) -> list[bool]:
+        outcome = [_Read.ABSENT] * len(keys)
+        items: list[int] = []  # item positions found in the index ...
+        slots: list[int] = []  # ... their slots ...
+        sums: list[bytes] = []  # ... and the checksums their entries hold
         with self._lock:
             self._check_open()
-            for i, (key, _) in enumerate(dests):
-                e = self._index.get(key)
+            lookup, start_read = self._index.get, self._alloc.start_read
+            slot_of = self._index_db.slot_of
+            for i, key in enumerate(keys):
+                e = lookup(key)
                 if e is not None:
                     # Pin the slot, not the key: an eviction may still take the key, but the
                     # slot is not overwritten until this read is done (slots.py).
-                    self._alloc.start_read(e.slot)
-                    reading.append((i, key, e.slot))
-                    entries[i] = e
-                    outcome[i] = _Read.ERROR  # until a read says otherwise
+                    slot = slot_of(e)
+                    start_read(slot)
+                    items.append(i)
+                    slots.append(slot)
+                    sums.append(checksum_of(e))
         corrupt: list[int] = []
-        ticket = 0
-        try:
-            if reading:
-                runs = self._runs(reading)
-                done = self._parallel(lambda run: self._read_run(run, dests, entries), runs)
-                for run, result in zip(runs, done, strict=True):
-                    if isinstance(result, BaseException):
-                        # An I/O error is not evidence against the page: a miss, kept.
-                        log.error("disk store: reading slab %d failed: %s", run.slab, result)
-                        continue
-                    for (i, _, _), read in zip(run.pages, result, strict=True):
-                        outcome[i] = read
-        finally:
+        freed: list[int] = []
+        if items:
+            order = sorted(range(len(items)), key=slots.__getitem__)
+            items = [items[j] for j in order]
+            slots = [slots[j] for j in order]
+            sums = [sums[j] for j in order]
+            runs = self._runs(slots)
             now = time.time_ns()
-            with self._lock:
-                for i, key, slot in reading:
-                    self._alloc.end_read(slot)
-                    e = entries[i]
-                    if self._index.get(key) is not e:
-                        continue  # deleted or evicted meanwhile: nothing to update
-                    if outcome[i] is _Read.HIT:
-                        self._policy.access(key)
-                        e.last_access = now
-                        e.freq += 1
-                        self._dirty[key] = e
-                    elif outcome[i] is _Read.CORRUPT:
-                        self._forget(key)
-                        corrupt.append(key)
-                hits = outcome.count(_Read.HIT)
-                s = self._stats
-                s.gets += len(dests)
-                s.hits += hits
-                s.misses += len(dests) - hits
-                s.get_bytes += hits * self.page_bytes
-                s.corrupt += len(corrupt)
-                s.errors += outcome.count(_Read.ERROR)
-                if corrupt or len(self._dirty) > _DIRTY_FLUSH:
-                    ticket = self._submit([(k, None) for k in corrupt])
-                    dropped = set(corrupt)
-                    self._alloc.release({slot for _, k, slot in reading if k in dropped},
-                                        ticket)
+            done = self._parallel(
+                lambda run: self._read_run(run, keys, views, items, slots, sums, now), runs)
+            for run, result in zip(runs, done, strict=True):
+                if isinstance(result, BaseException):
+                    # _read_run reports I/O failures itself: this is a bug in it. The slots
+                    # stay pinned (never reused) rather than risk serving a torn page.
+                    log.error("disk store: reading %d pages failed: %r",
+                              run.stop - run.start, result)
+                    reads = [_Read.ERROR] * (run.stop - run.start)
+                else:
+                    reads, dropped, dropped_slots = result
+                    corrupt += dropped
+                    freed += dropped_slots
+                for i, read in zip(items[run.start:run.stop], reads, strict=True):
+                    outcome[i] = read
+        ticket = 0
+        with self._lock:
+            hits = outcome.count(_Read.HIT)
+            s = self._stats
+            s.gets += len(keys)
+            s.hits += hits
+            s.misses += len(keys) - hits
+            s.get_bytes += hits * self.page_bytes
+            s.corrupt += len(corrupt)
+            s.errors += outcome.count(_Read.ERROR)
+            if corrupt or (len(self._dirty) > _DIRTY_FLUSH
+                           and time.monotonic() - self._dirty_since > _DIRTY_MAX_AGE_S):
+                ticket = self._submit(corrupt, [None] * len(corrupt))
+                self._alloc.release(freed, ticket)
         if corrupt:
             log.warning("disk store: %d corrupt pages dropped (%s)", len(corrupt),
                         ", ".join(f"{k:#x}" for k in corrupt[:8]))
             self._notify_removed(corrupt, RemovalReason.CORRUPT)
-        if ticket:
+            # Rare; waiting keeps "dropped" meaning "dropped durably" when get returns.
             self._wait_quietly(ticket)
+        elif ticket:
+            # Access times only: an I/O thread sees the commit through, the get moves on.
+            self._io.submit(self._wait_quietly, ticket)
         return [o is _Read.HIT for o in outcome]
 
-    def _read_run(self, run: _Run, dests: list[tuple[int, memoryview]],
-                  entries: dict[int, Entry]) -> list[_Read]:
-        """One read for the run, then verify each page and copy its payload out."""
-        slot, pb = self.geometry.slot_bytes, self.page_bytes
-        buf = self._buffers.acquire()
+    def _read_run(self, run: Run, keys: list[int], views: list[memoryview], items: list[int],
+                  slots: list[int], sums: list[bytes], now: int
+                  ) -> tuple[list[_Read], list[int], list[int]]:
+        """Read and verify a run, unpin its slots, record the hits' accesses and take the
+        corrupt pages out of the index; the outcomes, and the keys and slots dropped."""
+        a, b = run.start, run.stop
+        run_items = items[a:b]
+        run_keys = [keys[i] for i in run_items]
         try:
-            mv = memoryview(buf)
-            got = self._slabs.read(run.slab, run.offset, mv[:len(run.pages) * slot])
-            out = []
-            for j, (i, key, _) in enumerate(run.pages):
-                base = j * slot
-                if got < base + HEADER_SIZE + pb:
-                    fault: str = PageFault.TRUNCATED.value  # the slab ends early: torn
-                else:
-                    head = mv[base:base + HEADER_SIZE]
-                    payload = mv[base + HEADER_SIZE:base + HEADER_SIZE + pb]
-                    bad = verify_page(head, payload, fingerprint=self.fingerprint, seq_hash=key)
-                    if bad is None:
-                        header = parse_header(head)
-                        # A valid page of this key but not the one the index committed (an
-                        # older incarnation in a slot never reused since) is stale.
-                        if (isinstance(header, PageHeader)
-                                and header.checksum == entries[i].checksum):
-                            dests[i][1][:] = payload
-                            out.append(_Read.HIT)
-                            continue
-                        fault = "stale"
-                    else:
-                        fault = bad.value
-                log.debug("disk store: page %#x in slab %d failed verification: %s", key,
-                          run.slab, fault)
-                out.append(_Read.CORRUPT)
-            return out
-        finally:
-            self._buffers.release(buf)
+            faults, staged = self._runio.read(run.slab, run.offset, run_keys,
+                                              [views[i] for i in run_items], sums[a:b])
+        except Exception as err:
+            # An I/O error is not evidence against the pages: misses, kept.
+            log.error("disk store: reading slab %d failed: %s", run.slab, err)
+            out = [_Read.ERROR] * (b - a)
+            staged = 0
+        else:
+            out = [_Read.HIT if f is None else _Read.CORRUPT for f in faults]
+            for key, fault in zip(run_keys, faults, strict=True):
+                if fault is not None:
+                    log.debug("disk store: page %#x in slab %d failed verification: %s",
+                              key, run.slab, fault)
+        dropped: list[int] = []
+        dropped_slots: list[int] = []
+        slot_of = self._index_db.slot_of
+        with self._lock:
+            end_read, index, access = self._alloc.end_read, self._index, self._policy.access
+            dirty = self._dirty
+            if not dirty:
+                self._dirty_since = time.monotonic()
+            for j, key in enumerate(run_keys):
+                slot = slots[a + j]
+                end_read(slot)
+                e = index.get(key)
+                # The slot was pinned until now, so an entry on it is the page just read;
+                # on another slot (or none), the key was deleted or evicted meanwhile.
+                if e is None or slot_of(e) != slot:
+                    continue
+                if out[j] is _Read.HIT:
+                    access(key)
+                    index[key] = dirty[key] = touched(e, now)
+                elif out[j] is _Read.CORRUPT:
+                    self._forget(key)
+                    dropped.append(key)
+                    dropped_slots.append(slot)
+            self._stats.extra["staged_pages"] += staged
+        return out, dropped, dropped_slots
 
     # -- internals: delete / close ------------------------------------------------------------
     def _delete_sync(self, keys: list[int]) -> int:
@@ -615,11 +646,11 @@ class DiskStore(PageStore):
             for key in keys:
                 e = self._forget(key)
                 if e is not None:
-                    freed.append(e.slot)
+                    freed.append(self._index_db.slot_of(e))
                     gone.append(key)
             if not gone:
                 return 0
-            ticket = self._submit([(k, None) for k in gone])
+            ticket = self._submit(gone, [None] * len(gone))
             self._alloc.release(freed, ticket)
             self._stats.deleted += len(gone)
         self._committer.wait(ticket)
@@ -631,9 +662,9 @@ class DiskStore(PageStore):
         self._ops.shutdown(wait=True)
         self._io.shutdown(wait=True)
         try:
-            if self._dirty:
-                self._flush()
+            self._flush()  # access updates, and anything queued without a waiter
         finally:
+            self._committer.close()
             self._index_db.close()
             self._slabs.close()
             self._dir_lock.release()
