@@ -571,6 +571,23 @@ def test_short_transfers_are_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyP
     run(body())
 
 
+def test_a_failed_commit_is_reported_to_its_submitter(tmp_path: Path) -> None:
+    """Whoever drives a group commit (here a flush), a failure goes to each ticket's own
+    waiter, so that a put never publishes pages whose index entries did not commit."""
+    from kvbm.storage.disk.commit import GroupCommitter
+
+    class FailingIndex:
+        def apply(self, *args: Any, **kwargs: Any) -> None:
+            raise OSError("disk gone")
+
+    committer = GroupCommitter(FailingIndex(), None, sync_data=False)  # type: ignore[arg-type]
+    ticket = committer.submit([1], [b"record"])
+    committer.flush()  # drives the failing commit, raises nothing itself
+    with pytest.raises(StorageError, match="disk gone"):
+        committer.wait(ticket)
+    committer.close()
+
+
 def test_reads_do_not_commit(tmp_path: Path) -> None:
     """Access times ride along with the next commit: a get waits for no disk sync."""
     async def body() -> None:

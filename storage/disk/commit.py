@@ -62,38 +62,42 @@ class GroupCommitter:
             return self._done
 
     def flush(self) -> None:
-        """Commit everything submitted so far (nothing to do when it is)."""
+        """Commit everything submitted so far. A failure stays with the submitters' own
+        :meth:`wait` (each reports its ticket's); the flush itself raises nothing."""
         with self._cond:
-            last = self._next - 1
-        self.wait(last)
+            self._commit_through(self._next - 1)
 
     def wait(self, ticket: int) -> None:
         """Block until ``ticket`` is committed; :class:`StorageError` if its group failed."""
         with self._cond:
-            while self._done < ticket:
-                if self._leading:
-                    self._cond.wait()
-                    continue
-                self._leading = True
-                batch, self._queue = self._queue, []
-                self._cond.release()
-                error: BaseException | None = None
-                try:
-                    self._commit(batch)
-                except BaseException as e:  # recorded for every waiter of the group
-                    error = e
-                finally:
-                    self._cond.acquire()
-                    self._leading = False
-                    if batch:
-                        self._done = batch[-1][0]
-                        if error is not None:
-                            for t, *_ in batch:
-                                self._failed[t] = error
-                    self._cond.notify_all()
+            self._commit_through(ticket)
             error = self._failed.pop(ticket, None)
         if error is not None:
             raise StorageError(f"index commit failed: {error}") from error
+
+    def _commit_through(self, ticket: int) -> None:
+        """Lead or wait for group commits until ``ticket`` is done. ``_cond`` held."""
+        while self._done < ticket:
+            if self._leading:
+                self._cond.wait()
+                continue
+            self._leading = True
+            batch, self._queue = self._queue, []
+            self._cond.release()
+            error: BaseException | None = None
+            try:
+                self._commit(batch)
+            except BaseException as e:  # recorded for every waiter of the group
+                error = e
+            finally:
+                self._cond.acquire()
+                self._leading = False
+                if batch:
+                    self._done = batch[-1][0]
+                    if error is not None:
+                        for t, *_ in batch:
+                            self._failed[t] = error
+                self._cond.notify_all()
 
     def close(self) -> None:
         self._syncer.shutdown(wait=True)

@@ -434,19 +434,18 @@ class DiskStore(PageStore):
         try:
             self._committer.wait(ticket)
         except StorageError as e:
-            # The deletion did not commit: after a restart those entries point at reused
-            # slots, which reads then detect as torn. Nothing wrong is ever served.
-            log.error("disk store: committing removals failed: %s", e)
+            # Removals that did not commit leave entries that, after a restart, point at
+            # reused slots, which reads then detect as torn: nothing wrong is ever served.
+            # Lost access times only cost recency.
+            log.error("disk store: committing removals or access times failed: %s", e)
 
     def _flush(self) -> None:
         """Commit everything queued, pending access updates included."""
         with self._lock:
-            if self._dirty:
-                self._submit([], [])
-        try:
-            self._committer.flush()
-        except StorageError as e:
-            log.error("disk store: commit failed: %s", e)
+            ticket = self._submit([], []) if self._dirty else 0
+        if ticket:
+            self._wait_quietly(ticket)  # the access updates' own ticket: its error is ours
+        self._committer.flush()
 
     def _write_and_commit(self, keys: list[int], views: list[memoryview],
                           parents: Sequence[int | None] | None, todo: list[int],
