@@ -13,12 +13,16 @@ stdout, one whole line per event, flushed at once:
 Each line is one ``write`` of less than PIPE_BUF bytes, so it reaches the pipe whole or
 not at all.
 
-Payloads are ``kvbm.testing.page_payload(key, ...)``, so the parent can check bytes.
+Payloads are ``kvbm.testing.page_payload(key, ...)``, so the parent can check bytes. Some
+puts hand them over from page-aligned memory, some from ``bytes`` and some mixed, so that a
+kill lands in both of the store's write paths: zero-copy O_DIRECT from the caller's buffer,
+and copy-through-staging (storage/disk/runs.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import mmap
 import random
 import sys
 import threading
@@ -49,6 +53,21 @@ def config(root: Path, capacity: int) -> DiskTierConfig:
     return DiskTierConfig(root, capacity, slab_bytes=4 << 20, eviction="lru")
 
 
+def payloads(keys: Sequence[int], page_bytes: int, mode: int) -> list[memoryview]:
+    """The keys' payloads: ``mode`` 0 as ``bytes`` (staged), 1 each in its own slice of a
+    page-aligned anonymous mapping (zero-copy), 2 alternating the two within the put."""
+    out = [memoryview(page_payload(k, page_bytes)) for k in keys]
+    if mode == 0:
+        return out
+    aligned = mmap.mmap(-1, len(keys) * page_bytes)  # page-aligned by construction
+    view = memoryview(aligned)
+    for j, data in enumerate(out):
+        if mode == 1 or j % 2 == 0:
+            view[j * page_bytes:(j + 1) * page_bytes] = data
+            out[j] = view[j * page_bytes:(j + 1) * page_bytes]
+    return out
+
+
 async def writer(store: DiskStore, seed: int, lane: int) -> None:
     rng = random.Random(seed * 31 + lane)
     layout = TEST_LAYOUT
@@ -58,7 +77,8 @@ async def writer(store: DiskStore, seed: int, lane: int) -> None:
         n = rng.choice([1, 2, 8, 32, 64])
         keys = make_keys(n, start=(seed * 8 + lane) * 1_000_000 + counter)
         counter += n
-        got = await store.put([(k, page_payload(k, layout.bytes_per_block)) for k in keys])
+        bufs = payloads(keys, layout.bytes_per_block, rng.randrange(3))
+        got = await store.put(list(zip(keys, bufs, strict=True)))
         stored = [k for k, ok in zip(keys, got, strict=True) if ok]
         emit("ok", stored)
         mine += stored
