@@ -208,6 +208,9 @@ class ManagerStats:
     lower_tiers: dict[Medium, tuple[TierStats, TierQueueStats]] = field(default_factory=dict)
     #: pages found in persistent tiers whose prefix is not (yet) in the index
     unlinked_pages: int = 0
+    #: onboards cut short because G2 had no free page to stage a disk/object load into (all
+    #: held or in flight to a slow tier): those blocks were a miss instead of an error
+    staging_misses: int = 0
 
     @property
     def hit_ratio(self) -> float:
@@ -583,7 +586,8 @@ class BlockManager:
         return ManagerStats(self._lookups, self._query_blocks, self._hit_blocks,
                             dict(self._hits_by_medium), self._committed, self._deduplicated,
                             dict(self._onboarded), self._offloaded, len(self._index),
-                            self._events_dropped, tiers, lower, len(self._orphans))
+                            self._events_dropped, tiers, lower, len(self._orphans),
+                            self._staging_misses)
 
     # ---------------------------------------------------------------------------- internals --
     def _hold(self, tier: _MemTier, rec: BlockRecord) -> None:

@@ -193,6 +193,45 @@ def test_manager_backpressure_with_a_slow_disk(tmp_path):
     mgr.close()
 
 
+class GatedLoadStore(DiskStore):
+    """A real disk store whose gets wait for a gate: holds staging pages in G2 on purpose."""
+
+    gate: threading.Event
+
+    async def get(self, items):  # type: ignore[override]
+        await asyncio.get_running_loop().run_in_executor(None, self.gate.wait)
+        return await super().get(items)
+
+
+def test_no_g2_page_to_stage_a_load_is_a_miss_not_an_error(tmp_path):
+    # G2 of 8 pages moves at most 4 in flight to disk, so each request adds at most 4 blocks
+    mgr = BlockManager(LAYOUT, config(tmp_path, g1=8, g2=8))
+    for n, base in ((4, 0), (4, 1000), (8, 1000), (4, 2000), (4, 3000)):
+        run(mgr, toks(n, base))  # A (4 blocks) and B (8) end up on disk only
+        mgr._quiesce()
+    a, b = mgr.match_prefix(toks(4, 0)), mgr.match_prefix(toks(8, 1000))
+    assert a.mediums == [Medium.DISK] * 4 and b.mediums == [Medium.DISK] * 8
+    store = mgr._lower[0].store
+    store.__class__ = GatedLoadStore
+    store.gate = threading.Event()
+    try:
+        loading = mgr.onboard_async(a)  # holds 4 G2 pages to stage A's loads
+        assert not loading.done()
+        assert mgr.onboard(b) == []  # 4 pages left for 8 loads: a miss, no exception
+        assert mgr.stats().staging_misses == 1
+        mgr.check_invariants()
+    finally:
+        store.gate.set()
+    ids = loading.wait(10)
+    assert len(ids) == 4
+    for blk, h in zip(ids, a.sequence_hashes, strict=True):
+        assert bool((mgr.block_view(blk) == value(h)).all()), "served a wrong page"
+    mgr.release(ids)
+    assert run(mgr, toks(8, 1000)) == [Medium.DISK] * 8  # B is still there, served later
+    mgr.check_invariants()
+    mgr.close()
+
+
 def test_config_validation_for_lower_tiers(tmp_path):
     with pytest.raises(ConfigError, match="host tier"):
         ManagerConfig(device=DeviceTierConfig(4), disk=disk_cfg(tmp_path))
