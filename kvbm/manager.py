@@ -895,6 +895,12 @@ class BlockManager:
                 self._orphans[rec.seq_hash] = self._orphans.get(rec.seq_hash, 0) | lt.bit
         self._emit_stored(stored, lt.medium)
 
+    def _reports_misses(self, medium: Medium) -> bool:
+        from kvbm.storage.base import Capability
+
+        return any(lt.medium is medium and lt.store.capabilities & Capability.REPORTS_MISSES
+                   for lt in self._lower)
+
     def _on_removed(self, item: _Removal) -> None:
         bit = item.medium.bit
         gone: list[BlockRecord] = []
@@ -920,10 +926,13 @@ class BlockManager:
         for i, ok in zip(positions, th.results, strict=True):
             handle._ok[i] = ok
         if not all(th.results):
-            # The tier answered "not there" (or failed): it no longer holds these pages.
+            # A tier that reports its definite misses itself (it has already: the listener
+            # runs before completion) failed the others transiently, e.g. an unreachable
+            # object store: keep their residency so that they are served once it answers.
+            # Any other tier's failed load is taken as "not there any more".
             missing = [handle._recs[i].seq_hash for i, ok in zip(positions, th.results,
                                                                    strict=True) if not ok]
-            if th.status is not th.status.FAILED:
+            if th.status is not th.status.FAILED and not self._reports_misses(medium):
                 self._on_removed(_Removal(medium, missing))
         else:
             self._onboarded[medium] += len(positions)

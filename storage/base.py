@@ -15,6 +15,11 @@ Contract, checked by the shared conformance suite ``kvbm.testing.PageStoreTests`
   ``stats().corrupt`` and reported to the listener as removed.
 * Pages a tier drops on its own (eviction at capacity, corruption) are reported through
   ``TierListener.on_removed`` so the block manager can update its index and emit events.
+* A tier with ``Capability.REPORTS_MISSES`` also reports a ``get`` of a page it does not
+  hold (``RemovalReason.MISSING``); its other misses (server unreachable, circuit breaker
+  open) are then known to be transient, and the block manager keeps the page's residency
+  so that it is served again once the tier answers. Without the flag, the manager takes
+  every failed load as proof that the page is gone.
 """
 
 from __future__ import annotations
@@ -43,12 +48,17 @@ class Capability(enum.Flag):
     EVICTS = enum.auto()
     #: pages survive a restart and are found again by a new instance on the same location
     PERSISTENT = enum.auto()
+    #: a get miss on a page the tier does not hold is reported (RemovalReason.MISSING), so
+    #: any other miss is transient (see the module docstring)
+    REPORTS_MISSES = enum.auto()
 
 
 class RemovalReason(enum.Enum):
     EVICTED = "evicted"
     CORRUPT = "corrupt"
     DELETED = "deleted"
+    #: a get asked for a page the tier does not hold (any more)
+    MISSING = "missing"
 
 
 class TierListener(Protocol):

@@ -432,7 +432,8 @@ class PackedObjectStore(PageStore):
 
     medium = Medium.OBJECT
     # DURABLE: put returns only after the pack upload completed and the entry is committed.
-    capabilities = Capability.REMOTE | Capability.PERSISTENT | Capability.DURABLE
+    capabilities = (Capability.REMOTE | Capability.PERSISTENT | Capability.DURABLE
+                    | Capability.REPORTS_MISSES)
 
     def __init__(self, layout: KVLayout, backend: ObjectBackend, config: ObjectTierConfig, *,
                  listener: TierListener | None = None) -> None:
@@ -629,9 +630,11 @@ class PackedObjectStore(PageStore):
         by_pack: dict[bytes, tuple[int, list[_Slot]]] = {}
         slot_of: list[_Slot | None] = []
         seen: dict[tuple[bytes, int], _Slot] = {}
+        missing: list[int] = []
         for (k, _), dst, loc in zip(items, dests, locs, strict=True):
             if loc is None:
                 slot_of.append(None)
+                missing.append(k)
                 continue
             slot = seen.get((loc.pack_id, loc.offset))
             if slot is None:
@@ -642,6 +645,8 @@ class PackedObjectStore(PageStore):
                 slot.dests.append(dst)  # the same page asked twice: read once
             slot_of.append(slot)
 
+        # Not in the index: a definite miss, unlike a read that fails (see REPORTS_MISSES).
+        self._notify_removed(missing, RemovalReason.MISSING)
         ranges = plan_ranges(by_pack, max_read_bytes=self.config.max_read_bytes)
         if ranges:
             loop = asyncio.get_running_loop()

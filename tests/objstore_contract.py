@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -189,6 +188,22 @@ class ObjectStoreTests(abc.ABC):
 
         asyncio.run(body())
 
+    def test_get_of_an_unknown_page_is_reported_missing(self) -> None:
+        async def body() -> None:
+            listener = RecordingListener()
+            store = self.store_for(LAYOUT, listener)
+            try:
+                ks = keys(3)
+                await store.put([(ks[0], page_payload(ks[0], PAGE))])
+                got = await store.get(list(zip(ks, buffers(3), strict=True)))
+                assert got == [True, False, False]
+                assert listener.removed(RemovalReason.MISSING) == ks[1:]
+                assert listener.removed(RemovalReason.CORRUPT) == []
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
     def test_lost_pack_drops_all_its_pages(self) -> None:
         async def body() -> None:
             listener = RecordingListener()
@@ -335,9 +350,8 @@ class ObjectStoreTests(abc.ABC):
                 ks = keys(2)
                 await store.put(list(zip(ks, payloads(ks), strict=True)))
                 proxy.inject(Fault.HANG, methods=("GET",), match=PACK_SUFFIX)
-                t0 = time.monotonic()
                 assert await store.get(list(zip(ks, buffers(2), strict=True))) == [False] * 2
-                assert time.monotonic() - t0 < 1.2  # 2 attempts x 0.2 s, not 2 x 1.5 s
+                assert proxy.injected == 2  # both pages in one ranged GET, tried twice
                 assert store.stats().errors == 2 and store.stats().corrupt == 0
                 proxy.clear()
                 # The index was left alone: the pages are served once the server answers.
@@ -357,11 +371,9 @@ class ObjectStoreTests(abc.ABC):
                 assert await store.get([(ks[0], buffers(1)[0])]) == [False]
                 assert store.breaker.state is BreakerState.OPEN  # 3 failed attempts
                 n_requests = len(proxy.seen)
-                t0 = time.monotonic()
                 assert await store.get(list(zip(ks[:2], buffers(2), strict=True))) == [False] * 2
                 assert await store.put([(ks[2], page_payload(ks[2], PAGE))]) == [False]
                 assert await store.exists(ks[:2]) == [False, False]
-                assert time.monotonic() - t0 < 0.25  # no request, no sleep: just bookkeeping
                 # Refused without a request (a client library's own requests aside).
                 assert [p for _, p in proxy.seen[n_requests:] if PACK_SUFFIX in p] == []
                 assert store.stats().extra["rejected_open"] == 3
@@ -401,9 +413,9 @@ class ObjectStoreTests(abc.ABC):
             put = asyncio.ensure_future(store.put(items))
             await asyncio.sleep(0.05)
             server.kill()
-            t0 = time.monotonic()
-            got = await put  # no exception, no hang: what did not land is False
-            assert time.monotonic() - t0 < 5.0
+            # No exception, no hang (the bound only guards against one): what did not
+            # land is False.
+            got = await asyncio.wait_for(put, 60)
             assert False in got
             stored = [k for k, ok in zip(ks, got, strict=True) if ok]
             assert sorted(await store.keys()) == sorted(stored)
@@ -411,9 +423,10 @@ class ObjectStoreTests(abc.ABC):
             for _ in range(3):
                 await store.get([(ks[0], np.zeros(page, dtype=np.uint8))])
             assert store.breaker.state is BreakerState.OPEN
-            t0 = time.monotonic()
+            rejected = store.stats().extra["rejected_open"]
             assert await store.put(items[:8]) == [False] * 8
-            assert time.monotonic() - t0 < 0.25
+            # refused by the open breaker without trying the dead server
+            assert store.stats().extra["rejected_open"] == rejected + 8
             # A restarted (empty) server: after the cool-down a probe closes the breaker.
             server.start()
             self.prepare_server(server)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from kvbm.config import ManagerConfig, OffloadConfig
 from kvbm.errors import ConfigError, LayoutMismatchError
 from kvbm.layout import KVLayout
 from kvbm.offload import OffloadEngine, TransferHandle, TransferKind, TransferStatus
+from kvbm.storage.base import Capability
 from kvbm.storage.disk import DiskStore, DiskTierConfig
 from kvbm.storage.s3 import S3TierConfig
 
@@ -296,3 +298,70 @@ def test_dead_object_store_degrades_to_misses(tmp_path, aws_test_env):
             assert mgr.stats().lower_tiers[Medium.OBJECT][0].puts == 0
     finally:
         server.stop()
+
+
+def test_object_tier_outage_keeps_its_blocks_for_later(tmp_path, moto_endpoint, s3_bucket):
+    """While the object server is unreachable its blocks are misses, but they stay in the
+    index (the tier says which misses are definite): once it answers they are hits again."""
+    from urllib.parse import urlsplit
+
+    from objstore_servers import Fault, FaultProxy
+
+    from kvbm.storage.objectstore import PACK_SUFFIX
+    from kvbm.storage.resilience import BreakerConfig, RetryPolicy
+
+    proxy = FaultProxy(int(urlsplit(moto_endpoint).port or 0))
+    try:
+        s3 = S3TierConfig(bucket=s3_bucket, prefix="outage", endpoint_url=proxy.endpoint,
+                          index_path=str(tmp_path / "idx"), read_timeout_s=1.0,
+                          retry=RetryPolicy(max_attempts=2, base_delay_s=0.01),
+                          breaker=BreakerConfig(failure_threshold=2, cooldown_s=0.2,
+                                                max_cooldown_s=0.2))
+        cfg = ManagerConfig(device=DeviceTierConfig(4, device="cpu"), host=HostTierConfig(8),
+                            s3=s3)
+        with BlockManager(LAYOUT, cfg) as mgr:
+            run(mgr, toks(3))
+            mgr._quiesce()
+        with BlockManager(LAYOUT, cfg) as mgr:  # G1 and G2 empty: the pages are in G4 only
+            proxy.inject(Fault.RESET, match=PACK_SUFFIX)
+            for _ in range(3):  # failed reads, then the breaker opens: misses every time
+                m = mgr.match_prefix(toks(3))
+                assert m.mediums == [Medium.OBJECT] * 3
+                assert mgr.onboard(m) == []
+            assert not any(isinstance(e, BlockRemoved) for e in mgr.take_events())
+            proxy.clear()
+            deadline = time.monotonic() + 10
+            while True:  # the breaker re-arms after its cool-down; then the pages are served
+                mediums = run(mgr, toks(3))
+                if mediums or time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            assert mediums == [Medium.OBJECT] * 3
+            mgr.check_invariants()
+    finally:
+        proxy.close()
+
+
+def test_object_tier_reports_definite_misses(tmp_path, moto_endpoint, s3_bucket):
+    """A page the object tier no longer holds is taken out of the index on the failed load
+    (RemovalReason.MISSING), so it is not matched again."""
+    cfg = ManagerConfig(device=DeviceTierConfig(4, device="cpu"), host=HostTierConfig(8),
+                        s3=S3TierConfig(bucket=s3_bucket, prefix="missing",
+                                        endpoint_url=moto_endpoint,
+                                        index_path=str(tmp_path / "idx")))
+    with BlockManager(LAYOUT, cfg) as mgr:
+        run(mgr, toks(3))
+        mgr._quiesce()
+    with BlockManager(LAYOUT, cfg) as mgr:
+        m = mgr.match_prefix(toks(3))
+        assert m.mediums == [Medium.OBJECT] * 3
+        store = mgr._lower[0].store
+        assert store.capabilities & Capability.REPORTS_MISSES
+        mgr._engine.run(store.delete([m.sequence_hashes[1]]))  # behind the manager's back
+        assert len(mgr.onboard(m)) == 1  # the prefix ends where the page went missing
+        removed = [e for e in mgr.take_events() if isinstance(e, BlockRemoved)]
+        # the missing page, then (lineage rule) its child that nothing can reach any more
+        assert [(e.block_hashes, e.medium) for e in removed] == [
+            ([m.sequence_hashes[1]], Medium.OBJECT), ([m.sequence_hashes[2]], Medium.OBJECT)]
+        assert mgr.match_prefix(toks(3)).num_blocks == 1
+        mgr.check_invariants()
