@@ -12,3 +12,36 @@ def local_hashes(
 
 def chain(local: Sequence[SupportsIndex], parent: SupportsIndex | None, /) -> list[int]:
     """Sequence hashes: ``seq[i] = xxh3_64(u64le(seq[i-1]) || u64le(local[i]), seed=1337)``."""
+
+def seal_pages(
+    payloads: Sequence[Buffer],
+    keys: Sequence[SupportsIndex],
+    prefix: bytes,
+    fingerprint: SupportsIndex,
+    page_bytes: int,
+    image: Buffer,
+    slot_bytes: int,
+    align: int,
+    /,
+) -> tuple[list[bytes], bytes]:
+    """Per page: ``xxh3_128_digest``, its 64-byte header at ``image[j*slot_bytes+page_bytes]``
+    and, unless it goes zero-copy (any page when ``align`` is 0; a writable one whose address
+    ``align`` > 0 divides; none when ``align`` < 0), its payload at ``image[j*slot_bytes]``.
+    Returns the digests, and 1 (zero-copy) or 0 (staged) per page. ``page_bytes`` > 240."""
+
+def check_pages(
+    dests: Sequence[Buffer],
+    keys: Sequence[SupportsIndex],
+    prefix: bytes,
+    fingerprint: SupportsIndex,
+    page_bytes: int,
+    image: Buffer,
+    slot_bytes: int,
+    checksums: Sequence[bytes],
+    zero_copy: Buffer,
+    got: int,
+    /,
+) -> bytes:
+    """Per page as read into ``image`` (``got`` bytes; payloads with a ``zero_copy`` flag
+    went to ``dests[j]`` instead): 0 verified (and now in ``dests[j]``), 1 truncated, 2 not
+    the expected header, 3 bad payload checksum. ``page_bytes`` > 240."""

@@ -13,7 +13,9 @@ spliced in with a constant number of pointer writes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import mmap
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -151,21 +153,37 @@ class SlotAllocator:
         return out
 
 
+def dma_memory(nbytes: int) -> mmap.mmap:
+    """``nbytes`` (at least one byte) of zeroed, page-aligned, private anonymous memory, in
+    transparent huge pages where the kernel allows.
+
+    For buffers that O_DIRECT reads and writes: huge pages make a buffer physically
+    contiguous in 2 MiB pieces, so the kernel hands the device a few large segments per
+    request instead of one per 4 KiB page; O_DIRECT then runs 1.6-2x faster than from
+    ``mmap.mmap(-1, n)`` (shared memory, 4 KiB pages) on the development VM. Private, so
+    that the kernel may back it with huge pages (it does not for shared anonymous memory
+    unless shmem THP is enabled system-wide); a forked child gets a copy-on-write view.
+    """
+    buf = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(AttributeError, OSError):  # no THP: 4 KiB pages, still correct
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    return buf
+
+
 def page_aligned_bytes(nbytes: int) -> torch.Tensor:
-    """A zeroed, page-aligned, pre-faulted uint8 CPU tensor of ``nbytes``.
+    """A zeroed, page-aligned, pre-faulted uint8 CPU tensor of ``nbytes`` (:func:`dma_memory`).
 
     Page alignment lets the disk tier do O_DIRECT I/O straight from and into host pages
-    (no staging copy); pre-faulting makes the first copy into the pool run at memcpy speed
-    instead of page-fault speed (about half, see CEILINGS.md).
+    (no staging copy), and huge pages make that I/O faster; pre-faulting makes the first
+    copy into the pool run at memcpy speed instead of page-fault speed (about half, see
+    CEILINGS.md).
     """
-    import mmap
-
     import numpy as np
     import torch
 
-    buf = mmap.mmap(-1, max(nbytes, 1))  # anonymous: page-aligned and zero-filled
+    buf = dma_memory(nbytes)
     arr = np.frombuffer(buf, dtype=np.uint8)[:nbytes]  # the array keeps the mapping alive
-    arr[:: mmap.PAGESIZE] = 0  # touch every page now
+    arr[:: mmap.PAGESIZE] = 0  # touch every page now (after madvise: huge pages if any)
     return torch.from_numpy(arr)
 
 

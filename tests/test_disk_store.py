@@ -23,6 +23,7 @@ from kvbm.layout import KVLayout
 from kvbm.medium import Medium
 from kvbm.storage.base import RemovalReason, TierListener
 from kvbm.storage.disk import DiskStore, DiskTierConfig, Durability
+from kvbm.storage.disk import runs as runs_mod
 from kvbm.storage.disk import slabs as slab_io
 from kvbm.storage.page import PageHeader, parse_header, payload_checksum
 from kvbm.testing import PageStoreTests, RecordingListener, page_payload
@@ -207,7 +208,7 @@ def test_store_of_an_older_format_is_refused_and_untouched(tmp_path: Path) -> No
     (tmp_path / "slabs").mkdir()
     (tmp_path / "slabs" / "000000.slab").write_bytes(b"v1 pages")
     before = tree(tmp_path)
-    with pytest.raises(StorageError, match=r"'kvbm-disk-v1'.*reads 'kvbm-disk-v2'.*remove"):
+    with pytest.raises(StorageError, match=r"'kvbm-disk-v1'.*reads 'kvbm-disk-v3'.*remove"):
         DiskStore(LAYOUT, cfg(tmp_path))
     assert tree(tmp_path) == before
 
@@ -477,12 +478,22 @@ def aligned_pages(n: int, nbytes: int = PAGE) -> list[np.ndarray]:
 
 
 @pytest.mark.skipif(not getattr(os, "O_DIRECT", 0), reason="no O_DIRECT")
-def test_aligned_pages_go_zero_copy_and_others_are_staged(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage_reads", [False, True])
+def test_aligned_pages_go_zero_copy_and_others_are_staged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage_reads: bool) -> None:
+    """Writes: aligned pages go zero-copy, others through staging. Reads: the same where
+    pages are large; pages below runs._STAGE_READS_BELOW (as this layout's) are all read
+    through staging (stage_reads), which the test also turns off to see the other case."""
     keys = keys_(12)
+    assert PAGE < runs_mod._STAGE_READS_BELOW
+    if not stage_reads:
+        monkeypatch.setattr(runs_mod, "_STAGE_READS_BELOW", 0)
 
     async def body() -> None:
         store = await DiskStore.open(LAYOUT, cfg(tmp_path))
         assert store.direct_io
+        assert store._runio._stage_reads is stage_reads
+        read_staged = 4 if stage_reads else 0  # of the first, aligned, four
         staged = lambda: store.stats().extra["staged_pages"]  # noqa: E731
         # Aligned sources and destinations: nothing copied.
         src = aligned_pages(4)
@@ -493,7 +504,7 @@ def test_aligned_pages_go_zero_copy_and_others_are_staged(tmp_path: Path) -> Non
         assert await store.get(list(zip(keys[:4], dst, strict=True))) == [True] * 4
         assert all(np.array_equal(d, page_payload(k, PAGE)) for k, d in zip(keys[:4], dst,
                                                                              strict=True))
-        assert staged() == 0
+        assert staged() == read_staged
         # Unaligned (numpy's own memory, offset by a byte) and read-only ones are staged;
         # mixed with aligned ones in one batch.
         mixed = []
@@ -504,11 +515,11 @@ def test_aligned_pages_go_zero_copy_and_others_are_staged(tmp_path: Path) -> Non
                 page.flags.writeable = False
             mixed.append(page)
         assert await store.put(list(zip(keys[4:], mixed, strict=True))) == [True] * 8
-        assert staged() == 4
+        assert staged() == read_staged + 4
         outs = [aligned_pages(1)[0] if i % 2 else np.zeros(PAGE + 1, np.uint8)[1:]
                 for i in range(8)]
         assert await store.get(list(zip(keys[4:], outs, strict=True))) == [True] * 8
-        assert staged() == 8
+        assert staged() == read_staged + 4 + (8 if stage_reads else 4)
         assert all(np.array_equal(o, page_payload(k, PAGE)) for k, o in zip(keys[4:], outs,
                                                                              strict=True))
         await store.close()
@@ -725,3 +736,254 @@ def test_kill_9_never_loses_an_acknowledged_page_nor_serves_a_torn_one(tmp_path:
     print(f"crash iterations: {iterations}, acknowledged pages: {len(acked)}")
     assert iterations >= 10
     assert acked, "the writer never got a put through"
+
+
+# -- the per-page work of writes: native == Python, bit for bit ------------------------------
+def _seal_case(page_bytes: int, n: int, align: int, seed: int
+               ) -> tuple[list[memoryview], list[int], int]:
+    """``n`` pages of random bytes: some 4 KiB-aligned, some not, one read-only."""
+    rng = np.random.default_rng(seed)
+    stride = (page_bytes + 8 + 4095) // 4096 * 4096
+    store = np.frombuffer(mmap.mmap(-1, n * stride), dtype=np.uint8)
+    pages: list[memoryview] = []
+    for j in range(n):
+        start = j * stride + (8 if j % 3 == 0 else 0)  # every third one unaligned
+        arr = store[start:start + page_bytes]
+        arr[:] = rng.integers(0, 256, page_bytes, dtype=np.uint8)
+        if j == n - 1:
+            arr = arr.copy()
+            arr.flags.writeable = False
+        pages.append(memoryview(arr).cast("B"))
+    keys = [int(k) for k in rng.integers(0, 2**63, n, dtype=np.int64)]
+    keys[0] = 2**64 - 1
+    return pages, keys, int(rng.integers(0, 2**63))
+
+
+@pytest.mark.skipif(runs_mod._native_seal is None, reason="kvbm._xxh3 was not built")
+@pytest.mark.parametrize("page_bytes", [241, 1000, 1024, 1025, 4096, 4160, 32768, 65536 + 17])
+@pytest.mark.parametrize("align", [0, 4096, -1])
+def test_native_seal_equals_python(page_bytes: int, align: int) -> None:
+    n = 7
+    slot = (page_bytes + 64 + 4095) // 4096 * 4096
+    pages, keys, fp = _seal_case(page_bytes, n, align, seed=page_bytes + align)
+    images = [mmap.mmap(-1, n * slot) for _ in range(2)]
+    for image in images:  # what a reused staging buffer holds, which both must overwrite
+        image[:] = b"\xa5" * len(image)
+    native = runs_mod._native_seal(pages, keys, runs_mod.HEADER_PREFIX, fp, page_bytes,
+                                   images[0], slot, align)
+    python = runs_mod.seal_pages_py(pages, keys, runs_mod.HEADER_PREFIX, fp, page_bytes,
+                                    images[1], slot, align)
+    assert native == python
+    assert images[0][:] == images[1][:]
+    checksums, zero_copy = native
+    for j, page in enumerate(pages):
+        assert checksums[j] == payload_checksum(page)
+        head = images[0][j * slot + page_bytes:j * slot + page_bytes + 64]
+        assert parse_header(head) == PageHeader(fp, keys[j], page_bytes, checksums[j])
+        assert zero_copy[j] == runs_mod._zero_copy(page, align)
+        if not zero_copy[j]:
+            assert images[0][j * slot:j * slot + page_bytes] == page.tobytes()
+    assert zero_copy[-1] == (align == 0)  # read-only: staged, unless buffered
+    assert zero_copy[0] == (align == 0)  # unaligned: zero-copy only where any will do
+    assert zero_copy[1] == (align >= 0)  # aligned and writable
+
+
+@pytest.mark.skipif(runs_mod._native_seal is None, reason="kvbm._xxh3 was not built")
+def test_native_seal_refuses_bad_arguments() -> None:
+    seal = runs_mod._native_seal
+    assert seal is not None
+    page = memoryview(bytearray(4096))
+    image = mmap.mmap(-1, 8192)
+    prefix = runs_mod.HEADER_PREFIX
+    with pytest.raises(ValueError, match="exceed"):
+        seal([memoryview(bytearray(240))], [1], prefix, 0, 240, image, 4096, 0)
+    with pytest.raises(ValueError, match="not 4096"):
+        seal([memoryview(bytearray(4000))], [1], prefix, 0, 4096, image, 8192, 0)
+    with pytest.raises(ValueError, match="keys"):
+        seal([page], [1, 2], prefix, 0, 4096, image, 8192, 0)
+    with pytest.raises(ValueError, match="slots"):
+        seal([page, page], [1, 2], prefix, 0, 4096, image, 8192, 0)
+    with pytest.raises(ValueError, match="prefix"):
+        seal([page], [1], prefix[:8], 0, 4096, image, 8192, 0)
+    with pytest.raises(OverflowError):
+        seal([page], [-1], prefix, 0, 4096, image, 8192, 0)
+    with pytest.raises(TypeError):
+        seal([page], [1], prefix, 0, 4096, bytes(8192), 8192, 0)  # read-only image
+    assert seal([], [], prefix, 0, 4096, image, 8192, 0) == ([], b"")
+
+
+def test_python_sealer_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallback where the extension is not built: pages it writes read back."""
+    monkeypatch.setattr(runs_mod, "_native_seal", None)
+    keys = keys_(24)
+
+    async def body() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        assert store._runio._seal is runs_mod.seal_pages_py
+        assert await put(store, keys) == [True] * len(keys)
+        await store.close()
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        assert await served(store, keys) == [True] * len(keys)
+        await store.close()
+
+    run(body())
+
+
+# -- the index: keyed by slot ------------------------------------------------------------------
+def _index_records(root: Path) -> dict[int, bytes]:
+    """slot -> record, read straight from the lmdb of a closed store."""
+    import lmdb
+
+    env = lmdb.open(str(root / "index"), subdir=True, max_dbs=1, readonly=True, lock=False)
+    try:
+        db = env.open_db(b"pages", create=False)
+        with env.begin(db=db) as txn:
+            return {int.from_bytes(k, "big"): bytes(v) for k, v in txn.cursor()}
+    finally:
+        env.close()
+
+
+def _write_records(root: Path, records: dict[int, bytes]) -> None:
+    import lmdb
+
+    env = lmdb.open(str(root / "index"), subdir=True, max_dbs=1)
+    try:
+        db = env.open_db(b"pages")
+        with env.begin(write=True, db=db) as txn:
+            for slot, rec in records.items():
+                txn.put(slot.to_bytes(8, "big"), rec)
+    finally:
+        env.close()
+
+
+def test_index_is_keyed_by_slot_and_survives_deletes(tmp_path: Path) -> None:
+    from kvbm.storage.disk.index import key_of
+
+    keys = keys_(12)
+
+    async def body() -> dict[int, int]:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        assert await put(store, keys) == [True] * 12
+        assert await store.delete(keys[:4]) == 4
+        slots = {k: store._index_db.slot_of(store._index[k]) for k in keys[4:]}
+        await store.close()
+        return slots
+
+    slots = run(body())
+    records = _index_records(tmp_path)
+    assert {slot: key_of(rec) for slot, rec in records.items()} == {
+        s: k for k, s in slots.items()}
+
+    async def reopen() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        assert await served(store, keys) == [False] * 4 + [True] * 8
+        await store.close()
+
+    run(reopen())
+
+
+@pytest.mark.parametrize("second", ["older", "newer"])
+def test_index_drops_a_second_slot_of_a_block_and_misplaced_records(tmp_path: Path,
+                                                                    second: str) -> None:
+    """Two slots naming one block (what a failed removal commit followed by a new put of
+    the block leaves): the most recently used one is kept, the other dropped durably; so is
+    a record filed under another slot than the one it describes."""
+    from kvbm.storage.disk import index as index_mod
+
+    keys = keys_(4)
+
+    async def first() -> tuple[int, int, Any]:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        assert await put(store, keys) == [True] * 4
+        slots = [store._index_db.slot_of(store._index[k]) for k in keys]
+        await store.close()
+        return slots[0], max(slots), store.geometry
+
+    slot0, top, geometry = run(first())
+    records = _index_records(tmp_path)
+    rec = records[slot0]
+    last_access, freq = index_mod.use_of(rec)
+    # keys[0] again, in a slot past the others (never written: it cannot verify)
+    used = last_access - 1 if second == "older" else last_access + 1
+    dup = index_mod._REC.pack(*geometry.locate(top + 1), PAGE, index_mod.checksum_of(rec),
+                              used, freq, False, 0, keys[0])
+    # a record of slot top + 2 filed under slot top + 5
+    misplaced = index_mod._REC.pack(*geometry.locate(top + 2), PAGE, bytes(16), 0, 1,
+                                    False, 0, 12345)
+    _write_records(tmp_path, {top + 1: dup, top + 5: misplaced})
+    kept = slot0 if second == "older" else top + 1
+
+    async def reopen() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        assert store._index_db.slot_of(store._index[keys[0]]) == kept
+        assert 12345 not in store._index
+        await store.close()
+
+    run(reopen())
+    # the dropped slot of keys[0] and the misplaced record are gone from lmdb too
+    assert set(_index_records(tmp_path)) == (set(records) - {slot0}) | {kept}
+    if second == "older":
+
+        async def served_all() -> None:
+            store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+            assert await served(store, keys) == [True] * 4
+            await store.close()
+
+        run(served_all())
+
+
+@pytest.mark.skipif(runs_mod._native_check is None, reason="kvbm._xxh3 was not built")
+@pytest.mark.parametrize("page_bytes", [241, 1025, 4096, 32768])
+def test_native_check_equals_python(page_bytes: int) -> None:
+    """Pages as read (some straight into their destinations), some damaged: the native
+    checker and the Python one give the same verdicts and leave the same bytes."""
+    n = 8
+    slot = (page_bytes + 64 + 4095) // 4096 * 4096
+    pages, keys, fp = _seal_case(page_bytes, n, 0, seed=page_bytes)
+    image = mmap.mmap(-1, n * slot)
+    checksums, _ = runs_mod.seal_pages_py(pages, keys, runs_mod.HEADER_PREFIX, fp,
+                                          page_bytes, image, slot, -1)  # all in the image
+    zero_copy = bytes([j % 2 for j in range(n)])
+    sums = list(checksums)
+    sums[3] = bytes(16)  # the index expects another payload: the header differs
+    image[2 * slot + 5] ^= 0xFF  # bit rot in a staged payload
+    keys = list(keys)
+    keys[4] ^= 1  # read under another name
+    got = 6 * slot + page_bytes + 63  # ended a byte short of header 6: two torn pages
+    results = []
+    for check in (runs_mod._native_check, runs_mod.check_pages_py):
+        assert check is not None
+        dests = [np.zeros(page_bytes, np.uint8) for _ in range(n)]
+        for j in range(n):
+            if zero_copy[j]:  # what the read put straight there (page 5 damaged)
+                dests[j][:] = np.frombuffer(pages[j], np.uint8)
+        dests[5][7] ^= 0xFF
+        status = check([memoryview(d) for d in dests], keys, runs_mod.HEADER_PREFIX, fp,
+                       page_bytes, image, slot, sums, zero_copy, got)
+        results.append((status, [d.tobytes() for d in dests]))
+    assert results[0] == results[1]
+    status, dests_bytes = results[0]
+    assert list(status) == [runs_mod.CHECK_OK, runs_mod.CHECK_OK, runs_mod.CHECK_CHECKSUM,
+                            runs_mod.CHECK_HEADER, runs_mod.CHECK_HEADER,
+                            runs_mod.CHECK_CHECKSUM, runs_mod.CHECK_TRUNCATED,
+                            runs_mod.CHECK_TRUNCATED]
+    assert dests_bytes[0] == pages[0].tobytes()  # staged, verified: copied out
+    assert dests_bytes[1] == pages[1].tobytes()
+
+
+def test_scalar_hash_path_matches(tmp_path: Path) -> None:
+    """The portable loop of kvbm._xxh3 (KVBM_XXH3_SCALAR=1), where the AVX2 one is the
+    default: both must give xxhash's digests."""
+    if runs_mod._native_seal is None:
+        pytest.skip("kvbm._xxh3 was not built")
+    code = (
+        "import mmap, os, xxhash\n"
+        "from kvbm.storage.disk import runs\n"
+        "for n in (241, 1024, 1025, 4096, 32768, 100003):\n"
+        "    p = memoryview(bytearray(os.urandom(n)))\n"
+        "    img = mmap.mmap(-1, n + 4160)\n"
+        "    sums, _ = runs._native_seal([p], [1], runs.HEADER_PREFIX, 2, n, img, n + 4160, 0)\n"
+        "    assert sums == [xxhash.xxh3_128_digest(p)], n\n"
+    )
+    env = {**os.environ, "KVBM_XXH3_SCALAR": "1"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)

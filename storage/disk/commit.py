@@ -45,14 +45,15 @@ class GroupCommitter:
         self.commits = 0
         self._syncer = ThreadPoolExecutor(1, thread_name_prefix="kvbm-disk-sync")
 
-    def submit(self, keys: list[int], records: list[bytes | None],
+    def submit(self, slots: list[int], records: list[bytes | None],
                slabs: Iterable[int] = ()) -> int:
-        """Queue index changes (:meth:`PageIndex.apply`); ``slabs`` hold data the new
-        records point at (synced before they commit)."""
+        """Queue index changes (:meth:`PageIndex.apply`: each slot's new record, or
+        ``None``); ``slabs`` hold data the new records point at (synced before they
+        commit)."""
         with self._cond:
             ticket = self._next
             self._next += 1
-            self._queue.append((ticket, keys, records, set(slabs)))
+            self._queue.append((ticket, slots, records, set(slabs)))
             return ticket
 
     @property
@@ -110,9 +111,9 @@ class GroupCommitter:
         # The pages first: an index entry must never point at data still in flight.
         sync = self._syncer.submit(self._slabs.sync, slabs) if slabs else None
         try:
-            keys = [k for _, group, _, _ in batch for k in group]
-            if keys:
-                self._index.apply(keys, [r for _, _, group, _ in batch for r in group],
+            slots = [k for _, group, _, _ in batch for k in group]
+            if slots:
+                self._index.apply(slots, [r for _, _, group, _ in batch for r in group],
                                   before_commit=sync.result if sync is not None else None)
             elif sync is not None:
                 sync.result()

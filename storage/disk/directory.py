@@ -12,8 +12,8 @@ The identity file is checked *before* anything is created or opened for writing,
 store opened with another layout, or written in another on-disk format, leaves the directory
 exactly as it found it.
 
-Slot format (``kvbm-disk-v2``): the payload at the slot's start, then the 64-byte page header
-(storage/page.py), then zeros up to the next ALIGN boundary::
+Slot format (``kvbm-disk-v2`` and ``-v3``): the payload at the slot's start, then the 64-byte
+page header (storage/page.py), then zeros up to the next ALIGN boundary::
 
     [0, page_bytes)                            payload
     [page_bytes, page_bytes + 64)              header (``header_offset`` = page_bytes)
@@ -22,7 +22,8 @@ Slot format (``kvbm-disk-v2``): the payload at the slot's start, then the 64-byt
 With page_bytes a multiple of ALIGN (any real model's page) the payload is aligned and the
 header sits alone in the slot's last ALIGN block, so O_DIRECT can move the payload straight
 between the device and an aligned caller page (storage/disk/runs.py). ``kvbm-disk-v1`` had
-the header first; its stores are refused, never misread.
+the header first; ``kvbm-disk-v2`` keyed its index by block hash, where ``-v3`` keys it by
+slot (storage/disk/index.py). Stores of other formats are refused, never misread.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from kvbm.storage.page import HEADER_SIZE
 
 log = logging.getLogger(__name__)
 
-FORMAT = "kvbm-disk-v2"
+FORMAT = "kvbm-disk-v3"
 #: Every format of this store is named with this prefix, so an older (or newer) store is
 #: told apart from a directory that is no store at all.
 _FORMAT_FAMILY = "kvbm-disk-"

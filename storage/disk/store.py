@@ -166,19 +166,18 @@ class DiskStore(PageStore):
         geometry, slot_of = self.geometry, self._index_db.slot_of
         entries, bad = self._index_db.load()
         seen: set[int] = set()
-        drop = list(bad)
+        drop = list(bad)  # slots
         for k, e in list(entries.items()):
-            # Records of a smaller capacity, or a second claim on a slot (which only damage
-            # could produce), are dropped for good.
+            # Records of a smaller capacity are dropped for good.
             slot = slot_of(e)
-            if slot >= geometry.max_slots or slot in seen:
-                drop.append(k)
+            if slot >= geometry.max_slots:
+                drop.append(slot)
                 del entries[k]
             else:
                 seen.add(slot)
         if drop:
             log.warning("disk store %s: dropping %d index entries (beyond the capacity, "
-                        "unreadable or overlapping)", root, len(drop))
+                        "unreadable, or a second slot of one block)", root, len(drop))
             self._index_db.apply(drop, [None] * len(drop))
 
         existing = self._slabs.existing()
@@ -296,14 +295,16 @@ class DiskStore(PageStore):
         if self._closed:
             raise StorageError("disk store is closed")
 
-    def _submit(self, keys: list[int], records: list[bytes | None],
+    def _submit(self, slots: list[int], records: list[bytes | None],
                 slabs: Sequence[int] = ()) -> int:
-        """Queue index changes, with any pending access updates in front. Lock held."""
+        """Queue index changes (the new record of each slot, or ``None`` to empty it), with
+        any pending access updates in front. Lock held."""
         if self._dirty:
-            keys = list(self._dirty) + keys
+            slot_of = self._index_db.slot_of
             records = [*self._dirty.values(), *records]
+            slots = [slot_of(cast(Entry, r)) for r in records[:len(self._dirty)]] + slots
             self._dirty.clear()
-        return self._committer.submit(keys, records, slabs)
+        return self._committer.submit(slots, records, slabs)
 
     def _forget(self, key: int) -> Entry | None:
         """Take ``key`` out of the in-memory index and the policy. Lock held."""
@@ -415,7 +416,7 @@ class DiskStore(PageStore):
                     if entry is not None:
                         evicted.append(victim)
                         freed.append(self._index_db.slot_of(entry))
-                ticket = self._submit(evicted, [None] * len(evicted)) if evicted else 0
+                ticket = self._submit(freed, [None] * len(freed)) if evicted else 0
                 self._alloc.release(freed, ticket)
                 self._stats.evicted += len(evicted)
                 waiting = self._alloc.pending() > 0
@@ -481,7 +482,7 @@ class DiskStore(PageStore):
                 self._stats.errors += len(failed)
                 self._alloc.give_back(failed)
             if new_keys:
-                ticket = self._submit(new_keys, entries, sorted(slabs))
+                ticket = self._submit(written, entries, sorted(slabs))
         if not new_keys:
             return []
         try:
@@ -513,9 +514,9 @@ class DiskStore(PageStore):
         record, slab, step = self._index_db.record, run.slab, self.geometry.slot_bytes
         offset = run.offset - step
         entries: list[bytes | None] = []
-        for checksum, i in zip(checksums, items, strict=True):
+        for key, checksum, i in zip(run_keys, checksums, items, strict=True):
             offset += step
-            entries.append(record(slab, offset, checksum, now, 1,
+            entries.append(record(key, slab, offset, checksum, now, 1,
                                   parents[i] if parents is not None else None))
         return run_keys, entries, staged
 
@@ -575,7 +576,7 @@ class DiskStore(PageStore):
             s.errors += outcome.count(_Read.ERROR)
             if corrupt or (len(self._dirty) > _DIRTY_FLUSH
                            and time.monotonic() - self._dirty_since > _DIRTY_MAX_AGE_S):
-                ticket = self._submit(corrupt, [None] * len(corrupt))
+                ticket = self._submit(freed, [None] * len(freed))
                 self._alloc.release(freed, ticket)
         if corrupt:
             log.warning("disk store: %d corrupt pages dropped (%s)", len(corrupt),
@@ -649,7 +650,7 @@ class DiskStore(PageStore):
                     gone.append(key)
             if not gone:
                 return 0
-            ticket = self._submit(gone, [None] * len(gone))
+            ticket = self._submit(freed, [None] * len(freed))
             self._alloc.release(freed, ticket)
             self._stats.deleted += len(gone)
         self._committer.wait(ticket)
