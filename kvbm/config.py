@@ -24,7 +24,7 @@ from kvbm.storage.gcs import GCSTierConfig
 from kvbm.storage.s3 import S3TierConfig
 
 #: Default eviction policy of every tier, chosen from bench/policy_replay.py (docs/policies.md).
-DEFAULT_EVICTION = "adaptive"
+DEFAULT_EVICTION = "predictive"
 #: Default admission filter of the host tier (``None`` admits everything).
 DEFAULT_HOST_ADMISSION: str | None = None
 

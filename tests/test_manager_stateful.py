@@ -20,7 +20,7 @@ from kvbm.errors import PoolExhaustedError
 
 BS = 2
 LAYOUT = KVLayout(1, 1, 2, BS, "float32")
-POLICIES = ["lru", "lineage", "lfu", "arc", "s3fifo", "adaptive"]
+POLICIES = ["lru", "lineage", "lfu", "arc", "s3fifo", "adaptive", "predictive"]
 
 
 def tokens_for(prefix_id: int, n_blocks: int) -> np.ndarray:

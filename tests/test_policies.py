@@ -28,6 +28,7 @@ from kvbm.policies import (
     LFUPolicy,
     LineagePolicy,
     LRUPolicy,
+    PredictivePolicy,
     S3FIFOPolicy,
     make_admission,
     make_eviction,
@@ -46,7 +47,8 @@ def drain(p: EvictionPolicy) -> list[int]:
 
 # ------------------------------------------------------------------------------ registry --
 def test_registry_names() -> None:
-    assert set(EVICTION_POLICIES) == {"lru", "lineage", "lfu", "arc", "s3fifo", "adaptive"}
+    assert set(EVICTION_POLICIES) == {"lru", "lineage", "lfu", "arc", "s3fifo", "adaptive",
+                                      "predictive"}
     assert set(ADMISSION_POLICIES) == {"frequency"}
     for name, cls in EVICTION_POLICIES.items():
         assert cls.name == name
@@ -281,7 +283,7 @@ def test_lineage_heap_stays_bounded() -> None:
         p.insert(k, None)
     for _ in range(10000):
         p.access(1)
-    assert len(p._heap) <= 2 * len(p) + 65
+    assert len(p._heaps[0]) <= 2 * len(p) + 65
 
 
 def test_lfu_evicts_least_frequent() -> None:
@@ -491,6 +493,145 @@ def test_adaptive_pin_keeps_segment() -> None:
     assert p.in_probation(1)
 
 
+def _run_tail_first(p: EvictionPolicy, chain: list[int], parent: int | None) -> None:
+    """Insert ``chain`` (root first in the list) tail first, as the manager offloads."""
+    parents = [parent, *chain[:-1]]
+    for k, par in reversed(list(zip(chain, parents, strict=True))):
+        p.insert(k, par)
+
+
+def test_predictive_bad_options() -> None:
+    for bad in ({"sample": 3}, {"sample": 0}, {"sample": True}, {"horizon": 0},
+                {"horizon": float("inf")}, {"reach": -1.0}, {"reach": "2"}, {"memory": 1.0},
+                {"memory": 0.0}, {"margin": -1.0}, {"margin": 1e9}, {"scale": 2.0}):
+        with pytest.raises(PolicyError):
+            make_eviction("predictive", 16, **bad)
+
+
+def test_predictive_starts_as_lineage() -> None:
+    a, b = PredictivePolicy(16), LineagePolicy(16)
+    for p in (a, b):
+        p.insert(1, None)
+        p.insert(3, 2)
+        p.insert(2, 1)
+        p.insert(4, 1)
+        p.access(1)
+        p.access(2)
+        p.access(3)
+    assert a.mode == "lru"
+    assert drain(a) == drain(b) == [4, 3, 2, 1]
+
+
+def test_predictive_classifies_runs_by_attach_point() -> None:
+    from kvbm.policies import predictive as pr
+    p = PredictivePolicy(1000)
+    _run_tail_first(p, [1, 2, 3], None)            # a shared prompt, from the root
+    assert [p._seg[k] for k in (1, 2, 3)] == [pr.ROOT, pr.ROOT, pr.TAIL]
+    for i in range(6):                             # six prompts under block 2
+        base = 100 + 10 * i
+        _run_tail_first(p, [base, base + 1], 2)
+    assert p._seg[150] == pr.MANY and p._seg[151] == pr.TAIL
+    _run_tail_first(p, [200, 201, 202], 100)      # a next turn: the first run under 100
+    assert [p._seg[k] for k in (200, 201, 202)] == [pr.FIRST, pr.FIRST, pr.TAIL]
+    _run_tail_first(p, [210, 211], 100)           # a second run there
+    assert p._seg[210] == pr.SECOND
+    p.access(200)
+    assert p._seg[200] == pr.HIT
+    p.access(200)
+    assert p._seg[200] == pr.HOT
+    # A run whose parent never arrives is classified when anything else happens.
+    p.insert(301, 300)
+    p.insert(300, 299)
+    assert p._seg[300] == pr.PENDING
+    p.access(1)
+    assert p._seg[301] == pr.TAIL and p._seg[300] == pr.FIRST
+
+
+def test_predictive_runs_inserted_root_first() -> None:
+    from kvbm.policies import predictive as pr
+    p = PredictivePolicy(1000)
+    for k, par in ((1, None), (2, 1), (3, 2)):     # root first, as G1 commits
+        p.insert(k, par, pinned=True)
+    p.unpin(1)
+    assert [p.class_of(k) for k in (1, 2, 3)] == ["root", "root", "tail"]
+    p.insert(10, 2)
+    p.insert(11, 10)
+    p.insert(20, 3)                                 # not a child of 11: a new run
+    assert p._seg[10] == pr.FIRST and p._seg[11] == pr.TAIL
+    assert p.class_of(20) == "tail"
+
+
+def test_predictive_learns_dead_tails() -> None:
+    # Conversations: each turn re-sends the previous prompt but its last block, under one
+    # shared prefix. Tails are never used again; the rest of a turn is, once.
+    p = PredictivePolicy(400, sample=1)
+    _run_tail_first(p, [0, 1], None)
+    nxt = 1000
+    history: dict[int, list[int]] = {c: [0, 1] for c in range(8)}
+    for _ in range(12):
+        for hist in history.values():
+            if len(p) + 5 > p.capacity:
+                for _ in range(5):
+                    p.victim()
+            for k in hist:
+                if k not in p:
+                    break
+                p.access(k)
+            chain = list(range(nxt, nxt + 4))
+            nxt += 4
+            _run_tail_first(p, chain, hist[-1])
+            hist += chain[:-1]
+    prob = p.reuse_probability()
+    assert prob["tail"] < 0.1 < prob["first"]
+
+
+def test_predictive_scored_evicts_low_reuse_class_first() -> None:
+    from kvbm.policies import predictive as pr
+    p = PredictivePolicy(100)
+    p._scored_score = 1e6
+    p._logp = [math.log(0.5)] * pr.NSEG
+    p._logp[pr.TAIL] = math.log(0.01)
+    _run_tail_first(p, [1, 2], None)       # 2 is a tail, inserted first (older)
+    _run_tail_first(p, [5, 6, 7], None)    # 7 is a tail, 6 a root-run block
+    p.access(1)
+    assert p.mode == "scored"
+    assert p.victim() in (2, 7) and p.victim() in (2, 7)
+    assert p.victim() == 6                 # then the oldest leaf of the rest
+
+
+def test_predictive_pins_are_respected_in_every_mode() -> None:
+    for force in ("lru", "scored", "probation"):
+        p = PredictivePolicy(16)
+        if force == "scored":
+            p._scored_score = 1e6
+        elif force == "probation":
+            p._prob_score = 1e6
+        assert p.mode == force
+        _run_tail_first(p, [1, 2, 3], None)
+        _run_tail_first(p, [4, 5], 2)
+        for k in (3, 5, 1):
+            p.pin(k)
+        out = drain(p)
+        assert set(out) == {2, 4} and len(p) == 3
+        for k in (3, 5, 1):
+            assert k in p
+        p.unpin(5)
+        assert p.victim() == 5 and p.victim() is None
+
+
+def test_predictive_memory_is_bounded() -> None:
+    p = PredictivePolicy(64, sample=1)
+    for k in range(20_000):
+        if len(p) >= 64:
+            p.victim()
+        p.insert(k, k - 1 if k % 7 else None)
+        if k % 3 == 0 and k - 2 in p:
+            p.access(k - 2)
+    assert len(p._ghost) <= p._ghost_cap <= 4 * 64
+    assert p._shadow_lru.keys.__len__() <= 64 and p._shadow_scored.n <= 64
+    assert all(len(h) <= 2 * len(p) + 65 for h in p._heaps)
+
+
 # --------------------------------------------------------------------- stateful model test --
 class PolicyMachine(RuleBasedStateMachine):
     """Random insert/access/pin/unpin/remove/victim against a model of the resident and
@@ -573,10 +714,36 @@ TestLFUStateful = _SETTINGS(_machine("lfu")).TestCase
 TestARCStateful = _SETTINGS(_machine("arc")).TestCase
 TestS3FIFOStateful = _SETTINGS(_machine("s3fifo")).TestCase
 TestAdaptiveStateful = _SETTINGS(_machine("adaptive")).TestCase
+TestPredictiveStateful = _SETTINGS(_machine("predictive")).TestCase
+
+
+class _ForcedPredictive(PolicyMachine):
+    """``predictive`` with its duel forced to one order, so that the scored and
+    probation-first victims get the same model check as the LRU order."""
+
+    force = "scored"
+
+    @initialize(capacity=st.integers(1, 12), sample=st.sampled_from([1, 2]))
+    def setup(self, capacity: int, sample: int) -> None:  # type: ignore[override]
+        p = PredictivePolicy(capacity, sample=sample)
+        if self.force == "scored":
+            p._scored_score = 1e6
+        else:
+            p._prob_score = 1e6
+        assert p.mode == self.force
+        self.p = p
+        self.resident = {}
+        self.pinned = set()
+
+
+TestPredictiveScoredStateful = _SETTINGS(
+    type("ScoredMachine", (_ForcedPredictive,), {"force": "scored"})).TestCase
+TestPredictiveProbationStateful = _SETTINGS(
+    type("ProbationMachine", (_ForcedPredictive,), {"force": "probation"})).TestCase
 
 
 def test_every_policy_has_a_stateful_test() -> None:
-    covered = {"lru", "lineage", "lfu", "arc", "s3fifo", "adaptive"}
+    covered = {"lru", "lineage", "lfu", "arc", "s3fifo", "adaptive", "predictive"}
     assert covered == set(EVICTION_POLICIES)
 
 

@@ -1,8 +1,11 @@
 """Eviction and admission policies, selected by name (``HostTierConfig.eviction`` ...).
 
 Eviction: ``lru``, ``lineage`` (leaf-first LRU), ``lfu`` (decaying counts), ``arc``,
-``s3fifo``. Admission: ``frequency`` (admit on the second sighting), or ``None`` to admit
-everything. Measurements behind the default are in docs/policies.md.
+``s3fifo``, ``adaptive`` (leaf-first LRU or probation-first, by a sampled duel) and
+``predictive`` (the default: leaf-first eviction by expected reuse per structural class,
+or ``adaptive``'s orders when they win the duel). Admission: ``frequency`` (admit on the
+second sighting), or ``None`` to admit everything. Measurements behind the default are in
+docs/policies.md.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from kvbm.policies.base import AdmissionPolicy, EvictionPolicy
 from kvbm.policies.lfu import LFUPolicy
 from kvbm.policies.lineage import LineagePolicy
 from kvbm.policies.lru import LRUPolicy
+from kvbm.policies.predictive import PredictivePolicy
 from kvbm.policies.s3fifo import S3FIFOPolicy
 
 EVICTION_POLICIES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls for cls in (LRUPolicy, LineagePolicy, LFUPolicy, ARCPolicy, S3FIFOPolicy,
-                              AdaptivePolicy)
+                              AdaptivePolicy, PredictivePolicy)
 }
 ADMISSION_POLICIES: dict[str, type[AdmissionPolicy]] = {
     cls.name: cls for cls in (FrequencyAdmission,)
@@ -38,6 +42,7 @@ __all__ = [
     "LFUPolicy",
     "LRUPolicy",
     "LineagePolicy",
+    "PredictivePolicy",
     "S3FIFOPolicy",
     "make_admission",
     "make_eviction",
@@ -56,7 +61,8 @@ def make_eviction(name: str, capacity: int, **params: Any) -> EvictionPolicy:
     """A new eviction policy ``name`` for a tier of ``capacity`` blocks.
 
     ``params`` are the policy's keyword options (``half_life`` for ``lfu``,
-    ``small_fraction`` / ``move_threshold`` for ``s3fifo``). Raises
+    ``small_fraction`` / ``move_threshold`` for ``s3fifo``, ``sample`` / ``horizon`` /
+    ``reach`` / ``memory`` / ``margin`` for ``predictive``). Raises
     :class:`~kvbm.errors.PolicyError` for an unknown name or a bad option.
     """
     cls = _lookup("eviction", EVICTION_POLICIES, name)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import heapq
-from collections import OrderedDict
-
 from kvbm.errors import PolicyError
 from kvbm.policies.admission import FrequencyAdmission
-from kvbm.policies.base import EvictionPolicy
+from kvbm.policies.leaves import LeafFirstPolicy
+from kvbm.policies.shadows import ShadowLRU, ShadowProbation
 
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -16,52 +14,7 @@ _PROBATION, _MAIN = 0, 1
 _MAX_WIDTH = 1 << 22
 
 
-class _ShadowLRU:
-    """Keys only: what plain LRU would hold, for the sampled keys."""
-
-    __slots__ = ("cap", "keys")
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.keys: OrderedDict[int, None] = OrderedDict()
-
-    def ref(self, key: int, seen: bool) -> bool:
-        keys = self.keys
-        if key in keys:
-            keys.move_to_end(key)
-            return True
-        keys[key] = None
-        if len(keys) > self.cap:
-            keys.popitem(last=False)
-        return False
-
-
-class _ShadowProbation:
-    """Keys only: what probation-first eviction would hold, for the sampled keys."""
-
-    __slots__ = ("cap", "main", "probation")
-
-    def __init__(self, cap: int) -> None:
-        self.cap = cap
-        self.probation: OrderedDict[int, None] = OrderedDict()
-        self.main: OrderedDict[int, None] = OrderedDict()
-
-    def ref(self, key: int, seen: bool) -> bool:
-        prob, main = self.probation, self.main
-        if key in main:
-            main.move_to_end(key)
-            return True
-        if key in prob:
-            del prob[key]
-            main[key] = None
-            return True
-        (main if seen else prob)[key] = None
-        if len(prob) + len(main) > self.cap:
-            (prob if prob else main).popitem(last=False)
-        return False
-
-
-class AdaptivePolicy(EvictionPolicy):
+class AdaptivePolicy(LeafFirstPolicy):
     """Leaf-first LRU (as ``lineage``) or *probation-first*, whichever is winning now.
 
     A block enters *probation* on its first sighting and *main* when it was seen recently
@@ -86,19 +39,19 @@ class AdaptivePolicy(EvictionPolicy):
     disagree, a few lucky references must not flip it. Shadows and sketch cost
     O(capacity / sample) keys and a fixed array.
 
-    Leaf bookkeeping is ``lineage``'s (child counts, per-segment heaps of ``(stamp, key)``
-    with lazy deletion, an LRU fallback when every leaf is pinned): O(log n) amortised.
+    Leaf bookkeeping is :class:`~kvbm.policies.leaves.LeafFirstPolicy`'s (child counts,
+    per-segment heaps of ``(stamp, key)`` with lazy deletion, an LRU fallback when every leaf
+    is pinned): O(log n) amortised.
     """
 
-    __slots__ = ("_clock", "_heaps", "_nchild", "_parent", "_pinned", "_recency", "_sample_bits",
-                 "_score", "_seg", "_shadow_lru", "_shadow_prob", "_sketch", "_stamp", "margin",
+    __slots__ = ("_sample_bits", "_score", "_shadow_lru", "_shadow_prob", "_sketch", "margin",
                  "memory")
 
     name = "adaptive"
 
     def __init__(self, capacity: int, *, window: float = 4.0, sample: int = 8,
                  memory: float = 0.995, margin: float = 16.0) -> None:
-        super().__init__(capacity)
+        super().__init__(capacity, 2)
         if not window > 0:
             raise PolicyError(f"adaptive window must be > 0, got {window!r}")
         if not isinstance(sample, int) or sample < 1 or sample & (sample - 1):
@@ -116,17 +69,9 @@ class AdaptivePolicy(EvictionPolicy):
         self._sketch = FrequencyAdmission(window=win, width=width)
         self._sample_bits = sample.bit_length() - 1
         cap = max(1, capacity // sample)
-        self._shadow_lru = _ShadowLRU(cap)
-        self._shadow_prob = _ShadowProbation(cap)
+        self._shadow_lru = ShadowLRU(cap)
+        self._shadow_prob = ShadowProbation(cap)
         self._score = 0.0
-        self._clock = 0
-        self._stamp: dict[int, int] = {}
-        self._seg: dict[int, int] = {}
-        self._parent: dict[int, int | None] = {}
-        self._nchild: dict[int, int] = {}
-        self._pinned: set[int] = set()
-        self._heaps: tuple[list[tuple[int, int]], list[tuple[int, int]]] = ([], [])
-        self._recency: OrderedDict[int, None] = OrderedDict()
 
     # ------------------------------------------------------------------------- dueling --
     @property
@@ -140,128 +85,30 @@ class AdaptivePolicy(EvictionPolicy):
         bits = self._sample_bits
         if bits and ((key * _GOLDEN) & _M64) >> (64 - bits):
             return
-        a = self._shadow_lru.ref(key, seen)
+        a = self._shadow_lru.ref(key)
         b = self._shadow_prob.ref(key, seen)
         if a != b:   # only references where the two orders disagree carry information
             self._score = self._score * self.memory + (1.0 if b else -1.0)
 
-    # ---------------------------------------------------------------------- bookkeeping --
-    def _push(self, key: int) -> None:
-        heap = self._heaps[self._seg[key]]
-        heapq.heappush(heap, (self._stamp[key], key))
-        if len(heap) > 2 * len(self._stamp) + 64:
-            self._rebuild()
-
-    def _rebuild(self) -> None:
-        heaps: tuple[list[tuple[int, int]], list[tuple[int, int]]] = ([], [])
-        nchild, pinned, seg = self._nchild, self._pinned, self._seg
-        for k, s in self._stamp.items():
-            if k not in pinned and not nchild.get(k):
-                heaps[seg[k]].append((s, k))
-        for h in heaps:
-            heapq.heapify(h)
-        self._heaps = heaps
-
-    def _top(self, which: int) -> int | None:
-        """The live entry at the top of a segment's heap (stale ones are dropped)."""
-        heap = self._heaps[which]
-        stamp, seg, pinned, nchild = self._stamp, self._seg, self._pinned, self._nchild
-        while heap:
-            s, key = heap[0]
-            if (stamp.get(key) == s and seg[key] == which and key not in pinned
-                    and not nchild.get(key)):
-                return key
-            heapq.heappop(heap)
-        return None
-
-    def _forget(self, key: int) -> None:
-        del self._stamp[key]
-        del self._seg[key]
-        parent = self._parent.pop(key)
-        if parent is None:
-            return
-        left = self._nchild[parent] - 1
-        if left:
-            self._nchild[parent] = left
-            return
-        del self._nchild[parent]
-        if parent in self._stamp and parent not in self._pinned:
-            self._push(parent)   # a leaf again, ranked by its own last use
-
     # ---------------------------------------------------------------------- interface --
-    def insert(self, key: int, parent: int | None, *, pinned: bool = False) -> None:
+    def _place(self, key: int, parent: int | None) -> int:
         seen = self._sketch.admit(key)   # True when this is not the first recent sighting
         self._duel(key, seen)
-        self._clock += 1
-        self._stamp[key] = self._clock
-        self._seg[key] = _MAIN if seen else _PROBATION
-        self._parent[key] = parent
-        if parent is not None:
-            self._nchild[parent] = self._nchild.get(parent, 0) + 1
-        if pinned:
-            self._pinned.add(key)
-            return
-        self._recency[key] = None
-        if not self._nchild.get(key):
-            self._push(key)
+        return _MAIN if seen else _PROBATION
 
-    def access(self, key: int) -> None:
+    def _use(self, key: int) -> int:
         self._duel(key, True)
-        self._clock += 1
-        self._stamp[key] = self._clock
-        self._seg[key] = _MAIN   # used while resident: out of probation
-        if key in self._pinned:
-            return
-        self._recency.move_to_end(key)
-        if not self._nchild.get(key):
-            self._push(key)
-
-    def remove(self, key: int) -> None:
-        if key not in self._stamp:
-            return
-        if key in self._pinned:
-            self._pinned.remove(key)
-        else:
-            del self._recency[key]
-        self._forget(key)
-
-    def pin(self, key: int) -> None:
-        if key not in self._pinned:
-            self._pinned.add(key)
-            del self._recency[key]
-
-    def unpin(self, key: int) -> None:
-        if key in self._pinned:
-            self._pinned.remove(key)
-            self._clock += 1
-            self._stamp[key] = self._clock   # a pin brackets a use
-            self._recency[key] = None
-            if not self._nchild.get(key):
-                self._push(key)
+        return _MAIN   # used while resident: out of probation
 
     def victim(self) -> int | None:
         prob = self._top(_PROBATION)
         main = self._top(_MAIN)
         if prob is not None and (main is None or self._score > self.margin
                                  or self._stamp[prob] < self._stamp[main]):
-            key = prob
-            heapq.heappop(self._heaps[_PROBATION])
-        elif main is not None:
-            key = main
-            heapq.heappop(self._heaps[_MAIN])
-        elif self._recency:   # every unpinned key has a resident child: oldest of them
-            key = next(iter(self._recency))
-        else:
-            return None
-        del self._recency[key]
-        self._forget(key)
-        return key
-
-    def __len__(self) -> int:
-        return len(self._stamp)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._stamp
+            return self._take(_PROBATION)
+        if main is not None:
+            return self._take(_MAIN)
+        return self._fallback()   # every unpinned key has a resident child
 
     def in_probation(self, key: int) -> bool:
         """Whether a resident key is still on probation (not seen before, not used since)."""
