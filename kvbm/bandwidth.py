@@ -37,6 +37,7 @@ is an error, never a figure).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 import os
 import random
@@ -514,6 +515,11 @@ def measure_disk(layout: KVLayout, pages: int, directory: Path | str, *, repeats
         engine = _engine_for(store, pages, batch_bytes)
         src = [host.page(s) for s in range(pages)]
         dst = [host.page(pages + s) for s in range(pages)]
+        # The views above are two tracked objects per page (memoryview, managed buffer),
+        # tens of thousands: left young, their promotion sets off a full collection in the
+        # middle of a timed transfer (~100 ms with torch loaded), which is this harness's
+        # cost, not the tier's. One collection now settles them (GC settings untouched).
+        gc.collect()
         rng = random.Random(3)
         best = dict.fromkeys(("w", "r", "raw_w", "raw_r"), math.inf)
         for rnd in range(repeats + 1):

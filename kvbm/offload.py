@@ -8,6 +8,11 @@ on :attr:`OffloadEngine.completions`, which the manager drains on its own thread
 it (unpin, update residency, emit events). Pages stay pinned in between, so nothing can
 overwrite a buffer a worker is reading or writing.
 
+Each tier's queued transfers are coalesced into batches (one store call each), and up to
+``concurrent_batches`` batches of one kind run at once, so that one batch's fixed costs (a
+disk put's durable commit) overlap the next one's I/O; a batch of the other kind waits for
+them, so a load never overtakes a store submitted before it.
+
 Backpressure: each tier has a bound on pages in flight. A store submitted over the bound is
 refused at once (:attr:`TransferStatus.SKIPPED`, counted): the engine is never blocked on a
 slow tier, it only offloads less. Loads are never refused (the engine asked for them).
@@ -21,9 +26,9 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 from kvbm.errors import TransferError
 from kvbm.medium import Medium
@@ -103,6 +108,43 @@ class TransferHandle:
         self._event.set()
 
 
+class PagePairs(Sequence[tuple[int, Any]]):
+    """``(key, buffer)`` pairs kept as two parallel lists, made into tuples only as they
+    are read (:meth:`PageStore.put` and ``get`` take a sequence of pairs).
+
+    A batch is thousands of pages, and a list of tuples would hold one tracked object per
+    page for the whole transfer (a tuple holding a memoryview stays tracked): the cyclic GC
+    promotes them and, a few batches on, runs full collections, which cost ~100 ms each in
+    a process that holds torch. Iterating zips the lists, and ``zip`` reuses its tuple when
+    the consumer drops it (as ``for key, buf in pairs`` does), so reading them allocates
+    nothing per page either. Stores that know the type read :attr:`keys` and
+    :attr:`buffers` directly.
+    """
+
+    __slots__ = ("buffers", "keys")
+
+    def __init__(self, keys: list[int], buffers: list[Any]) -> None:
+        if len(keys) != len(buffers):
+            raise TransferError("a transfer needs one buffer per key")
+        self.keys = keys
+        self.buffers = buffers
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        return zip(self.keys, self.buffers, strict=True)
+
+    @overload
+    def __getitem__(self, i: int) -> tuple[int, Any]: ...
+    @overload
+    def __getitem__(self, i: slice) -> PagePairs: ...
+    def __getitem__(self, i: int | slice) -> tuple[int, Any] | PagePairs:
+        if isinstance(i, slice):
+            return PagePairs(self.keys[i], self.buffers[i])
+        return self.keys[i], self.buffers[i]
+
+
 @dataclass
 class TierQueueStats:
     submitted: int = 0
@@ -118,10 +160,15 @@ class TierQueueStats:
 class _TierWorker:
     """The queue and worker task of one tier (lives on the engine's loop)."""
 
-    def __init__(self, store: PageStore, max_inflight_pages: int, batch_pages: int) -> None:
+    def __init__(self, store: PageStore, max_inflight_pages: int, batch_pages: int,
+                 concurrent_batches: int) -> None:
         self.store = store
         self.max_inflight_pages = max_inflight_pages
         self.batch_pages = batch_pages
+        self.concurrent_batches = concurrent_batches
+        self.running: set[asyncio.Task[None]] = set()  # its batches being run
+        self.running_kind: TransferKind | None = None
+        self.busy_since = 0.0  # perf_counter() when ``running`` last became non-empty
         self.inflight_pages = 0  # guarded by the engine lock
         self.queue: asyncio.Queue[TransferHandle | None] = asyncio.Queue()
         self.stats = TierQueueStats()
@@ -132,8 +179,17 @@ class OffloadEngine:
     """Runs page transfers of several tiers on one background asyncio loop."""
 
     def __init__(self, *, max_inflight_pages: int = 4096, batch_bytes: int = 128 << 20,
+                 concurrent_batches: int = 2,
                  on_complete: Callable[[TransferHandle], None] | None = None) -> None:
+        if concurrent_batches < 1:
+            raise ValueError(f"concurrent_batches must be >= 1, got {concurrent_batches}")
         self.max_inflight_pages = max_inflight_pages
+        #: batches of one kind a tier runs at once. Two keep a tier's device busy: while
+        #: one batch's call is in its fixed costs (a disk put's durable commit and
+        #: publishing its pages, a get's bookkeeping), the next one's I/O is running. A
+        #: batch of the other kind waits until they are all done, so a load never
+        #: overtakes a store submitted before it.
+        self.concurrent_batches = concurrent_batches
         #: queued transfers of a tier are coalesced into calls of up to this many bytes (one
         #: durable commit, one set of pack uploads per call); by bytes, not pages, so that
         #: small and large pages both make calls of a useful size
@@ -163,7 +219,8 @@ class OffloadEngine:
     def add_tier(self, store: PageStore, *, max_inflight_pages: int | None = None,
                  batch_bytes: int | None = None) -> None:
         w = _TierWorker(store, max_inflight_pages or self.max_inflight_pages,
-                        max(1, (batch_bytes or self.batch_bytes) // store.page_bytes))
+                        max(1, (batch_bytes or self.batch_bytes) // store.page_bytes),
+                        self.concurrent_batches)
 
         async def start() -> None:
             w.queue = asyncio.Queue()
@@ -242,29 +299,61 @@ class OffloadEngine:
 
     # -- workers (engine loop) -------------------------------------------------------------------
     async def _work(self, w: _TierWorker) -> None:
-        while True:
-            h = await w.queue.get()
-            if h is None:
-                return
-            batch = [h]
-            # Coalesce queued transfers of the same kind into one call: a tier batches
-            # better (one fsync, one pack object) than many small calls.
-            pages = len(h.keys)
-            stop = False
-            while pages < w.batch_pages and not w.queue.empty():
-                nxt = w.queue.get_nowait()
-                if nxt is None:
-                    stop = True
-                    break
-                if nxt.kind is not h.kind:
-                    await self._run_batch(w, batch)
-                    batch, h, pages = [nxt], nxt, 0
-                else:
-                    batch.append(nxt)
-                pages += len(nxt.keys)
-            await self._run_batch(w, batch)
-            if stop:
-                return
+        try:
+            while True:
+                h = await w.queue.get()
+                if h is None:
+                    return
+                batch = [h]
+                # Coalesce queued transfers of the same kind into one call: a tier batches
+                # better (one fsync, one pack object) than many small calls.
+                pages = len(h.keys)
+                stop = False
+                while pages < w.batch_pages and not w.queue.empty():
+                    nxt = w.queue.get_nowait()
+                    if nxt is None:
+                        stop = True
+                        break
+                    if nxt.kind is not h.kind:
+                        await self._launch(w, batch)
+                        batch, h, pages = [nxt], nxt, 0
+                    else:
+                        batch.append(nxt)
+                    pages += len(nxt.keys)
+                await self._launch(w, batch)
+                if stop:
+                    return
+        finally:
+            await self._drain(w)
+
+    async def _launch(self, w: _TierWorker, batch: list[TransferHandle]) -> None:
+        """Start running ``batch`` once the tier has room for it: fewer than
+        ``concurrent_batches`` running, all of its kind."""
+        kind = batch[0].kind
+        if kind is not w.running_kind:
+            await self._drain(w)
+            w.running_kind = kind
+        while len(w.running) >= w.concurrent_batches:
+            await asyncio.wait(w.running, return_when=asyncio.FIRST_COMPLETED)
+        if not w.running:
+            w.busy_since = time.perf_counter()
+        task = asyncio.get_running_loop().create_task(self._run_batch(w, batch))
+        w.running.add(task)
+        task.add_done_callback(lambda t: self._batch_done(w, t))
+
+    def _batch_done(self, w: _TierWorker, task: asyncio.Task[None]) -> None:
+        w.running.discard(task)
+        if not w.running:
+            # Busy time is wall time with a batch running, however many overlapped.
+            w.stats.busy_seconds += time.perf_counter() - w.busy_since
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s transfer worker failed", w.store.medium.value,
+                      exc_info=task.exception())
+
+    async def _drain(self, w: _TierWorker) -> None:
+        """Wait for every batch of ``w`` being run."""
+        while w.running:
+            await asyncio.wait(list(w.running))
 
     async def _run_batch(self, w: _TierWorker, batch: list[TransferHandle]) -> None:
         live = []
@@ -276,8 +365,12 @@ class OffloadEngine:
                 live.append(h)
         if not live:
             return
-        items = [(k, b) for h in live for k, b in zip(h.keys, h.buffers, strict=True)]
-        t0 = time.perf_counter()
+        # Flat lists of keys and buffers, not a tuple per page (see PagePairs).
+        if len(live) == 1:
+            items = PagePairs(live[0].keys, live[0].buffers)
+        else:
+            items = PagePairs([k for h in live for k in h.keys],
+                              [b for h in live for b in h.buffers])
         try:
             if live[0].kind is TransferKind.STORE:
                 parents = None
@@ -293,8 +386,6 @@ class OffloadEngine:
             for h in live:
                 self._finish(w, h, TransferStatus.FAILED, error=e)
             return
-        finally:
-            w.stats.busy_seconds += time.perf_counter() - t0
         i = 0
         for h in live:
             res = [bool(x) for x in results[i: i + len(h.keys)]]

@@ -987,3 +987,82 @@ def test_scalar_hash_path_matches(tmp_path: Path) -> None:
     )
     env = {**os.environ, "KVBM_XXH3_SCALAR": "1"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+# -- through the offload engine ---------------------------------------------------------------
+def test_put_mixes_stored_in_flight_and_repeated_keys(tmp_path: Path) -> None:
+    """The claim's slow path (a batch that is not all new pages) stores each key once."""
+    async def body() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        old, new = keys_(8), keys_(8, start=100)
+        assert await put(store, old) == [True] * 8
+        batch = [*old[:4], *new, new[0], new[3]]
+        assert await put(store, batch) == [True] * len(batch)
+        s = store.stats()
+        assert s.puts == 16 and s.put_skipped == 6
+        assert await served(store, [*old, *new]) == [True] * 16
+        assert store._pending == {}  # every claim released
+        await store.close()
+
+    run(body())
+
+
+def test_engine_overlaps_batches_and_keeps_store_before_load(tmp_path: Path) -> None:
+    """Batches of one kind may run at once (OffloadEngine.concurrent_batches), but a load
+    submitted after a store of the same pages finds them."""
+    from kvbm.offload import OffloadEngine, PagePairs, TransferHandle, TransferKind, TransferStatus
+
+    engine = OffloadEngine(batch_bytes=4 * PAGE, concurrent_batches=2)
+    try:
+        store = engine.run(DiskStore.open(LAYOUT, cfg(tmp_path)))
+        engine.add_tier(store)
+        keys = keys_(64)
+        src = [memoryview(page_payload(k, PAGE)) for k in keys]
+        dst = [memoryview(bytearray(PAGE)) for _ in keys]
+        handles = [engine.submit(TransferHandle(TransferKind.STORE, Medium.DISK,
+                                                keys[i:i + 4], src[i:i + 4]))
+                   for i in range(0, 64, 4)]
+        handles += [engine.submit(TransferHandle(TransferKind.LOAD, Medium.DISK,
+                                                 keys[i:i + 8], dst[i:i + 8]))
+                    for i in range(0, 64, 8)]
+        for h in handles:
+            assert h.wait(30) and h.status is TransferStatus.DONE and all(h.results)
+        assert all(d == s for d, s in zip(dst, src, strict=True))
+        assert engine.stats(Medium.DISK).pages_ok == 128
+    finally:
+        engine.shutdown()
+    pairs = PagePairs([1, 2, 3], ["a", "b", "c"])
+    assert list(pairs) == [(1, "a"), (2, "b"), (3, "c")] and pairs[1] == (2, "b")
+    assert list(pairs[1:]) == [(2, "b"), (3, "c")] and len(pairs) == 3
+    with pytest.raises(Exception, match="one buffer per key"):
+        PagePairs([1], [])
+
+
+def test_a_batch_holds_no_tracked_object_per_page(tmp_path: Path) -> None:
+    """While a batch is in the store, the engine and the store hold no GC-tracked object
+    per page (a tuple per page was one): thousands of them per batch get promoted and set
+    off full collections, ~100 ms each in a process that holds torch."""
+    from kvbm.offload import OffloadEngine, TransferHandle, TransferKind
+
+    n = 2048
+    engine = OffloadEngine(max_inflight_pages=n)
+    try:
+        store = engine.run(DiskStore.open(LAYOUT, cfg(tmp_path)))
+        engine.add_tier(store)
+        keys = keys_(n)
+        buffers = [memoryview(page_payload(k, PAGE)) for k in keys]
+        seen: list[int] = []
+        inner = store._write_and_commit
+
+        def counted(*args: Any) -> Any:  # runs while the whole batch is being handled
+            seen.append(len(gc.get_objects()))
+            return inner(*args)
+
+        store._write_and_commit = counted  # type: ignore[method-assign]
+        gc.collect()
+        before = len(gc.get_objects())
+        h = engine.submit(TransferHandle(TransferKind.STORE, Medium.DISK, keys, buffers))
+        assert h.wait(60) and all(h.results)
+        assert seen and seen[0] - before < n // 4, (before, seen)
+    finally:
+        engine.shutdown()

@@ -139,8 +139,9 @@ class DiskStore(PageStore):
             raise
 
         self._lock = threading.Lock()
-        #: Keys being written by a put -> that put's completion event.
-        self._pending: dict[int, threading.Event] = {}
+        #: The puts in flight: each one's keys being written and its completion event, by
+        #: ``id`` of the event.
+        self._pending: dict[int, tuple[set[int], threading.Event]] = {}
         #: Access-time updates not committed yet: key -> its packed index record.
         self._dirty: dict[int, bytes] = {}
         self._dirty_since = 0.0  # time.monotonic() of the oldest of them
@@ -346,33 +347,48 @@ class DiskStore(PageStore):
     # -- internals: put ---------------------------------------------------------------------
     def _put_sync(self, keys: list[int], views: list[memoryview],
                   parents: Sequence[int | None] | None) -> list[bool]:
-        results = [False] * len(keys)
+        n = len(keys)
+        results = [False] * n
         # One event per put, shared by all its keys: a second put of a key in flight waits
         # for it, then looks the key up (one Future per key cost more than the index work).
+        # The claim is the put's set of keys, registered whole and released whole: set
+        # operations (in C) find the keys already stored or in flight, so a batch of new
+        # pages (the common case) costs no Python per page here.
         mine: threading.Event = threading.Event()
-        claimed: list[int] = []
+        claim = id(mine)
         waits: list[tuple[int, int, threading.Event]] = []
-        todo: list[int] = []  # item positions to write
+        todo: list[int]  # item positions to write
         try:
             with self._lock:
                 self._check_open()
-                index, pending, admission = self._index, self._pending, self._admission
-                skipped = 0
-                for i, key in enumerate(keys):
-                    if key in index:
-                        results[i] = True
-                        skipped += 1
-                        continue
-                    other = pending.get(key)
-                    if other is not None:  # in flight: earlier in this batch or another put
-                        waits.append((i, key, other))
-                        continue
-                    if admission is not None and not admission.admit(key):
-                        continue
-                    pending[key] = mine
-                    claimed.append(key)
-                    todo.append(i)
-                self._stats.put_skipped += skipped
+                index, admission = self._index, self._admission
+                wanted = set(keys)
+                stored_before = wanted.intersection(index)
+                busy = {k: ev for held, ev in self._pending.values()
+                        for k in held.intersection(wanted)}
+                if admission is None and not stored_before and not busy and len(wanted) == n:
+                    todo = list(range(n))
+                    claimed = wanted
+                else:
+                    todo, claimed = [], set()
+                    skipped = 0
+                    for i, key in enumerate(keys):
+                        if key in stored_before:
+                            results[i] = True
+                            skipped += 1
+                            continue
+                        other = busy.get(key)
+                        if other is None and key in claimed:
+                            other = mine  # earlier in this batch
+                        if other is not None:
+                            waits.append((i, key, other))
+                            continue
+                        if admission is not None and not admission.admit(key):
+                            continue
+                        claimed.add(key)
+                        todo.append(i)
+                    self._stats.put_skipped += skipped
+                self._pending[claim] = (claimed, mine)
             slots = self._reserve(len(todo))
             if len(slots) < len(todo):
                 log.debug("disk store full of pages being read: %d of %d pages not stored",
@@ -380,14 +396,16 @@ class DiskStore(PageStore):
                 del todo[len(slots):]
             # Slots come ascending: todo[j] goes to slots[j], and the lists are in slot order.
             stored = self._write_and_commit(keys, views, parents, todo, slots) if slots else []
-            for i in stored:
-                results[i] = True
+            if len(stored) == n:
+                results = [True] * n
+            else:
+                for i in stored:
+                    results[i] = True
         finally:
             # Whatever happened, release the claims, so no other put waits forever on a
             # page that will never arrive.
             with self._lock:
-                for key in claimed:
-                    self._pending.pop(key, None)
+                self._pending.pop(claim, None)
             mine.set()
         for i, key, event in waits:
             event.wait()
@@ -495,9 +513,13 @@ class DiskStore(PageStore):
             return []
         with self._lock:
             index, insert = self._index, self._policy.insert
-            for key, e, i in zip(new_keys, entries, stored, strict=True):
-                index[key] = cast(Entry, e)
-                insert(key, parents[i] if parents is not None else None)
+            index.update(zip(new_keys, cast("list[Entry]", entries), strict=True))
+            if parents is None:
+                for key in new_keys:
+                    insert(key, None)
+            else:
+                for key, i in zip(new_keys, stored, strict=True):
+                    insert(key, parents[i])
             self._stats.puts += len(new_keys)
             self._stats.put_bytes += len(new_keys) * self.page_bytes
         return stored
