@@ -13,7 +13,8 @@
  * and, for the disk tier's writes (storage/disk/runs.py), XXH3-128 of long inputs (bit-exact
  * with xxhash.xxh3_128_digest beyond 240 bytes) inside
  *
- *   seal_pages(payloads, keys, prefix, fingerprint, page_bytes, image, slot_bytes, align)
+ *   seal_pages(payloads, keys, prefix, fingerprint, page_bytes, image, slot_bytes, heads,
+ *              align)
  *       each page's digest and header, and its staging copy, with the GIL released.
  *
  * Why it is fast: the Python path pays for a memoryview slice, a call into xxhash and an
@@ -527,17 +528,17 @@ static void build_header(unsigned char *head, const unsigned char *prefix, u64 f
     memset(head + HEAD_BODY + 8, 0, 4);
 }
 
-/* seal_pages(payloads, keys, prefix, fingerprint, page_bytes, image, slot_bytes, align)
+/* seal_pages(payloads, keys, prefix, fingerprint, page_bytes, image, slot_bytes, heads, align)
  *     -> (checksums: list[bytes], zero_copy: bytes)
  *
  * The per-page work of a disk-tier write (storage/disk/runs.py), for a run of pages bound for
- * adjacent slots of `slot_bytes` that `image` (the run's staging buffer) mirrors: for page j,
- * its xxh3-128 digest; its 64-byte header (storage/page.py: `prefix`, the 12 bytes of magic,
- * version and reserved, then fingerprint, key, page_bytes, digest, and xxh3-64 of those 52
- * bytes) at image[j*slot_bytes + page_bytes]; and, unless the page can go to the device
- * zero-copy, its payload copied to image[j*slot_bytes]. A page goes zero-copy when `align`
- * is 0 (buffered I/O: any page), or when it is writable and `align` > 0 divides its address;
- * `align` < 0: none does.
+ * adjacent slots (format kvbm-disk-v4: payloads back to back, `slot_bytes` apart, headers
+ * apart in the slab's header area): for page j, its xxh3-128 digest; its 64-byte header
+ * (storage/page.py: `prefix`, the 12 bytes of magic, version and reserved, then fingerprint,
+ * key, page_bytes, digest, and xxh3-64 of those 52 bytes) at heads[64*j]; and, unless the
+ * page can go to the device zero-copy, its payload copied to image[j*slot_bytes] (the run's
+ * staging buffer). A page goes zero-copy when `align` is 0 (buffered I/O: any page), or when
+ * it is writable and `align` > 0 divides its address; `align` < 0: none does.
  * zero_copy[j] is 1 for those, 0 for the staged ones.
  *
  * Hashing and copying run without the GIL, so other threads' system calls and Python go on
@@ -548,23 +549,23 @@ static void build_header(unsigned char *head, const unsigned char *prefix, u64 f
 static PyObject *py_seal_pages(PyObject *self, PyObject *args) {
     PyObject *payloads_o, *keys_o, *fp_o, *pseq = NULL, *kseq = NULL, *sums = NULL;
     PyObject *flags = NULL, *out = NULL;
-    Py_buffer prefix, image, *views = NULL;
+    Py_buffer prefix, image, heads, *views = NULL;
     Py_ssize_t page_bytes, slot_bytes, align, n, i, got = 0;
     u64 fingerprint, *keys = NULL;
     unsigned char *digests = NULL, *zero_copy = NULL;
     (void)self;
 
-    if (!PyArg_ParseTuple(args, "OOy*Onw*nn:seal_pages", &payloads_o, &keys_o, &prefix, &fp_o,
-                          &page_bytes, &image, &slot_bytes, &align))
+    if (!PyArg_ParseTuple(args, "OOy*Onw*nw*n:seal_pages", &payloads_o, &keys_o, &prefix, &fp_o,
+                          &page_bytes, &image, &slot_bytes, &heads, &align))
         return NULL;
     if (prefix.len != HEAD_PREFIX) {
         PyErr_Format(PyExc_ValueError, "prefix must be %d bytes, got %zd", HEAD_PREFIX,
                      prefix.len);
         goto done;
     }
-    if (page_bytes <= MIDSIZE_MAX || slot_bytes < page_bytes + 64) {
+    if (page_bytes <= MIDSIZE_MAX || slot_bytes < page_bytes) {
         PyErr_Format(PyExc_ValueError, "page_bytes %zd must exceed %d and slot_bytes %zd "
-                     "hold it and a 64-byte header", page_bytes, MIDSIZE_MAX, slot_bytes);
+                     "hold it", page_bytes, MIDSIZE_MAX, slot_bytes);
         goto done;
     }
     if (as_u64(fp_o, "fingerprint", &fingerprint) < 0) goto done;
@@ -578,9 +579,9 @@ static PyObject *py_seal_pages(PyObject *self, PyObject *args) {
                      PySequence_Fast_GET_SIZE(kseq));
         goto done;
     }
-    if (image.len / slot_bytes < n) {
-        PyErr_Format(PyExc_ValueError, "image of %zd bytes holds fewer than %zd slots of %zd",
-                     image.len, n, slot_bytes);
+    if (image.len / slot_bytes < n || heads.len / 64 < n) {
+        PyErr_Format(PyExc_ValueError, "image of %zd bytes or heads of %zd hold fewer than "
+                     "%zd slots of %zd, headers of 64", image.len, heads.len, n, slot_bytes);
         goto done;
     }
     views = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
@@ -612,7 +613,7 @@ static PyObject *py_seal_pages(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (i = 0; i < n; i++) {
         unsigned char *slot = (unsigned char *)image.buf + i * slot_bytes;
-        unsigned char *head = slot + page_bytes;
+        unsigned char *head = (unsigned char *)heads.buf + 64 * i;
         const unsigned char *payload = (const unsigned char *)views[i].buf;
         if (!zero_copy[i]) {
             /* copy first, then hash the copy while it is still in cache: one pass over
@@ -648,20 +649,23 @@ done:
     Py_XDECREF(kseq);
     PyBuffer_Release(&prefix);
     PyBuffer_Release(&image);
+    PyBuffer_Release(&heads);
     return out;
 }
 
-/* check_pages(dests, keys, prefix, fingerprint, page_bytes, image, slot_bytes, checksums,
- *             zero_copy, got) -> bytes
+/* check_pages(dests, keys, prefix, fingerprint, page_bytes, image, slot_bytes, heads,
+ *             checksums, zero_copy, got) -> bytes
  *
  * The per-page work of a disk-tier read (storage/disk/runs.py), the mirror of seal_pages:
- * `image` holds a run of slots as read (`got` bytes of it), with the payloads of the pages
- * whose zero_copy[j] is 1 read straight into dests[j] instead. Per page, one status byte:
- * CHECK_OK (payload verified, and now in dests[j]), CHECK_TRUNCATED (the read ended before
- * its header), CHECK_HEADER (the stored header is not the one `prefix`, fingerprint, key,
- * page_bytes and checksums[j] make) or CHECK_CHECKSUM (the payload's xxh3-128 is not
- * checksums[j]); dests[j] is unspecified unless CHECK_OK. Hashing, comparing and copying run
- * without the GIL. page_bytes must exceed 240. */
+ * `image` holds a run of payloads as read, `slot_bytes` apart, and `heads` their headers as
+ * read, 64 bytes apart; the payloads of the pages whose zero_copy[j] is 1 were read straight
+ * into dests[j] instead. Only the first `got` pages were read whole (payload and header).
+ * Per page, one status byte: CHECK_OK (payload verified, and now in dests[j]),
+ * CHECK_TRUNCATED (the read ended before the page or its header did), CHECK_HEADER (the
+ * stored header is not the one `prefix`, fingerprint, key, page_bytes and checksums[j]
+ * make) or CHECK_CHECKSUM (the payload's xxh3-128 is not checksums[j]); dests[j] is
+ * unspecified unless CHECK_OK. Hashing, comparing and copying run without the GIL.
+ * page_bytes must exceed 240. */
 #define CHECK_OK 0
 #define CHECK_TRUNCATED 1
 #define CHECK_HEADER 2
@@ -670,23 +674,24 @@ done:
 static PyObject *py_check_pages(PyObject *self, PyObject *args) {
     PyObject *dests_o, *keys_o, *fp_o, *sums_o, *dseq = NULL, *kseq = NULL, *sseq = NULL;
     PyObject *out = NULL;
-    Py_buffer prefix, image, zc, *views = NULL;
-    Py_ssize_t page_bytes, slot_bytes, got_bytes, n, i, got = 0;
+    Py_buffer prefix, image, heads, zc, *views = NULL;
+    Py_ssize_t page_bytes, slot_bytes, got_pages, n, i, got = 0;
     u64 fingerprint, *keys = NULL;
     unsigned char *sums = NULL, *status = NULL;
     (void)self;
 
-    if (!PyArg_ParseTuple(args, "OOy*Onw*nOy*n:check_pages", &dests_o, &keys_o, &prefix, &fp_o,
-                          &page_bytes, &image, &slot_bytes, &sums_o, &zc, &got_bytes))
+    if (!PyArg_ParseTuple(args, "OOy*Onw*ny*Oy*n:check_pages", &dests_o, &keys_o, &prefix,
+                          &fp_o, &page_bytes, &image, &slot_bytes, &heads, &sums_o, &zc,
+                          &got_pages))
         return NULL;
     if (prefix.len != HEAD_PREFIX) {
         PyErr_Format(PyExc_ValueError, "prefix must be %d bytes, got %zd", HEAD_PREFIX,
                      prefix.len);
         goto done;
     }
-    if (page_bytes <= MIDSIZE_MAX || slot_bytes < page_bytes + 64) {
+    if (page_bytes <= MIDSIZE_MAX || slot_bytes < page_bytes) {
         PyErr_Format(PyExc_ValueError, "page_bytes %zd must exceed %d and slot_bytes %zd "
-                     "hold it and a 64-byte header", page_bytes, MIDSIZE_MAX, slot_bytes);
+                     "hold it", page_bytes, MIDSIZE_MAX, slot_bytes);
         goto done;
     }
     if (as_u64(fp_o, "fingerprint", &fingerprint) < 0) goto done;
@@ -703,9 +708,9 @@ static PyObject *py_check_pages(PyObject *self, PyObject *args) {
                      PySequence_Fast_GET_SIZE(kseq), PySequence_Fast_GET_SIZE(sseq), zc.len);
         goto done;
     }
-    if (image.len / slot_bytes < n) {
-        PyErr_Format(PyExc_ValueError, "image of %zd bytes holds fewer than %zd slots of %zd",
-                     image.len, n, slot_bytes);
+    if (image.len / slot_bytes < n || heads.len / 64 < n) {
+        PyErr_Format(PyExc_ValueError, "image of %zd bytes or heads of %zd hold fewer than "
+                     "%zd slots of %zd, headers of 64", image.len, heads.len, n, slot_bytes);
         goto done;
     }
     views = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
@@ -743,13 +748,13 @@ static PyObject *py_check_pages(PyObject *self, PyObject *args) {
         unsigned char expected[64], digest[16];
         int direct = ((const unsigned char *)zc.buf)[i] != 0;
         const unsigned char *payload = direct ? (const unsigned char *)views[i].buf : slot;
-        if (got_bytes < i * slot_bytes + page_bytes + 64) {
+        if (i >= got_pages) {
             status[i] = CHECK_TRUNCATED;
             continue;
         }
         build_header(expected, prefix.buf, fingerprint, keys[i], (u64)page_bytes,
                      sums + 16 * i);
-        if (memcmp(expected, slot + page_bytes, 64) != 0) {
+        if (memcmp(expected, (const unsigned char *)heads.buf + 64 * i, 64) != 0) {
             status[i] = CHECK_HEADER;
             continue;
         }
@@ -775,6 +780,7 @@ done:
     Py_XDECREF(sseq);
     PyBuffer_Release(&prefix);
     PyBuffer_Release(&image);
+    PyBuffer_Release(&heads);
     PyBuffer_Release(&zc);
     return out;
 }
@@ -787,12 +793,13 @@ static PyMethodDef methods[] = {
      "chain(local, parent) -> list[int]\n\n"
      "Sequence hashes: seq[i] = xxh3_64(u64le(seq[i-1]) || u64le(local[i]), seed=1337)."},
     {"seal_pages", py_seal_pages, METH_VARARGS,
-     "seal_pages(payloads, keys, prefix, fingerprint, page_bytes, image, slot_bytes, align)\n"
+     "seal_pages(payloads, keys, prefix, fingerprint, page_bytes, image, slot_bytes, heads,\n"
+     "           align)\n"
      "-> (checksums, zero_copy)\n\n"
      "Digests and headers of a run of disk-tier pages (storage/disk/runs.py)."},
     {"check_pages", py_check_pages, METH_VARARGS,
-     "check_pages(dests, keys, prefix, fingerprint, page_bytes, image, slot_bytes, checksums,\n"
-     "            zero_copy, got) -> bytes\n\n"
+     "check_pages(dests, keys, prefix, fingerprint, page_bytes, image, slot_bytes, heads,\n"
+     "            checksums, zero_copy, got) -> bytes\n\n"
      "Verify a run of disk-tier pages as read (storage/disk/runs.py): a status per page."},
     {NULL, NULL, 0, NULL},
 };

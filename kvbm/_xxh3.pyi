@@ -21,13 +21,14 @@ def seal_pages(
     page_bytes: int,
     image: Buffer,
     slot_bytes: int,
+    heads: Buffer,
     align: int,
     /,
 ) -> tuple[list[bytes], bytes]:
-    """Per page: ``xxh3_128_digest``, its 64-byte header at ``image[j*slot_bytes+page_bytes]``
-    and, unless it goes zero-copy (any page when ``align`` is 0; a writable one whose address
-    ``align`` > 0 divides; none when ``align`` < 0), its payload at ``image[j*slot_bytes]``.
-    Returns the digests, and 1 (zero-copy) or 0 (staged) per page. ``page_bytes`` > 240."""
+    """Per page: ``xxh3_128_digest``, its 64-byte header at ``heads[64*j]`` and, unless it
+    goes zero-copy (any page when ``align`` is 0; a writable one whose address ``align`` > 0
+    divides; none when ``align`` < 0), its payload at ``image[j*slot_bytes]``. Returns the
+    digests, and 1 (zero-copy) or 0 (staged) per page. ``page_bytes`` > 240."""
 
 def check_pages(
     dests: Sequence[Buffer],
@@ -37,11 +38,13 @@ def check_pages(
     page_bytes: int,
     image: Buffer,
     slot_bytes: int,
+    heads: Buffer,
     checksums: Sequence[bytes],
     zero_copy: Buffer,
     got: int,
     /,
 ) -> bytes:
-    """Per page as read into ``image`` (``got`` bytes; payloads with a ``zero_copy`` flag
-    went to ``dests[j]`` instead): 0 verified (and now in ``dests[j]``), 1 truncated, 2 not
+    """Per page as read: payload ``j`` at ``image[j*slot_bytes]`` (or in ``dests[j]`` when its
+    ``zero_copy`` flag is set), header at ``heads[64*j]``; only the first ``got`` pages were
+    read whole: 0 verified (and now in ``dests[j]``), 1 truncated, 2 not
     the expected header, 3 bad payload checksum. ``page_bytes`` > 240."""

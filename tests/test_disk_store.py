@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvbm.errors import ConfigError, LayoutMismatchError, StorageError
 from kvbm.layout import KVLayout
@@ -25,6 +27,7 @@ from kvbm.storage.base import RemovalReason, TierListener
 from kvbm.storage.disk import DiskStore, DiskTierConfig, Durability
 from kvbm.storage.disk import runs as runs_mod
 from kvbm.storage.disk import slabs as slab_io
+from kvbm.storage.disk.directory import ALIGN, header_area_for, slots_within
 from kvbm.storage.page import PageHeader, parse_header, payload_checksum
 from kvbm.testing import PageStoreTests, RecordingListener, page_payload
 
@@ -41,10 +44,17 @@ def cfg(path: Path, **kw: Any) -> DiskTierConfig:
 
 
 def slot_offset(store: DiskStore, key: int) -> tuple[Path, int]:
-    """The slab file and offset of the slot of ``key``: its payload, then its header at
-    ``offset + PAGE`` (storage/disk/directory.py)."""
-    slab, offset = store.geometry.locate(store._index_db.slot_of(store._index[key]))
-    return store._slabs.path(slab), offset
+    """The slab file and file offset of the payload of ``key`` (its header lives apart in
+    the slab's header area: :func:`header_offset`; storage/disk/directory.py)."""
+    g = store.geometry
+    slab, offset = g.locate(store._index_db.slot_of(store._index[key]))
+    return store._slabs.path(slab), g.payload_offset(offset)
+
+
+def header_offset(store: DiskStore, key: int) -> int:
+    """The file offset of the header of ``key`` in its slab's header area."""
+    g = store.geometry
+    return g.header_offset(g.locate(store._index_db.slot_of(store._index[key]))[1])
 
 
 def write_at(path: Path, offset: int, data: bytes) -> None:
@@ -66,10 +76,10 @@ class TestDiskStoreConformance(PageStoreTests[DiskStore]):
         write_at(path, offset + 1000, b"\xff\x00\xff")  # bit rot in the payload
 
     async def plant_page(self, store: DiskStore, key: int, stored: bytes) -> None:
-        # ``stored`` is header + payload (storage/page.py); a slot holds them the other way
+        # ``stored`` is header + payload (storage/page.py); a slab keeps them apart
         path, offset = slot_offset(store, key)
         write_at(path, offset, stored[64:])
-        write_at(path, offset + PAGE, stored[:64])
+        write_at(path, header_offset(store, key), stored[:64])
 
 
 @pytest.mark.skipif(not SHM.is_dir(), reason="no /dev/shm")
@@ -151,7 +161,7 @@ def test_restart_finds_pages_and_keeps_recency(tmp_path: Path) -> None:
         # Recency survived: a store too small for all of them keeps the recent ones.
         slot = store_slot_bytes()
         store = await DiskStore.open(LAYOUT, cfg(tmp_path, eviction="lru",
-                                                 capacity_bytes=25 * slot))
+                                                 capacity_bytes=room(25, 4 << 20 // slot)))
         await put(store, keys_(20, start=100))
         assert await store.exists(keys[:5]) == [True] * 5
         await store.close()
@@ -165,6 +175,15 @@ def store_slot_bytes() -> int:
     from kvbm.storage.disk.directory import geometry_for
 
     return geometry_for(LAYOUT, 1 << 30, 1 << 20).slot_bytes
+
+
+def room(n: int, slab_slots: int | None = None) -> int:
+    """A capacity of exactly ``n`` slots: their payloads and the header areas of their slabs
+    (one slab of ``n`` slots unless ``slab_slots`` is smaller)."""
+    slot = store_slot_bytes()
+    if slab_slots is None or slab_slots >= n:
+        return n * slot + header_area_for(n)
+    return n * slot + -(-n // slab_slots) * header_area_for(slab_slots)
 
 
 def test_other_fingerprint_is_refused_and_untouched(tmp_path: Path) -> None:
@@ -208,7 +227,7 @@ def test_store_of_an_older_format_is_refused_and_untouched(tmp_path: Path) -> No
     (tmp_path / "slabs").mkdir()
     (tmp_path / "slabs" / "000000.slab").write_bytes(b"v1 pages")
     before = tree(tmp_path)
-    with pytest.raises(StorageError, match=r"'kvbm-disk-v1'.*reads 'kvbm-disk-v3'.*remove"):
+    with pytest.raises(StorageError, match=r"'kvbm-disk-v1'.*reads 'kvbm-disk-v4'.*remove"):
         DiskStore(LAYOUT, cfg(tmp_path))
     assert tree(tmp_path) == before
 
@@ -220,32 +239,71 @@ def test_damaged_identity_is_refused(tmp_path: Path) -> None:
     run(create())
     meta_path = tmp_path / "kvbm-disk.json"
     meta = json.loads(meta_path.read_text())
-    del meta["header_offset"]
+    del meta["header_area"]
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(StorageError, match="damaged"):
         DiskStore(LAYOUT, cfg(tmp_path))
 
 
-def test_slot_holds_payload_then_header(tmp_path: Path) -> None:
+def test_slab_holds_headers_then_payloads(tmp_path: Path) -> None:
     async def body() -> None:
         store = await DiskStore.open(LAYOUT, cfg(tmp_path))
-        (k,) = keys_(1)
-        await put(store, [k])
+        k0, k = keys_(2)
+        await put(store, [k0, k])
+        g = store.geometry
+        assert g.slot_bytes == PAGE  # a whole number of ALIGN blocks: no padding
+        assert g.header_area == (g.slab_slots * 64 + 4095) // 4096 * 4096
         path, offset = slot_offset(store, k)
-        slot = store.geometry.slot_bytes
-        data = path.read_bytes()[offset:offset + slot]
+        data = path.read_bytes()
+        assert offset == g.header_area + PAGE  # slot 1: right after slot 0's payload
         payload = page_payload(k, PAGE).tobytes()
-        assert data[:PAGE] == payload
-        header = parse_header(data[PAGE:PAGE + 64])
+        assert data[offset:offset + PAGE] == payload
+        assert header_offset(store, k) == 64
+        header = parse_header(data[64:128])
         assert isinstance(header, PageHeader)
         assert (header.seq_hash, header.fingerprint) == (k, LAYOUT.fingerprint)
         assert header.checksum == payload_checksum(payload)
-        assert data[PAGE + 64:] == bytes(slot - PAGE - 64)
+        assert data[128:g.header_area] == bytes(g.header_area - 128)  # no slot there yet
         # In memory, an entry is bytes: no object for the cyclic GC to track per page.
         assert not gc.is_tracked(store._index[k])
         await store.close()
 
     run(body())
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_concurrent_puts_sharing_a_header_block(tmp_path: Path, direct: bool) -> None:
+    """Puts into adjacent slots, whose headers share one header block, racing each other:
+    each rewrites the whole block, and none may drop another's header."""
+    if direct and not slab_io.probe_direct_io(tmp_path):
+        pytest.skip("no O_DIRECT here")
+    keys = keys_(48)
+
+    async def write() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path, direct_io=direct, io_threads=4))
+        # One page per put, all at once: adjacent slots 0..47, headers all in block 0.
+        results = await asyncio.gather(*(put(store, [k]) for k in keys))
+        assert results == [[True]] * len(keys)
+        slots = sorted(map(store._index_db.slot_of, store._index.values()))
+        assert slots == list(range(len(keys)))
+        assert {header_offset(store, k) // 4096 for k in keys} == {0}
+        # Freed slots reused in the same block while their neighbours stay put.
+        assert await store.delete(keys[::2]) == len(keys) // 2
+        again = keys_(len(keys) // 2, start=500)
+        assert await asyncio.gather(*(put(store, [k]) for k in again)) == \
+            [[True]] * len(again)
+        await store.close()
+
+    async def reread() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path, direct_io=direct))
+        stored = keys[1::2] + keys_(len(keys) // 2, start=500)
+        assert sorted(await store.keys()) == sorted(stored)
+        assert await served(store, stored) == [True] * len(stored)
+        assert store.stats().corrupt == 0
+        await store.close()
+
+    run(write())
+    run(reread())
 
 
 def test_second_opener_is_refused(tmp_path: Path) -> None:
@@ -290,7 +348,7 @@ def test_config_validation(tmp_path: Path) -> None:
     assert DiskTierConfig(tmp_path, 1 << 20, durability="process_crash"  # type: ignore[arg-type]
                           ).durability is Durability.PROCESS_CRASH
     with pytest.raises(ConfigError, match="less than one"):
-        DiskStore(LAYOUT, DiskTierConfig(tmp_path / "x", capacity_bytes=PAGE))
+        DiskStore(LAYOUT, DiskTierConfig(tmp_path / "x", capacity_bytes=PAGE))  # no headers
     assert not (tmp_path / "x").exists()
 
 
@@ -301,7 +359,7 @@ def test_capacity_eviction_and_slot_reuse(tmp_path: Path) -> None:
     async def body() -> None:
         listener = RecordingListener()
         store = await DiskStore.open(
-            LAYOUT, cfg(tmp_path, capacity_bytes=10 * slot, slab_bytes=4 * slot,
+            LAYOUT, cfg(tmp_path, capacity_bytes=room(10, 4), slab_bytes=4 * slot,
                         eviction="lru"), listener=listener)
         assert store.capacity_bytes == 10 * PAGE
         first = keys_(10)
@@ -320,7 +378,8 @@ def test_capacity_eviction_and_slot_reuse(tmp_path: Path) -> None:
         assert slots == list(range(10))
         assert sorted(p.name for p in (tmp_path / "slabs").iterdir()) == \
             ["000000.slab", "000001.slab", "000002.slab"]
-        assert (tmp_path / "slabs" / "000002.slab").stat().st_size == 2 * slot
+        assert (tmp_path / "slabs" / "000002.slab").stat().st_size == \
+            store.geometry.header_area + 2 * slot
         # Deleted slots are reused too.
         assert await store.delete(second) == 4
         assert await put(store, keys_(4, start=80)) == [True] * 4
@@ -331,10 +390,8 @@ def test_capacity_eviction_and_slot_reuse(tmp_path: Path) -> None:
 
 
 def test_batch_larger_than_capacity_stores_what_fits(tmp_path: Path) -> None:
-    slot = store_slot_bytes()
-
     async def body() -> None:
-        store = await DiskStore.open(LAYOUT, cfg(tmp_path, capacity_bytes=8 * slot))
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path, capacity_bytes=room(8)))
         got = await put(store, keys_(12))
         assert sum(got) >= 8 and len(await store.keys()) == 8
         stored = [k for k in keys_(12) if k in await store.keys()]
@@ -345,10 +402,8 @@ def test_batch_larger_than_capacity_stores_what_fits(tmp_path: Path) -> None:
 
 
 def test_lineage_eviction_uses_parents(tmp_path: Path) -> None:
-    slot = store_slot_bytes()
-
     async def body() -> None:
-        store = await DiskStore.open(LAYOUT, cfg(tmp_path, capacity_bytes=4 * slot,
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path, capacity_bytes=room(4),
                                                  eviction="lineage"))
         a, b, c, d, e = keys_(5)
         # a <- b <- c is a chain; d is alone. a is oldest but has children: leaves first.
@@ -379,18 +434,19 @@ def test_admission_policy_filters_puts(tmp_path: Path) -> None:
 def test_torn_page_is_a_miss(tmp_path: Path, damage: str) -> None:
     keys = keys_(6)
 
-    async def write() -> tuple[Path, int]:
+    async def write() -> tuple[Path, int, int]:
         store = await DiskStore.open(LAYOUT, cfg(tmp_path))
         await put(store, keys)
-        where = slot_offset(store, keys[-1])
+        path, offset = slot_offset(store, keys[-1])
+        head = header_offset(store, keys[-1])
         await store.close()
-        return where
+        return path, offset, head
 
-    path, offset = run(write())
+    path, offset, head = run(write())
     if damage == "truncate":
         os.truncate(path, offset + PAGE // 2)
     elif damage == "zero_header":
-        write_at(path, offset + PAGE, bytes(64))
+        write_at(path, head, bytes(64))
     elif damage == "half_written":  # a newer page's second half over the old one
         write_at(path, offset + PAGE // 2, page_payload(123, PAGE // 2).tobytes())
     else:
@@ -422,14 +478,16 @@ def test_slot_mixing_two_writes_is_a_miss(tmp_path: Path, mix: str) -> None:
         store = await DiskStore.open(LAYOUT, cfg(tmp_path), listener=listener)
         await put(store, [old_key])
         path, offset = slot_offset(store, old_key)
-        old = path.read_bytes()[offset:offset + PAGE + 64]
+        head = header_offset(store, old_key)
+        data = path.read_bytes()
+        old_payload, old_header = data[offset:offset + PAGE], data[head:head + 64]
         assert await store.delete([old_key]) == 1
         await put(store, [new_key])
         assert slot_offset(store, new_key) == (path, offset)  # the freed slot, reused
         if mix == "new_header_old_payload":
-            write_at(path, offset, old[:PAGE])
+            write_at(path, offset, old_payload)
         else:
-            write_at(path, offset + PAGE, old[PAGE:])
+            write_at(path, head, old_header)
         assert await served(store, [new_key]) == [False]
         assert listener.removed(RemovalReason.CORRUPT) == [new_key]
         await store.close()
@@ -478,22 +536,13 @@ def aligned_pages(n: int, nbytes: int = PAGE) -> list[np.ndarray]:
 
 
 @pytest.mark.skipif(not getattr(os, "O_DIRECT", 0), reason="no O_DIRECT")
-@pytest.mark.parametrize("stage_reads", [False, True])
-def test_aligned_pages_go_zero_copy_and_others_are_staged(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stage_reads: bool) -> None:
-    """Writes: aligned pages go zero-copy, others through staging. Reads: the same where
-    pages are large; pages below runs._STAGE_READS_BELOW (as this layout's) are all read
-    through staging (stage_reads), which the test also turns off to see the other case."""
+def test_aligned_pages_go_zero_copy_and_others_are_staged(tmp_path: Path) -> None:
+    """Writes and reads alike: aligned pages go zero-copy, others through staging."""
     keys = keys_(12)
-    assert PAGE < runs_mod._STAGE_READS_BELOW
-    if not stage_reads:
-        monkeypatch.setattr(runs_mod, "_STAGE_READS_BELOW", 0)
 
     async def body() -> None:
         store = await DiskStore.open(LAYOUT, cfg(tmp_path))
         assert store.direct_io
-        assert store._runio._stage_reads is stage_reads
-        read_staged = 4 if stage_reads else 0  # of the first, aligned, four
         staged = lambda: store.stats().extra["staged_pages"]  # noqa: E731
         # Aligned sources and destinations: nothing copied.
         src = aligned_pages(4)
@@ -504,7 +553,7 @@ def test_aligned_pages_go_zero_copy_and_others_are_staged(
         assert await store.get(list(zip(keys[:4], dst, strict=True))) == [True] * 4
         assert all(np.array_equal(d, page_payload(k, PAGE)) for k, d in zip(keys[:4], dst,
                                                                              strict=True))
-        assert staged() == read_staged
+        assert staged() == 0
         # Unaligned (numpy's own memory, offset by a byte) and read-only ones are staged;
         # mixed with aligned ones in one batch.
         mixed = []
@@ -515,11 +564,11 @@ def test_aligned_pages_go_zero_copy_and_others_are_staged(
                 page.flags.writeable = False
             mixed.append(page)
         assert await store.put(list(zip(keys[4:], mixed, strict=True))) == [True] * 8
-        assert staged() == read_staged + 4
+        assert staged() == 4
         outs = [aligned_pages(1)[0] if i % 2 else np.zeros(PAGE + 1, np.uint8)[1:]
                 for i in range(8)]
         assert await store.get(list(zip(keys[4:], outs, strict=True))) == [True] * 8
-        assert staged() == read_staged + 4 + (8 if stage_reads else 4)
+        assert staged() == 4 + 4
         assert all(np.array_equal(o, page_payload(k, PAGE)) for k, o in zip(keys[4:], outs,
                                                                              strict=True))
         await store.close()
@@ -629,10 +678,8 @@ def test_concurrent_puts_of_the_same_keys(tmp_path: Path) -> None:
 
 
 def test_reads_racing_evictions_never_return_wrong_bytes(tmp_path: Path) -> None:
-    slot = store_slot_bytes()
-
     async def body() -> None:
-        store = await DiskStore.open(LAYOUT, cfg(tmp_path, capacity_bytes=16 * slot,
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path, capacity_bytes=room(16),
                                                  eviction="lru"))
         rng = random.Random(3)
         written: list[int] = []
@@ -764,21 +811,24 @@ def _seal_case(page_bytes: int, n: int, align: int, seed: int
 @pytest.mark.parametrize("align", [0, 4096, -1])
 def test_native_seal_equals_python(page_bytes: int, align: int) -> None:
     n = 7
-    slot = (page_bytes + 64 + 4095) // 4096 * 4096
+    slot = (page_bytes + 4095) // 4096 * 4096
     pages, keys, fp = _seal_case(page_bytes, n, align, seed=page_bytes + align)
     images = [mmap.mmap(-1, n * slot) for _ in range(2)]
+    heads = [bytearray(b"\x5a" * (n * 64 + 64)) for _ in range(2)]
     for image in images:  # what a reused staging buffer holds, which both must overwrite
         image[:] = b"\xa5" * len(image)
     native = runs_mod._native_seal(pages, keys, runs_mod.HEADER_PREFIX, fp, page_bytes,
-                                   images[0], slot, align)
+                                   images[0], slot, memoryview(heads[0]), align)
     python = runs_mod.seal_pages_py(pages, keys, runs_mod.HEADER_PREFIX, fp, page_bytes,
-                                    images[1], slot, align)
+                                    images[1], slot, memoryview(heads[1]), align)
     assert native == python
     assert images[0][:] == images[1][:]
+    assert heads[0] == heads[1]
+    assert heads[0][n * 64:] == b"\x5a" * 64  # nothing past the run's headers
     checksums, zero_copy = native
     for j, page in enumerate(pages):
         assert checksums[j] == payload_checksum(page)
-        head = images[0][j * slot + page_bytes:j * slot + page_bytes + 64]
+        head = bytes(heads[0][j * 64:(j + 1) * 64])
         assert parse_header(head) == PageHeader(fp, keys[j], page_bytes, checksums[j])
         assert zero_copy[j] == runs_mod._zero_copy(page, align)
         if not zero_copy[j]:
@@ -794,22 +844,29 @@ def test_native_seal_refuses_bad_arguments() -> None:
     assert seal is not None
     page = memoryview(bytearray(4096))
     image = mmap.mmap(-1, 8192)
+    heads = memoryview(bytearray(128))
     prefix = runs_mod.HEADER_PREFIX
     with pytest.raises(ValueError, match="exceed"):
-        seal([memoryview(bytearray(240))], [1], prefix, 0, 240, image, 4096, 0)
+        seal([memoryview(bytearray(240))], [1], prefix, 0, 240, image, 4096, heads, 0)
+    with pytest.raises(ValueError, match="hold it"):
+        seal([page], [1], prefix, 0, 4096, image, 4000, heads, 0)
     with pytest.raises(ValueError, match="not 4096"):
-        seal([memoryview(bytearray(4000))], [1], prefix, 0, 4096, image, 8192, 0)
+        seal([memoryview(bytearray(4000))], [1], prefix, 0, 4096, image, 8192, heads, 0)
     with pytest.raises(ValueError, match="keys"):
-        seal([page], [1, 2], prefix, 0, 4096, image, 8192, 0)
+        seal([page], [1, 2], prefix, 0, 4096, image, 8192, heads, 0)
     with pytest.raises(ValueError, match="slots"):
-        seal([page, page], [1, 2], prefix, 0, 4096, image, 8192, 0)
+        seal([page, page], [1, 2], prefix, 0, 4096, image, 8192, heads, 0)
+    with pytest.raises(ValueError, match="headers"):
+        seal([page, page], [1, 2], prefix, 0, 4096, image, 4096, heads[:64], 0)
     with pytest.raises(ValueError, match="prefix"):
-        seal([page], [1], prefix[:8], 0, 4096, image, 8192, 0)
+        seal([page], [1], prefix[:8], 0, 4096, image, 8192, heads, 0)
     with pytest.raises(OverflowError):
-        seal([page], [-1], prefix, 0, 4096, image, 8192, 0)
+        seal([page], [-1], prefix, 0, 4096, image, 8192, heads, 0)
     with pytest.raises(TypeError):
-        seal([page], [1], prefix, 0, 4096, bytes(8192), 8192, 0)  # read-only image
-    assert seal([], [], prefix, 0, 4096, image, 8192, 0) == ([], b"")
+        seal([page], [1], prefix, 0, 4096, bytes(8192), 8192, heads, 0)  # read-only image
+    with pytest.raises(TypeError):
+        seal([page], [1], prefix, 0, 4096, image, 8192, bytes(128), 0)  # read-only heads
+    assert seal([], [], prefix, 0, 4096, image, 8192, heads, 0) == ([], b"")
 
 
 def test_python_sealer_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -938,18 +995,19 @@ def test_native_check_equals_python(page_bytes: int) -> None:
     """Pages as read (some straight into their destinations), some damaged: the native
     checker and the Python one give the same verdicts and leave the same bytes."""
     n = 8
-    slot = (page_bytes + 64 + 4095) // 4096 * 4096
+    slot = (page_bytes + 4095) // 4096 * 4096
     pages, keys, fp = _seal_case(page_bytes, n, 0, seed=page_bytes)
     image = mmap.mmap(-1, n * slot)
+    heads = memoryview(bytearray(n * 64))
     checksums, _ = runs_mod.seal_pages_py(pages, keys, runs_mod.HEADER_PREFIX, fp,
-                                          page_bytes, image, slot, -1)  # all in the image
+                                          page_bytes, image, slot, heads, -1)  # all staged
     zero_copy = bytes([j % 2 for j in range(n)])
     sums = list(checksums)
     sums[3] = bytes(16)  # the index expects another payload: the header differs
     image[2 * slot + 5] ^= 0xFF  # bit rot in a staged payload
     keys = list(keys)
     keys[4] ^= 1  # read under another name
-    got = 6 * slot + page_bytes + 63  # ended a byte short of header 6: two torn pages
+    got = 6  # the read ended before page 6 (or its header) was whole: two torn pages
     results = []
     for check in (runs_mod._native_check, runs_mod.check_pages_py):
         assert check is not None
@@ -959,7 +1017,7 @@ def test_native_check_equals_python(page_bytes: int) -> None:
                 dests[j][:] = np.frombuffer(pages[j], np.uint8)
         dests[5][7] ^= 0xFF
         status = check([memoryview(d) for d in dests], keys, runs_mod.HEADER_PREFIX, fp,
-                       page_bytes, image, slot, sums, zero_copy, got)
+                       page_bytes, image, slot, heads, sums, zero_copy, got)
         results.append((status, [d.tobytes() for d in dests]))
     assert results[0] == results[1]
     status, dests_bytes = results[0]
@@ -982,7 +1040,8 @@ def test_scalar_hash_path_matches(tmp_path: Path) -> None:
         "for n in (241, 1024, 1025, 4096, 32768, 100003):\n"
         "    p = memoryview(bytearray(os.urandom(n)))\n"
         "    img = mmap.mmap(-1, n + 4160)\n"
-        "    sums, _ = runs._native_seal([p], [1], runs.HEADER_PREFIX, 2, n, img, n + 4160, 0)\n"
+        "    sums, _ = runs._native_seal([p], [1], runs.HEADER_PREFIX, 2, n, img, n + 4160,\n"
+        "                                bytearray(64), 0)\n"
         "    assert sums == [xxhash.xxh3_128_digest(p)], n\n"
     )
     env = {**os.environ, "KVBM_XXH3_SCALAR": "1"}
@@ -1066,3 +1125,35 @@ def test_a_batch_holds_no_tracked_object_per_page(tmp_path: Path) -> None:
         assert seen and seen[0] - before < n // 4, (before, seen)
     finally:
         engine.shutdown()
+
+
+@settings(max_examples=300, deadline=None)
+@given(capacity=st.integers(0, 1 << 34), slot_blocks=st.integers(1, 512),
+       slab_slots=st.integers(1, 4096))
+def test_slots_within_is_the_most_that_fit(capacity: int, slot_blocks: int,
+                                           slab_slots: int) -> None:
+    slot = slot_blocks * ALIGN
+    area = header_area_for(slab_slots)
+
+    def disk_bytes(n: int) -> int:  # slab files holding n slots, the last one partial
+        full, part = divmod(n, slab_slots)
+        return full * (slab_slots * slot + area) + (area + part * slot if part else 0)
+
+    n = slots_within(capacity, slot, slab_slots, area)
+    assert disk_bytes(n) <= capacity < disk_bytes(n + 1)
+
+
+def test_slab_files_stay_within_the_capacity(tmp_path: Path) -> None:
+    capacity = 5 * PAGE + 3 * PAGE // 2  # slabs of 2 slots: 3 slabs, the last one partial
+
+    async def body() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path / "g3", capacity_bytes=capacity,
+                                                 slab_bytes=2 * PAGE))
+        keys = keys_(16)
+        await store.put([(k, page_payload(k, PAGE)) for k in keys])
+        assert len(await store.keys()) == store.geometry.max_slots
+        await store.close()
+
+    asyncio.run(body())
+    used = sum(p.stat().st_size for p in (tmp_path / "g3").rglob("*.slab"))
+    assert 0 < used <= capacity

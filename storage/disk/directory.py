@@ -12,18 +12,38 @@ The identity file is checked *before* anything is created or opened for writing,
 store opened with another layout, or written in another on-disk format, leaves the directory
 exactly as it found it.
 
-Slot format (``kvbm-disk-v2`` and ``-v3``): the payload at the slot's start, then the 64-byte
-page header (storage/page.py), then zeros up to the next ALIGN boundary::
+Slab format (``kvbm-disk-v4``): the 64-byte page headers (storage/page.py) of all the slab's
+slots first, then the payloads back to back::
 
-    [0, page_bytes)                            payload
-    [page_bytes, page_bytes + 64)              header (``header_offset`` = page_bytes)
-    [page_bytes + 64, slot_bytes)              zeros; slot_bytes = align_up(page_bytes + 64)
+    [0, header_area)                           header of slot i at i * 64;
+                                               header_area = align_up(slab_slots * 64)
+    [header_area + i * slot_bytes, +page_bytes) payload of slot i;
+                                               slot_bytes = align_up(page_bytes)
 
-With page_bytes a multiple of ALIGN (any real model's page) the payload is aligned and the
-header sits alone in the slot's last ALIGN block, so O_DIRECT can move the payload straight
-between the device and an aligned caller page (storage/disk/runs.py). ``kvbm-disk-v1`` had
-the header first; ``kvbm-disk-v2`` keyed its index by block hash, where ``-v3`` keys it by
-slot (storage/disk/index.py). Stores of other formats are refused, never misread.
+With page_bytes a multiple of ALIGN (any real model's page) slots are exactly page_bytes, so
+a run of adjacent slots is one contiguous stretch of the file: O_DIRECT moves it straight
+between the device and the caller's aligned pages as one ``pwritev``/``preadv``, plus one
+small I/O for the ALIGN blocks of the header area that cover the run's headers
+(storage/disk/runs.py). A page that is not a multiple of ALIGN gets its slot rounded up (zero
+padding after the payload) and is staged. A header block is shared by ALIGN / 64 slots: it is
+rewritten whole from an in-memory copy of the slab's header area, under a per-slab lock, so
+concurrent puts never drop each other's headers. Headers of free slots may be stale: the
+index (storage/disk/index.py) is the authority, and a read compares header and payload with
+what the index committed.
+
+On the development VM (bench/offload_bandwidth.py, medians of 12 alternated runs) this took
+32 KiB page writes from 0.425 to 0.530 of the raw O_DIRECT ceiling and reads from 0.688
+to 0.716, with 2 MiB pages unchanged within noise (writes 0.851 -> 0.847, reads
+0.934 -> 0.925): docs/tiers.md, "G3 bandwidth".
+
+Index entries name a slot by its slab and its *slot position* ``i * slot_bytes`` (the
+payload's offset within the payload area; ``Geometry.locate``); the file offsets follow from
+``Geometry.payload_offset`` and ``Geometry.header_offset``.
+
+Older formats: ``kvbm-disk-v1`` had the header first in each slot, ``-v2`` and ``-v3`` after
+the payload in the slot's last ALIGN block (two segments per page on the device, 12.5% more
+bytes for 32 KiB pages); ``-v2`` keyed its index by block hash, where ``-v3`` and later key it
+by slot (storage/disk/index.py). Stores of other formats are refused, never misread.
 """
 
 from __future__ import annotations
@@ -43,7 +63,7 @@ from kvbm.storage.page import HEADER_SIZE
 
 log = logging.getLogger(__name__)
 
-FORMAT = "kvbm-disk-v3"
+FORMAT = "kvbm-disk-v4"
 #: Every format of this store is named with this prefix, so an older (or newer) store is
 #: told apart from a directory that is no store at all.
 _FORMAT_FAMILY = "kvbm-disk-"
@@ -60,20 +80,33 @@ def align_up(n: int, a: int = ALIGN) -> int:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Where slot ``s`` lives: slab ``s // slab_slots``, offset ``s % slab_slots * slot_bytes``;
-    its header at ``header_offset`` within the slot (see the module docstring)."""
+    """Where slot ``s`` lives: slab ``s // slab_slots``, at slot position ``i * slot_bytes``
+    (``i = s % slab_slots``), its payload at file offset ``header_area + i * slot_bytes``
+    and its header at ``i * HEADER_SIZE`` (see the module docstring)."""
 
     slot_bytes: int
     slab_slots: int
     max_slots: int
-    header_offset: int
+    header_area: int
 
     def locate(self, slot: int) -> tuple[int, int]:
+        """The slab of ``slot`` and its slot position in it."""
         slab, i = divmod(slot, self.slab_slots)
         return slab, i * self.slot_bytes
 
     def slot_of(self, slab: int, offset: int) -> int:
         return slab * self.slab_slots + offset // self.slot_bytes
+
+    def payload_offset(self, offset: int) -> int:
+        """The file offset of the payload of the slot at slot position ``offset``."""
+        return self.header_area + offset
+
+    def header_offset(self, offset: int) -> int:
+        """The file offset of the header of the slot at slot position ``offset``."""
+        return offset // self.slot_bytes * HEADER_SIZE
+
+    def slab_size(self, slab: int) -> int:
+        return self.header_area + self.slots_in_slab(slab) * self.slot_bytes
 
     def slab_count(self) -> int:
         return -(-self.max_slots // self.slab_slots)
@@ -82,12 +115,30 @@ class Geometry:
         return min(self.slab_slots, self.max_slots - slab * self.slab_slots)
 
 
+def header_area_for(slab_slots: int) -> int:
+    return align_up(slab_slots * HEADER_SIZE)
+
+
+def slots_within(capacity_bytes: int, slot_bytes: int, slab_slots: int,
+                 header_area: int) -> int:
+    """The most slots whose slab files (payloads and header areas) fit in
+    ``capacity_bytes``: the configured capacity bounds what the tier puts on disk."""
+    full = slab_slots * slot_bytes + header_area
+    n, rest = divmod(capacity_bytes, full)
+    return n * slab_slots + min(slab_slots - 1, max(0, rest - header_area) // slot_bytes)
+
+
 def geometry_for(layout: KVLayout, capacity_bytes: int, slab_bytes: int) -> Geometry:
-    """The payload, then the header, rounded up to ALIGN (see the module docstring)."""
-    header_offset = layout.bytes_per_block
-    slot = align_up(header_offset + HEADER_SIZE)
-    return Geometry(slot_bytes=slot, slab_slots=max(1, slab_bytes // slot),
-                    max_slots=capacity_bytes // slot, header_offset=header_offset)
+    """Payload slots rounded up to ALIGN, headers apart (see the module docstring). The
+    capacity counts both: the header areas take 64 bytes per slot (0.2% for 32 KiB pages)."""
+    slot = align_up(layout.bytes_per_block)
+    # A tier smaller than one slab gets one slab of its size, not a header area sized for
+    # slots it can never have.
+    slab_slots = max(1, min(slab_bytes // slot, capacity_bytes // (slot + HEADER_SIZE)))
+    area = header_area_for(slab_slots)
+    return Geometry(slot_bytes=slot, slab_slots=slab_slots,
+                    max_slots=slots_within(capacity_bytes, slot, slab_slots, area),
+                    header_area=area)
 
 
 def _read_meta(root: Path) -> dict[str, Any] | None:
@@ -149,7 +200,7 @@ def create_identity(root: Path, layout: KVLayout, geometry: Geometry) -> dict[st
     meta = {"format": FORMAT, "fingerprint": f"{layout.fingerprint:016x}",
             "layout": layout.to_dict(), "page_bytes": layout.bytes_per_block,
             "slot_bytes": geometry.slot_bytes, "slab_slots": geometry.slab_slots,
-            "header_offset": geometry.header_offset}
+            "header_area": geometry.header_area}
     tmp = root / (META_NAME + ".tmp")
     with open(tmp, "w") as f:
         json.dump(meta, f, indent=1)
@@ -165,20 +216,22 @@ def stored_geometry(meta: dict[str, Any], wanted: Geometry, capacity_bytes: int)
     (slabs already on disk have them); the capacity is the config's."""
     try:
         slot, slab_slots = int(meta["slot_bytes"]), int(meta["slab_slots"])
-        header_offset = int(meta["header_offset"])
+        header_area = int(meta["header_area"])
     except (KeyError, TypeError, ValueError) as e:
         raise StorageError(f"disk store identity file is damaged ({e!r})") from None
-    # The slot shape follows from the layout, whose fingerprint matched: anything else is a
-    # damaged identity file, and reading slots at the wrong offsets would serve nothing.
-    if (slot, header_offset) != (wanted.slot_bytes, wanted.header_offset):
-        raise StorageError(f"disk store identity says slots of {slot} bytes with the header "
-                           f"at {header_offset}; the layout needs {wanted.slot_bytes} and "
-                           f"{wanted.header_offset}")
+    # The slot shape follows from the layout, whose fingerprint matched, and the header
+    # area from the slab size: anything else is a damaged identity file, and reading slots
+    # at the wrong offsets would serve nothing.
+    if (slot, header_area) != (wanted.slot_bytes, header_area_for(max(slab_slots, 1))):
+        raise StorageError(f"disk store identity says slots of {slot} bytes after a header "
+                           f"area of {header_area}; the layout needs {wanted.slot_bytes} and "
+                           f"{header_area_for(max(slab_slots, 1))}")
     if slab_slots != wanted.slab_slots:
         log.info("disk store keeps its slab size of %d slots (config asks for %d)",
                  slab_slots, wanted.slab_slots)
-    return Geometry(slot_bytes=slot, slab_slots=slab_slots, max_slots=capacity_bytes // slot,
-                    header_offset=header_offset)
+    return Geometry(slot_bytes=slot, slab_slots=slab_slots,
+                    max_slots=slots_within(capacity_bytes, slot, slab_slots, header_area),
+                    header_area=header_area)
 
 
 class DirectoryLock:

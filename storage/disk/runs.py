@@ -1,19 +1,30 @@
-"""A run of adjacent slots, read or written with one vectored system call.
+"""A run of adjacent slots, read or written with one vectored system call for the payloads
+and one small one for their headers.
 
-Slot format: storage/disk/directory.py (payload first, then the page header).
+Slab format: storage/disk/directory.py (``kvbm-disk-v4``: the headers of a slab's slots in
+its header area, the payloads back to back after it).
 
 Zero-copy: a payload whose memory the kernel may transfer directly is its own iovec entry:
 with buffered I/O any buffer; with O_DIRECT one that is ALIGN-aligned in memory with
 ``page_bytes`` a multiple of ALIGN (HostPool pages are). Any other payload is copied
-through a slot-shaped staging buffer. Headers (and padding) always come from that staging
-buffer, at their place in the slot image, so a run of n slots is one ``pwritev``/``preadv``
-of at most ``2n + 1`` entries (payload 0, header block 0, payload 1, ...), and a run that is
-staged entirely is one contiguous buffer. Reads of small pages are staged entirely on
-purpose (``_STAGE_READS_BELOW``).
+through a slot-shaped staging buffer. The payloads of a run are contiguous on disk, so a
+run of n slots is one ``pwritev``/``preadv`` of at most ``n + 1`` entries (more only when
+slots are padded, which pages of a whole number of ALIGN blocks never are), and a run that
+is staged entirely is one contiguous buffer. (Under ``kvbm-disk-v3``, whose zero-copy I/O
+reached the device as two segments per page, reads of small pages were staged whole on
+purpose; with contiguous payloads zero-copy reads are faster.)
 
-Write staging buffers are only ever written at payload and header positions: their padding
-stays zero (anonymous memory starts zeroed) without being cleared page by page. Reads use
-their own buffers, which end up holding whatever the slots held.
+Headers: a write packs the run's headers into a small buffer and copies them into the
+in-memory image of its slab's header area (:class:`HeaderAreas`, loaded from the slab on
+first use); once all the runs of a put are written, the ALIGN blocks that cover their
+headers are written from the image (one write per stretch), under the slab's lock: a header
+block is shared by ALIGN / 64 slots, and rewriting it whole from the image keeps every other
+slot's header as its own put last wrote it. A read preads those blocks
+from the slab (never the image: what is verified is what the device holds).
+
+Write staging buffers are only ever written at payload positions: their padding stays zero
+(anonymous memory starts zeroed) without being cleared page by page. Reads use their own
+buffers, which end up holding whatever the slots held.
 
 Per page this costs one xxh3-128 of the payload (the only pass over its bytes when it is
 zero-copy) and one header packed; a read compares the stored header with the one expected
@@ -25,8 +36,8 @@ run's hashing overlaps the others' Python as well as their system calls;
 :func:`seal_pages_py` and :func:`check_pages_py` are the pure-Python reference, used where
 the extension was not built.
 
-Pages come and go as parallel lists, and the iovec entries of the header blocks are views
-made once per staging buffer: a batch allocates no Python object per page that outlives the
+Pages come and go as parallel lists, and the iovec entries of the padding are views made
+once per staging buffer: a batch allocates no Python object per page that outlives the
 call. (Thousands of such objects per batch are promoted by the cyclic GC and trigger full
 collections, which in a process that holds torch cost ~100 ms each.)
 """
@@ -44,11 +55,12 @@ from typing import Protocol
 from xxhash import xxh3_64_intdigest, xxh3_128_digest
 
 from kvbm.pool import dma_memory
-from kvbm.storage.disk.directory import ALIGN, Geometry
-from kvbm.storage.disk.slabs import IOV_MAX, SlabFiles
+from kvbm.storage.disk.directory import ALIGN, Geometry, align_up
+from kvbm.storage.disk.slabs import IOV_MAX, SlabFiles, aligned_buffer
 from kvbm.storage.page import HEADER_SIZE, PageFault, PageHeader, pack_header, parse_header
 
-#: Most slots in one run: each may take two iovec entries, plus one for staged bytes.
+#: Most slots in one run: each may take two iovec entries (payload, padding), plus one for
+#: staged bytes.
 MAX_RUN_SLOTS = (IOV_MAX - 1) // 2
 
 
@@ -83,25 +95,19 @@ _FIELDS = struct.Struct("<QQQ16s")  # fingerprint, key, payload length, checksum
 _SUM = struct.Struct("<Q4x")
 #: The native hash covers long inputs only (xxh3's > 240-byte path): no page is shorter.
 _NATIVE_MIN_PAGE = 241
-#: With O_DIRECT, pages smaller than this are read into the staging buffer and copied out
-#: rather than read straight into their destinations: a run then reaches the device as one
-#: contiguous buffer instead of two segments per page (payload, header block), which a
-#: virtualised disk serves far slower (32 KiB pages: ~1.5 GB/s against ~2.2 GB/s on the
-#: development VM), while the copy runs at memory speed without the GIL (check_pages).
-#: Large pages gain nothing from it: their two segments per page are 2 MiB and 4 KiB.
-_STAGE_READS_BELOW = 256 << 10
 
 
 class Sealer(Protocol):
     def __call__(self, payloads: Sequence[memoryview], keys: Sequence[int], prefix: bytes,
                  fingerprint: int, page_bytes: int, image: mmap.mmap, slot_bytes: int,
-                 align: int, /) -> tuple[list[bytes], bytes]: ...
+                 heads: memoryview, align: int, /) -> tuple[list[bytes], bytes]: ...
 
 
 class Checker(Protocol):
     def __call__(self, dests: Sequence[memoryview], keys: Sequence[int], prefix: bytes,
                  fingerprint: int, page_bytes: int, image: mmap.mmap, slot_bytes: int,
-                 checksums: Sequence[bytes], zero_copy: bytes, got: int, /) -> bytes: ...
+                 heads: memoryview, checksums: Sequence[bytes], zero_copy: bytes, got: int,
+                 /) -> bytes: ...
 
 
 _native_seal: Sealer | None
@@ -128,22 +134,21 @@ def _zero_copy(buf: memoryview, align: int) -> bool:
 
 def seal_pages_py(payloads: Sequence[memoryview], keys: Sequence[int], prefix: bytes,
                   fingerprint: int, page_bytes: int, image: mmap.mmap, slot_bytes: int,
-                  align: int, /) -> tuple[list[bytes], bytes]:
+                  heads: memoryview, align: int, /) -> tuple[list[bytes], bytes]:
     """The per-page work of a write, in Python (the reference of ``kvbm._xxh3.seal_pages``,
     which does the same without holding the GIL): each payload's checksum; its header
-    (``prefix`` then the fields, storage/page.py) after its payload's place in ``image``, a
-    slot per page; the payload itself there unless it goes zero-copy. Returns the
-    checksums, and per page 1 (zero-copy) or 0 (staged)."""
+    (``prefix`` then the fields, storage/page.py) at ``heads[64 * j]``; the payload itself
+    at ``image[j * slot_bytes]`` unless it goes zero-copy. Returns the checksums, and per
+    page 1 (zero-copy) or 0 (staged)."""
     checksums = [xxh3_128_digest(p) for p in payloads]
     flags = bytearray(len(payloads))
     for j, key in enumerate(keys):
-        head = j * slot_bytes + page_bytes
-        image[head:head + HEADER_SIZE] = _header(prefix, fingerprint, key, page_bytes,
-                                                 checksums[j])
+        heads[j * HEADER_SIZE:(j + 1) * HEADER_SIZE] = _header(prefix, fingerprint, key,
+                                                               page_bytes, checksums[j])
         if _zero_copy(payloads[j], align):
             flags[j] = 1
         else:
-            image[head - page_bytes:head] = payloads[j]
+            image[j * slot_bytes:j * slot_bytes + page_bytes] = payloads[j]
     return checksums, bytes(flags)
 
 
@@ -159,23 +164,26 @@ def _header(prefix: bytes, fingerprint: int, key: int, page_bytes: int,
 
 def check_pages_py(dests: Sequence[memoryview], keys: Sequence[int], prefix: bytes,
                    fingerprint: int, page_bytes: int, image: mmap.mmap, slot_bytes: int,
-                   checksums: Sequence[bytes], zero_copy: bytes, got: int, /) -> bytes:
+                   heads: memoryview, checksums: Sequence[bytes], zero_copy: bytes, got: int,
+                   /) -> bytes:
     """The per-page work of a read, in Python (the reference of ``kvbm._xxh3.check_pages``,
-    which does the same without holding the GIL). ``image`` holds the slots as read
-    (``got`` bytes), except the payloads of pages whose ``zero_copy`` flag is set, which
-    went straight to their destinations. Per page: CHECK_OK (verified, and now in its
-    destination), CHECK_TRUNCATED (the read ended before its header), CHECK_HEADER (not
-    the header expected of it) or CHECK_CHECKSUM (its payload does not match)."""
+    which does the same without holding the GIL). ``image`` holds the payloads as read,
+    ``slot_bytes`` apart, except those of pages whose ``zero_copy`` flag is set, which went
+    straight to their destinations; ``heads`` the headers, 64 bytes apart; only the first
+    ``got`` pages were read whole. Per page: CHECK_OK (verified, and now in its
+    destination), CHECK_TRUNCATED (the read ended before the page or its header did),
+    CHECK_HEADER (not the header expected of it) or CHECK_CHECKSUM (its payload does not
+    match)."""
     status = bytearray(len(dests))
     for j, key in enumerate(keys):
-        head = j * slot_bytes + page_bytes
-        if got < head + HEADER_SIZE:
+        if j >= got:
             status[j] = CHECK_TRUNCATED
-        elif image[head:head + HEADER_SIZE] != _header(prefix, fingerprint, key, page_bytes,
-                                                       checksums[j]):
+        elif heads[j * HEADER_SIZE:(j + 1) * HEADER_SIZE] != _header(
+                prefix, fingerprint, key, page_bytes, checksums[j]):
             status[j] = CHECK_HEADER
         else:
-            payload = dests[j] if zero_copy[j] else memoryview(image)[head - page_bytes:head]
+            start = j * slot_bytes
+            payload = dests[j] if zero_copy[j] else memoryview(image)[start:start + page_bytes]
             if xxh3_128_digest(payload) != checksums[j]:
                 status[j] = CHECK_CHECKSUM
             elif not zero_copy[j]:
@@ -198,24 +206,32 @@ def checker_for(page_bytes: int) -> Checker:
 
 
 class _Staging:
-    """A slot-shaped buffer for one run (:func:`kvbm.pool.dma_memory`: huge pages where
-    the kernel allows, which O_DIRECT moves much faster), and views of each slot's part
-    after the payload (padding + header block), made once."""
+    """A slot-shaped buffer for one run's payloads (:func:`kvbm.pool.dma_memory`: huge
+    pages where the kernel allows, which O_DIRECT moves much faster), views of each slot's
+    padding after the payload (none when slots are not padded), made once, and room for the
+    run's headers: for a write, packed 64 bytes apart; for a read, the ALIGN blocks of the
+    header area that cover them."""
 
-    def __init__(self, slots: int, geometry: Geometry) -> None:
-        slot, pb = geometry.slot_bytes, geometry.header_offset
+    def __init__(self, slots: int, geometry: Geometry, page_bytes: int) -> None:
+        slot = geometry.slot_bytes
         self.map = dma_memory(slots * slot)
         self.image = memoryview(self.map)
-        self.tails = [self.image[j * slot + pb:(j + 1) * slot] for j in range(slots)]
+        self.tails: list[memoryview | None] = [
+            self.image[j * slot + page_bytes:(j + 1) * slot] if slot > page_bytes else None
+            for j in range(slots)]
+        # A run's headers start anywhere in a block: one block more than they fill.
+        self.head_map = aligned_buffer(align_up(slots * HEADER_SIZE) + ALIGN)
+        self.heads = memoryview(self.head_map)
 
 
 class _StagingPool:
     """Staging buffers kept for reuse: fresh memory page-faults on first touch, at about
     half of memcpy speed."""
 
-    def __init__(self, slots: int, geometry: Geometry, keep: int) -> None:
+    def __init__(self, slots: int, geometry: Geometry, page_bytes: int, keep: int) -> None:
         self._slots = slots
         self._geometry = geometry
+        self._page_bytes = page_bytes
         self._keep = keep
         self._free: list[_Staging] = []
         self._lock = threading.Lock()
@@ -224,12 +240,57 @@ class _StagingPool:
         with self._lock:
             if self._free:
                 return self._free.pop()
-        return _Staging(self._slots, self._geometry)
+        return _Staging(self._slots, self._geometry, self._page_bytes)
 
     def release(self, buf: _Staging) -> None:
         with self._lock:
             if len(self._free) < self._keep:
                 self._free.append(buf)
+
+
+class HeaderAreas:
+    """The in-memory image of each slab's header area (loaded from the slab on first use),
+    and a lock per slab that serialises updating it and writing its blocks out: a header
+    block is shared by ALIGN / 64 slots, and is only ever written whole from the image, so
+    one put's header write never drops another's header."""
+
+    def __init__(self, slabs: SlabFiles, geometry: Geometry) -> None:
+        self._slabs = slabs
+        self._geometry = geometry
+        self._images: dict[int, tuple[threading.Lock, mmap.mmap]] = {}
+        self._lock = threading.Lock()
+
+    def _image(self, slab: int) -> tuple[threading.Lock, mmap.mmap]:
+        with self._lock:
+            held = self._images.get(slab)
+            fresh = held is None
+            if held is None:
+                held = (threading.Lock(), aligned_buffer(self._geometry.header_area))
+                self._images[slab] = held
+                held[0].acquire()  # loaded below, before anyone else may use it
+        if fresh:
+            try:
+                # The headers of slots committed before this process: kept as they are.
+                self._slabs.readv(slab, 0, [memoryview(held[1])])
+            finally:
+                held[0].release()
+        return held
+
+    def put(self, slab: int, first: int, heads: memoryview) -> None:
+        """Put ``heads`` (packed, 64 bytes each) in place in the image from slot ``first`` of
+        ``slab`` on (its index within the slab); :meth:`write` writes them out."""
+        lock, image = self._image(slab)
+        start = first * HEADER_SIZE
+        with lock:
+            image[start:start + heads.nbytes] = heads
+
+    def write(self, slab: int, first: int, stop: int) -> None:
+        """Write the blocks that cover the headers of slots ``first:stop`` of ``slab``, whole,
+        from the image."""
+        lock, image = self._image(slab)
+        lo, hi = first * HEADER_SIZE // ALIGN * ALIGN, align_up(stop * HEADER_SIZE)
+        with lock:
+            self._slabs.writev(slab, lo, [memoryview(image)[lo:hi]])
 
 
 class RunIO:
@@ -238,6 +299,7 @@ class RunIO:
     def __init__(self, slabs: SlabFiles, geometry: Geometry, page_bytes: int, fingerprint: int,
                  *, max_run_slots: int, keep_buffers: int) -> None:
         self._slabs = slabs
+        self._geometry = geometry
         self.slot_bytes = geometry.slot_bytes
         self.page_bytes = page_bytes
         self.fingerprint = fingerprint
@@ -247,10 +309,9 @@ class RunIO:
         self._align = (ALIGN if page_bytes % ALIGN == 0 else -1) if self._direct else 0
         self._seal = sealer_for(page_bytes)
         self._check = checker_for(page_bytes)
-        #: Reads of small pages go through the staging buffer whole (see _STAGE_READS_BELOW).
-        self._stage_reads = self._direct and page_bytes < _STAGE_READS_BELOW
-        self._write_buffers = _StagingPool(max_run_slots, geometry, keep_buffers)
-        self._read_buffers = _StagingPool(max_run_slots, geometry, keep_buffers)
+        self._headers = HeaderAreas(slabs, geometry)
+        self._write_buffers = _StagingPool(max_run_slots, geometry, page_bytes, keep_buffers)
+        self._read_buffers = _StagingPool(max_run_slots, geometry, page_bytes, keep_buffers)
 
     def zero_copy(self, buf: memoryview) -> bool:
         """Whether ``buf`` (one page) can be an iovec entry of this store's I/O as it is."""
@@ -258,8 +319,9 @@ class RunIO:
 
     def _iov(self, staging: _Staging, bufs: Sequence[memoryview], direct: Sequence[int]
              ) -> list[memoryview]:
-        """The iovec of a run: each zero-copy page's buffer and the rest of its slot from
-        ``staging``; the slots of staged pages from ``staging`` whole, adjacent ones merged."""
+        """The iovec of a run's payloads: each zero-copy page's buffer (and its slot's
+        padding, if any, from ``staging``); the slots of staged pages from ``staging`` whole,
+        adjacent ones merged."""
         slot, image, tails = self.slot_bytes, staging.image, staging.tails
         iov: list[memoryview] = []
         start = -1  # first byte of a stretch of staged slots not yet in ``iov``
@@ -269,7 +331,9 @@ class RunIO:
                     iov.append(image[start:j * slot])
                     start = -1
                 iov.append(buf)
-                iov.append(tails[j])
+                tail = tails[j]
+                if tail is not None:
+                    iov.append(tail)
             elif start < 0:
                 start = j * slot
         if start >= 0:
@@ -278,36 +342,66 @@ class RunIO:
 
     def write(self, slab: int, offset: int, keys: Sequence[int],
               payloads: Sequence[memoryview]) -> tuple[list[bytes], int]:
-        """Write pages (parallel lists) to the adjacent slots from ``offset`` on.
+        """Write pages (parallel lists) to the adjacent slots from slot position ``offset``
+        on: the payloads; their headers go to the image of the slab's header area, for
+        :meth:`write_headers` to write out once the batch's runs are done (one write per
+        stretch of header blocks rather than one per run).
 
         Returns each page's payload checksum, and how many pages were staged (copied).
         """
+        g = self._geometry
         staging = self._write_buffers.acquire()
         try:
+            heads = staging.heads[:len(keys) * HEADER_SIZE]
             checksums, direct = self._seal(payloads, keys, HEADER_PREFIX, self.fingerprint,
                                            self.page_bytes, staging.map, self.slot_bytes,
-                                           self._align)
-            self._slabs.writev(slab, offset, self._iov(staging, payloads, direct))
+                                           heads, self._align)
+            self._slabs.writev(slab, g.payload_offset(offset),
+                               self._iov(staging, payloads, direct))
+            self._headers.put(slab, offset // self.slot_bytes, heads)
             return checksums, len(keys) - sum(direct)
         finally:
             self._write_buffers.release(staging)
 
+    def write_headers(self, runs: Sequence[tuple[int, int, int]]) -> None:
+        """Write the header blocks of written runs, ``(slab, slot position, slots)`` each, in
+        slot order: one write per stretch of adjacent runs of a slab."""
+        slot = self.slot_bytes
+        pending: tuple[int, int, int] | None = None  # slab, first, stop (slot indices)
+        for slab, offset, n in runs:
+            first = offset // slot
+            if pending is not None and pending[0] == slab and pending[2] == first:
+                pending = (slab, pending[1], first + n)
+                continue
+            if pending is not None:
+                self._headers.write(*pending)
+            pending = (slab, first, first + n)
+        if pending is not None:
+            self._headers.write(*pending)
+
     def read(self, slab: int, offset: int, keys: Sequence[int], dests: Sequence[memoryview],
              checksums: Sequence[bytes]) -> tuple[list[str | None], int]:
-        """Read pages (parallel lists) from the adjacent slots from ``offset`` on into their
-        destinations, and verify each against its key and the checksum its index entry holds.
+        """Read pages (parallel lists) from the adjacent slots from slot position ``offset``
+        on into their destinations, and verify each against its key and the checksum its
+        index entry holds.
 
         Returns, per page, ``None`` when it verified (its payload is then in its destination)
         or why not (a destination's content is then unspecified); and how many were staged.
         """
-        slot, pb = self.slot_bytes, self.page_bytes
+        g, slot, pb, n = self._geometry, self.slot_bytes, self.page_bytes, len(keys)
         staging = self._read_buffers.acquire()
         try:
-            direct = (bytes(len(dests)) if self._stage_reads
-                      else bytes(self.zero_copy(d) for d in dests))
-            got = self._slabs.readv(slab, offset, self._iov(staging, dests, direct))
+            direct = bytes(self.zero_copy(d) for d in dests)
+            start = g.header_offset(offset)
+            lo, hi = start // ALIGN * ALIGN, align_up(start + n * HEADER_SIZE)
+            hgot = self._slabs.readv(slab, lo, [staging.heads[:hi - lo]])
+            got = self._slabs.readv(slab, g.payload_offset(offset),
+                                    self._iov(staging, dests, direct))
+            # The pages read whole, header and payload (a slab that ends early: torn).
+            whole = min(n, (got + slot - pb) // slot, max(0, hgot - (start - lo)) // HEADER_SIZE)
+            heads = staging.heads[start - lo:start - lo + n * HEADER_SIZE]
             status = self._check(dests, keys, HEADER_PREFIX, self.fingerprint, pb,
-                                 staging.map, slot, checksums, direct, got)
+                                 staging.map, slot, heads, checksums, direct, whole)
             faults: list[str | None] = []
             for j, code in enumerate(status):
                 if code == CHECK_OK:
@@ -315,12 +409,11 @@ class RunIO:
                 elif code == CHECK_TRUNCATED:
                     faults.append(PageFault.TRUNCATED.value)  # the slab ends early: torn
                 elif code == CHECK_HEADER:
-                    head = j * slot + pb
-                    faults.append(self._header_fault(staging.map[head:head + HEADER_SIZE],
-                                                     keys[j]))
+                    faults.append(self._header_fault(
+                        bytes(heads[j * HEADER_SIZE:(j + 1) * HEADER_SIZE]), keys[j]))
                 else:
                     faults.append(PageFault.BAD_CHECKSUM.value)
-            return faults, len(keys) - sum(direct)
+            return faults, n - sum(direct)
         finally:
             self._read_buffers.release(staging)
 

@@ -108,7 +108,7 @@ class SlabFiles:
         # Reserve the whole slab now, so that a full disk shows up here as one clear
         # error instead of as a failed write in the middle of a batch, and so that the
         # slab is one extent that sequential writes stream into.
-        size = self.geometry.slots_in_slab(slab) * self.geometry.slot_bytes
+        size = self.geometry.slab_size(slab)
         if os.fstat(fd).st_size < size:
             try:
                 os.posix_fallocate(fd, 0, size)

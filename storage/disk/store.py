@@ -1,16 +1,17 @@
 """G3: the local-disk page store.
 
-Pages live in slots of large preallocated slab files (storage/disk/slabs.py), each slot the
-payload then its 64-byte header (storage/page.py), rounded up to 4 KiB for O_DIRECT
-(storage/disk/directory.py). The index (storage/disk/index.py) maps block hash -> slot in lmdb.
+Pages live in slots of large preallocated slab files (storage/disk/slabs.py): each slab the
+64-byte headers (storage/page.py) of its slots, then their payloads back to back, each slot
+rounded up to 4 KiB for O_DIRECT (storage/disk/directory.py). The index
+(storage/disk/index.py) maps block hash -> slot in lmdb.
 
-A put goes: reserve slots (evicting if full) -> write payload + header, a run of adjacent
-slots per vectored write, straight from the caller's pages where O_DIRECT allows
-(storage/disk/runs.py) -> fdatasync the slabs -> commit the index entries (group commit,
-storage/disk/commit.py) -> make the pages visible. A page is in the index only once its
-bytes are durable, so after ``kill -9`` at any moment a reopened store serves every page
-whose put returned, and a torn page (written, never committed, or damaged later) is caught
-by its header and checksum and dropped.
+A put goes: reserve slots (evicting if full) -> write the payloads, a run of adjacent slots
+per vectored write straight from the caller's pages where O_DIRECT allows, then the header
+blocks that cover their headers (storage/disk/runs.py) -> fdatasync the slabs -> commit the
+index entries (group commit, storage/disk/commit.py) -> make the pages visible. A page is in
+the index only once its bytes are durable, so after ``kill -9`` at any moment a reopened
+store serves every page whose put returned, and a torn page (written, never committed, or
+damaged later) is caught by its header and checksum and dropped.
 
 Threading: the asyncio methods hand each call to one *op* thread, which does the blocking
 work and splits big batches into runs for the *I/O* threads. All shared state sits behind
@@ -97,7 +98,8 @@ class DiskStore(PageStore):
         wanted = geometry_for(layout, config.capacity_bytes, config.slab_bytes)
         if wanted.max_slots == 0:
             raise ConfigError(f"disk.capacity_bytes={config.capacity_bytes} is less than one "
-                              f"page slot ({wanted.slot_bytes} bytes)")
+                              f"page slot ({wanted.slot_bytes} bytes) and its header block "
+                              f"({wanted.header_area} bytes)")
         # Refuse a foreign directory before creating anything in it.
         check_identity(root, layout)
         root.mkdir(parents=True, exist_ok=True)
@@ -202,7 +204,7 @@ class DiskStore(PageStore):
     @property
     def capacity_bytes(self) -> int:
         """Payload bytes: the slots that fit in ``config.capacity_bytes`` times the page size
-        (each slot also holds a header and alignment padding)."""
+        (the slabs also hold 64 bytes of header per slot, and any alignment padding)."""
         return self.geometry.max_slots * self.page_bytes
 
     @property
@@ -480,6 +482,7 @@ class DiskStore(PageStore):
         written: list[int] = []
         failed: list[int] = []
         slabs: set[int] = set()
+        done: list[tuple[int, int, int]] = []  # runs written: slab, slot position, slots
         staged = 0
         for run, outcome in zip(runs, outcomes, strict=True):
             if isinstance(outcome, BaseException):
@@ -493,6 +496,15 @@ class DiskStore(PageStore):
             staged += outcome[2]
             stored += todo[run.start:run.stop]
             written += slots[run.start:run.stop]
+            done.append((run.slab, run.offset, run.stop - run.start))
+        if done:
+            try:
+                self._runio.write_headers(done)
+            except Exception as err:
+                log.error("disk store: writing the headers of %d pages failed: %s",
+                          len(new_keys), err)
+                failed += written
+                new_keys, entries, stored, written = [], [], [], []
         ticket = 0
         with self._lock:
             self._stats.extra["staged_pages"] += staged
