@@ -419,9 +419,13 @@ class ObjectStoreTests(abc.ABC):
             assert False in got
             stored = [k for k, ok in zip(ks, got, strict=True) if ok]
             assert sorted(await store.keys()) == sorted(stored)
-            # More calls against the dead server: the breaker opens, then calls fail fast.
-            for _ in range(3):
-                await store.get([(ks[0], np.zeros(page, dtype=np.uint8))])
+            # More calls against the dead server: each one that needs it fails, so the
+            # breaker is open afterwards whether or not the put's failures opened it and
+            # its cool-down has passed since (a probe then fails and re-opens it); then
+            # calls fail fast. (Puts, not gets: a get of a page that never landed asks
+            # nothing of the server.)
+            for k in keys(3, start=5000):
+                assert await store.put([(k, page_payload(k, page))]) == [False]
             assert store.breaker.state is BreakerState.OPEN
             rejected = store.stats().extra["rejected_open"]
             assert await store.put(items[:8]) == [False] * 8
