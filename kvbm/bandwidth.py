@@ -523,6 +523,9 @@ def measure_disk(layout: KVLayout, pages: int, directory: Path | str, *, repeats
         rng = random.Random(3)
         best = dict.fromkeys(("w", "r", "raw_w", "raw_r"), math.inf)
         for rnd in range(repeats + 1):
+            # Whatever the machine wrote before (an earlier step, the last round's index
+            # commits) is flushed now, not in the middle of the next timed write.
+            os.sync()
             _begin(progress, f"{G2_G3} raw write")
             t_raw_w = raw.write()
             _begin(progress, f"{G3_G2} raw read")
