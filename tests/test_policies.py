@@ -34,6 +34,7 @@ from kvbm.policies import (
     make_eviction,
 )
 from kvbm.policies.base import EvictionPolicy
+from kvbm.policies.shadows import EvictionOrder
 
 NAMES = sorted(EVICTION_POLICIES)
 
@@ -451,7 +452,7 @@ def test_duelling_policies_start_as_lineage(cls: type[AdaptivePolicy | Predictiv
         p.access(1)
         p.access(2)
         p.access(3)
-    assert a.mode == "lru"
+    assert a.mode is EvictionOrder.LRU
     assert drain(a) == drain(b) == [4, 3, 2, 1]
 
 
@@ -467,7 +468,7 @@ def test_adaptive_turns_probation_first_against_one_hit_wonders() -> None:
     lru = _hits(LRUPolicy(64), refs)
     ad = AdaptivePolicy(64, sample=1)
     got = _hits(ad, refs)
-    assert ad.mode == "probation"
+    assert ad.mode is EvictionOrder.PROBATION
     assert lru == 0 and got > 0.8 * 48 * 39
 
 
@@ -481,7 +482,7 @@ def test_adaptive_stays_lru_when_lru_wins() -> None:
     lru = _hits(LRUPolicy(64), refs)
     ad = AdaptivePolicy(64, sample=1)
     assert _hits(ad, refs) == lru == 4000
-    assert ad.mode == "lru"
+    assert ad.mode is EvictionOrder.LRU
 
 
 def test_adaptive_pin_keeps_segment() -> None:
@@ -582,7 +583,7 @@ def test_predictive_scored_evicts_low_reuse_class_first() -> None:
     _run_tail_first(p, [1, 2], None)       # 2 is a tail, inserted first (older)
     _run_tail_first(p, [5, 6, 7], None)    # 7 is a tail, 6 a root-run block
     p.access(1)
-    assert p.mode == "scored"
+    assert p.mode is EvictionOrder.SCORED
     assert p.victim() in (2, 7) and p.victim() in (2, 7)
     assert p.victim() == 6                 # then the oldest leaf of the rest
 
@@ -594,7 +595,7 @@ def test_predictive_pins_are_respected_in_every_mode() -> None:
             p._scored_score = 1e6
         elif force == "probation":
             p._prob_score = 1e6
-        assert p.mode == force
+        assert p.mode.value == force
         _run_tail_first(p, [1, 2, 3], None)
         _run_tail_first(p, [4, 5], 2)
         for k in (3, 5, 1):
@@ -718,7 +719,7 @@ class _ForcedPredictive(PolicyMachine):
             p._scored_score = 1e6
         else:
             p._prob_score = 1e6
-        assert p.mode == self.force
+        assert p.mode.value == self.force
         self.p = p
         self.resident = {}
         self.pinned = set()

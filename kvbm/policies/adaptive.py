@@ -5,7 +5,7 @@ from __future__ import annotations
 from kvbm.errors import PolicyError
 from kvbm.policies.admission import FrequencyAdmission
 from kvbm.policies.leaves import LeafFirstPolicy
-from kvbm.policies.shadows import ShadowLRU, ShadowProbation
+from kvbm.policies.shadows import EvictionOrder, ShadowLRU, ShadowProbation
 
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -75,9 +75,9 @@ class AdaptivePolicy(LeafFirstPolicy):
 
     # ------------------------------------------------------------------------- dueling --
     @property
-    def mode(self) -> str:
-        """The eviction order in force: ``"lru"`` or ``"probation"``."""
-        return "probation" if self._score > self.margin else "lru"
+    def mode(self) -> EvictionOrder:
+        """The eviction order in force: ``LRU`` or ``PROBATION``."""
+        return EvictionOrder.PROBATION if self._score > self.margin else EvictionOrder.LRU
 
     def _duel(self, key: int, seen: bool) -> None:
         # The top bits of a multiplicative hash pick an unbiased 1-in-2**bits sample, even

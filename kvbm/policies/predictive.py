@@ -8,7 +8,7 @@ from collections import OrderedDict
 from kvbm.errors import PolicyError
 from kvbm.policies.admission import FrequencyAdmission
 from kvbm.policies.leaves import LeafFirstPolicy
-from kvbm.policies.shadows import ShadowLRU, ShadowProbation
+from kvbm.policies.shadows import EvictionOrder, ShadowLRU, ShadowProbation
 
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -170,15 +170,15 @@ class PredictivePolicy(LeafFirstPolicy):
 
     # ---------------------------------------------------------------------- learning --
     @property
-    def mode(self) -> str:
-        """The eviction order in force: ``"scored"`` while its shadow is ahead of both others
-        by more than ``margin``, else ``"probation"`` while that one is ahead of LRU by more
-        than ``margin``, else ``"lru"`` (leaf-first LRU): the simpler order unless the
-        other clearly wins."""
+    def mode(self) -> EvictionOrder:
+        """The eviction order in force: ``SCORED`` while its shadow is ahead of both others
+        by more than ``margin``, else ``PROBATION`` while that one is ahead of LRU by more
+        than ``margin``, else ``LRU`` (leaf-first LRU): the simpler order unless the other
+        clearly wins."""
         scored, prob, margin = self._scored_score, self._prob_score, self.margin
         if scored > margin and scored > prob + margin:
-            return "scored"
-        return "probation" if prob > margin else "lru"
+            return EvictionOrder.SCORED
+        return EvictionOrder.PROBATION if prob > margin else EvictionOrder.LRU
 
     @property
     def tau(self) -> float:
@@ -308,7 +308,7 @@ class PredictivePolicy(LeafFirstPolicy):
         top, stamp = self._top, self._stamp
         best = -1
         mode = self.mode
-        if mode == "scored":
+        if mode is EvictionOrder.SCORED:
             now, tau, logp = self._clock, self._tau, self._logp
             low = math.inf
             for s in range(NSEG):
@@ -318,7 +318,7 @@ class PredictivePolicy(LeafFirstPolicy):
                     if score < low:
                         low, best = score, s
         else:
-            groups = (_UNPROVEN, _PROVEN) if mode == "probation" else (range(NSEG),)
+            groups = (_UNPROVEN, _PROVEN) if mode is EvictionOrder.PROBATION else (range(NSEG),)
             for group in groups:
                 oldest = math.inf
                 for s in group:

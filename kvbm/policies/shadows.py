@@ -3,7 +3,16 @@ on a sample of the keys so that a policy can measure it against the order it run
 
 from __future__ import annotations
 
+import enum
 from collections import OrderedDict
+
+
+class EvictionOrder(enum.Enum):
+    """The eviction order a duelling policy (``adaptive``, ``predictive``) runs now."""
+
+    LRU = "lru"  # leaf-first LRU, i.e. ``lineage``
+    PROBATION = "probation"  # unconfirmed blocks first
+    SCORED = "scored"  # lowest expected reuse first (``predictive``)
 
 
 class ShadowLRU:
