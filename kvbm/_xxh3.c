@@ -546,6 +546,48 @@ static void build_header(unsigned char *head, const unsigned char *prefix, u64 f
  * object. page_bytes must exceed 240 (the long-input hash; the caller hashes shorter pages
  * itself). */
 
+/* Argument checks shared by seal_pages and check_pages (0, or -1 with an exception set). */
+static int check_sizes(const Py_buffer *prefix, Py_ssize_t page_bytes, Py_ssize_t slot_bytes) {
+    if (prefix->len != HEAD_PREFIX) {
+        PyErr_Format(PyExc_ValueError, "prefix must be %d bytes, got %zd", HEAD_PREFIX,
+                     prefix->len);
+        return -1;
+    }
+    if (page_bytes <= MIDSIZE_MAX || slot_bytes < page_bytes) {
+        PyErr_Format(PyExc_ValueError, "page_bytes %zd must exceed %d and slot_bytes %zd "
+                     "hold it", page_bytes, MIDSIZE_MAX, slot_bytes);
+        return -1;
+    }
+    return 0;
+}
+
+static int check_room(const Py_buffer *image, const Py_buffer *heads, Py_ssize_t n,
+                      Py_ssize_t slot_bytes) {
+    if (image->len / slot_bytes < n || heads->len / 64 < n) {
+        PyErr_Format(PyExc_ValueError, "image of %zd bytes or heads of %zd hold fewer than "
+                     "%zd slots of %zd, headers of 64", image->len, heads->len, n, slot_bytes);
+        return -1;
+    }
+    return 0;
+}
+
+/* Key i of `kseq` and the page buffer i of `bseq` (`flags` as PyObject_GetBuffer's), which
+ * must be page_bytes long; on failure nothing is held. `what` names the buffers in errors. */
+static int take_page(PyObject *kseq, PyObject *bseq, Py_ssize_t i, int flags,
+                     const char *what, Py_ssize_t page_bytes, u64 *key, Py_buffer *view) {
+    char name[40];
+    PyOS_snprintf(name, sizeof name, "key at index %zd", i);
+    if (as_u64(PySequence_Fast_GET_ITEM(kseq, i), name, key) < 0) return -1;
+    if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(bseq, i), view, flags) < 0) return -1;
+    if (view->len != page_bytes) {
+        PyErr_Format(PyExc_ValueError, "%s %zd is %zd bytes, not %zd", what, i, view->len,
+                     page_bytes);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *py_seal_pages(PyObject *self, PyObject *args) {
     PyObject *payloads_o, *keys_o, *fp_o, *pseq = NULL, *kseq = NULL, *sums = NULL;
     PyObject *flags = NULL, *out = NULL;
@@ -558,16 +600,7 @@ static PyObject *py_seal_pages(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOy*Onw*nw*n:seal_pages", &payloads_o, &keys_o, &prefix, &fp_o,
                           &page_bytes, &image, &slot_bytes, &heads, &align))
         return NULL;
-    if (prefix.len != HEAD_PREFIX) {
-        PyErr_Format(PyExc_ValueError, "prefix must be %d bytes, got %zd", HEAD_PREFIX,
-                     prefix.len);
-        goto done;
-    }
-    if (page_bytes <= MIDSIZE_MAX || slot_bytes < page_bytes) {
-        PyErr_Format(PyExc_ValueError, "page_bytes %zd must exceed %d and slot_bytes %zd "
-                     "hold it", page_bytes, MIDSIZE_MAX, slot_bytes);
-        goto done;
-    }
+    if (check_sizes(&prefix, page_bytes, slot_bytes) < 0) goto done;
     if (as_u64(fp_o, "fingerprint", &fingerprint) < 0) goto done;
     pseq = PySequence_Fast(payloads_o, "payloads must be a sequence of buffers");
     if (pseq == NULL) goto done;
@@ -579,11 +612,7 @@ static PyObject *py_seal_pages(PyObject *self, PyObject *args) {
                      PySequence_Fast_GET_SIZE(kseq));
         goto done;
     }
-    if (image.len / slot_bytes < n || heads.len / 64 < n) {
-        PyErr_Format(PyExc_ValueError, "image of %zd bytes or heads of %zd hold fewer than "
-                     "%zd slots of %zd, headers of 64", image.len, heads.len, n, slot_bytes);
-        goto done;
-    }
+    if (check_room(&image, &heads, n, slot_bytes) < 0) goto done;
     views = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
     keys = PyMem_Malloc(((size_t)n + 1) * sizeof(u64));
     digests = PyMem_Malloc(((size_t)n + 1) * 16);
@@ -593,17 +622,10 @@ static PyObject *py_seal_pages(PyObject *self, PyObject *args) {
         goto done;
     }
     for (i = 0; i < n; i++) {
-        char what[40];
-        PyOS_snprintf(what, sizeof what, "key at index %zd", i);
-        if (as_u64(PySequence_Fast_GET_ITEM(kseq, i), what, &keys[i]) < 0) goto done;
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(pseq, i), &views[i], PyBUF_SIMPLE) < 0)
+        if (take_page(kseq, pseq, i, PyBUF_SIMPLE, "payload", page_bytes, &keys[i],
+                      &views[i]) < 0)
             goto done;
         got = i + 1;
-        if (views[i].len != page_bytes) {
-            PyErr_Format(PyExc_ValueError, "payload %zd is %zd bytes, not %zd", i, views[i].len,
-                         page_bytes);
-            goto done;
-        }
         /* read-only memory is staged under O_DIRECT: the Python reference cannot tell
          * where it lies (storage/disk/runs.py), and both must give the same answer */
         zero_copy[i] = align == 0 || (align > 0 && !views[i].readonly &&
@@ -684,16 +706,7 @@ static PyObject *py_check_pages(PyObject *self, PyObject *args) {
                           &fp_o, &page_bytes, &image, &slot_bytes, &heads, &sums_o, &zc,
                           &got_pages))
         return NULL;
-    if (prefix.len != HEAD_PREFIX) {
-        PyErr_Format(PyExc_ValueError, "prefix must be %d bytes, got %zd", HEAD_PREFIX,
-                     prefix.len);
-        goto done;
-    }
-    if (page_bytes <= MIDSIZE_MAX || slot_bytes < page_bytes) {
-        PyErr_Format(PyExc_ValueError, "page_bytes %zd must exceed %d and slot_bytes %zd "
-                     "hold it", page_bytes, MIDSIZE_MAX, slot_bytes);
-        goto done;
-    }
+    if (check_sizes(&prefix, page_bytes, slot_bytes) < 0) goto done;
     if (as_u64(fp_o, "fingerprint", &fingerprint) < 0) goto done;
     dseq = PySequence_Fast(dests_o, "dests must be a sequence of buffers");
     if (dseq == NULL) goto done;
@@ -708,11 +721,7 @@ static PyObject *py_check_pages(PyObject *self, PyObject *args) {
                      PySequence_Fast_GET_SIZE(kseq), PySequence_Fast_GET_SIZE(sseq), zc.len);
         goto done;
     }
-    if (image.len / slot_bytes < n || heads.len / 64 < n) {
-        PyErr_Format(PyExc_ValueError, "image of %zd bytes or heads of %zd hold fewer than "
-                     "%zd slots of %zd, headers of 64", image.len, heads.len, n, slot_bytes);
-        goto done;
-    }
+    if (check_room(&image, &heads, n, slot_bytes) < 0) goto done;
     views = PyMem_Calloc((size_t)n + 1, sizeof(Py_buffer));
     keys = PyMem_Malloc(((size_t)n + 1) * sizeof(u64));
     sums = PyMem_Malloc(((size_t)n + 1) * 16);
@@ -722,24 +731,16 @@ static PyObject *py_check_pages(PyObject *self, PyObject *args) {
         goto done;
     }
     for (i = 0; i < n; i++) {
-        char what[40];
         PyObject *sum = PySequence_Fast_GET_ITEM(sseq, i);
-        PyOS_snprintf(what, sizeof what, "key at index %zd", i);
-        if (as_u64(PySequence_Fast_GET_ITEM(kseq, i), what, &keys[i]) < 0) goto done;
         if (!PyBytes_Check(sum) || PyBytes_GET_SIZE(sum) != 16) {
             PyErr_Format(PyExc_ValueError, "checksum %zd is not 16 bytes", i);
             goto done;
         }
         memcpy(sums + 16 * i, PyBytes_AS_STRING(sum), 16);
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(dseq, i), &views[i],
-                               PyBUF_WRITABLE) < 0)
+        if (take_page(kseq, dseq, i, PyBUF_WRITABLE, "destination", page_bytes, &keys[i],
+                      &views[i]) < 0)
             goto done;
         got = i + 1;
-        if (views[i].len != page_bytes) {
-            PyErr_Format(PyExc_ValueError, "destination %zd is %zd bytes, not %zd", i,
-                         views[i].len, page_bytes);
-            goto done;
-        }
     }
 
     Py_BEGIN_ALLOW_THREADS
