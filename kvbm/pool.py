@@ -254,6 +254,10 @@ class HostPool:
                 num_blocks, layout.bytes_per_block)
         self.buffer = self.raw.view(layout.torch_dtype()).view(num_blocks, *layout.block_shape)
         self._np = self.raw.numpy()
+        # Pages are slices of one flat view: a slice is a single object, where indexing the
+        # array made an ndarray and a memoryview of it per page (GC pressure in transfers).
+        self._flat = self._np.reshape(-1).data
+        self._page_bytes = layout.bytes_per_block
 
     @property
     def num_blocks(self) -> int:
@@ -261,7 +265,11 @@ class HostPool:
 
     def page(self, slot: int) -> memoryview:
         """The bytes of one page, zero-copy (writable)."""
-        return memoryview(self._np[slot])
+        if not 0 <= slot < self.allocator.num_slots:
+            raise IndexError(f"page {slot} out of range for a pool of "
+                             f"{self.allocator.num_slots} blocks")
+        n = self._page_bytes
+        return self._flat[slot * n:(slot + 1) * n]
 
     def block_view(self, slot: int) -> torch.Tensor:
         return self.buffer[slot]

@@ -81,6 +81,19 @@ def test_device_pool_views_and_copies(arr):
     assert torch.equal(torch.stack(list(got)) if isinstance(got, list) else got, expect)
 
 
+def test_host_page_is_the_block_bytes_and_checks_its_slot():
+    lay = KVLayout(2, 1, 4, 4, "float16")
+    host = HostPool(lay, 3)
+    page = host.page(2)
+    assert len(page) == lay.bytes_per_block and page.format == "B" and not page.readonly
+    page[:] = bytes(range(len(page)))   # writes land in the block, zero-copy
+    assert bytes(host.raw[2].numpy()) == bytes(range(len(page)))
+    assert not any(host.raw[1].numpy()) and not any(host.raw[0].numpy())
+    for bad in (-1, 3, 10):
+        with pytest.raises(IndexError, match="out of range"):
+            host.page(bad)
+
+
 def test_pinned_host_pool_without_cuda_is_refused():
     if torch.cuda.is_available():
         pytest.skip("CUDA present")
