@@ -94,10 +94,18 @@ def load_trace(path: str | Path) -> list[list[int]]:
                 continue
             try:
                 ids = json.loads(line)["hash_ids"]
+                if not isinstance(ids, list):
+                    raise TypeError(f"hash_ids is a {type(ids).__name__}, not a list")
+                out.append([_hash_id(h) for h in ids])
             except (ValueError, KeyError, TypeError) as e:
                 raise ConfigError(f"{path}:{n}: not a Mooncake trace record ({e})") from None
-            out.append([int(h) for h in ids])
     return out
+
+
+def _hash_id(h: Any) -> int:
+    if isinstance(h, bool) or not isinstance(h, int) or h < 0:
+        raise ValueError(f"hash id {h!r} is not a non-negative integer")
+    return h
 
 
 def generated_trace(requests: int, seed: int, family: str) -> list[list[int]]:
@@ -248,4 +256,47 @@ def format_table(doc: dict[str, Any]) -> str:
         lines.append(f"{name:<22} {x:9.4f} {x / lru if lru else float('nan'):7.3f} "
                      f"{'-' if g is None else f'{g:10.1%}':>10} "
                      f"{doc['seconds'].get(name, 0.0):7.1f}{mark}")
+    return "\n".join(lines)
+
+
+def format_sweep(name: str, docs: Sequence[dict[str, Any]]) -> str:
+    """A Markdown table of one trace replayed at several sizes (``run`` documents): each
+    policy's hit ratio and ratio to LRU per size, Belady, and the share of the LRU -> Belady
+    gap the configured default closes. The layout of docs/policies.md."""
+    if not docs:
+        raise ValueError("format_sweep needs at least one document")
+    docs = sorted(docs, key=lambda d: d["capacity_fraction"])
+    first = docs[0]
+    policies: list[str] = []
+    for d in docs:
+        policies += [p for p in d["hit_ratio"] if p not in policies and p != "belady"]
+    default = first["default"]
+    lines = [f"#### {name}: {first['requests']:,} requests, {first['block_refs']:,} block "
+             f"references, {first['distinct_blocks']:,} distinct blocks; "
+             f"G1 = {first['device_blocks']} blocks", "",
+             "| policy | " + " | ".join(f"{100 * d['capacity_fraction']:g}%" for d in docs)
+             + " |",
+             "|---|" + "---:|" * len(docs)]
+    for p in [*policies, "belady"]:
+        cells = []
+        for d in docs:
+            r = d["hit_ratio"]
+            x = r.get(p)
+            if x is None:
+                cells.append("—")
+            elif p in ("lru", "belady") or not r.get("lru"):
+                cells.append(f"{x:.4f}")
+            else:
+                cells.append(f"{x:.4f} ({x / r['lru']:.3f}×)")
+        label = p
+        if p == default:
+            label = f"**{p}**"
+            cells = [c if c == "—" else f"**{c}**" for c in cells]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    gaps = []
+    for d in docs:
+        r = d["hit_ratio"]
+        g = gap_closed(r[default], r["lru"], r["belady"]) if default in r else None
+        gaps.append("—" if g is None else f"{g:.0%}")
+    lines.append(f"| {default}: gap closed | " + " | ".join(gaps) + " |")
     return "\n".join(lines)

@@ -165,3 +165,83 @@ def test_replay_rejects_unknown_policy() -> None:
     with pytest.raises(PolicyError, match="valid"):
         policy_replay.parse_policy("lru+bloom")
     assert policy_replay.parse_policy("Lineage+freq") == ("lineage", "frequency")
+
+
+# ----------------------------------------------------------------------------------- sweep --
+def test_format_sweep_marks_the_default_and_its_gap(small_trace: list[list[int]]) -> None:
+    docs = [policy_replay.run(small_trace, f, ["lru", "lineage"], block_size=4)
+            for f in (0.1, 0.05)]
+    for d in docs:
+        d["default"] = "lineage"
+    table = policy_replay.format_sweep("t", docs)
+    lines = table.splitlines()
+    assert lines[0].startswith("#### t: 400 requests")
+    assert lines[2] == "| policy | 5% | 10% |"   # sorted by size
+    rows = {ln.split(" | ")[0][2:]: ln for ln in lines[4:]}
+    assert set(rows) == {"lru", "**lineage**", "belady", "lineage: gap closed"}
+    r = docs[1]["hit_ratio"]
+    assert f"{r['lru']:.4f}" in rows["lru"]
+    assert f"**{r['lineage']:.4f} ({r['lineage'] / r['lru']:.3f}×)**" in rows["**lineage**"]
+    gap = policy_replay.gap_closed(r["lineage"], r["lru"], r["belady"])
+    assert gap is not None and f"{gap:.0%}" in rows["lineage: gap closed"]
+    with pytest.raises(ValueError):
+        policy_replay.format_sweep("t", [])
+
+
+def test_sweep_cli_runs_every_cell_in_processes(tmp_path: Path) -> None:
+    trace = tmp_path / "tiny.jsonl"
+    assert make_trace.main(["--out", str(trace), "--requests", "120", "--seed", "5"]) == 0
+    out = tmp_path / "cells"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "policy_sweep.py"), "--trace", str(trace),
+         "--generate", "agent:2", "--requests", "120", "--fractions", "0.05,0.2",
+         "--policy", "lru", "--policy", "lineage", "--block-size", "4", "--jobs", "2",
+         "--out", str(out), "--json"],
+        capture_output=True, text=True, timeout=600, check=True)
+    doc = json.loads(proc.stdout)
+    assert set(doc["traces"]) == {"tiny", "agent-s2"}
+    for name, cells in doc["traces"].items():
+        assert set(cells) == {"0.05", "0.2"}
+        for f, cell in cells.items():
+            assert cell["capacity_fraction"] == float(f)
+            assert set(cell["hit_ratio"]) == {"lru", "lineage", "belady"}
+            assert json.loads((out / f"{name}-{float(f):g}.json").read_text()) == cell
+    # The same cell replayed in this process gives the same ratios (replays are deterministic).
+    direct = policy_replay.run(policy_replay.load_trace(trace), 0.05, ["lru", "lineage"],
+                               block_size=4)
+    assert doc["traces"]["tiny"]["0.05"]["hit_ratio"] == direct["hit_ratio"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "at least one"),
+    (["--generate", "chat:x"], "FAMILY"),
+    (["--generate", "chat", "--fractions", "0,0.1"], "fractions"),
+    (["--generate", "chat", "--jobs", "0"], "--jobs"),
+    (["--trace", "/nonexistent/trace.jsonl"], "no such trace"),
+])
+def test_sweep_cli_rejects_bad_arguments(argv: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, str(BENCH / "policy_sweep.py"), *argv],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_sweep_cli_reports_a_failing_replay(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"timestamp": 0, "hash_ids": "nope"}\n')
+    proc = subprocess.run([sys.executable, str(BENCH / "policy_sweep.py"), "--trace", str(bad),
+                           "--fractions", "0.1", "--policy", "lru"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "replays failed" in proc.stderr
+    assert "bad.jsonl:1: not a Mooncake trace record" in proc.stderr
+
+
+@pytest.mark.parametrize("record", [
+    '{"hash_ids": "12"}', '{"hash_ids": [1, "2"]}', '{"hash_ids": [1, -2]}',
+    '{"hash_ids": [true]}', '{"hash_ids": [1.5]}', '{"timestamp": 0}', '[1, 2]', 'not json',
+])
+def test_load_trace_rejects_bad_records_with_their_line(tmp_path: Path, record: str) -> None:
+    from kvbm.errors import ConfigError
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"hash_ids": [0, 1]}\n\n' + record + "\n")
+    with pytest.raises(ConfigError, match=r"t\.jsonl:3: not a Mooncake trace record"):
+        policy_replay.load_trace(f)

@@ -1,0 +1,142 @@
+"""Replay traces at several host-tier sizes and print one hit-ratio table per trace.
+
+    python bench/policy_sweep.py --trace conversation_trace.jsonl --trace chat.jsonl \\
+        [--fractions 0.01,0.02,0.03,0.05,0.1,0.2,0.5] [--policy lru --policy predictive] \\
+        [--jobs 2] [--out DIR] [--json]
+    python bench/policy_sweep.py --generate chat:1 --generate code:7 [--requests 12000]
+
+Each (trace, fraction) cell is one ``bench/policy_replay.py --json`` process, up to
+``--jobs`` at a time (results come back as JSON on stdout: nothing is pickled between
+processes). ``--out DIR`` keeps each cell's document as ``DIR/NAME-FRACTION.json``; ``--json``
+prints ``{"traces": {NAME: {FRACTION: document}}}`` instead of the tables. The tables are
+the ones in docs/policies.md: each policy's hit ratio and its ratio to LRU, Belady, and the
+share of the LRU -> Belady gap the configured default closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kvbm.replay import format_sweep
+
+DEFAULT_FRACTIONS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5)
+REPLAY = Path(__file__).resolve().parent / "policy_replay.py"
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not out or any(not 0 < f <= 1 for f in out):
+        raise argparse.ArgumentTypeError(f"fractions must be in (0, 1]: {text!r}")
+    return out
+
+
+def _generated(spec: str) -> tuple[str, int]:
+    family, _, seed = spec.partition(":")
+    try:
+        return family, int(seed or "0")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected FAMILY[:SEED], got {spec!r}") from None
+
+
+def _cells(args: argparse.Namespace) -> list[tuple[str, float, list[str]]]:
+    """(trace name, fraction, policy_replay.py arguments) for every cell."""
+    common = ["--block-size", str(args.block_size), "--json"]
+    for p in args.policy or []:
+        common += ["--policy", p]
+    sources: list[tuple[str, list[str]]] = []
+    for path in args.trace or []:
+        sources.append((Path(path).stem, ["--trace", path]))
+    for family, seed in args.generate or []:
+        sources.append((f"{family}-s{seed}", ["--generate", "--family", family, "--seed",
+                                              str(seed), "--requests", str(args.requests)]))
+    names = [n for n, _ in sources]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"policy_sweep: two traces have the same name: {sorted(names)}")
+    return [(name, f, [*src, "--capacity-fraction", repr(f), *common])
+            for name, src in sources for f in args.fractions]
+
+
+def sweep(args: argparse.Namespace) -> dict[str, dict[float, dict[str, Any]]]:
+    cells = _cells(args)
+    out: dict[str, dict[float, dict[str, Any]]] = {}
+    running: list[tuple[str, float, subprocess.Popen[str]]] = []
+    todo = list(cells)
+    failed: list[str] = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            name, f, argv = todo.pop(0)
+            proc = subprocess.Popen([sys.executable, str(REPLAY), *argv], text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            running.append((name, f, proc))
+        time.sleep(0.05)
+        for item in list(running):
+            name, f, proc = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            stdout, stderr = proc.communicate()
+            if proc.returncode != 0:
+                failed.append(f"{name} at {f}: {stderr.strip().splitlines()[-1:]}")
+                continue
+            doc = json.loads(stdout)
+            out.setdefault(name, {})[f] = doc
+            if args.out:
+                Path(args.out, f"{name}-{f:g}.json").write_text(json.dumps(doc) + "\n")
+            print(f"  {name} {f:g}: done", file=sys.stderr)
+    if failed:
+        raise SystemExit("policy_sweep: replays failed:\n  " + "\n  ".join(failed))
+    return {name: dict(sorted(docs.items())) for name, docs in out.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trace", action="append", metavar="FILE",
+                    help="Mooncake-format JSON-lines file (repeatable)")
+    ap.add_argument("--generate", action="append", type=_generated, metavar="FAMILY[:SEED]",
+                    help="a generated trace instead (repeatable), e.g. chat:1")
+    ap.add_argument("--requests", type=int, default=12000, help="with --generate")
+    ap.add_argument("--fractions", type=_fractions, default=list(DEFAULT_FRACTIONS),
+                    help="host tier sizes as fractions of the distinct blocks "
+                         "(default: 0.01,0.02,0.03,0.05,0.1,0.2,0.5)")
+    ap.add_argument("--policy", action="append", metavar="NAME",
+                    help="EVICTION[+ADMISSION], repeatable (default: every eviction policy "
+                         "and the configured default)")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per trace block")
+    ap.add_argument("--jobs", type=int, default=2, help="replays run side by side")
+    ap.add_argument("--out", metavar="DIR", help="also write each cell's JSON document here")
+    ap.add_argument("--json", action="store_true", help="print one JSON document")
+    args = ap.parse_args(argv)
+    if not args.trace and not args.generate:
+        ap.error("give at least one --trace or --generate")
+    if args.jobs < 1:
+        ap.error("--jobs must be at least 1")
+    if args.requests < 1 or args.block_size < 1:
+        ap.error("--requests and --block-size must be positive")
+    for path in args.trace or []:
+        if not Path(path).is_file():
+            ap.error(f"no such trace file: {path}")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+    results = sweep(args)
+    if args.json:
+        json.dump({"traces": {n: {repr(f): d for f, d in docs.items()}
+                              for n, docs in results.items()}}, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        for name, docs in results.items():
+            print(format_sweep(name, list(docs.values())))
+            print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
