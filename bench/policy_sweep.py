@@ -19,7 +19,7 @@ import argparse
 import json
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -65,36 +65,29 @@ def _cells(args: argparse.Namespace) -> list[tuple[str, float, list[str]]]:
             for name, src in sources for f in args.fractions]
 
 
+def _replay(cell: tuple[str, float, list[str]]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(REPLAY), *cell[2]], capture_output=True,
+                          text=True, check=False)
+
+
 def sweep(args: argparse.Namespace) -> dict[str, dict[float, dict[str, Any]]]:
     cells = _cells(args)
     out: dict[str, dict[float, dict[str, Any]]] = {}
-    running: list[tuple[str, float, subprocess.Popen[str]]] = []
-    todo = list(cells)
     failed: list[str] = []
-    while todo or running:
-        while todo and len(running) < args.jobs:
-            name, f, argv = todo.pop(0)
-            proc = subprocess.Popen([sys.executable, str(REPLAY), *argv], text=True,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            running.append((name, f, proc))
-        time.sleep(0.05)
-        for item in list(running):
-            name, f, proc = item
-            if proc.poll() is None:
-                continue
-            running.remove(item)
-            stdout, stderr = proc.communicate()
+    # Threads only wait on the replay processes; each answers with one JSON document.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for (name, f, _), proc in zip(cells, pool.map(_replay, cells), strict=True):
             if proc.returncode != 0:
-                failed.append(f"{name} at {f}: {stderr.strip().splitlines()[-1:]}")
+                failed.append(f"{name} at {f:g}: {proc.stderr.strip().splitlines()[-1:]}")
                 continue
-            doc = json.loads(stdout)
+            doc = json.loads(proc.stdout)
             out.setdefault(name, {})[f] = doc
             if args.out:
                 Path(args.out, f"{name}-{f:g}.json").write_text(json.dumps(doc) + "\n")
             print(f"  {name} {f:g}: done", file=sys.stderr)
     if failed:
         raise SystemExit("policy_sweep: replays failed:\n  " + "\n  ".join(failed))
-    return {name: dict(sorted(docs.items())) for name, docs in out.items()}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
