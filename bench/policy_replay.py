@@ -1,7 +1,7 @@
 """Replay a Mooncake-format trace through the BlockManager and compare host-tier policies.
 
     python bench/policy_replay.py --trace FILE --capacity-fraction 0.03 \\
-        [--policy lru --policy lineage+frequency ...] [--block-size 16] [--json]
+        [--policy lru --policy lineage+frequency ...] [--block-size 16] [--model] [--json]
     python bench/policy_replay.py --generate [--family rag] --capacity-fraction 0.03
 
 Method (tokens per trace block, G1 sizing, Belady) in kvbm/replay.py; results and the
@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="EVICTION[+ADMISSION], repeatable (default: every eviction policy "
                          "and the configured default)")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per trace block")
+    ap.add_argument("--model", action="store_true",
+                    help="replay through the policy-level model (kvbm/simulate.py: the "
+                         "manager's hit ratios, several times faster) instead of the manager")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
     ap.add_argument("--requests", type=int, default=12000, help="with --generate")
     ap.add_argument("--seed", type=int, default=0, help="with --generate")
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                  else generated_trace(args.requests, args.seed, args.family))
         policies = args.policy or list(dict.fromkeys([*STANDARD, default_name()]))
         doc = run(trace, args.capacity_fraction, policies, block_size=args.block_size,
-                  progress=not args.json and sys.stderr.isatty())
+                  progress=not args.json and sys.stderr.isatty(), model=args.model)
     except KvbmError as e:
         ap.error(str(e))
     if args.json:

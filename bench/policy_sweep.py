@@ -2,7 +2,7 @@
 
     python bench/policy_sweep.py --trace conversation_trace.jsonl --trace chat.jsonl \\
         [--fractions 0.01,0.02,0.03,0.05,0.1,0.2,0.5] [--policy lru --policy predictive] \\
-        [--jobs 2] [--out DIR] [--json]
+        [--jobs 2] [--model] [--out DIR] [--json]
     python bench/policy_sweep.py --generate chat:1 --generate code:7 [--requests 12000]
 
 Each (trace, fraction) cell is one ``bench/policy_replay.py --json`` process, up to
@@ -49,7 +49,7 @@ def _generated(spec: str) -> tuple[str, int]:
 
 def _cells(args: argparse.Namespace) -> list[tuple[str, float, list[str]]]:
     """(trace name, fraction, policy_replay.py arguments) for every cell."""
-    common = ["--block-size", str(args.block_size), "--json"]
+    common = ["--block-size", str(args.block_size), "--json", *(["--model"] if args.model else [])]
     for p in args.policy or []:
         common += ["--policy", p]
     sources: list[tuple[str, list[str]]] = []
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="EVICTION[+ADMISSION], repeatable (default: every eviction policy "
                          "and the configured default)")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per trace block")
+    ap.add_argument("--model", action="store_true",
+                    help="policy-level model instead of the manager (same hit ratios, faster)")
     ap.add_argument("--jobs", type=int, default=2, help="replays run side by side")
     ap.add_argument("--out", metavar="DIR", help="also write each cell's JSON document here")
     ap.add_argument("--json", action="store_true", help="print one JSON document")

@@ -51,6 +51,7 @@ from kvbm.errors import ConfigError, PolicyError
 from kvbm.layout import KVLayout
 from kvbm.manager import BlockManager
 from kvbm.policies import ADMISSION_POLICIES, EVICTION_POLICIES
+from kvbm.simulate import manager_keys, simulate
 from kvbm.workload import generate
 
 #: Policies replayed when no --policy is given: every eviction policy, plus the configured
@@ -208,9 +209,12 @@ def _bar(frac: float, label: str, *, end: bool = False) -> None:
 
 
 def run(trace: Sequence[Sequence[int]], fraction: float, policies: Sequence[str] | None = None,
-        *, block_size: int = 16, progress: bool = False) -> dict[str, Any]:
+        *, block_size: int = 16, progress: bool = False, model: bool = False
+        ) -> dict[str, Any]:
     """Replay every policy (default: every eviction policy and the configured default; LRU
-    always included) and Belady; the ``--json`` document of bench/policy_replay.py."""
+    always included) and Belady; the ``--json`` document of bench/policy_replay.py. With
+    ``model``, through :mod:`kvbm.simulate` instead of the manager: the same hit ratios,
+    faster, without per-medium hit counts."""
     if policies is None:
         policies = list(dict.fromkeys([*STANDARD, default_name()]))
     distinct = distinct_blocks(trace)
@@ -222,10 +226,16 @@ def run(trace: Sequence[Sequence[int]], fraction: float, policies: Sequence[str]
     ratios: dict[str, float] = {}
     seconds: dict[str, float] = {}
     by_medium: dict[str, dict[str, int]] = {}
+    keys = manager_keys(trace, block_size) if model else None
     for ev, adm in dict.fromkeys(specs):
+        name = spec_name(ev, adm)
+        if keys is not None:
+            t0 = time.perf_counter()
+            ratios[name] = simulate(keys, capacity, ev, adm, device_blocks=device)["hit_ratio"]
+            seconds[name] = round(time.perf_counter() - t0, 2)
+            continue
         r = replay(trace, capacity, ev, adm, block_size=block_size, device_blocks=device,
                    progress=progress)
-        name = spec_name(ev, adm)
         ratios[name] = r["hit_ratio"]
         seconds[name] = round(r["seconds"], 2)
         by_medium[name] = r["hits_by_medium"]
@@ -235,7 +245,8 @@ def run(trace: Sequence[Sequence[int]], fraction: float, policies: Sequence[str]
     return {"capacity_fraction": fraction, "blocks": capacity, "hit_ratio": ratios,
             "default": default_name(), "distinct_blocks": distinct, "device_blocks": device,
             "requests": len(trace), "block_refs": sum(len(t) for t in trace),
-            "hits_by_medium": by_medium, "seconds": seconds}
+            "hits_by_medium": by_medium, "seconds": seconds,
+            "engine": "model" if model else "manager"}
 
 
 def gap_closed(x: float, lru: float, opt: float) -> float | None:

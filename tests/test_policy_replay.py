@@ -245,3 +245,37 @@ def test_load_trace_rejects_bad_records_with_their_line(tmp_path: Path, record: 
     f.write_text('{"hash_ids": [0, 1]}\n\n' + record + "\n")
     with pytest.raises(ConfigError, match=r"t\.jsonl:3: not a Mooncake trace record"):
         policy_replay.load_trace(f)
+
+
+# ------------------------------------------------------------------------------- simulate --
+@pytest.mark.parametrize("spec", [*policy_replay.STANDARD, "lineage+frequency"])
+def test_simulate_makes_the_managers_calls(small_trace: list[list[int]], spec: str) -> None:
+    # The model must give exactly the manager's hit ratio: same keys, same policy calls. If
+    # this fails after a manager change, kvbm/simulate.py has to follow it.
+    from kvbm.simulate import manager_keys, simulate
+    ev, adm = policy_replay.parse_policy(spec)
+    keys = manager_keys(small_trace, 4)
+    for cap in (60, 400):
+        want = policy_replay.replay(small_trace, cap, ev, adm, block_size=4)
+        got = simulate(keys, cap, ev, adm)
+        assert (got["hits"], got["blocks"]) == (want["hits"], want["blocks"]), (spec, cap)
+        assert got["device_blocks"] == want["device_blocks"]
+
+
+def test_manager_keys_are_the_managers_hashes(small_trace: list[list[int]]) -> None:
+    from kvbm.hashing import hash_blocks
+    from kvbm.simulate import manager_keys
+    keys = manager_keys([small_trace[0], [], small_trace[1]], 4)
+    assert keys[1] == []
+    toks = policy_replay.trace_tokens(small_trace[1], 4)
+    assert keys[2] == [int(h) for h in hash_blocks(toks, 4).sequence]
+    assert len(keys[0]) == len(small_trace[0])
+
+
+def test_run_through_the_model_gives_the_managers_table(small_trace: list[list[int]]) -> None:
+    specs = ["lru", "predictive", "arc+frequency"]
+    a = policy_replay.run(small_trace, 0.05, specs, block_size=4)
+    b = policy_replay.run(small_trace, 0.05, specs, block_size=4, model=True)
+    assert a["hit_ratio"] == b["hit_ratio"]
+    assert (a["engine"], b["engine"]) == ("manager", "model")
+    assert b["hits_by_medium"] == {}
