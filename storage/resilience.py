@@ -26,6 +26,9 @@ from typing import TypeVar
 from kvbm.errors import ConfigError, TierUnavailableError
 
 log = logging.getLogger(__name__)
+#: Backoff jitter draws from its own generator: retry threads must not move the
+#: application's global ``random`` state (or trip tools that watch it, like Hypothesis).
+_JITTER = random.Random()
 
 T = TypeVar("T")
 
@@ -75,7 +78,7 @@ class RetryPolicy:
     def backoff(self, retry: int, rng: random.Random | None = None) -> float:
         """The sleep before retry number ``retry`` (1-based)."""
         cap = min(self.max_delay_s, self.base_delay_s * self.multiplier ** (retry - 1))
-        return (rng or random).uniform(0.0, cap)
+        return (rng or _JITTER).uniform(0.0, cap)
 
 
 @dataclass(frozen=True)

@@ -197,3 +197,11 @@ def test_breaker_is_thread_safe() -> None:
     for t in threads:
         t.join()
     assert breaker.state is BreakerState.OPEN and breaker.opens == 1
+
+
+def test_backoff_jitter_leaves_the_global_random_state_alone() -> None:
+    p = RetryPolicy(base_delay_s=0.1, max_delay_s=1.0)
+    state = random.getstate()
+    delays = [p.backoff(n) for n in range(1, 20)]
+    assert random.getstate() == state
+    assert all(0.0 <= d <= 1.0 for d in delays) and len(set(delays)) > 1
