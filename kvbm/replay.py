@@ -48,10 +48,11 @@ from kvbm.config import (
     ManagerConfig,
 )
 from kvbm.errors import ConfigError, PolicyError
+from kvbm.hashing import hash_blocks
 from kvbm.layout import KVLayout
 from kvbm.manager import BlockManager
 from kvbm.policies import ADMISSION_POLICIES, EVICTION_POLICIES
-from kvbm.simulate import manager_keys, simulate
+from kvbm.simulate import simulate
 from kvbm.workload import generate
 
 #: Policies replayed when no --policy is given: every eviction policy, plus the configured
@@ -118,6 +119,19 @@ def trace_tokens(ids: Sequence[int], block_size: int) -> np.ndarray:
     """Tokens standing for a trace request: ``block_size`` copies of each hash id (mod 2**32),
     so that the chained block hashes reproduce the trace's prefix identity."""
     return np.repeat(np.asarray(ids, dtype=np.int64) & _U32, block_size).astype(np.uint32)
+
+
+def manager_keys(trace: Sequence[Sequence[int]], block_size: int) -> list[list[int]]:
+    """The trace with every hash id replaced by the sequence hash the manager computes for it
+    (policies hash and sample keys, so the keys must be the same to get the same result)."""
+    out: list[list[int]] = []
+    for ids in trace:
+        if not ids:
+            out.append([])
+            continue
+        seq = hash_blocks(trace_tokens(ids, block_size), block_size).sequence
+        out.append([int(h) for h in seq])
+    return out
 
 
 def distinct_blocks(trace: Iterable[Sequence[int]]) -> int:

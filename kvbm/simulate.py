@@ -17,24 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kvbm.hashing import hash_blocks
 from kvbm.policies import make_admission, make_eviction
 from kvbm.policies.base import AdmissionPolicy, EvictionPolicy
-
-
-def manager_keys(trace: Sequence[Sequence[int]], block_size: int) -> list[list[int]]:
-    """The trace with every hash id replaced by the sequence hash the manager computes for it
-    (policies hash and sample keys, so the keys must be the same to get the same result)."""
-    from kvbm.replay import trace_tokens
-
-    out: list[list[int]] = []
-    for ids in trace:
-        if not ids:
-            out.append([])
-            continue
-        seq = hash_blocks(trace_tokens(ids, block_size), block_size).sequence
-        out.append([int(h) for h in seq])
-    return out
 
 
 class _Tiers:
@@ -67,17 +51,18 @@ class _Tiers:
                 self.g2.remove(x)
 
     def evict1(self) -> None:
-        k = self.g1.victim()
-        assert k is not None, "G1 is smaller than a request"
-        self.in1.discard(k)
-        if k not in self.in2:
-            self.forget(k)
+        self._evict(self.g1, self.in1, self.in2)
 
     def evict2(self) -> None:
-        k = self.g2.victim()
-        assert k is not None, "every host block is pinned"
-        self.in2.discard(k)
-        if k not in self.in1:
+        self._evict(self.g2, self.in2, self.in1)
+
+    def _evict(self, policy: EvictionPolicy, resident: set[int], other: set[int]) -> None:
+        """One victim leaves a tier; the lineage rule drops it (and what hangs under it)
+        when the other tier does not hold it either."""
+        k = policy.victim()
+        assert k is not None, "every block of the tier is pinned"
+        resident.discard(k)
+        if k not in other:
             self.forget(k)
 
 
@@ -146,8 +131,8 @@ def simulate(keys: Sequence[Sequence[int]], capacity: int, eviction: str,
              admission: str | None = None, *, device_blocks: int | None = None,
              **params: Any) -> dict[str, Any]:
     """Hit ratio of ``eviction`` (+ ``admission``) as host-tier policy for ``keys`` (a trace
-    from :func:`manager_keys`), with G1 as in :func:`kvbm.replay.replay`. ``params`` go to
-    the eviction policy (e.g. ``sample=4`` for ``predictive``)."""
+    from :func:`kvbm.replay.manager_keys`), with G1 as in :func:`kvbm.replay.replay`.
+    ``params`` go to the eviction policy (e.g. ``sample=4`` for ``predictive``)."""
     g1_cap = device_blocks or max((len(ids) for ids in keys), default=1)
     cap = max(capacity, 1)
     tiers = _Tiers(make_eviction("lineage", max(g1_cap, 1)), make_eviction(eviction, cap, **params),

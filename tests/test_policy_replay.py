@@ -252,7 +252,8 @@ def test_load_trace_rejects_bad_records_with_their_line(tmp_path: Path, record: 
 def test_simulate_makes_the_managers_calls(small_trace: list[list[int]], spec: str) -> None:
     # The model must give exactly the manager's hit ratio: same keys, same policy calls. If
     # this fails after a manager change, kvbm/simulate.py has to follow it.
-    from kvbm.simulate import manager_keys, simulate
+    from kvbm.replay import manager_keys
+    from kvbm.simulate import simulate
     ev, adm = policy_replay.parse_policy(spec)
     keys = manager_keys(small_trace, 4)
     for cap in (60, 400):
@@ -264,7 +265,7 @@ def test_simulate_makes_the_managers_calls(small_trace: list[list[int]], spec: s
 
 def test_manager_keys_are_the_managers_hashes(small_trace: list[list[int]]) -> None:
     from kvbm.hashing import hash_blocks
-    from kvbm.simulate import manager_keys
+    from kvbm.replay import manager_keys
     keys = manager_keys([small_trace[0], [], small_trace[1]], 4)
     assert keys[1] == []
     toks = policy_replay.trace_tokens(small_trace[1], 4)
