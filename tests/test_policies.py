@@ -588,6 +588,44 @@ def test_predictive_scored_evicts_low_reuse_class_first() -> None:
     assert p.victim() == 6                 # then the oldest leaf of the rest
 
 
+def test_predictive_leaves_probation_first_only_when_lru_clearly_leads() -> None:
+    # Mixing probation-first and LRU evictions loses what either gains, so the order, once
+    # probation-first, stays so until the LRU shadow leads by ``margin`` (not as soon as
+    # probation's lead falls under it). Phase 1 favours probation (a hot set between floods
+    # of one-hit wonders), phase 2 LRU (every block reused once, soon). The scored order,
+    # which wins both phases here, is kept out of the running.
+    p = PredictivePolicy(64, sample=1)
+    m = p.margin
+    refs: list[int] = []
+    fresh = 10_000
+    for _ in range(40):
+        refs += list(range(48))
+        refs += list(range(fresh, fresh + 100))
+        fresh += 100
+    for base in range(fresh, fresh + 6000, 20):
+        refs += list(range(base, base + 20)) * 2
+    modes: list[EvictionOrder] = []
+    sticky = 0
+    before = EvictionOrder.LRU
+    for k in refs:
+        _hits(p, [k])
+        p._scored_score = min(p._scored_score, 0.0)
+        mode = p.mode
+        modes.append(mode)
+        prob = p._prob_score
+        if prob > m:
+            assert mode is EvictionOrder.PROBATION
+        elif prob <= -m:
+            assert mode is EvictionOrder.LRU
+        else:   # inside the band: the order stays what it was
+            assert mode is (EvictionOrder.LRU if before is EvictionOrder.LRU
+                            else EvictionOrder.PROBATION)
+            sticky += mode is EvictionOrder.PROBATION
+        before = mode
+    assert EvictionOrder.PROBATION in modes and modes[-1] is EvictionOrder.LRU
+    assert sticky > 0   # the band was crossed downwards without leaving probation-first
+
+
 def test_predictive_pins_are_respected_in_every_mode() -> None:
     for force in ("lru", "scored", "probation"):
         p = PredictivePolicy(16)
