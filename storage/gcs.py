@@ -86,7 +86,21 @@ def make_client(config: GCSTierConfig) -> Any:
     project = config.project
     if project is None and (config.anonymous or os.environ.get("STORAGE_EMULATOR_HOST")):
         project = "<none>"  # what the library itself uses without a project
-    return storage.Client(project=project, credentials=credentials, client_options=options)
+    client = storage.Client(project=project, credentials=credentials, client_options=options)
+    return without_bucket_lookups(client)
+
+
+def without_bucket_lookups(client: Any) -> Any:
+    """``client`` without google-cloud-storage 3.x's background bucket lookups.
+
+    The library fetches the metadata of every bucket a call names in a thread of its own, to
+    label tracing spans, even with tracing off: one more request per bucket, which outlives
+    the call and is retried for minutes (with jitter from the global ``random``) when the
+    endpoint has gone away. The tier has no use for it. Older versions have no such cache.
+    """
+    if getattr(client, "_bucket_metadata_cache", None) is not None:
+        client._bucket_metadata_cache = None
+    return client
 
 
 def crc32c_b64(data: bytes) -> str:

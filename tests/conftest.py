@@ -66,6 +66,8 @@ def gcs_bucket(gcs_endpoint: str) -> str:
     """A bucket on the session's GCS emulator."""
     from google.cloud import storage
 
+    from kvbm.storage.gcs import without_bucket_lookups
+
     name = "kvbm-test"
-    storage.Client().create_bucket(name)
+    without_bucket_lookups(storage.Client()).create_bucket(name)
     return name

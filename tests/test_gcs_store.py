@@ -4,6 +4,7 @@ object-store tests (tests/objstore_contract.py) and GCS specifics."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,13 @@ from kvbm.testing import PageStoreTests
 
 storage = pytest.importorskip("google.cloud.storage")
 
-from kvbm.storage.gcs import GCSBackend, GCSStore, GCSTierConfig, crc32c_b64  # noqa: E402
+from kvbm.storage.gcs import (  # noqa: E402
+    GCSBackend,
+    GCSStore,
+    GCSTierConfig,
+    crc32c_b64,
+    without_bucket_lookups,
+)
 
 
 class TestGCSStore(ObjectStoreTests, PageStoreTests[GCSStore]):
@@ -28,7 +35,9 @@ class TestGCSStore(ObjectStoreTests, PageStoreTests[GCSStore]):
     def _bind_server(self, gcs_endpoint: str, gcs_bucket: str) -> None:
         self.endpoint = gcs_endpoint
         self.bucket_name = gcs_bucket
-        self.bucket = storage.Client().bucket(gcs_bucket)
+        # The raw clients skip the library's background lookups too (see the test below):
+        # one left retrying against a stopped server would outlive its test.
+        self.bucket = without_bucket_lookups(storage.Client()).bucket(gcs_bucket)
 
     def config(self, endpoint: str | None = None, index: str = "index",
                **kw: Any) -> GCSTierConfig:
@@ -62,10 +71,33 @@ class TestGCSStore(ObjectStoreTests, PageStoreTests[GCSStore]):
         return gcs_emulator()
 
     def prepare_server(self, server: ServerProcess) -> None:
-        client = storage.Client(client_options={"api_endpoint": server.endpoint})
+        client = without_bucket_lookups(
+            storage.Client(client_options={"api_endpoint": server.endpoint}))
         client.create_bucket(self.bucket_name)
 
     # -- GCS specifics ---------------------------------------------------------------------
+    def test_client_makes_no_background_bucket_lookups(self, proxy: FaultProxy) -> None:
+        # google-cloud-storage 3.x looks each bucket up in a thread of its own (to label
+        # tracing spans, even with tracing off) and retries that for minutes when the
+        # endpoint goes away; the tier's clients must not. The proxy holds such a lookup,
+        # so a thread that made one is still alive when the store is done.
+        lookup = f"/b/{self.bucket_name}?"
+        proxy.inject(Fault.HANG, methods=("GET",), match=lookup)
+
+        async def body() -> None:
+            store = self.store_for(LAYOUT, None, endpoint=proxy.endpoint, **self.fast())
+            try:
+                ks = keys(2)
+                await store.put(list(zip(ks, payloads(ks), strict=True)))
+                bufs = buffers(2)
+                assert await store.get(list(zip(ks, bufs, strict=True))) == [True, True]
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+        assert [t.name for t in threading.enumerate() if "_background" in t.name] == []
+        assert [path for _, path in proxy.seen if lookup in path] == []
+
     def test_upload_carries_crc32c(self) -> None:
         async def body() -> None:
             store = self.store_for(LAYOUT, None)
