@@ -610,6 +610,7 @@ def test_predictive_leaves_probation_first_only_when_lru_clearly_leads() -> None
     for k in refs:
         _hits(p, [k])
         p._scored_score = min(p._scored_score, 0.0)
+        p._pair_score = min(p._pair_score, 0.0)
         mode = p.mode
         modes.append(mode)
         prob = p._prob_score
@@ -626,13 +627,31 @@ def test_predictive_leaves_probation_first_only_when_lru_clearly_leads() -> None
     assert sticky > 0   # the band was crossed downwards without leaving probation-first
 
 
+def test_predictive_picks_between_orders_by_their_own_duel() -> None:
+    # Scored leads LRU by more than probation-first does, but probation-first beats scored
+    # head to head: the pair's own score decides, not the two leads over LRU.
+    p = PredictivePolicy(16)
+    p._prob_score, p._scored_score, p._pair_score = 100.0, 200.0, -50.0
+    assert p.mode is EvictionOrder.PROBATION
+    p._pair_score = 50.0
+    assert p.mode is EvictionOrder.SCORED
+    # Once scored, the tier stays so while probation-first leads it by less than the margin.
+    p._order = EvictionOrder.SCORED
+    p._pair_score = -p.margin / 2
+    assert p.mode is EvictionOrder.SCORED
+    p._pair_score = -p.margin - 1
+    assert p.mode is EvictionOrder.PROBATION
+    p._scored_score = p._prob_score = -p.margin - 1   # both trail LRU: back to lineage
+    assert p.mode is EvictionOrder.LRU
+
+
 def test_predictive_pins_are_respected_in_every_mode() -> None:
     for force in ("lru", "scored", "probation"):
         p = PredictivePolicy(16)
         if force == "scored":
-            p._scored_score = 1e6
+            p._scored_score = p._pair_score = 1e6
         elif force == "probation":
-            p._prob_score = 1e6
+            p._prob_score, p._pair_score = 1e6, -1e6
         assert p.mode.value == force
         _run_tail_first(p, [1, 2, 3], None)
         _run_tail_first(p, [4, 5], 2)
@@ -774,9 +793,9 @@ class _ForcedPredictive(PolicyMachine):
     def setup(self, capacity: int, sample: int) -> None:  # type: ignore[override]
         p = PredictivePolicy(capacity, sample=sample)
         if self.force == "scored":
-            p._scored_score = 1e6
+            p._scored_score = p._pair_score = 1e6
         else:
-            p._prob_score = 1e6
+            p._prob_score, p._pair_score = 1e6, -1e6
         assert p.mode.value == self.force
         self.p = p
         self.resident = {}

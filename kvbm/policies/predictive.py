@@ -108,14 +108,15 @@ class PredictivePolicy(LeafFirstPolicy):
 
     Which order is best depends on the tier size and the workload, so, like ``adaptive``,
     the policy replays the sampled keys through three key-only shadow caches of capacity /
-    ``sample`` (one per order, without the leaf rule) and keeps, for each of the other two,
-    a score decayed by ``memory`` that moves when it and the LRU shadow disagree. The tier
-    evicts by score while that shadow leads LRU and probation-first by more than
-    ``margin``; else probation-first once that one leads LRU by more than ``margin``, and
-    until LRU leads it by more than ``margin``; otherwise it is ``lineage``. Probation-first
-    is sticky because alternating it with LRU loses what either order gains: a random mix of
+    ``sample`` (one per order, without the leaf rule) and keeps one score per *pair* of
+    orders, decayed by ``memory``, that moves when the pair's two shadows disagree: +1 for
+    the one that hit. The tier starts as ``lineage`` and leaves its order only for one that
+    leads it by more than ``margin`` (the better of two that do). Both the pairing and the
+    stickiness matter because mixing two orders loses what either gains: a random mix of
     64 % probation-first and 36 % LRU evictions hits less often than pure LRU on a trace
-    where pure probation-first wins by 9 % (docs/policies.md).
+    where pure probation-first wins by 9 %; and scores measured against LRU alone rank the
+    other two by how often each wins a disagreement with LRU, not by how many hits it gains
+    (docs/policies.md).
 
     Memory: the leaf bookkeeping, two sketches, and ghosts and shadows bounded by
     O(horizon x capacity / sample) keys. Every operation is O(log n) amortised plus a scan
@@ -123,7 +124,7 @@ class PredictivePolicy(LeafFirstPolicy):
     """
 
     __slots__ = ("_dist", "_ent", "_fanout", "_ghost", "_ghost_cap", "_logp", "_order",
-                 "_pending", "_prob_score", "_reuse", "_sample_bits", "_sampled_n",
+                 "_pair_score", "_pending", "_prob_score", "_reuse", "_sample_bits", "_sampled_n",
                  "_scored_score", "_shadow_lru", "_shadow_prob", "_shadow_scored", "_sketch",
                  "_tau", "margin", "memory", "reach")
 
@@ -177,24 +178,34 @@ class PredictivePolicy(LeafFirstPolicy):
         self._shadow_lru = ShadowLRU(scap)
         self._shadow_prob = ShadowProbation(scap)
         self._shadow_scored = _ShadowScored(scap)
+        #: How far probation-first / scored lead LRU, and scored leads probation-first.
         self._prob_score = 0.0
         self._scored_score = 0.0
+        self._pair_score = 0.0
         #: The order chosen at the last score change (the state behind the stickiness).
         self._order = EvictionOrder.LRU
 
     # ---------------------------------------------------------------------- learning --
     @property
     def mode(self) -> EvictionOrder:
-        """The eviction order in force: ``SCORED`` while its shadow is ahead of both others
-        by more than ``margin``; else ``PROBATION`` once that one is ahead of LRU by more
-        than ``margin``, until LRU is ahead of it by more than ``margin``; else ``LRU``
-        (leaf-first LRU): the simpler order unless another clearly wins."""
-        scored, prob, margin = self._scored_score, self._prob_score, self.margin
-        if scored > margin and scored > prob + margin:
-            return EvictionOrder.SCORED
-        if prob > margin or (self._order is not EvictionOrder.LRU and prob > -margin):
-            return EvictionOrder.PROBATION
-        return EvictionOrder.LRU
+        """The eviction order in force: the last one chosen, unless another leads it by more
+        than ``margin`` in the shadows (then that one, or the better of two that do)."""
+        now, margin = self._order, self.margin
+        better = [o for o in EvictionOrder if o is not now and self._lead(o, now) > margin]
+        if len(better) == 2:
+            a, b = better
+            return a if self._lead(a, b) >= 0.0 else b
+        return better[0] if better else now
+
+    def _lead(self, a: EvictionOrder, b: EvictionOrder) -> float:
+        """How far order ``a`` leads order ``b`` in the shadows (negative: it trails)."""
+        if a is b:
+            return 0.0
+        if b is EvictionOrder.LRU:
+            return self._prob_score if a is EvictionOrder.PROBATION else self._scored_score
+        if a is EvictionOrder.LRU:
+            return -self._lead(b, a)
+        return self._pair_score if a is EvictionOrder.SCORED else -self._pair_score
 
     @property
     def tau(self) -> float:
@@ -246,6 +257,8 @@ class PredictivePolicy(LeafFirstPolicy):
             self._scored_score = self._scored_score * mem + (1.0 if b else -1.0)
         if a != c:
             self._prob_score = self._prob_score * mem + (1.0 if c else -1.0)
+        if b != c:
+            self._pair_score = self._pair_score * mem + (1.0 if b else -1.0)
         if a != b or a != c:
             self._order = self.mode
 
