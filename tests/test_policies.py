@@ -456,15 +456,20 @@ def test_duelling_policies_start_as_lineage(cls: type[AdaptivePolicy | Predictiv
     assert drain(a) == drain(b) == [4, 3, 2, 1]
 
 
+def _hot_set_between_floods() -> list[int]:
+    """48 hot keys (0..47) reused every cycle, each cycle followed by 100 fresh keys seen
+    once (from 10,000 up, below 14,000), 40 cycles."""
+    refs: list[int] = []
+    for fresh in range(10_000, 14_000, 100):
+        refs += list(range(48))
+        refs += list(range(fresh, fresh + 100))
+    return refs
+
+
 def test_adaptive_turns_probation_first_against_one_hit_wonders() -> None:
     # A hot set reused every cycle, between floods of blocks seen once: the reuse distance
     # exceeds the tier, so LRU never hits, while keeping first sightings on probation does.
-    refs: list[int] = []
-    fresh = 10_000
-    for _ in range(40):
-        refs += list(range(48))
-        refs += list(range(fresh, fresh + 100))
-        fresh += 100
+    refs = _hot_set_between_floods()
     lru = _hits(LRUPolicy(64), refs)
     ad = AdaptivePolicy(64, sample=1)
     got = _hits(ad, refs)
@@ -596,13 +601,8 @@ def test_predictive_leaves_probation_first_only_when_lru_clearly_leads() -> None
     # which wins both phases here, is kept out of the running.
     p = PredictivePolicy(64, sample=1)
     m = p.margin
-    refs: list[int] = []
-    fresh = 10_000
-    for _ in range(40):
-        refs += list(range(48))
-        refs += list(range(fresh, fresh + 100))
-        fresh += 100
-    for base in range(fresh, fresh + 6000, 20):
+    refs = _hot_set_between_floods()
+    for base in range(20_000, 26_000, 20):
         refs += list(range(base, base + 20)) * 2
     modes: list[EvictionOrder] = []
     sticky = 0
