@@ -468,14 +468,30 @@ class BlockManager:
         held raises :class:`~kvbm.errors.BlockStateError` and nothing is released."""
         self._drain()
         g1 = self._g1
-        ids = [g1.alloc.check(b) for b in block_ids]
-        counts = collections.Counter(ids)
+        alloc = g1.alloc
+        check, refcount = alloc.check, alloc.refcount
+        ids = [check(b) for b in block_ids]
+        # The common call holds each id once: a set is enough to see that (Counter only
+        # when there are repeats, for the message).
+        counts = collections.Counter(ids) if len(set(ids)) != len(ids) else dict.fromkeys(ids, 1)
         for b, c in counts.items():
-            if g1.alloc.refcount(b) < c:
+            if refcount(b) < c:
                 raise BlockStateError(f"block {b} released {c} time(s) but held "
-                                      f"{g1.alloc.refcount(b)} time(s)")
+                                      f"{refcount(b)} time(s)")
+        # Pages nobody committed go back in one free-list splice, in the order the one-by-one
+        # release would give them.
+        loose: list[int] = []
+        owner, unpin, decref = g1.owner, g1.policy.unpin, alloc.decref
         for b in reversed(ids):  # tail first: see _touch
-            self._release_one(g1, b)
+            if decref(b) == 0:
+                rec = owner[b]
+                if rec is None:  # an uncommitted (or detached) page
+                    loose.append(b)
+                else:
+                    g1.pinned -= 1
+                    unpin(rec.seq_hash)
+        if loose:
+            alloc.free(loose)
 
     def _release_one(self, tier: _MemTier, slot: int) -> None:
         if tier.alloc.decref(slot) == 0:

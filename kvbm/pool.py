@@ -64,6 +64,8 @@ class SlotAllocator:
 
     def check(self, slot: Any) -> int:
         """Validate a slot id from outside; returns it as int."""
+        if type(slot) is int and 0 <= slot < self.num_slots:
+            return slot
         if isinstance(slot, bool) or not isinstance(slot, int):
             try:
                 slot = int(slot.__index__())

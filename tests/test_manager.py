@@ -197,6 +197,21 @@ def test_pool_exhaustion_changes_nothing():
     mgr.release(held + other)
 
 
+def test_release_batches_validate_first_and_free_pages_tail_first():
+    mgr = make(g1=4, g2=0)
+    held = mgr.allocate(4)
+    # A bad id or an extra release anywhere in the batch releases nothing.
+    for bad in ([*held, 99], [*held, held[3]], [held[0], np.int64(held[1]), -1]):
+        with pytest.raises((BlockIdError, BlockStateError)):
+            mgr.release(bad)
+        with pytest.raises(PoolExhaustedError):
+            mgr.allocate(1)
+    # numpy ints are accepted; uncommitted pages go back to the free list tail first (the
+    # last page of the batch is reused first), as when they are released one at a time.
+    mgr.release([np.int32(b) for b in held])
+    assert mgr.allocate(4) == held[::-1]
+
+
 def test_bad_inputs_raise_clear_errors_and_change_nothing():
     mgr = make()
     run(mgr, toks(2))
