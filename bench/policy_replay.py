@@ -1,7 +1,8 @@
 """Replay a Mooncake-format trace through the BlockManager and compare host-tier policies.
 
     python bench/policy_replay.py --trace FILE --capacity-fraction 0.03 \\
-        [--policy lru --policy lineage+frequency ...] [--block-size 16] [--model] [--json]
+        [--policy lru --policy lineage+frequency ...] [--block-size 16] [--model]
+        [--write-back] [--json]
     python bench/policy_replay.py --generate [--family rag] --capacity-fraction 0.03
 
 Method (tokens per trace block, G1 sizing, Belady) in kvbm/replay.py; results and the
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", action="store_true",
                     help="replay through the policy-level model (kvbm/simulate.py: the "
                          "manager's hit ratios, several times faster) instead of the manager")
+    ap.add_argument("--write-back", action="store_true",
+                    help="offload to the host tier only when G1 evicts a block (the manager's "
+                         "eager_offload = false) instead of at commit; not with --model")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
     ap.add_argument("--requests", type=int, default=12000, help="with --generate")
     ap.add_argument("--seed", type=int, default=0, help="with --generate")
@@ -43,12 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--capacity-fraction must be in (0, 1]")
     if args.block_size <= 0:
         ap.error("--block-size must be positive")
+    if args.write_back and args.model:
+        ap.error("--write-back replays through the manager; drop --model")
     try:
         trace = (load_trace(args.trace) if args.trace
                  else generated_trace(args.requests, args.seed, args.family))
         policies = args.policy or list(dict.fromkeys([*STANDARD, default_name()]))
         doc = run(trace, args.capacity_fraction, policies, block_size=args.block_size,
-                  progress=not args.json and sys.stderr.isatty(), model=args.model)
+                  progress=not args.json and sys.stderr.isatty(), model=args.model,
+                  eager_offload=not args.write_back)
     except KvbmError as e:
         ap.error(str(e))
     if args.json:

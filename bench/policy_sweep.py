@@ -49,7 +49,8 @@ def _generated(spec: str) -> tuple[str, int]:
 
 def _cells(args: argparse.Namespace) -> list[tuple[str, float, list[str]]]:
     """(trace name, fraction, policy_replay.py arguments) for every cell."""
-    common = ["--block-size", str(args.block_size), "--json", *(["--model"] if args.model else [])]
+    common = ["--block-size", str(args.block_size), "--json", *(["--model"] if args.model else []),
+              *(["--write-back"] if args.write_back else [])]
     for p in args.policy or []:
         common += ["--policy", p]
     sources: list[tuple[str, list[str]]] = []
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-size", type=int, default=16, help="tokens per trace block")
     ap.add_argument("--model", action="store_true",
                     help="policy-level model instead of the manager (same hit ratios, faster)")
+    ap.add_argument("--write-back", action="store_true",
+                    help="offload to the host tier only on G1 eviction (see policy_replay.py)")
     ap.add_argument("--jobs", type=int, default=2, help="replays run side by side")
     ap.add_argument("--out", metavar="DIR", help="also write each cell's JSON document here")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give at least one --trace or --generate")
     if args.jobs < 1:
         ap.error("--jobs must be at least 1")
+    if args.write_back and args.model:
+        ap.error("--write-back replays through the manager; drop --model")
     if args.requests < 1 or args.block_size < 1:
         ap.error("--requests and --block-size must be positive")
     for path in args.trace or []:

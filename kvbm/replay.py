@@ -179,15 +179,16 @@ def belady(trace: Sequence[Sequence[int]], capacity: int) -> float:
 # ------------------------------------------------------------------------------- replay --
 def replay(trace: Sequence[Sequence[int]], capacity: int, eviction: str,
            admission: str | None, *, block_size: int = 16, device_blocks: int | None = None,
-           progress: bool = False) -> dict[str, Any]:
-    """Replay ``trace`` through a BlockManager whose host tier holds ``capacity`` blocks."""
+           progress: bool = False, eager_offload: bool = True) -> dict[str, Any]:
+    """Replay ``trace`` through a BlockManager whose host tier holds ``capacity`` blocks
+    (offloading at commit, or with ``eager_offload`` off only when G1 evicts)."""
     g1 = device_blocks or max((len(ids) for ids in trace), default=1)
     layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, block_size=block_size,
                       dtype="float16")
     mgr = BlockManager(layout, ManagerConfig(
         device=DeviceTierConfig(num_blocks=max(g1, 1), device="cpu", eviction="lineage"),
         host=HostTierConfig(num_blocks=max(capacity, 1), eviction=eviction,
-                            admission=admission)))
+                            admission=admission, eager_offload=eager_offload)))
     hits = total = 0
     t0 = time.perf_counter()
     step = max(1, len(trace) // 50)
@@ -223,12 +224,16 @@ def _bar(frac: float, label: str, *, end: bool = False) -> None:
 
 
 def run(trace: Sequence[Sequence[int]], fraction: float, policies: Sequence[str] | None = None,
-        *, block_size: int = 16, progress: bool = False, model: bool = False
-        ) -> dict[str, Any]:
+        *, block_size: int = 16, progress: bool = False, model: bool = False,
+        eager_offload: bool = True) -> dict[str, Any]:
     """Replay every policy (default: every eviction policy and the configured default; LRU
     always included) and Belady; the ``--json`` document of bench/policy_replay.py. With
     ``model``, through :mod:`kvbm.simulate` instead of the manager: the same hit ratios,
-    faster, without per-medium hit counts."""
+    faster, without per-medium hit counts (eager offload only). ``eager_offload`` off: the
+    host tier receives blocks only when G1 evicts them (write-back)."""
+    if model and not eager_offload:
+        raise ConfigError("the policy-level model replays eager offload only; replay "
+                          "write-back through the manager")
     if policies is None:
         policies = list(dict.fromkeys([*STANDARD, default_name()]))
     distinct = distinct_blocks(trace)
@@ -249,7 +254,7 @@ def run(trace: Sequence[Sequence[int]], fraction: float, policies: Sequence[str]
             seconds[name] = round(time.perf_counter() - t0, 2)
             continue
         r = replay(trace, capacity, ev, adm, block_size=block_size, device_blocks=device,
-                   progress=progress)
+                   progress=progress, eager_offload=eager_offload)
         ratios[name] = r["hit_ratio"]
         seconds[name] = round(r["seconds"], 2)
         by_medium[name] = r["hits_by_medium"]
@@ -260,7 +265,7 @@ def run(trace: Sequence[Sequence[int]], fraction: float, policies: Sequence[str]
             "default": default_name(), "distinct_blocks": distinct, "device_blocks": device,
             "requests": len(trace), "block_refs": sum(len(t) for t in trace),
             "hits_by_medium": by_medium, "seconds": seconds,
-            "engine": "model" if model else "manager"}
+            "engine": "model" if model else "manager", "eager_offload": eager_offload}
 
 
 def gap_closed(x: float, lru: float, opt: float) -> float | None:
@@ -273,7 +278,8 @@ def format_table(doc: dict[str, Any]) -> str:
     lru, opt = ratios["lru"], ratios["belady"]
     lines = [f"capacity {doc['blocks']} blocks = {doc['capacity_fraction']:.1%} of "
              f"{doc['distinct_blocks']} distinct ({doc['requests']} requests, "
-             f"{doc['block_refs']} block refs; G1 {doc['device_blocks']} blocks)",
+             f"{doc['block_refs']} block refs; G1 {doc['device_blocks']} blocks"
+             f"{'' if doc.get('eager_offload', True) else '; write-back offload'})",
              f"{'policy':<22} {'hit ratio':>9} {'vs LRU':>7} {'gap closed':>10} {'time s':>7}"]
     for name, x in ratios.items():
         g = gap_closed(x, lru, opt)
@@ -298,7 +304,8 @@ def format_sweep(name: str, docs: Sequence[dict[str, Any]]) -> str:
     default = first["default"]
     lines = [f"#### {name}: {first['requests']:,} requests, {first['block_refs']:,} block "
              f"references, {first['distinct_blocks']:,} distinct blocks; "
-             f"G1 = {first['device_blocks']} blocks", "",
+             f"G1 = {first['device_blocks']} blocks"
+             f"{'' if first.get('eager_offload', True) else '; write-back offload'}", "",
              "| policy | " + " | ".join(f"{100 * d['capacity_fraction']:g}%" for d in docs)
              + " |",
              "|---|" + "---:|" * len(docs)]

@@ -14,7 +14,8 @@ import pytest
 
 from kvbm import replay as policy_replay
 from kvbm import workload
-from kvbm.errors import PolicyError
+from kvbm.errors import ConfigError, PolicyError
+from kvbm.medium import Medium
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -144,6 +145,22 @@ def test_replay_counts_hits_like_the_manager(small_trace: list[list[int]]) -> No
     assert r["blocks"] == sum(len(t) for t in small_trace)
 
 
+def test_write_back_replay_offloads_only_what_g1_evicts() -> None:
+    # G1 and the host tier hold 4 blocks each; A, then B, then A again. Eager offload copies
+    # B over A in the host tier at commit, so A misses; write-back copies A to the host tier
+    # only when B's allocation evicts it from G1, so A's second request hits there.
+    a, b = [1, 2, 3, 4], [5, 6, 7, 8]
+    eager = policy_replay.replay([a, b, a], 4, "lru", None, block_size=2, device_blocks=4)
+    back = policy_replay.replay([a, b, a], 4, "lru", None, block_size=2, device_blocks=4,
+                                eager_offload=False)
+    assert eager["hits"] == 0
+    assert back["hits"] == 4 and back["hits_by_medium"] == {Medium.CPU_PINNED.value: 4}
+    doc = policy_replay.run([a, b, a], 0.5, ["lru"], block_size=2, eager_offload=False)
+    assert doc["eager_offload"] is False and "write-back" in policy_replay.format_table(doc)
+    with pytest.raises(ConfigError, match="eager offload only"):
+        policy_replay.run([a, b, a], 0.5, ["lru"], model=True, eager_offload=False)
+
+
 def test_replay_json_cli() -> None:
     proc = subprocess.run(
         [sys.executable, str(BENCH / "policy_replay.py"), "--generate", "--requests", "150",
@@ -217,6 +234,7 @@ def test_sweep_cli_runs_every_cell_in_processes(tmp_path: Path) -> None:
     (["--generate", "chat:x"], "FAMILY"),
     (["--generate", "chat", "--fractions", "0,0.1"], "fractions"),
     (["--generate", "chat", "--jobs", "0"], "--jobs"),
+    (["--generate", "chat", "--model", "--write-back"], "--write-back"),
     (["--trace", "/nonexistent/trace.jsonl"], "no such trace"),
 ])
 def test_sweep_cli_rejects_bad_arguments(argv: list[str], message: str) -> None:
