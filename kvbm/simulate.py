@@ -14,7 +14,7 @@ sequence changes, ``tests/test_policy_replay.py`` says so and this module has to
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from kvbm.policies import make_admission, make_eviction
@@ -128,18 +128,26 @@ def _request(t: _Tiers, ids: Sequence[int], admission: AdmissionPolicy | None) -
 
 
 def simulate(keys: Sequence[Sequence[int]], capacity: int, eviction: str,
-             admission: str | None = None, *, device_blocks: int | None = None,
+             admission: str | AdmissionPolicy | None = None, *,
+             device_blocks: int | None = None,
+             before_request: Callable[[int], None] | None = None,
              **params: Any) -> dict[str, Any]:
     """Hit ratio of ``eviction`` (+ ``admission``) as host-tier policy for ``keys`` (a trace
     from :func:`kvbm.replay.manager_keys`), with G1 as in :func:`kvbm.replay.replay`.
-    ``params`` go to the eviction policy (e.g. ``sample=4`` for ``predictive``)."""
+    ``params`` go to the eviction policy (e.g. ``sample=4`` for ``predictive``).
+    ``admission`` is a policy name or an instance (bench/goal_bounds.py passes oracles that
+    know the trace); ``before_request(i)`` is called before the ``i``-th request of
+    ``keys``."""
     g1_cap = device_blocks or max((len(ids) for ids in keys), default=1)
     cap = max(capacity, 1)
     tiers = _Tiers(make_eviction("lineage", max(g1_cap, 1)), make_eviction(eviction, cap, **params),
                    max(g1_cap, 1), cap)
-    adm = make_admission(admission, capacity=cap) if admission is not None else None
+    adm = (admission if isinstance(admission, AdmissionPolicy) or admission is None
+           else make_admission(admission, capacity=cap))
     hits = total = 0
-    for ids in keys:
+    for i, ids in enumerate(keys):
+        if before_request is not None:
+            before_request(i)
         if ids:
             total += len(ids)
             hits += _request(tiers, ids, adm)

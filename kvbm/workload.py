@@ -194,11 +194,16 @@ def _block_ids(segments: Sequence[tuple[int, int]], block: int, ids: dict[Any, i
 
 
 def generate(requests: int = 12000, *, seed: int = 0, family: str | Family = "chat",
-             block_size_tokens: int = 512, **overrides: Any) -> list[dict[str, Any]]:
+             block_size_tokens: int = 512, sessions: bool = False, **overrides: Any
+             ) -> list[dict[str, Any]]:
     """Records of a synthetic trace, in timestamp order.
 
     ``family`` names one of :data:`FAMILIES` (or is a :class:`Family`); ``overrides``
-    replace its fields (``single_shot=0.8``, ``system_zipf=1.4`` ...).
+    replace its fields (``single_shot=0.8``, ``system_zipf=1.4`` ...). With ``sessions``,
+    each record also says what no cache can see in a real trace: ``"session"`` (its index),
+    ``"turn"`` (0 for the first request of the session) and ``"turns"`` (how many requests
+    the session makes, 1 for a one-shot; some may fall after the end of the trace). The
+    hash ids are the same either way.
     """
     fam = FAMILIES[family] if isinstance(family, str) else family
     if overrides:
@@ -206,26 +211,30 @@ def generate(requests: int = 12000, *, seed: int = 0, family: str | Family = "ch
     if requests <= 0:
         return []
     rng = np.random.default_rng(seed)
-    sessions = _sessions(fam, rng, requests)
+    drawn = _sessions(fam, rng, requests)
     # Unshared segments get ids after every shared one.
     next_seg = fam.system_prompts + fam.documents
     heap: list[tuple[float, int, int]] = []   # (time, session, turn)
     contexts: list[list[tuple[int, int]]] = []
-    for i, ses in enumerate(sessions):
+    for i, ses in enumerate(drawn):
         contexts.append(list(ses.prefix))
         heapq.heappush(heap, (ses.start, i, 0))
     ids: dict[Any, int] = {}
     out: list[dict[str, Any]] = []
     while heap and len(out) < requests:
         t, i, k = heapq.heappop(heap)
-        ses = sessions[i]
+        ses = drawn[i]
         user, output, think = ses.turns[k]
         ctx = contexts[i]
         ctx.append((next_seg, user))
         next_seg += 1
         length = sum(n for _, n in ctx)
-        out.append({"timestamp": int(t * 1000), "input_length": length,
-                    "output_length": output, "hash_ids": _block_ids(ctx, block_size_tokens, ids)})
+        rec: dict[str, Any] = {"timestamp": int(t * 1000), "input_length": length,
+                               "output_length": output,
+                               "hash_ids": _block_ids(ctx, block_size_tokens, ids)}
+        if sessions:
+            rec.update(session=i, turn=k, turns=len(ses.turns))
+        out.append(rec)
         ctx.append((next_seg, output))
         next_seg += 1
         if k + 1 < len(ses.turns) and length + output < fam.max_context:

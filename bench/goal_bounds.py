@@ -1,0 +1,154 @@
+"""How much of the hit-ratio goal any online policy could reach: LRU and the default policy
+next to admission oracles that know part of the future, on generated traces.
+
+    python bench/goal_bounds.py --family chat --seed 1 [--fractions 0.02,0.03,0.05]
+                                [--requests 12000] [--block-size 16] [--json]
+
+Replays through the policy-level model of the manager (kvbm/simulate.py: G1 with
+``lineage``, the host tier with the policy, eager offload). For each host-tier size it
+gives LRU, the default policy, each of them behind two admission oracles, and Belady
+(furthest next use over G1 + host capacity, the ceiling), every figure also as a ratio to
+LRU in the same run:
+
+* ``reuse`` oracle: admits a block to the host tier only if a later request uses it. It
+  knows *which* blocks will be used again, not *when*.
+* ``session`` oracle: knows, from the generator, whether each request belongs to a one-shot
+  session or a conversation, which no cache can see in a real trace. It admits every block
+  of a conversation's prompt but the last (partial) one, whether or not the conversation
+  will go on, and otherwise only what a later request uses: it knows what a policy could
+  learn by telling one-shot prompts from conversations, but not whether a conversation
+  continues (a coin flip in the generator).
+
+An online policy knows less than either oracle, so where the default policy behind an
+oracle stays under a target, reaching the target takes information the trace does not hold
+(docs/policies.md, "The 1.1x goal").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kvbm.policies.base import AdmissionPolicy
+from kvbm.replay import belady, default_name, distinct_blocks, manager_keys
+from kvbm.simulate import simulate
+from kvbm.workload import FAMILIES, generate
+
+
+class ReuseOracle(AdmissionPolicy):
+    """Admit a key only if a request after the current one uses it."""
+
+    name = "reuse-oracle"
+
+    def __init__(self, keys: Sequence[Sequence[int]]) -> None:
+        self._last: dict[int, int] = {}
+        for i, ids in enumerate(keys):
+            for k in ids:
+                self._last[k] = i
+        self.current = 0
+
+    def at(self, i: int) -> None:
+        """The model is about to replay request ``i``."""
+        self.current = i
+
+    def admit(self, key: int) -> bool:
+        return self._last.get(key, -1) > self.current
+
+
+class SessionOracle(ReuseOracle):
+    """Also admit every block of a conversation's prompt but its last one."""
+
+    name = "session-oracle"
+
+    def __init__(self, keys: Sequence[Sequence[int]], records: Sequence[dict[str, Any]]
+                 ) -> None:
+        super().__init__(keys)
+        if len(records) != len(keys):
+            raise ValueError(f"{len(records)} records for {len(keys)} requests")
+        self._conversation = [int(r["turns"]) > 1 for r in records]
+        self._last_block = [ids[-1] if ids else None for ids in keys]
+
+    def admit(self, key: int) -> bool:
+        i = self.current
+        return super().admit(key) or (self._conversation[i] and key != self._last_block[i])
+
+
+def bounds(records: Sequence[dict[str, Any]], fractions: Sequence[float], *,
+           block_size: int = 16, policy: str | None = None) -> dict[str, Any]:
+    """The ``--json`` document for generated ``records`` (with session fields)."""
+    policy = policy or default_name()
+    trace = [r["hash_ids"] for r in records]
+    keys = manager_keys(trace, block_size)
+    distinct = distinct_blocks(trace)
+    device = max((len(ids) for ids in trace), default=1)
+    cells = []
+    for f in fractions:
+        cap = max(1, int(distinct * f))
+        ratios: dict[str, float] = {}
+        for ev in dict.fromkeys(["lru", policy]):
+            ratios[ev] = simulate(keys, cap, ev, device_blocks=device)["hit_ratio"]
+            for label, oracle in (("reuse", ReuseOracle(keys)),
+                                  ("session", SessionOracle(keys, records))):
+                ratios[f"{ev}+{label}-oracle"] = simulate(
+                    keys, cap, ev, oracle, device_blocks=device,
+                    before_request=oracle.at)["hit_ratio"]
+        ratios["belady"] = belady(trace, cap + device)
+        cells.append({"capacity_fraction": f, "blocks": cap, "hit_ratio": ratios})
+    return {"requests": len(records), "distinct_blocks": distinct, "device_blocks": device,
+            "default": policy, "cells": cells}
+
+
+def format_bounds(doc: dict[str, Any], title: str) -> str:
+    cells = doc["cells"]
+    names = list(cells[0]["hit_ratio"]) if cells else []
+    lines = [f"{title}: {doc['requests']} requests, {doc['distinct_blocks']} distinct blocks, "
+             f"G1 {doc['device_blocks']} blocks; hit ratio (x LRU)",
+             f"{'policy':<32}" + "".join(f"{100 * c['capacity_fraction']:>17g}%" for c in cells)]
+    for name in names:
+        row = f"{name:<32}"
+        for c in cells:
+            x, lru = c["hit_ratio"][name], c["hit_ratio"]["lru"]
+            row += f"{x:>10.4f} ({x / lru if lru else float('nan'):5.3f})"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected fractions like 0.02,0.05, got {text!r}"
+                                         ) from None
+    if not out or not all(0 < f <= 1 for f in out):
+        raise argparse.ArgumentTypeError(f"fractions must be in (0, 1], got {text!r}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="chat")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--requests", type=int, default=12000)
+    ap.add_argument("--fractions", type=_fractions, default=[0.02, 0.03, 0.05],
+                    help="host tier sizes as fractions of the distinct blocks")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per trace block")
+    ap.add_argument("--json", action="store_true", help="print one JSON document")
+    args = ap.parse_args(argv)
+    if args.requests < 1 or args.block_size < 1:
+        ap.error("--requests and --block-size must be positive")
+    records = generate(args.requests, seed=args.seed, family=args.family, sessions=True)
+    doc = bounds(records, args.fractions, block_size=args.block_size)
+    doc.update(family=args.family, seed=args.seed)
+    if args.json:
+        json.dump(doc, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(format_bounds(doc, f"{args.family} seed {args.seed}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
