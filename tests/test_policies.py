@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import struct
 
 import pytest
 from hypothesis import settings
@@ -869,3 +870,41 @@ def test_frequency_false_admissions_are_rare() -> None:
     # Structured keys (small consecutive ints) spread as well as hashes do.
     b = FrequencyAdmission(width=1 << 16, depth=4)
     assert sum(b.admit(k) for k in range(20_000)) / 20_000 < 0.01
+
+
+def test_frequency_native_step_keeps_the_python_counters() -> None:
+    # kvbm/_sketch.c is an optional speed-up: with it and without it, the same stream of
+    # sightings (repeats, negative and > 64-bit keys, decays, saturation) must leave the
+    # same counters and give the same answers.
+    pytest.importorskip("kvbm._sketch", reason="native sketch step not built")
+    rng = random.Random(5)
+    pool = [rng.getrandbits(64) for _ in range(300)] + [-7, 2**70 + 3, 0, 1]
+    stream = [rng.choice(pool) for _ in range(5000)] + [pool[0]] * 40
+    for depth in (1, 3, 4):
+        native = FrequencyAdmission(width=1 << 8, depth=depth, window=700, threshold=3)
+        python = FrequencyAdmission(width=1 << 8, depth=depth, window=700, threshold=3)
+        python._sight = None
+        assert native._sight is not None
+        for k in stream:
+            assert native.admit(k) == python.admit(k)
+            assert native.estimate(k) == python.estimate(k)
+        assert bytes(native._counts) == bytes(python._counts)
+    assert native.estimate(pool[0]) == 15   # saturated at max(threshold, 15)
+
+
+def test_frequency_native_step_rejects_bad_arguments() -> None:
+    sketch = pytest.importorskip("kvbm._sketch", reason="native sketch step not built")
+    counts = bytearray(16)
+    rows = struct.pack("<QQ", 0x9E3779B97F4A7C15, 0)
+    assert sketch.sight(counts, 5, rows, 60, 15) == 0 and sum(counts) == 1
+    with pytest.raises(TypeError):
+        sketch.sight(counts, 5.0, rows, 60, 15)
+    with pytest.raises(BufferError):
+        sketch.sight(bytes(16), 5, rows, 60, 15)   # read-only counters
+    with pytest.raises(ValueError, match="rows"):
+        sketch.sight(counts, 5, rows[:8], 60, 15)
+    with pytest.raises(ValueError, match="shift"):
+        sketch.sight(counts, 5, rows, 0, 15)
+    with pytest.raises(IndexError):
+        sketch.sight(counts, 5, rows, 1, 15)   # a 63-bit row index into 16 counters
+    assert sum(counts) == 1   # refused calls change nothing
