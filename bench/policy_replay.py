@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                          "manager's hit ratios, several times faster) instead of the manager")
     ap.add_argument("--write-back", action="store_true",
                     help="offload to the host tier only when G1 evicts a block (the manager's "
-                         "eager_offload = false) instead of at commit; not with --model")
+                         "eager_offload = false) instead of at commit")
     ap.add_argument("--json", action="store_true", help="print one JSON document")
     ap.add_argument("--requests", type=int, default=12000, help="with --generate")
     ap.add_argument("--seed", type=int, default=0, help="with --generate")
@@ -47,8 +47,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--capacity-fraction must be in (0, 1]")
     if args.block_size <= 0:
         ap.error("--block-size must be positive")
-    if args.write_back and args.model:
-        ap.error("--write-back replays through the manager; drop --model")
     try:
         trace = (load_trace(args.trace) if args.trace
                  else generated_trace(args.requests, args.seed, args.family))

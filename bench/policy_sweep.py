@@ -117,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("give at least one --trace or --generate")
     if args.jobs < 1:
         ap.error("--jobs must be at least 1")
-    if args.write_back and args.model:
-        ap.error("--write-back replays through the manager; drop --model")
     if args.requests < 1 or args.block_size < 1:
         ap.error("--requests and --block-size must be positive")
     for path in args.trace or []:

@@ -229,11 +229,8 @@ def run(trace: Sequence[Sequence[int]], fraction: float, policies: Sequence[str]
     """Replay every policy (default: every eviction policy and the configured default; LRU
     always included) and Belady; the ``--json`` document of bench/policy_replay.py. With
     ``model``, through :mod:`kvbm.simulate` instead of the manager: the same hit ratios,
-    faster, without per-medium hit counts (eager offload only). ``eager_offload`` off: the
-    host tier receives blocks only when G1 evicts them (write-back)."""
-    if model and not eager_offload:
-        raise ConfigError("the policy-level model replays eager offload only; replay "
-                          "write-back through the manager")
+    faster, without per-medium hit counts. ``eager_offload`` off: the host tier receives
+    blocks only when G1 evicts them (write-back)."""
     if policies is None:
         policies = list(dict.fromkeys([*STANDARD, default_name()]))
     distinct = distinct_blocks(trace)
@@ -250,7 +247,8 @@ def run(trace: Sequence[Sequence[int]], fraction: float, policies: Sequence[str]
         name = spec_name(ev, adm)
         if keys is not None:
             t0 = time.perf_counter()
-            ratios[name] = simulate(keys, capacity, ev, adm, device_blocks=device)["hit_ratio"]
+            ratios[name] = simulate(keys, capacity, ev, adm, device_blocks=device,
+                                    eager_offload=eager_offload)["hit_ratio"]
             seconds[name] = round(time.perf_counter() - t0, 2)
             continue
         r = replay(trace, capacity, ev, adm, block_size=block_size, device_blocks=device,

@@ -3,8 +3,8 @@
 ``replay`` drives the real BlockManager (hashing, index, pools, copies) and takes 15–40 s per
 12,000-request trace; most of that is the manager's per-block work, not the policy's. For
 exploring policies this module makes exactly the calls the manager makes on its two tiers
-— G1 with ``lineage``, the host tier with the policy under test, eager offload tail first,
-the lineage rule on eviction — on the block hashes the manager would compute, so it gets
+— G1 with ``lineage``, the host tier with the policy under test, eager offload tail first
+(or write-back of G1's victims), the lineage rule on eviction — on the block hashes the manager would compute, so it gets
 *the same hit ratio* (tests compare the two on every policy), about 5× faster.
 
 It models the replay's request cycle only (``match_prefix`` -> ``onboard`` -> ``allocate``
@@ -24,10 +24,16 @@ from kvbm.policies.base import AdmissionPolicy, EvictionPolicy
 class _Tiers:
     """Residency of G1 and the host tier, the prefix tree, and the lineage rule."""
 
-    def __init__(self, g1: EvictionPolicy, g2: EvictionPolicy, g1_cap: int, g2_cap: int
+    def __init__(self, g1: EvictionPolicy, g2: EvictionPolicy, g1_cap: int, g2_cap: int,
+                 *, write_back: bool = False, admission: AdmissionPolicy | None = None
                  ) -> None:
         self.g1, self.g2 = g1, g2
         self.g1_cap, self.g2_cap = g1_cap, g2_cap
+        #: ``eager_offload`` off: the host tier is fed by G1's victims (through ``admission``).
+        self.write_back = write_back
+        self.admission = admission
+        #: Host-tier blocks pinned as copy sources while G1 makes room for an onboard.
+        self.g2_pinned = 0
         self.in1: set[int] = set()
         self.in2: set[int] = set()
         self.parent: dict[int, int | None] = {}
@@ -51,7 +57,25 @@ class _Tiers:
                 self.g2.remove(x)
 
     def evict1(self) -> None:
-        self._evict(self.g1, self.in1, self.in2)
+        if not self.write_back:
+            self._evict(self.g1, self.in1, self.in2)
+            return
+        # The manager's write-back: a G1 victim the host tier lacks is copied down first
+        # (admission and room permitting); the host tier's evictions may drop it meanwhile.
+        k = self.g1.victim()
+        assert k is not None, "every block of G1 is pinned"
+        if k not in self.in2 and (self.admission is None or self.admission.admit(k)) \
+                and self.g2_cap - self.g2_pinned >= 1:
+            while len(self.in2) >= self.g2_cap:
+                self.evict2()
+            if k in self.parent:
+                self.in1.discard(k)
+                self.in2.add(k)
+                self.g2.insert(k, self.parent[k], pinned=False)
+                return
+        self.in1.discard(k)
+        if k in self.parent and k not in self.in2:
+            self.forget(k)
 
     def evict2(self) -> None:
         self._evict(self.g2, self.in2, self.in1)
@@ -81,8 +105,10 @@ def _request(t: _Tiers, ids: Sequence[int], admission: AdmissionPolicy | None) -
     up = [k for k in hit if k not in in1]
     for k in up:
         g2.pin(k)
+    t.g2_pinned = len(up)
     while len(in1) + len(up) > t.g1_cap:
         t.evict1()
+    t.g2_pinned = 0
     for k in up:
         g2.unpin(k)
         if k in parent:
@@ -109,7 +135,7 @@ def _request(t: _Tiers, ids: Sequence[int], admission: AdmissionPolicy | None) -
     for k in reversed(new):
         g1.access(k)
     # eager offload to the host tier, admission first, tail first
-    todo = [k for k in new if k not in in2]
+    todo = [] if t.write_back else [k for k in new if k not in in2]
     if admission is not None:
         todo = [k for k in todo if admission.admit(k)]
     # Nothing is pinned in the host tier here, so all of it is room; a run longer than the
@@ -131,19 +157,20 @@ def simulate(keys: Sequence[Sequence[int]], capacity: int, eviction: str,
              admission: str | AdmissionPolicy | None = None, *,
              device_blocks: int | None = None,
              before_request: Callable[[int], None] | None = None,
-             **params: Any) -> dict[str, Any]:
+             eager_offload: bool = True, **params: Any) -> dict[str, Any]:
     """Hit ratio of ``eviction`` (+ ``admission``) as host-tier policy for ``keys`` (a trace
     from :func:`kvbm.replay.manager_keys`), with G1 as in :func:`kvbm.replay.replay`.
     ``params`` go to the eviction policy (e.g. ``sample=4`` for ``predictive``).
     ``admission`` is a policy name or an instance (bench/goal_bounds.py passes oracles that
     know the trace); ``before_request(i)`` is called before the ``i``-th request of
-    ``keys``."""
+    ``keys``. ``eager_offload`` off: the manager's write-back mode (the host tier receives
+    G1's victims, not new blocks at commit)."""
     g1_cap = device_blocks or max((len(ids) for ids in keys), default=1)
     cap = max(capacity, 1)
-    tiers = _Tiers(make_eviction("lineage", max(g1_cap, 1)), make_eviction(eviction, cap, **params),
-                   max(g1_cap, 1), cap)
     adm = (admission if isinstance(admission, AdmissionPolicy) or admission is None
            else make_admission(admission, capacity=cap))
+    tiers = _Tiers(make_eviction("lineage", max(g1_cap, 1)), make_eviction(eviction, cap, **params),
+                   max(g1_cap, 1), cap, write_back=not eager_offload, admission=adm)
     hits = total = 0
     for i, ids in enumerate(keys):
         if before_request is not None:
