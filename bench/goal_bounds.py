@@ -3,6 +3,8 @@ next to admission oracles that know part of the future, on generated traces.
 
     python bench/goal_bounds.py --family chat --seed 1 [--fractions 0.02,0.03,0.05]
                                 [--requests 12000] [--block-size 16] [--json]
+    python bench/goal_bounds.py --trace FILE [...]   # any Mooncake-format trace: no
+                                                     # session oracle (no sessions known)
 
 Replays through the policy-level model of the manager (kvbm/simulate.py: G1 with
 ``lineage``, the host tier with the policy, eager offload). For each host-tier size it
@@ -30,10 +32,12 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from kvbm.errors import KvbmError
 from kvbm.policies.base import AdmissionPolicy
-from kvbm.replay import belady, default_name, distinct_blocks, manager_keys
+from kvbm.replay import belady, default_name, distinct_blocks, load_trace, manager_keys
 from kvbm.simulate import simulate
 from kvbm.workload import FAMILIES, generate
 
@@ -78,8 +82,10 @@ class SessionOracle(ReuseOracle):
 
 def bounds(records: Sequence[dict[str, Any]], fractions: Sequence[float], *,
            block_size: int = 16, policy: str | None = None) -> dict[str, Any]:
-    """The ``--json`` document for generated ``records`` (with session fields)."""
+    """The ``--json`` document for ``records``; the session oracle only where every record
+    has the generator's session fields (``workload.generate(..., sessions=True)``)."""
     policy = policy or default_name()
+    sessions = bool(records) and all("turns" in r for r in records)
     trace = [r["hash_ids"] for r in records]
     keys = manager_keys(trace, block_size)
     distinct = distinct_blocks(trace)
@@ -90,8 +96,10 @@ def bounds(records: Sequence[dict[str, Any]], fractions: Sequence[float], *,
         ratios: dict[str, float] = {}
         for ev in dict.fromkeys(["lru", policy]):
             ratios[ev] = simulate(keys, cap, ev, device_blocks=device)["hit_ratio"]
-            for label, oracle in (("reuse", ReuseOracle(keys)),
-                                  ("session", SessionOracle(keys, records))):
+            oracles: list[tuple[str, ReuseOracle]] = [("reuse", ReuseOracle(keys))]
+            if sessions:
+                oracles.append(("session", SessionOracle(keys, records)))
+            for label, oracle in oracles:
                 ratios[f"{ev}+{label}-oracle"] = simulate(
                     keys, cap, ev, oracle, device_blocks=device,
                     before_request=oracle.at)["hit_ratio"]
@@ -129,6 +137,8 @@ def _fractions(text: str) -> list[float]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trace", help="a Mooncake-format JSON-lines file instead of a "
+                    "generated trace (reuse oracle only)")
     ap.add_argument("--family", choices=sorted(FAMILIES), default="chat")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--requests", type=int, default=12000)
@@ -139,14 +149,24 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.requests < 1 or args.block_size < 1:
         ap.error("--requests and --block-size must be positive")
-    records = generate(args.requests, seed=args.seed, family=args.family, sessions=True)
-    doc = bounds(records, args.fractions, block_size=args.block_size)
-    doc.update(family=args.family, seed=args.seed)
+    if args.trace:
+        try:
+            records = [{"hash_ids": ids} for ids in load_trace(args.trace)]
+        except (OSError, KvbmError) as e:
+            ap.error(str(e))
+        title = Path(args.trace).stem
+        doc = bounds(records, args.fractions, block_size=args.block_size)
+        doc.update(trace=args.trace)
+    else:
+        records = generate(args.requests, seed=args.seed, family=args.family, sessions=True)
+        title = f"{args.family} seed {args.seed}"
+        doc = bounds(records, args.fractions, block_size=args.block_size)
+        doc.update(family=args.family, seed=args.seed)
     if args.json:
         json.dump(doc, sys.stdout)
         sys.stdout.write("\n")
     else:
-        print(format_bounds(doc, f"{args.family} seed {args.seed}"))
+        print(format_bounds(doc, title))
     return 0
 
 

@@ -4,8 +4,9 @@
 12,000-request trace; most of that is the manager's per-block work, not the policy's. For
 exploring policies this module makes exactly the calls the manager makes on its two tiers
 — G1 with ``lineage``, the host tier with the policy under test, eager offload tail first
-(or write-back of G1's victims), the lineage rule on eviction — on the block hashes the manager would compute, so it gets
-*the same hit ratio* (tests compare the two on every policy), about 5× faster.
+(or write-back of G1's victims), the lineage rule on eviction — on the block hashes the
+manager would compute, so it gets *the same hit ratio* (tests compare the two on every
+policy), about 5× faster.
 
 It models the replay's request cycle only (``match_prefix`` -> ``onboard`` -> ``allocate``
 -> ``commit`` -> ``release``, no failures, no lower tiers). When the manager's call

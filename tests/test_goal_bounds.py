@@ -125,3 +125,20 @@ def test_cli_prints_one_json_document_and_rejects_bad_fractions() -> None:
     bad = subprocess.run([sys.executable, str(SCRIPT), "--fractions", "0,0.5"],
                          capture_output=True, text=True, timeout=120, check=False)
     assert bad.returncode == 2 and "fractions" in bad.stderr
+
+
+def test_a_trace_file_gets_the_reuse_oracle_only(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    with trace.open("w") as fp:
+        workload.write(workload.generate(150, seed=6, family="chat"), fp)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--trace", str(trace), "--fractions", "0.05",
+         "--block-size", "4", "--json"], capture_output=True, text=True, timeout=300,
+        check=True)
+    doc = json.loads(proc.stdout)
+    assert doc["trace"] == str(trace) and doc["requests"] == 150
+    assert set(doc["cells"][0]["hit_ratio"]) == {
+        "lru", "lru+reuse-oracle", doc["default"], f"{doc['default']}+reuse-oracle", "belady"}
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--trace", str(tmp_path / "none")],
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert bad.returncode == 2 and "none" in bad.stderr
