@@ -1,7 +1,7 @@
 """Type stub for the optional native hot loop of :mod:`kvbm.hashing` (``kvbm/_xxh3.c``)."""
 
 from collections.abc import Sequence
-from typing import SupportsIndex
+from typing import Any, SupportsIndex
 
 from typing_extensions import Buffer
 
@@ -9,6 +9,10 @@ def local_hashes(
     buf: Buffer, step: int, seed: SupportsIndex, first_seed: SupportsIndex, /
 ) -> list[int]:
     """``xxh3_64`` of each ``step``-byte slice of ``buf``; slice 0 is hashed with ``first_seed``."""
+
+def list_u32(tokens: list[Any], /) -> bytearray:
+    """A list of ints in ``[0, 2**32)`` as little-endian u32, 4 bytes each (what
+    ``array.array("I", ...)`` accepts; OverflowError / TypeError like it)."""
 
 def chain(local: Sequence[SupportsIndex], parent: SupportsIndex | None, /) -> list[int]:
     """Sequence hashes: ``seq[i] = xxh3_64(u64le(seq[i-1]) || u64le(local[i]), seed=1337)``."""

@@ -89,10 +89,14 @@ def as_token_array(tokens: Any) -> np.ndarray:
         tokens = tokens.detach().cpu().numpy()
     if isinstance(tokens, np.ndarray):
         arr = tokens
-    elif isinstance(tokens, list) and _U32_ARRAY_OK and tokens and type(tokens[0]) is int:
-        # array.array converts a list of ints ~4x faster than np.asarray and rejects
-        # anything outside u32 itself; on failure the slow path below names the culprit.
+    elif isinstance(tokens, list) and (_accel is not None or _U32_ARRAY_OK) and tokens \
+            and type(tokens[0]) is int:
+        # The native loop (~4x faster again) or array.array (~4x faster than np.asarray)
+        # convert a list of ints and reject anything outside u32 themselves; on failure the
+        # slow path below names the culprit.
         try:
+            if _accel is not None:
+                return np.frombuffer(_accel.list_u32(tokens), dtype="<u4")
             return np.frombuffer(array.array("I", tokens), dtype=np.uint32)
         except (OverflowError, TypeError):
             arr = np.asarray(tokens, dtype=object)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from kvbm import hashing
 from kvbm.errors import TokenError
-from kvbm.hashing import BlockHashes, hash_blocks
+from kvbm.hashing import BlockHashes, as_token_array, hash_blocks
 
 X = xxhash.xxh3_64_intdigest
 U64 = 2**64 - 1
@@ -315,3 +315,43 @@ def test_native_rejects_bad_arguments() -> None:
         accel.local_hashes(b"abcd", 4, 2**64, 0)
     with pytest.raises(TypeError):
         accel.local_hashes("abcd", 4, 0, 0)
+
+
+@needs_native
+def test_native_list_conversion_matches_array() -> None:
+    # kvbm._xxh3.list_u32 stands in for array.array("I", ...) on the list fast path: same
+    # values, same items accepted, the same exceptions (the slow path then names the index).
+    import array
+
+    accel = hashing._accel
+    assert accel is not None
+    ok = [0, 1, 2**32 - 1, True, np.int64(7), np.uint32(9), *tokens(300)]
+    assert bytes(accel.list_u32(ok)) == np.array(array.array("I", ok), dtype="<u4").tobytes()
+    assert accel.list_u32([]) == bytearray()
+    for bad, err in (([1, -1], OverflowError), ([1, 2**32], OverflowError),
+                     ([1, 2**70], OverflowError), ([1, 2.0], TypeError), ([1, "3"], TypeError)):
+        with pytest.raises(err):
+            accel.list_u32(bad)
+        with pytest.raises(err):
+            array.array("I", bad)
+    with pytest.raises(TypeError):
+        accel.list_u32((1, 2))   # only lists take this path
+
+    class Shrinks:
+        """An item whose __index__ empties the list being converted."""
+
+        def __init__(self, victim: list[object]) -> None:
+            self.victim = victim
+
+        def __index__(self) -> int:
+            self.victim.clear()
+            return 3
+
+    lst: list[object] = [1, 2]
+    lst.append(Shrinks(lst))
+    lst.append(4)
+    with pytest.raises(RuntimeError, match="changed size"):
+        accel.list_u32(lst)
+    # Through as_token_array: a list, numpy ints inside, same array as from numpy.
+    assert as_token_array(ok).tobytes() == np.array(
+        [int(x) for x in ok], dtype="<u4").tobytes()
