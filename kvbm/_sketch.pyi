@@ -1,4 +1,5 @@
-"""Type stub for the optional native step of :mod:`kvbm.policies.admission` (``kvbm/_sketch.c``)."""
+"""Type stub for the optional native sketch step of :mod:`kvbm.policies.admission`
+(``kvbm/_sketch.c``)."""
 
 from typing import SupportsIndex
 
