@@ -37,7 +37,14 @@ from typing import Any
 
 from kvbm.errors import KvbmError
 from kvbm.policies.base import AdmissionPolicy
-from kvbm.replay import belady, default_name, distinct_blocks, load_trace, manager_keys
+from kvbm.replay import (
+    belady,
+    default_name,
+    distinct_blocks,
+    load_trace,
+    manager_keys,
+    parse_fractions,
+)
 from kvbm.simulate import simulate
 from kvbm.workload import FAMILIES, generate
 
@@ -126,13 +133,9 @@ def format_bounds(doc: dict[str, Any], title: str) -> str:
 
 def _fractions(text: str) -> list[float]:
     try:
-        out = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected fractions like 0.02,0.05, got {text!r}"
-                                         ) from None
-    if not out or not all(0 < f <= 1 for f in out):
-        raise argparse.ArgumentTypeError(f"fractions must be in (0, 1], got {text!r}")
-    return out
+        return parse_fractions(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kvbm.replay import format_sweep
+from kvbm.replay import format_sweep, parse_fractions
 
 DEFAULT_FRACTIONS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5)
 REPLAY = Path(__file__).resolve().parent / "policy_replay.py"
@@ -31,12 +31,9 @@ REPLAY = Path(__file__).resolve().parent / "policy_replay.py"
 
 def _fractions(text: str) -> list[float]:
     try:
-        out = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
-    if not out or any(not 0 < f <= 1 for f in out):
-        raise argparse.ArgumentTypeError(f"fractions must be in (0, 1]: {text!r}")
-    return out
+        return parse_fractions(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _generated(spec: str) -> tuple[str, int]:

@@ -266,6 +266,18 @@ def run(trace: Sequence[Sequence[int]], fraction: float, policies: Sequence[str]
             "engine": "model" if model else "manager", "eager_offload": eager_offload}
 
 
+def parse_fractions(text: str) -> list[float]:
+    """``"0.02,0.05"`` -> ``[0.02, 0.05]``: host-tier sizes for the bench scripts' command
+    lines; ValueError unless each is a number in (0, 1]."""
+    try:
+        out = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"not a list of numbers: {text!r}") from None
+    if not out or any(not 0 < f <= 1 for f in out):
+        raise ValueError(f"fractions must be in (0, 1]: {text!r}")
+    return out
+
+
 def gap_closed(x: float, lru: float, opt: float) -> float | None:
     """Fraction of the LRU -> Belady gap that hit ratio ``x`` closes (None: no gap)."""
     return None if opt - lru <= 1e-12 else (x - lru) / (opt - lru)
