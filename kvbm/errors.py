@@ -62,3 +62,17 @@ class TierUnavailableError(StorageError):
 
 class TransferError(KvbmError, RuntimeError):
     """A data movement between tiers or peers failed."""
+
+
+class InvalidArgumentError(KvbmError, ValueError, TypeError):
+    """An argument of a public call has the wrong type, or a value out of range or not finite.
+
+    Subclasses both ``ValueError`` and ``TypeError``: callers that catch either see it."""
+
+
+class InvalidKeyError(InvalidArgumentError):
+    """A page key / block hash is not an int in ``[0, 2**64)``."""
+
+
+class ClosedError(KvbmError, RuntimeError):
+    """The manager, store or engine was closed; nothing was changed."""
