@@ -76,3 +76,11 @@ class InvalidKeyError(InvalidArgumentError):
 
 class ClosedError(KvbmError, RuntimeError):
     """The manager, store or engine was closed; nothing was changed."""
+
+
+class MissingDependencyError(KvbmError, ImportError):
+    """An optional dependency (an extra of the ``kvtier`` distribution) is not installed."""
+
+
+class MetricsError(KvbmError, OSError):
+    """A metrics endpoint could not be reached, or did not answer Prometheus text."""
