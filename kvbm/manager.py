@@ -429,6 +429,8 @@ class BlockManager:
         out: list[int] = []
         stored: list[BlockRecord] = []
         recs: list[BlockRecord] = []
+        relinked: list[BlockRecord] = []
+        orphans = self._orphans
         bs4 = self.block_size * 4
         tok_bytes = tokens[: end * self.block_size].tobytes()
         for i, b in enumerate(ids):
@@ -438,6 +440,11 @@ class BlockManager:
             if rec is None:
                 rec = BlockRecord(h, hashes.local[pos], parent,
                                   tok_bytes[pos * bs4: (pos + 1) * bs4], lora_name)
+                if orphans and h in orphans:
+                    # Its page is still in a persistent tier (its parent had left every
+                    # tier, so it was unlinked): the new record owns that copy again.
+                    rec.mask = orphans.pop(h)
+                    relinked.append(rec)
                 self._index.insert(rec)
                 self._place(g1, rec, b, pinned=True)
                 stored.append(rec)
@@ -457,6 +464,7 @@ class BlockManager:
             parent = rec
         self._committed += len(ids)
         self._emit_stored(stored, Medium.GPU)
+        self._emit_relinked(relinked)
         self._touch(recs)
         if self._g2 is not None and self.config.host is not None and self.config.host.eager_offload:
             self._offload(recs)
@@ -585,8 +593,12 @@ class BlockManager:
         """The index record of a block (read-only use), or ``None``."""
         return self._index.get(seq_hash)
 
-    def stats(self) -> ManagerStats:
-        self._drain()
+    def stats(self, *, drain: bool = True) -> ManagerStats:
+        """A snapshot of the counters. ``drain=False`` skips completing finished transfers
+        first (which only the owner thread may do): the form a metrics scrape on another
+        thread uses; its numbers lag by the transfers not yet completed."""
+        if drain:
+            self._drain()
         tiers = {}
         for t in self._tiers:
             used = t.alloc.num_slots - t.alloc.num_free
@@ -903,12 +915,15 @@ class BlockManager:
                 self._release_one(g2, slot)
             if not ok:
                 continue
-            if rec.mask:
-                if not rec.mask & lt.bit:
-                    rec.mask |= lt.bit
-                    stored.append(rec)
-            else:
-                self._orphans[rec.seq_hash] = self._orphans.get(rec.seq_hash, 0) | lt.bit
+            if not rec.mask:  # forgotten meanwhile; maybe recomputed under a new record
+                cur = self._index.get(rec.seq_hash)
+                if cur is None:
+                    self._orphans[rec.seq_hash] = self._orphans.get(rec.seq_hash, 0) | lt.bit
+                    continue
+                rec = cur
+            if not rec.mask & lt.bit:
+                rec.mask |= lt.bit
+                stored.append(rec)
         self._emit_stored(stored, lt.medium)
 
     def _reports_misses(self, medium: Medium) -> bool:
@@ -1033,8 +1048,7 @@ class BlockManager:
         a linked parent, or at the start of a sequence)."""
         seq, bs = hashes.sequence, self.block_size
         tok = None if tokens is None else as_token_array(tokens)
-        linked: dict[Medium, list[BlockRecord]] = {}
-        k = len(recs)
+        k = start = len(recs)
         while k < len(seq):
             mask = self._orphans.pop(seq[k], 0)
             if not mask:
@@ -1045,9 +1059,18 @@ class BlockManager:
             rec.mask = mask
             self._index.insert(rec)
             recs.append(rec)
-            for m in mediums_of(mask):
-                linked.setdefault(m, []).append(rec)
             k += 1
+        self._emit_relinked(recs[start:])
+
+    def _emit_relinked(self, recs: Sequence[BlockRecord]) -> None:
+        """BlockStored for the persistent-tier copies of ``recs``, linked back into the index
+        (a BlockRemoved was emitted for each when it was unlinked)."""
+        if not recs:
+            return
+        linked: dict[Medium, list[BlockRecord]] = {}
+        for rec in recs:
+            for m in mediums_of(rec.mask & _LOWER):
+                linked.setdefault(m, []).append(rec)
         for m, rs in linked.items():
             self._emit_stored(rs, m)
 

@@ -365,3 +365,44 @@ def test_object_tier_reports_definite_misses(tmp_path, moto_endpoint, s3_bucket)
             ([m.sequence_hashes[1]], Medium.OBJECT), ([m.sequence_hashes[2]], Medium.OBJECT)]
         assert mgr.match_prefix(toks(3)).num_blocks == 1
         mgr.check_invariants()
+
+
+def test_recomputed_blocks_whose_parent_left_the_disk_take_back_their_disk_copies(tmp_path):
+    """A parent block leaves the disk while its child is still stored there: the child is
+    unlinked (orphan). Recomputing and committing both must link the child's disk copy into
+    its new record (one residency, no orphan left, a BlockStored event for the disk)."""
+    from kvbm.storage.base import RemovalReason
+
+    cfg = config(tmp_path)
+    with BlockManager(LAYOUT, cfg) as mgr:
+        run(mgr, toks(3))
+        mgr._quiesce()
+    with BlockManager(LAYOUT, cfg) as mgr:  # G1 and G2 empty: the pages are on disk only
+        m = mgr.match_prefix(toks(3))
+        assert m.mediums == [Medium.DISK] * 3
+        parent, child, grandchild = m.sequence_hashes
+        store = mgr._lower[0].store
+        mgr._engine.run(store.delete([parent]))
+        mgr.on_removed(Medium.DISK, [parent], RemovalReason.DELETED)  # as the tier reports
+        assert mgr.match_prefix(toks(3)).num_blocks == 0
+        assert mgr.stats().unlinked_pages == 2  # child and grandchild, still on disk
+        mgr.take_events()
+        new = mgr.allocate(3)
+        for b, h in zip(new, m.sequence_hashes, strict=True):
+            mgr.block_view(b).fill_(value(h))
+        ids = mgr.commit(new, toks(3), hashes=m.hashes)
+        mgr.check_invariants()
+        assert mgr.stats().unlinked_pages == 0
+        for h in (child, grandchild):
+            rec = mgr.lookup(h)
+            assert rec is not None and rec.mask & Medium.DISK.bit
+        disk_stored = [h for e in mgr.take_events()
+                       if isinstance(e, BlockStored) and e.medium is Medium.DISK
+                       for h in e.block_hashes]
+        assert child in disk_stored and grandchild in disk_stored
+        mgr.release(ids)
+        mgr._quiesce()
+        mgr.check_invariants()
+        assert mgr.lookup(parent).mask & Medium.DISK.bit  # written down again
+    with BlockManager(LAYOUT, cfg) as mgr:
+        assert mgr.match_prefix(toks(3)).mediums == [Medium.DISK] * 3
