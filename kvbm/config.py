@@ -2,18 +2,29 @@
 
 A section is a nested dataclass (``device``, ``host`` ...). In TOML it is a table
 (``[host] num_blocks = 4096``); in the environment it is ``KVBM_<SECTION>_<FIELD>``
-(``KVBM_HOST_NUM_BLOCKS=4096``), top-level fields are ``KVBM_<FIELD>``. Environment values
-override the file. See docs/configuration.md.
+(``KVBM_HOST_NUM_BLOCKS=4096``), top-level fields are ``KVBM_<FIELD>``, and a section's own
+sections nest the same way (``KVBM_S3_RETRY_MAX_ATTEMPTS``). Environment values override the
+file. See docs/configuration.md.
+
+Loading validates everything that can be checked without side effects: types, ranges,
+policy names, CUDA-only settings on a machine without CUDA, misspelt keys and ``KVBM_*``
+variables. Whether the pools fit in memory depends on the layout too, so that is checked
+when a :class:`kvbm.BlockManager` allocates them (:mod:`kvbm.pool`). Nothing here imports
+torch unless a setting needs CUDA (``pin_memory = true``, ``device = "cuda"``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import enum
+import math
 import os
 import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +40,44 @@ DEFAULT_EVICTION = "predictive"
 DEFAULT_HOST_ADMISSION: str | None = None
 
 ENV_PREFIX = "KVBM_"
+#: ``KVBM_*`` variables that are not configuration (``env_overrides`` lets them pass):
+#: ``KVBM_XXH3_SCALAR`` makes the native hashing use its portable loop (tests cover both).
+NON_CONFIG_VARIABLES = frozenset({"KVBM_XXH3_SCALAR"})
+
+
+def _closest(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the nearest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_policy_name(where: str, name: object, kind: str) -> None:
+    """Raise :class:`ConfigError` unless ``name`` is an eviction (``kind="eviction"``) or
+    admission policy that :mod:`kvbm.policies` can make (``None``/``"none"`` admit all)."""
+    # Imported here: the registry pulls in every policy module, which config users that
+    # never build a manager (the CLI, routers) need not pay for. It never imports torch.
+    from kvbm.policies import ADMISSION_POLICIES, EVICTION_POLICIES
+
+    choices = sorted(EVICTION_POLICIES if kind == "eviction" else ADMISSION_POLICIES)
+    if kind == "admission":
+        if name is None:
+            return
+        choices.append("none")
+    key = name.strip().lower() if isinstance(name, str) else None
+    if key in choices or (kind == "admission" and key == ""):
+        return
+    raise ConfigError(f"{where} = {name!r} is not an {kind} policy"
+                      f"{_closest(key or '', choices)} valid names: {', '.join(choices)}")
+
+
+def _cuda_devices() -> int | None:
+    """CUDA devices torch sees; ``None`` without torch. Imports torch: call only when a
+    setting needs CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
 
 
 def _check_positive(owner: str, name: str, value: int, *, allow_zero: bool = False) -> None:
@@ -50,9 +99,20 @@ class DeviceTierConfig:
 
     def __post_init__(self) -> None:
         _check_positive("device", "num_blocks", self.num_blocks)
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"device.device must be auto, cpu, cuda or cuda:N, "
-                              f"got {self.device!r}")
+        dev = self.device
+        if not isinstance(dev, str) or not (
+                dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+            raise ConfigError(f"device.device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        check_policy_name("device.eviction", self.eviction, "eviction")
+        if dev.startswith("cuda"):
+            n = _cuda_devices()
+            index = int(dev[5:]) if ":" in dev else 0
+            if not n or index >= n:
+                seen = ("torch is not installed" if n is None else
+                        f"torch sees {n} CUDA device(s)" if n else "torch sees no CUDA device")
+                raise ConfigError(f"device.device = {dev!r} needs CUDA device {index}, and "
+                                  f"{seen}: set device = \"auto\" (cuda where present, else "
+                                  f"cpu) or \"cpu\"")
 
 
 @dataclass(frozen=True)
@@ -71,6 +131,17 @@ class HostTierConfig:
 
     def __post_init__(self) -> None:
         _check_positive("host", "num_blocks", self.num_blocks)
+        for name in ("pin_memory", "eager_offload"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (value is None and name == "pin_memory")):
+                raise ConfigError(f"host.{name} must be true or false, got {value!r}")
+        check_policy_name("host.eviction", self.eviction, "eviction")
+        check_policy_name("host.admission", self.admission, "admission")
+        if self.pin_memory and not (n := _cuda_devices()):
+            seen = "torch is not installed" if n is None else "torch sees no GPU"
+            raise ConfigError(f"host.pin_memory = true needs CUDA, and {seen}: set "
+                              f"pin_memory = false, or leave it unset to pin host memory "
+                              f"only where CUDA is present")
 
 
 @dataclass(frozen=True)
@@ -113,9 +184,21 @@ class ManagerConfig:
     max_pending_events: int = 1_000_000
 
     def __post_init__(self) -> None:
-        _check_positive("manager", "max_pending_events", self.max_pending_events)
-        if not isinstance(self.device, DeviceTierConfig):
-            raise ConfigError(f"config.device must be a DeviceTierConfig, got {self.device!r}")
+        _check_positive("config", "max_pending_events", self.max_pending_events)
+        for name, cls in (("device", DeviceTierConfig), ("host", HostTierConfig),
+                          ("disk", DiskTierConfig), ("s3", S3TierConfig),
+                          ("gcs", GCSTierConfig), ("offload", OffloadConfig)):
+            value = getattr(self, name)
+            if not (isinstance(value, cls) or (value is None and name not in
+                                               ("device", "offload"))):
+                raise ConfigError(f"config.{name} must be a {cls.__name__}, got {value!r}")
+        if self.salt is not None and not isinstance(self.salt, str):
+            raise ConfigError(f"config.salt must be a string, got {self.salt!r}")
+        if self.disk is not None:
+            # DiskTierConfig checks only that these are strings: the names are checked here,
+            # where the policy registry is at hand.
+            check_policy_name("disk.eviction", self.disk.eviction, "eviction")
+            check_policy_name("disk.admission", self.disk.admission, "admission")
         if self.s3 is not None and self.gcs is not None:
             raise ConfigError("configure at most one object tier (s3 or gcs)")
         if self.host is None and (self.disk or self.s3 or self.gcs):
@@ -129,7 +212,12 @@ class ManagerConfig:
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> ManagerConfig:
+        """Build from nested plain data (a parsed TOML file, :meth:`to_dict`'s output)."""
         return _build(cls, data, "config")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (see :func:`config_to_dict`); ``from_mapping`` builds an equal config."""
+        return config_to_dict(self)
 
     @classmethod
     def from_toml(cls, path: str | os.PathLike[str], *, env: Mapping[str, str] | None = None
@@ -155,6 +243,28 @@ class ManagerConfig:
 T = TypeVar("T")
 
 
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass as JSON-ready plain data: every init field (new ones included),
+    nested dataclasses as dicts, enums as their values, paths as strings."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise ConfigError(f"not a config dataclass: {cfg!r}")
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return config_to_dict(value)
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
+    return value
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():
@@ -176,10 +286,10 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
         raise ConfigError(f"{where} must be a table, got {data!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
-    unknown = set(data) - names
+    unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown key(s) in {where}: {sorted(unknown)}; "
-                          f"expected some of {sorted(names)}")
+        raise ConfigError(f"unknown key(s) in {where}: {unknown}"
+                          f"{_closest(str(unknown[0]), names)} valid keys: {sorted(names)}")
     required = [f.name for f in dataclasses.fields(cls)  # type: ignore[arg-type]
                 if f.init and f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING]
@@ -221,39 +331,91 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ValueError:
                 pass
     elif tp is float:
+        number: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is not None and not math.isnan(number):
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+        with contextlib.suppress(ValueError):
+            return value if isinstance(value, tp) else tp(value)
+        raise ConfigError(f"{where} must be one of {[m.value for m in tp]}, got {value!r}")
     else:
         return value
     raise ConfigError(f"{where} must be {tp.__name__}, got {value!r}")
 
 
+_EnvNames = dict[str, tuple[tuple[str, ...], bool, bool]]
+_env_names: dict[type[Any], _EnvNames] = {}
+
+
+def env_variables(cls: type[Any]) -> _EnvNames:
+    """Every ``KVBM_*`` name of ``cls``: variable -> (field path, names a section, optional).
+
+    Sections nest: ``KVBM_S3_RETRY_MAX_ATTEMPTS`` is ``("s3", "retry", "max_attempts")``.
+    """
+    cached = _env_names.get(cls)
+    if cached is not None:
+        return cached
+    out: _EnvNames = {}
+
+    def walk(tp: type[Any], path: tuple[str, ...]) -> None:
+        hints = typing.get_type_hints(tp)
+        for f in dataclasses.fields(tp):
+            if not f.init:
+                continue
+            sub, optional = _unwrap_optional(hints[f.name])
+            here = (*path, f.name)
+            section = dataclasses.is_dataclass(sub)
+            out[ENV_PREFIX + "_".join(here).upper()] = (here, section, optional)
+            if section:
+                walk(sub, here)
+
+    walk(cls, ())
+    _env_names[cls] = out
+    return out
+
+
 def env_overrides(cls: type[Any], env: Mapping[str, str]) -> dict[str, Any]:
-    """The ``KVBM_*`` variables that name fields of ``cls`` (or of its sections), nested."""
+    """The ``KVBM_*`` variables of ``env`` as nested data for ``cls``.
+
+    A variable that names no field is an error naming the closest one (a typo must not
+    silently leave the default in place), except those in :data:`NON_CONFIG_VARIABLES`.
+    ``none``/``null`` mean ``None``; an optional section set to ``none`` is dropped.
+    """
+    names = env_variables(cls)
     out: dict[str, Any] = {}
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        tp, _ = _unwrap_optional(hints[f.name])
-        key = ENV_PREFIX + f.name.upper()
-        if dataclasses.is_dataclass(tp):
-            sub: dict[str, str | None] = {}
-            for g in dataclasses.fields(tp):
-                name = f"{key}_{g.name.upper()}"
-                if g.init and name in env:
-                    sub[g.name] = None if env[name].lower() in ("none", "null") else env[name]
-            if sub:
-                out[f.name] = sub
-        elif key in env:
-            v = env[key]
-            out[f.name] = None if v.lower() in ("none", "null") else v
+    for var in sorted(v for v in env if v.startswith(ENV_PREFIX)):
+        spec = names.get(var)
+        if spec is None:
+            if var in NON_CONFIG_VARIABLES:
+                continue
+            fields = [n for n, (_, section, _) in names.items() if not section]
+            raise ConfigError(f"environment variable {var} matches no config field"
+                              f"{_closest(var, fields)} (kvbm reads every {ENV_PREFIX}* "
+                              f"variable; see docs/configuration.md for the names)")
+        path, section, optional = spec
+        value: str | None = env[var]
+        if value is not None and value.strip().lower() in ("none", "null"):
+            value = None
+        if section and not (value is None and optional):
+            first = next(n for n, (p, s, _) in names.items()
+                         if not s and p[:-1] == path)
+            raise ConfigError(f"{var} names the [{'.'.join(path)}] section, not a value: "
+                              f"set its fields ({first}, ...)"
+                              + (f", or {var}=none to drop it" if optional else ""))
+        node = out
+        for i, key in enumerate(path[:-1]):
+            child = node.setdefault(key, {})
+            if child is None:
+                raise ConfigError(f"{ENV_PREFIX}{'_'.join(path[:i + 1]).upper()}=none drops a "
+                                  f"section that {var} sets a field of")
+            node = child
+        node[path[-1]] = value
     return out

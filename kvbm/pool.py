@@ -8,7 +8,8 @@ spliced in with a constant number of pointer writes.
 
 :class:`DevicePool` (G1) and :class:`HostPool` (G2) own the memory. G1 is a torch tensor on
 ``cuda`` when available, else on ``cpu``; G2 is pinned when CUDA is present, plain otherwise
-(``pin_memory=True`` raises on a CPU-only torch).
+(``pin_memory=True`` raises on a CPU-only torch). Both check that their pages fit in what the
+machine can still give before allocating anything (:mod:`kvbm.capacity`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ import mmap
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from kvbm.capacity import (
+    allocation_errors,
+    check_pool_fits,
+    device_available_bytes,
+    host_available_bytes,
+)
 from kvbm.errors import BlockIdError, BlockStateError, ConfigError, PoolExhaustedError
 from kvbm.layout import Arrangement, KVLayout
 
@@ -26,6 +33,11 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+
+
+def _check_num_blocks(num_blocks: Any) -> None:
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks <= 0:
+        raise ConfigError(f"a pool needs a positive number of blocks, got {num_blocks!r}")
 
 
 class SlotAllocator:
@@ -39,8 +51,7 @@ class SlotAllocator:
     __slots__ = ("_free", "_next", "_num_free", "_prev", "_refs", "_sentinel", "num_slots")
 
     def __init__(self, num_slots: int) -> None:
-        if isinstance(num_slots, bool) or not isinstance(num_slots, int) or num_slots <= 0:
-            raise ConfigError(f"a pool needs a positive number of blocks, got {num_slots!r}")
+        _check_num_blocks(num_slots)
         self.num_slots = num_slots
         s = num_slots  # the sentinel is one extra node after the last slot: no None checks
         self._sentinel = s
@@ -177,8 +188,8 @@ def page_aligned_bytes(nbytes: int) -> torch.Tensor:
 
     Page alignment lets the disk tier do O_DIRECT I/O straight from and into host pages
     (no staging copy), and huge pages make that I/O faster; pre-faulting makes the first
-    copy into the pool run at memcpy speed instead of page-fault speed (about half, see
-    CEILINGS.md).
+    copy into the pool run at memcpy speed instead of page-fault speed (about half as fast
+    otherwise).
     """
     import numpy as np
     import torch
@@ -206,19 +217,27 @@ class DevicePool:
     def __init__(self, layout: KVLayout, num_blocks: int, device: str = "auto") -> None:
         import torch
 
+        _check_num_blocks(num_blocks)
         self.layout = layout
-        self.allocator = SlotAllocator(num_blocks)
         self.device = torch.device(resolve_device(device))
+        tier = f"device tier ({self.device})"
+        page = layout.bytes_per_block
+        check_pool_fits(tier, num_blocks, page, host_available_bytes()
+                        if self.device.type == "cpu" else device_available_bytes(self.device),
+                        "device.num_blocks")
+        self.allocator = SlotAllocator(num_blocks)
         dtype = layout.torch_dtype()
         self.layers: list[torch.Tensor]
-        if layout.arrangement is Arrangement.FULLY_CONTIGUOUS:
-            self.buffer: torch.Tensor | None = torch.zeros(
-                (num_blocks, *layout.block_shape), dtype=dtype, device=self.device)
-            self.layers = [self.buffer[:, i] for i in range(layout.num_layers)]
-        else:
-            self.buffer = None
-            self.layers = [torch.zeros((num_blocks, *layout.layer_shape), dtype=dtype,
-                                       device=self.device) for _ in range(layout.num_layers)]
+        with allocation_errors(tier, num_blocks, page, "device.num_blocks"):
+            if layout.arrangement is Arrangement.FULLY_CONTIGUOUS:
+                self.buffer: torch.Tensor | None = torch.zeros(
+                    (num_blocks, *layout.block_shape), dtype=dtype, device=self.device)
+                self.layers = [self.buffer[:, i] for i in range(layout.num_layers)]
+            else:
+                self.buffer = None
+                self.layers = [torch.zeros((num_blocks, *layout.layer_shape), dtype=dtype,
+                                           device=self.device)
+                               for _ in range(layout.num_layers)]
         log.debug("G1 pool: %d blocks of %d bytes on %s (%s)", num_blocks,
                   layout.bytes_per_block, self.device, layout.arrangement.value)
 
@@ -246,14 +265,17 @@ class HostPool:
                               "(leave it unset to pin only where CUDA is present)")
         self.pinned = cuda if pin_memory is None else pin_memory
         self.layout = layout
+        _check_num_blocks(num_blocks)
+        page = layout.bytes_per_block
+        check_pool_fits("host tier", num_blocks, page, host_available_bytes(),
+                        "host.num_blocks")
         self.allocator = SlotAllocator(num_blocks)
         # Raw bytes first: numpy has no bfloat16, and the disk/object tiers want bytes anyway.
-        if self.pinned:  # cudaHostAlloc memory is page-aligned already
-            self.raw = torch.zeros((num_blocks, layout.bytes_per_block), dtype=torch.uint8,
-                                   pin_memory=True)
-        else:
-            self.raw = page_aligned_bytes(num_blocks * layout.bytes_per_block).view(
-                num_blocks, layout.bytes_per_block)
+        with allocation_errors("host tier", num_blocks, page, "host.num_blocks"):
+            if self.pinned:  # cudaHostAlloc memory is page-aligned already
+                self.raw = torch.zeros((num_blocks, page), dtype=torch.uint8, pin_memory=True)
+            else:
+                self.raw = page_aligned_bytes(num_blocks * page).view(num_blocks, page)
         self.buffer = self.raw.view(layout.torch_dtype()).view(num_blocks, *layout.block_shape)
         self._np = self.raw.numpy()
         # Pages are slices of one flat view: a slice is a single object, where indexing the
