@@ -9,7 +9,8 @@ SOURCES := $(shell find kvbm storage transports -name '*.py' -o -name '*.c' 2>/d
 $(PY):
 	python3 -m venv $(VENV)
 
-# torch first, pinned, so nothing later can pull a CUDA build. The editable install is
+# torch first, pinned to the local CPU wheel, so nothing later pulls a CUDA build: the
+# engine extra (in dev) asks for a range this version meets. The editable install is
 # "strict" (a link tree) so that mypy sees kvbm.storage / kvbm.transports where the
 # package-dir mapping puts them; it is redone when a source file appears or changes.
 $(STAMP): pyproject.toml $(SOURCES) | $(PY)

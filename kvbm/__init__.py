@@ -5,7 +5,9 @@ chained xxh3 hashes of their tokens (compatible with Dynamo's KV router) and ind
 prefix index. See docs/ and DESIGN.md.
 """
 
+import importlib as _importlib
 import os as _os
+from typing import TYPE_CHECKING
 
 # pyproject's package-dir maps the top-level folders storage/ and transports/ to kvbm.storage
 # and kvbm.transports. Installed copies have them inside this package; a source checkout run
@@ -15,13 +17,14 @@ if not _os.path.isdir(_os.path.join(__path__[0], "storage")) and _os.path.isfile
         _os.path.join(_root, "storage", "base.py")):
     __path__.append(_root)
 
-from kvbm.config import DeviceTierConfig, HostTierConfig, ManagerConfig  # noqa: E402
-from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored  # noqa: E402
-from kvbm.hashing import BlockHashes, hash_blocks  # noqa: E402
-from kvbm.index import MatchResult  # noqa: E402
-from kvbm.layout import Arrangement, KVLayout  # noqa: E402
-from kvbm.manager import BlockManager, ManagerStats  # noqa: E402
-from kvbm.medium import Medium  # noqa: E402
+if TYPE_CHECKING:
+    from kvbm.config import DeviceTierConfig, HostTierConfig, ManagerConfig
+    from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored
+    from kvbm.hashing import BlockHashes, hash_blocks
+    from kvbm.index import MatchResult
+    from kvbm.layout import Arrangement, KVLayout
+    from kvbm.manager import BlockManager, ManagerStats
+    from kvbm.medium import Medium
 
 __version__ = "0.1.0"
 
@@ -41,3 +44,35 @@ __all__ = [
     "Medium",
     "hash_blocks",
 ]
+
+#: Public name -> the module that defines it. Loaded on first use (PEP 562): ``import kvbm``
+#: stays cheap, and a router that only hashes never loads the manager, its policies and
+#: tiers (nor, through them, anything an engine install alone brings).
+_EXPORTS = {
+    "AllBlocksCleared": "kvbm.events",
+    "Arrangement": "kvbm.layout",
+    "BlockHashes": "kvbm.hashing",
+    "BlockManager": "kvbm.manager",
+    "BlockRemoved": "kvbm.events",
+    "BlockStored": "kvbm.events",
+    "DeviceTierConfig": "kvbm.config",
+    "HostTierConfig": "kvbm.config",
+    "KVLayout": "kvbm.layout",
+    "ManagerConfig": "kvbm.config",
+    "ManagerStats": "kvbm.manager",
+    "MatchResult": "kvbm.index",
+    "Medium": "kvbm.medium",
+    "hash_blocks": "kvbm.hashing",
+}
+
+if not TYPE_CHECKING:  # mypy reads the imports above; a __getattr__ would hide typos
+    def __getattr__(name: str) -> object:
+        module = _EXPORTS.get(name)
+        if module is None:
+            raise AttributeError(f"module 'kvbm' has no attribute {name!r}")
+        value = getattr(_importlib.import_module(module), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_EXPORTS})

@@ -7,13 +7,14 @@ module imports anything heavy, so ``kvbm --version`` and ``kvbm hash`` work with
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
 from kvbm.errors import KvbmError
 
 #: Subcommand modules, in the order ``kvbm --help`` lists them.
-_COMMANDS = ("demo", "info", "config", "hash")
+_COMMANDS = ("demo", "info", "config", "hash", "stats")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         rc: int = args.fn(args)
+        sys.stdout.flush()
     except KvbmError as e:
         print(f"kvbm: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (``kvbm config | head``): not an error of ours. Point stdout
+        # at /dev/null so that the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return rc
