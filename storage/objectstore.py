@@ -55,7 +55,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-import lmdb
 import msgpack
 import xxhash
 
@@ -202,6 +201,10 @@ class PackIndex:
     """
 
     def __init__(self, path: Path, *, location: str, map_size: int) -> None:
+        # Imported here: kvbm.config imports this module for ObjectTierConfig, and a core
+        # install (router, hashing) has no lmdb; the s3/gcs extras bring it.
+        import lmdb
+
         path.mkdir(parents=True, exist_ok=True)
         self._env = lmdb.open(str(path), map_size=map_size, max_dbs=3, subdir=True,
                               sync=True, metasync=True)
