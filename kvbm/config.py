@@ -137,6 +137,10 @@ class HostTierConfig:
                 raise ConfigError(f"host.{name} must be true or false, got {value!r}")
         check_policy_name("host.eviction", self.eviction, "eviction")
         check_policy_name("host.admission", self.admission, "admission")
+        if isinstance(self.admission, str) and self.admission.strip().lower() in ("", "none"):
+            # One spelling of "admit everything", so that users of the field need not
+            # know the others (the manager passes options to any non-None policy).
+            object.__setattr__(self, "admission", None)
         if self.pin_memory and not (n := _cuda_devices()):
             seen = "torch is not installed" if n is None else "torch sees no GPU"
             raise ConfigError(f"host.pin_memory = true needs CUDA, and {seen}: set "

@@ -270,3 +270,14 @@ def test_failed_allocation_is_reported_with_sizes():
                                            r"the allocation failed .*lower host.num_blocks"),
           allocation_errors("host tier", 1024, 1 << 40, "host.num_blocks")):
         dma_memory(1 << 50)
+
+
+@pytest.mark.parametrize("name", ["none", "None", ""])
+def test_admission_none_by_name_admits_everything(name):
+    """``admission = "none"`` (documented as "admit everything") made BlockManager fail
+    with "admission None takes no options"."""
+    cfg = ManagerConfig(device=DeviceTierConfig(4, device="cpu"),
+                        host=HostTierConfig(4, admission=name, pin_memory=False))
+    assert cfg.host is not None and cfg.host.admission is None
+    with BlockManager(TINY, cfg) as mgr:
+        assert mgr.stats().tiers
