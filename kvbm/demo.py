@@ -20,6 +20,7 @@ from kvbm.events import BlockRemoved, BlockStored
 from kvbm.layout import PRESETS
 from kvbm.manager import BlockManager
 from kvbm.medium import Medium
+from kvbm.metrics import tier_display_names
 from kvbm.replay import distinct_blocks, format_table, run, trace_tokens
 from kvbm.storage.disk import DiskTierConfig
 from kvbm.workload import generate
@@ -52,12 +53,14 @@ def _tiered_replay(trace: list[list[int]], mgr: BlockManager) -> dict[str, int]:
 
 def _hit_table(mgr: BlockManager) -> str:
     st = mgr.stats()
-    lines = [f"{'tier':<12} {'hit blocks':>10} {'share':>7}"]
-    for m in Medium:
-        if m in st.tiers or m in st.lower_tiers:
-            c = st.hits_by_medium.get(m, 0)
-            lines.append(f"{m.value:<12} {c:>10} {c / max(st.query_blocks, 1):>7.1%}")
-    lines.append(f"{'all tiers':<12} {st.hit_blocks:>10} {st.hit_ratio:>7.1%}   "
+    # Human names say where G1 is a CPU tensor or G2 is not pinned; events keep wire names.
+    names = tier_display_names(mgr)
+    w = max(12, *(len(n) for n in names.values()))
+    lines = [f"{'tier':<{w}} {'hit blocks':>10} {'share':>7}"]
+    for m, name in names.items():
+        c = st.hits_by_medium.get(m, 0)
+        lines.append(f"{name:<{w}} {c:>10} {c / max(st.query_blocks, 1):>7.1%}")
+    lines.append(f"{'all tiers':<{w}} {st.hit_blocks:>10} {st.hit_ratio:>7.1%}   "
                  f"of {st.query_blocks} requested blocks ({st.lookups} requests)")
     return "\n".join(lines)
 

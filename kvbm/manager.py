@@ -188,6 +188,13 @@ class TierUsage:
     admission_rejected: int
     offload_skipped: int
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (the medium as its wire name)."""
+        from kvbm.plain import to_plain
+
+        d: dict[str, Any] = to_plain(self)
+        return d
+
 
 @dataclass(frozen=True)
 class ManagerStats:
@@ -215,6 +222,17 @@ class ManagerStats:
     @property
     def hit_ratio(self) -> float:
         return self.hit_blocks / self.query_blocks if self.query_blocks else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data: media keys as their wire names, each lower tier as
+        ``{"store": TierStats, "queue": TierQueueStats}`` dicts, plus ``hit_ratio``."""
+        from kvbm.plain import to_plain
+
+        d: dict[str, Any] = to_plain(self)
+        d["lower_tiers"] = {m.value: {"store": to_plain(s), "queue": to_plain(q)}
+                            for m, (s, q) in self.lower_tiers.items()}
+        d["hit_ratio"] = self.hit_ratio
+        return d
 
 
 class BlockManager:

@@ -44,3 +44,14 @@ def mediums_of(mask: int) -> list[Medium]:
 BEST_MEDIUM: tuple[Medium, ...] = tuple(
     MEDIUM_BY_BIT[(mask & -mask).bit_length() - 1] if mask else Medium.GPU
     for mask in range(1 << len(MEDIUM_BY_BIT)))
+
+
+def display_name(medium: Medium, *, cpu_tensor: bool = False, pinned: bool = True) -> str:
+    """The tier's name for human output: its wire name, plus what it really is where that
+    differs from the name (``GPU (CPU tensor)`` without a GPU, ``CPU_PINNED (not pinned)``).
+    Events and metrics labels keep the wire names."""
+    if medium is Medium.GPU and cpu_tensor:
+        return "GPU (CPU tensor)"
+    if medium is Medium.CPU_PINNED and not pinned:
+        return "CPU_PINNED (not pinned)"
+    return medium.value

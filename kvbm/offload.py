@@ -21,6 +21,8 @@ slow tier, it only offloads less. Loads are never refused (the engine asked for 
 from __future__ import annotations
 
 import asyncio
+import bisect
+import dataclasses
 import enum
 import logging
 import queue
@@ -145,8 +147,40 @@ class PagePairs(Sequence[tuple[int, Any]]):
         return self.keys[i], self.buffers[i]
 
 
+#: Upper bounds (seconds) of the transfer latency buckets. Fixed, so that histograms of
+#: several processes and restarts add up; from a page cache hit on local disk (~1 ms) to an
+#: object store answering late (tens of seconds). An implied +Inf bucket is ``count``.
+LATENCY_BUCKETS: tuple[float, ...] = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                      0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass
+class LatencyHistogram:
+    """Latencies of finished transfers, as a Prometheus histogram keeps them:
+    ``buckets[i]`` counts those that took at most ``bounds[i]`` seconds (cumulative)."""
+
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
+    buckets: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
+    count: int = 0
+    sum_seconds: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # One observation per transfer (a batch of pages), not per page: a dozen increments
+        # are nothing next to the I/O.
+        b = self.buckets
+        for i in range(bisect.bisect_left(self.bounds, seconds), len(b)):
+            b[i] += 1
+        self.count += 1
+        self.sum_seconds += seconds
+
+    def copy(self) -> LatencyHistogram:
+        return LatencyHistogram(self.bounds, list(self.buckets), self.count, self.sum_seconds)
+
+
 @dataclass
 class TierQueueStats:
+    """Counters of one tier's offload queue (monotonic), and its depth when taken."""
+
     submitted: int = 0
     skipped: int = 0  # refused by backpressure
     cancelled: int = 0
@@ -155,6 +189,17 @@ class TierQueueStats:
     pages_failed: int = 0
     bytes: int = 0
     busy_seconds: float = 0.0
+    #: pages and bytes that arrived, per direction (host -> tier, tier -> host)
+    pages_stored: int = 0
+    bytes_stored: int = 0
+    pages_loaded: int = 0
+    bytes_loaded: int = 0
+    #: at the time of the snapshot: pages submitted and not finished, transfers waiting
+    inflight_pages: int = 0
+    queued_transfers: int = 0
+    #: seconds from submit to finish of the transfers that ran (done or failed)
+    store_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    load_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
 class _TierWorker:
@@ -236,7 +281,15 @@ class OffloadEngine:
         return self._workers[medium].store
 
     def stats(self, medium: Medium) -> TierQueueStats:
-        return self._workers[medium].stats
+        """A snapshot of the tier's queue counters (safe from any thread, also after
+        shutdown); the histograms are copied under the lock they are recorded under."""
+        w = self._workers[medium]
+        with self._lock:
+            return dataclasses.replace(
+                w.stats, inflight_pages=w.inflight_pages, queued_transfers=w.queue.qsize(),
+                store_latency=w.stats.store_latency.copy(),
+                load_latency=w.stats.load_latency.copy())
+
 
     def inflight_pages(self, medium: Medium) -> int:
         return self._workers[medium].inflight_pages
@@ -394,12 +447,22 @@ class OffloadEngine:
             w.stats.pages_ok += ok
             w.stats.pages_failed += len(res) - ok
             w.stats.bytes += ok * w.store.page_bytes
+            if h.kind is TransferKind.STORE:
+                w.stats.pages_stored += ok
+                w.stats.bytes_stored += ok * w.store.page_bytes
+            else:
+                w.stats.pages_loaded += ok
+                w.stats.bytes_loaded += ok * w.store.page_bytes
             self._finish(w, h, TransferStatus.DONE, res)
 
     def _finish(self, w: _TierWorker, h: TransferHandle, status: TransferStatus,
                 results: list[bool] | None = None, error: BaseException | None = None) -> None:
         with self._lock:
             w.inflight_pages -= len(h.keys)
+            if status is TransferStatus.DONE or status is TransferStatus.FAILED:
+                hist = (w.stats.store_latency if h.kind is TransferKind.STORE
+                        else w.stats.load_latency)
+                hist.observe(time.monotonic() - h.submitted_at)
         if status is TransferStatus.CANCELLED:
             w.stats.cancelled += 1
         h._finish(status, results, error)

@@ -91,6 +91,10 @@ _ENTRY = struct.Struct("<16sQQQ")
 _U64BE = struct.Struct(">Q")
 
 
+#: Breaker states as numbers for ``TierStats.extra["breaker_state"]`` (metrics want a gauge).
+_BREAKER_CODE = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+
+
 # -- configuration -----------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class ObjectTierConfig:
@@ -484,7 +488,10 @@ class PackedObjectStore(PageStore):
     def stats(self) -> TierStats:
         with self._lock:
             self._stats.extra["breaker_opens"] = self.breaker.opens
-            self._stats.extra["breaker_open"] = int(self.breaker.state is BreakerState.OPEN)
+            state = self.breaker.state
+            self._stats.extra["breaker_open"] = int(state is BreakerState.OPEN)
+            # 0 closed, 1 half-open, 2 open: the kvbm_breaker_state gauge
+            self._stats.extra["breaker_state"] = _BREAKER_CODE[state]
         return self._stats
 
     def _call(self, fn: Callable[[], T], what: str) -> T:
