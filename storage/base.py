@@ -82,6 +82,10 @@ class TierStats:
     deleted: int = 0
     errors: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+    #: Times the tier found its index damaged or missing at open and rebuilt it from the
+    #: pages' own headers (the disk tier), and the pages that rebuild found again.
+    index_rebuilds: int = 0
+    pages_recovered: int = 0
 
 
 class PageStore(abc.ABC):

@@ -232,17 +232,29 @@ def test_store_of_an_older_format_is_refused_and_untouched(tmp_path: Path) -> No
     assert tree(tmp_path) == before
 
 
-def test_damaged_identity_is_refused(tmp_path: Path) -> None:
+def test_damaged_identity_is_repaired(tmp_path: Path) -> None:
+    # The identity file only guards against foreign directories and other layouts: a
+    # damaged one in a directory of this layout's store is rewritten, and the pages stay
+    # (tests/test_disk_damage.py covers other damage).
     async def create() -> None:
-        await (await DiskStore.open(LAYOUT, cfg(tmp_path))).close()
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        await put(store, keys_(3))
+        await store.close()
 
     run(create())
     meta_path = tmp_path / "kvbm-disk.json"
     meta = json.loads(meta_path.read_text())
     del meta["header_area"]
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(StorageError, match="damaged"):
-        DiskStore(LAYOUT, cfg(tmp_path))
+
+    async def reopen() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        assert store.stats().extra["identity_repairs"] == 1
+        assert await served(store, keys_(3)) == [True] * 3
+        await store.close()
+
+    run(reopen())
+    assert "header_area" in json.loads(meta_path.read_text())
 
 
 def test_slab_holds_headers_then_payloads(tmp_path: Path) -> None:

@@ -49,15 +49,17 @@ by slot (storage/disk/index.py). Stores of other formats are refused, never misr
 from __future__ import annotations
 
 import contextlib
+import enum
 import fcntl
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvbm.errors import LayoutMismatchError, StorageError
+from kvbm.errors import LayoutError, LayoutMismatchError, StorageError
 from kvbm.layout import KVLayout
 from kvbm.storage.page import HEADER_SIZE
 
@@ -141,53 +143,144 @@ def geometry_for(layout: KVLayout, capacity_bytes: int, slab_bytes: int) -> Geom
                     header_area=area)
 
 
-def _read_meta(root: Path) -> dict[str, Any] | None:
+class IdentityState(enum.Enum):
+    ABSENT = "absent"
+    OK = "ok"
+    #: The identity file is there but unreadable or inconsistent (storage/disk/recover.py
+    #: repairs it when the directory is provably a store of this layout).
+    DAMAGED = "damaged"
+
+
+@dataclass(frozen=True)
+class Identity:
+    state: IdentityState
+    meta: dict[str, Any] | None = None
+    #: What is wrong with a damaged identity file.
+    problem: str = ""
+
+
+#: Names kvbm itself writes in a store directory (a directory holding anything else is not
+#: one we may repair or write into).
+OWN_NAMES = frozenset({META_NAME, META_NAME + ".tmp", LOCK_NAME, "index", "index.new",
+                       "index.damaged", "slabs"})
+_PROBE_PREFIX = ".direct-probe-"  # storage/disk/slabs.py, left behind by a kill -9
+
+
+def is_own_name(name: str) -> bool:
+    return name in OWN_NAMES or name.startswith(_PROBE_PREFIX)
+
+
+def format_version(fmt: str) -> int | None:
+    """4 for ``kvbm-disk-v4``; ``None`` when ``fmt`` names no format of this store."""
+    m = re.fullmatch(re.escape(_FORMAT_FAMILY) + r"v([0-9]{1,6})", fmt)
+    return int(m.group(1)) if m else None
+
+
+def read_identity(root: Path) -> Identity:
+    """The identity file of ``root``, read-only. Raises :class:`StorageError` for a store
+    of another on-disk format (never guessed at) or a file that cannot be read at all."""
+    path = root / META_NAME
     try:
-        text = (root / META_NAME).read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
-        return None
+        return Identity(IdentityState.ABSENT)
+    except (IsADirectoryError, NotADirectoryError):
+        return Identity(IdentityState.DAMAGED, problem=f"{path} is not a regular file")
+    except OSError as e:
+        raise StorageError(f"cannot read {path}: {e}; check the permissions of the "
+                           f"disk store directory") from e
     try:
-        meta = json.loads(text)
-    except ValueError:
-        raise StorageError(f"{root / META_NAME} is not valid JSON; not opening {root}") from None
-    fmt = meta.get("format") if isinstance(meta, dict) else None
-    if isinstance(fmt, str) and fmt.startswith(_FORMAT_FAMILY) and fmt != FORMAT:
-        # Never guess at another format's slots: its pages would be misread or torn.
-        raise StorageError(f"disk store {root} is in on-disk format {fmt!r}, and this kvbm "
-                           f"reads {FORMAT!r} only; remove the directory to discard its "
-                           f"pages (the tier is a cache), or use another path")
-    if not isinstance(meta, dict) or fmt != FORMAT:
-        raise StorageError(f"{root} is not a {FORMAT} store (format {fmt!r})")
-    return meta
+        meta = json.loads(raw.decode("utf-8"))
+    except ValueError as e:  # UnicodeDecodeError included
+        return Identity(IdentityState.DAMAGED, problem=f"not UTF-8 JSON ({e})")
+    if not isinstance(meta, dict):
+        return Identity(IdentityState.DAMAGED, problem=f"not a JSON object ({type(meta)})")
+    fmt = meta.get("format")
+    if fmt != FORMAT:
+        if isinstance(fmt, str) and format_version(fmt) is not None:
+            # Never guess at another format's slots: its pages would be misread or torn.
+            raise StorageError(f"disk store {root} is in on-disk format {fmt!r}, and this "
+                               f"kvbm reads {FORMAT!r} only; remove the directory to "
+                               f"discard its pages (the tier is a cache), or use another "
+                               f"path")
+        return Identity(IdentityState.DAMAGED, problem=f"format {fmt!r}")
+    problem = _meta_problem(meta)
+    if problem:
+        return Identity(IdentityState.DAMAGED, problem=problem)
+    return Identity(IdentityState.OK, meta)
 
 
-def check_identity(root: Path, layout: KVLayout) -> dict[str, Any] | None:
-    """The identity of an existing store at ``root`` (``None`` if there is none yet).
+def _meta_problem(meta: dict[str, Any]) -> str:
+    """What makes ``meta`` (of this format) inconsistent; ``""`` when nothing does."""
+    fields = {}
+    for name in ("page_bytes", "slot_bytes", "slab_slots", "header_area"):
+        value = meta.get(name)
+        if type(value) is not int or value <= 0:
+            return f"{name} is {value!r}"
+        fields[name] = value
+    fp = meta.get("fingerprint")
+    if not isinstance(fp, str) or not re.fullmatch(r"[0-9a-f]{16}", fp):
+        return f"fingerprint is {fp!r}"
+    layout = meta.get("layout")
+    try:
+        if not isinstance(layout, dict):
+            raise LayoutError(f"not a JSON object: {layout!r}")
+        stored = KVLayout.from_dict(layout)
+    except (LayoutError, ValueError, TypeError) as e:
+        return f"layout is unreadable ({e})"
+    # The fingerprint is derived from the layout: a mismatch is damage, not another model.
+    if f"{stored.fingerprint:016x}" != fp:
+        return f"fingerprint {fp} is not that of its layout ({stored.fingerprint:016x})"
+    if fields["page_bytes"] != stored.bytes_per_block:
+        return f"page_bytes {fields['page_bytes']} is not that of its layout"
+    if fields["slot_bytes"] != align_up(stored.bytes_per_block):
+        return f"slot_bytes {fields['slot_bytes']} does not fit its layout"
+    if fields["header_area"] != header_area_for(fields["slab_slots"]):
+        return (f"header_area {fields['header_area']} does not fit slab_slots "
+                f"{fields['slab_slots']}")
+    return ""
+
+
+def check_identity(root: Path, layout: KVLayout) -> Identity:
+    """The identity of a store at ``root`` (``ABSENT`` if there is none yet).
 
     Raises :class:`LayoutMismatchError` when it was written under another layout, and
     :class:`StorageError` when ``root`` is a non-empty directory that is not a store.
-    Touches nothing.
+    Touches nothing. A ``DAMAGED`` identity is returned only for a directory that holds
+    nothing but what kvbm writes (storage/disk/recover.py decides what it held).
     """
     if not root.exists():
-        return None
+        return Identity(IdentityState.ABSENT)
     if not root.is_dir():
         raise StorageError(f"disk store path {root} exists and is not a directory")
-    meta = _read_meta(root)
-    if meta is None:
-        if any(p.name != LOCK_NAME for p in root.iterdir()):
+    ident = read_identity(root)
+    if ident.state is IdentityState.ABSENT:
+        # A kill -9 during the first open can leave the lock and a half-written
+        # temporary identity file behind: that is still an empty store.
+        if any(p.name not in (LOCK_NAME, META_NAME + ".tmp") for p in root.iterdir()):
             raise StorageError(f"{root} is neither empty nor a kvbm disk store "
                                f"(no {META_NAME}); refusing to write into it")
-        return None
-    if meta.get("fingerprint") != f"{layout.fingerprint:016x}":
+        return ident
+    if ident.state is IdentityState.DAMAGED:
+        foreign = sorted(p.name for p in root.iterdir() if not is_own_name(p.name))
+        if foreign:
+            raise StorageError(f"{root / META_NAME} is damaged ({ident.problem}) and {root} "
+                               f"holds files kvbm does not write ({', '.join(foreign[:4])}); "
+                               f"refusing to touch it: remove the directory if it is a "
+                               f"kvbm disk store, or use another path")
+        return ident
+    meta = ident.meta
+    assert meta is not None
+    if meta["fingerprint"] != f"{layout.fingerprint:016x}":
         raise LayoutMismatchError(
             f"disk store {root} holds pages of layout {meta.get('layout')} (fingerprint "
             f"{meta.get('fingerprint')}), not of {layout.to_dict()} (fingerprint "
             f"{layout.fingerprint:016x}); use another path for this model, or remove the "
             f"directory to discard its pages")
-    return meta
+    return ident
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -207,25 +300,16 @@ def create_identity(root: Path, layout: KVLayout, geometry: Geometry) -> dict[st
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / META_NAME)
-    _fsync_dir(root)
+    fsync_dir(root)
     return meta
 
 
 def stored_geometry(meta: dict[str, Any], wanted: Geometry, capacity_bytes: int) -> Geometry:
-    """The geometry of an existing store: its slot and slab sizes win over the config's
-    (slabs already on disk have them); the capacity is the config's."""
-    try:
-        slot, slab_slots = int(meta["slot_bytes"]), int(meta["slab_slots"])
-        header_area = int(meta["header_area"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise StorageError(f"disk store identity file is damaged ({e!r})") from None
-    # The slot shape follows from the layout, whose fingerprint matched, and the header
-    # area from the slab size: anything else is a damaged identity file, and reading slots
-    # at the wrong offsets would serve nothing.
-    if (slot, header_area) != (wanted.slot_bytes, header_area_for(max(slab_slots, 1))):
-        raise StorageError(f"disk store identity says slots of {slot} bytes after a header "
-                           f"area of {header_area}; the layout needs {wanted.slot_bytes} and "
-                           f"{header_area_for(max(slab_slots, 1))}")
+    """The geometry of an existing store (an identity :func:`read_identity` found
+    consistent): its slot and slab sizes win over the config's (slabs already on disk have
+    them); the capacity is the config's."""
+    slot, slab_slots = int(meta["slot_bytes"]), int(meta["slab_slots"])
+    header_area = int(meta["header_area"])
     if slab_slots != wanted.slab_slots:
         log.info("disk store keeps its slab size of %d slots (config asks for %d)",
                  slab_slots, wanted.slab_slots)

@@ -109,33 +109,43 @@ class PageIndex:
     def load(self) -> tuple[dict[int, Entry], list[int]]:
         """Every valid entry by block hash, and the slots whose records are to be dropped:
         unreadable ones, and all but the most recently used of two slots holding one block
-        (which only a failed removal commit followed by a new put of the block can leave)."""
+        (which only a failed removal commit followed by a new put of the block can leave).
+
+        Raises :class:`StorageError` when the index cannot be read (storage/disk/recover.py
+        then rebuilds it)."""
         entries: dict[int, Entry] = {}
         slots: dict[int, int] = {}  # block hash -> its slot in ``entries``
         bad: list[int] = []
         g = self.geometry
-        with self.env.begin(db=self.db) as txn:
-            for kb, vb in txn.cursor():
-                (slot,) = _KEY.unpack(kb)
-                if len(vb) != _REC.size:
-                    bad.append(slot)
-                    continue
-                e = bytes(vb)
-                slab, offset, length = _REC.unpack(e)[:3]
-                if (length != self.page_bytes or offset % g.slot_bytes
-                        or offset // g.slot_bytes >= g.slab_slots
-                        or g.slot_of(slab, offset) != slot):
-                    bad.append(slot)
-                    continue
-                key = key_of(e)
-                other = entries.get(key)
-                if other is not None:
-                    if use_of(other) >= use_of(e):
+        try:
+            with self.env.begin(db=self.db) as txn:
+                for kb, vb in txn.cursor():
+                    if len(kb) != _KEY.size:
+                        # Not a record this store wrote, and it cannot be named by slot to
+                        # be dropped: the index is damaged.
+                        raise StorageError(f"the page index holds a key of {len(kb)} bytes")
+                    (slot,) = _KEY.unpack(kb)
+                    if len(vb) != _REC.size:
                         bad.append(slot)
                         continue
-                    bad.append(slots[key])
-                entries[key] = e
-                slots[key] = slot
+                    e = bytes(vb)
+                    slab, offset, length = _REC.unpack(e)[:3]
+                    if (length != self.page_bytes or offset % g.slot_bytes
+                            or offset // g.slot_bytes >= g.slab_slots
+                            or g.slot_of(slab, offset) != slot):
+                        bad.append(slot)
+                        continue
+                    key = key_of(e)
+                    other = entries.get(key)
+                    if other is not None:
+                        if use_of(other) >= use_of(e):
+                            bad.append(slot)
+                            continue
+                        bad.append(slots[key])
+                    entries[key] = e
+                    slots[key] = slot
+        except lmdb.Error as e:
+            raise StorageError(f"cannot read the page index: {e}") from e
         return entries, bad
 
     def apply(self, slots: Sequence[int], records: Sequence[bytes | None], *,

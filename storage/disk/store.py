@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
 
-from kvbm.errors import ConfigError, LayoutError, StorageError
+from kvbm.errors import ConfigError, KvbmError, LayoutError, StorageError
 from kvbm.layout import KVLayout
 from kvbm.medium import Medium
 from kvbm.policies import make_admission, make_eviction
@@ -44,12 +44,14 @@ from kvbm.storage.disk.config import DiskTierConfig, Durability
 from kvbm.storage.disk.directory import (
     DirectoryLock,
     Geometry,
+    IdentityState,
     check_identity,
     create_identity,
     geometry_for,
     stored_geometry,
 )
-from kvbm.storage.disk.index import Entry, PageIndex, checksum_of, parent_of, touched, use_of
+from kvbm.storage.disk.index import Entry, checksum_of, parent_of, touched, use_of
+from kvbm.storage.disk.recover import geometry_from_slabs, open_index, repair_identity
 from kvbm.storage.disk.runs import MAX_RUN_SLOTS, Run, RunIO, cut_runs
 from kvbm.storage.disk.slabs import SlabFiles, probe_direct_io
 from kvbm.storage.disk.slots import SlotAllocator
@@ -84,6 +86,15 @@ class _Read(enum.Enum):
     ERROR = enum.auto()  # the read itself failed: a miss, the page is kept
 
 
+def _unwritable(root: Path, e: OSError) -> StorageError:
+    """An OS error while opening the store at ``root`` as a :class:`StorageError` that says
+    what to do."""
+    return StorageError(f"cannot open the disk store at {root}: {e.strerror or e} "
+                        f"({type(e).__name__}); disk.path must be a directory this process "
+                        f"can create and write (or an existing kvbm disk store it can write): "
+                        f"fix its permissions or mount, or point disk.path elsewhere")
+
+
 class DiskStore(PageStore):
     """Pages in slab files on a local disk, indexed in lmdb. See the module docstring."""
 
@@ -100,25 +111,40 @@ class DiskStore(PageStore):
             raise ConfigError(f"disk.capacity_bytes={config.capacity_bytes} is less than one "
                               f"page slot ({wanted.slot_bytes} bytes) and its header block "
                               f"({wanted.header_area} bytes)")
-        # Refuse a foreign directory before creating anything in it.
-        check_identity(root, layout)
-        root.mkdir(parents=True, exist_ok=True)
-        self._dir_lock = DirectoryLock(root)
+        try:
+            # Refuse a foreign directory (or another model's pages) before creating
+            # anything in it.
+            if check_identity(root, layout).state is IdentityState.DAMAGED:
+                geometry_from_slabs(root, layout, wanted, config.capacity_bytes)
+            root.mkdir(parents=True, exist_ok=True)
+            self._dir_lock = DirectoryLock(root)
+        except OSError as e:
+            if isinstance(e, KvbmError):
+                raise
+            raise _unwritable(root, e) from e
         try:
             self._open(layout, config, wanted)
-        except BaseException:
+        except BaseException as e:
             self._dir_lock.release()
+            if isinstance(e, OSError) and not isinstance(e, KvbmError):
+                raise _unwritable(root, e) from e
             raise
 
     def _open(self, layout: KVLayout, config: DiskTierConfig, wanted: Geometry) -> None:
         root = config.root
-        meta = check_identity(root, layout)  # again, now that we hold the lock
-        if meta is None:
+        ident = check_identity(root, layout)  # again, now that we hold the lock
+        if ident.state is IdentityState.ABSENT:
             geometry = wanted
             create_identity(root, layout, geometry)
+        elif ident.state is IdentityState.DAMAGED:
+            geometry = repair_identity(root, layout, wanted, config.capacity_bytes,
+                                       ident.problem, self._stats)
         else:
-            geometry = stored_geometry(meta, wanted, config.capacity_bytes)
+            assert ident.meta is not None
+            geometry = stored_geometry(ident.meta, wanted, config.capacity_bytes)
         self.geometry = geometry
+        for stale in root.glob(".direct-probe-*"):  # a kill -9 during the probe below
+            stale.unlink()
         # Policies first: an unknown name fails before any file is opened.
         self._policy = make_eviction(config.eviction, geometry.max_slots)
         self._admission = make_admission(config.admission)
@@ -130,13 +156,15 @@ class DiskStore(PageStore):
         self._direct = direct
 
         self._slabs = SlabFiles(root / "slabs", geometry, direct=direct)
-        self._index_db = PageIndex(root / "index", geometry, self.page_bytes,
-                                   sync=config.durability is Durability.POWER_LOSS)
+        opened = open_index(root, geometry, layout,
+                            sync=config.durability is Durability.POWER_LOSS, stats=self._stats)
+        self._index_db = opened.index
         self._committer = GroupCommitter(self._index_db, self._slabs,
                                          sync_data=config.durability is Durability.POWER_LOSS)
         try:
-            self._load(root)
+            self._load(root, opened.entries, opened.bad)
         except BaseException:
+            self._committer.close()
             self._index_db.close()
             raise
 
@@ -164,10 +192,10 @@ class DiskStore(PageStore):
                  len(self._index), geometry.max_slots, geometry.slot_bytes,
                  "O_DIRECT" if direct else "buffered", config.durability.value)
 
-    def _load(self, root: Path) -> None:
-        """The index into memory, the free slots, the policy's state."""
+    def _load(self, root: Path, entries: dict[int, Entry], bad: list[int]) -> None:
+        """The index into memory (``entries``, ``bad``: :meth:`PageIndex.load`), the free
+        slots, the policy's state."""
         geometry, slot_of = self.geometry, self._index_db.slot_of
-        entries, bad = self._index_db.load()
         seen: set[int] = set()
         drop = list(bad)  # slots
         for k, e in list(entries.items()):
