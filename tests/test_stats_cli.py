@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -210,3 +211,60 @@ def test_an_endpoint_that_is_not_kvbm(capsys, status, body, message):
         httpd.server_close()
     assert rc == 2 and not out
     assert message in err and "Traceback" not in err
+
+
+# -- PATH ---------------------------------------------------------------------------------------
+def tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root``: (size, mtime in ns)."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def filled_disk_tier(tmp_path: Path) -> tuple[Path, int]:
+    """A disk tier written through the public API; returns its path and pages stored."""
+    cfg = config(tmp_path)
+    with BlockManager(LAYOUT, cfg) as mgr:
+        for i in range(6):
+            run(mgr, toks(3, 1000 * i))
+            settle(mgr)
+        st = mgr.stats().lower_tiers[Medium.DISK][0]
+        stored = st.puts - st.evicted - st.deleted
+    assert cfg.disk is not None
+    return Path(cfg.disk.path), stored
+
+
+def test_path_json_describes_the_store_without_writing(tmp_path, capsys):
+    path, stored = filled_disk_tier(tmp_path)
+    assert stored > 0
+    before = tree(path)
+    rc, out, err = stats(capsys, str(path), "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["path"] == str(path.absolute())
+    assert d["pages"] == stored
+    assert d["bytes"] == stored * LAYOUT.bytes_per_block
+    assert int(d["layout_fingerprint"], 16) == LAYOUT.fingerprint
+    assert isinstance(d["format_version"], int) and d["slabs"] >= 1
+    assert tree(path) == before  # nothing created, written or touched
+
+
+def test_path_table(tmp_path, capsys):
+    path, stored = filled_disk_tier(tmp_path)
+    rc, out, _ = stats(capsys, str(path))
+    assert rc == 0
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in out.splitlines())
+    assert rows["pages"] == str(stored)
+    assert "format version" in rows and "layout fingerprint" in rows and "slab files" in rows
+
+
+@pytest.mark.parametrize("make", ["missing", "empty", "file"])
+def test_path_that_is_not_a_store(tmp_path, capsys, make):
+    target = tmp_path / "x"
+    if make == "empty":
+        target.mkdir()
+    elif make == "file":
+        target.write_bytes(b"not a store")
+    rc, out, err = stats(capsys, str(target))
+    assert rc == 2 and not out
+    assert err.startswith("kvbm: error:") and "not a kvbm disk store" in err
+    assert "Traceback" not in err

@@ -183,21 +183,31 @@ def table(doc: dict[str, Any], source: str) -> str:
     return "\n".join(lines)
 
 
+#: Row labels of ``kvbm stats PATH``, in order; keys describe() adds later print after them.
+_DISK_ROWS = {"path": "path", "format": "format", "format_version": "format version",
+              "layout": "layout", "layout_fingerprint": "layout fingerprint",
+              "page_bytes": "page bytes", "pages": "pages", "bytes": "payload bytes",
+              "pages_from": "pages counted from", "damaged_headers": "damaged headers",
+              "slabs": "slab files", "slab_file_bytes": "slab file bytes",
+              "slot_bytes": "slot bytes", "slab_slots": "slots per slab", "index": "index",
+              "index_problem": "index problem", "index_file_bytes": "index file bytes",
+              "open_by_pid": "open by pid"}
+
+
 def _disk_table(d: dict[str, Any]) -> str:
-    fp = d.get("layout_fingerprint")
-    rows = [("path", d.get("path")), ("format version", d.get("format_version")),
-            ("layout fingerprint", f"{fp:#018x}" if isinstance(fp, int) else fp),
-            ("pages", d.get("pages")), ("bytes", d.get("bytes")), ("slabs", d.get("slabs")),
-            ("index", d.get("index"))]
-    return "\n".join(f"{k:<19} {_plain_text(v)}" for k, v in rows)
+    keys = [k for k in _DISK_ROWS if k in d] + [k for k in d if k not in _DISK_ROWS]
+    w = max(len(_DISK_ROWS.get(k, k)) for k in keys)
+    return "\n".join(f"{_DISK_ROWS.get(k, k):<{w}}  {_value(k, d[k])}" for k in keys)
 
 
-def _plain_text(v: Any) -> str:
+def _value(key: str, v: Any) -> str:
+    if v is None:
+        return "-"
     if isinstance(v, dict):
-        return ", ".join(f"{k} {_plain_text(x)}" for k, x in v.items())
-    if isinstance(v, list):
-        return f"{len(v)}"
-    return "-" if v is None else str(v)
+        return ", ".join(f"{k}={x}" for k, x in v.items())
+    if key.endswith("bytes") and isinstance(v, int) and v >= 1024:
+        return f"{v} ({_bytes(v)})"
+    return str(v)
 
 
 def _run(args: argparse.Namespace) -> int:
