@@ -626,9 +626,10 @@ class BlockManager:
                 if t.is_g1 else t.pinned,
                 len(t.policy), t.evictions, t.rejected, t.skipped)
         lower = {}
-        if self._engine is not None:
+        engine = self._engine  # read once: a metrics scrape (another thread) may race close()
+        if engine is not None:
             for lt in self._lower:
-                lower[lt.medium] = (lt.store.stats(), self._engine.stats(lt.medium))
+                lower[lt.medium] = (lt.store.stats(), engine.stats(lt.medium))
         return ManagerStats(self._lookups, self._query_blocks, self._hit_blocks,
                             dict(self._hits_by_medium), self._committed, self._deduplicated,
                             dict(self._onboarded), self._offloaded, len(self._index),
