@@ -6,13 +6,14 @@ batches of 64 (allocator alone and through ``BlockManager.allocate/release``), a
 throughput. Each figure is printed next to its target and next to a reference measured in
 the same run (the floor Python itself imposes on that kind of work), as a ratio.
 
-    python bench/core_ops.py [--json] [--repeat N]
+    python bench/core_ops.py [--json] [--repeat N] [--seed S]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -25,6 +26,10 @@ import xxhash
 from kvbm import BlockManager, DeviceTierConfig, HostTierConfig, KVLayout, ManagerConfig
 from kvbm.hashing import _accel, hash_blocks
 from kvbm.pool import SlotAllocator
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _meta
 
 BS = 16
 
@@ -49,9 +54,9 @@ def median_of(fn: Callable[[], Any], repeat: int) -> float:
     return statistics.median(timed(fn, repeat))
 
 
-def bench_hash(repeat: int) -> dict[str, Any]:
+def bench_hash(repeat: int, seed: int) -> dict[str, Any]:
     n = 100_000
-    toks = np.random.default_rng(0).integers(0, 2**31, n * BS).astype(np.uint32)
+    toks = np.random.default_rng(seed).integers(0, 2**31, n * BS).astype(np.uint32)
     t = best_of(lambda: hash_blocks(toks, BS), repeat)
     buf = toks.tobytes()
     # reference: one xxh3 pass over the same bytes (memory-speed hashing, no per-block work)
@@ -60,10 +65,10 @@ def bench_hash(repeat: int) -> dict[str, Any]:
             "target": 5e6, "reference": n / ref, "reference_name": "one xxh3 over all bytes"}
 
 
-def bench_match(repeat: int) -> list[dict[str, Any]]:
+def bench_match(repeat: int, seed: int) -> list[dict[str, Any]]:
     layout = KVLayout(1, 1, 4, BS, "float16")
     mgr = BlockManager(layout, ManagerConfig(device=DeviceTierConfig(1200, device="cpu")))
-    toks = np.random.default_rng(1).integers(0, 2**31, 1000 * BS).astype(np.uint32)
+    toks = np.random.default_rng(seed + 1).integers(0, 2**31, 1000 * BS).astype(np.uint32)
     m = mgr.match_prefix(toks)
     ids = mgr.allocate(1000)
     mgr.release(mgr.commit(ids, toks, hashes=m.hashes))
@@ -121,10 +126,10 @@ def bench_alloc(repeat: int) -> list[dict[str, Any]]:
     ]
 
 
-def bench_commit(repeat: int) -> list[dict[str, Any]]:
+def bench_commit(repeat: int, seed: int) -> list[dict[str, Any]]:
     layout = KVLayout(1, 1, 4, BS, "float16")
     n_req, blocks = 200, 64
-    rng = np.random.default_rng(2)
+    rng = np.random.default_rng(seed + 2)
     reqs = [rng.integers(0, 2**31, blocks * BS).astype(np.uint32) for _ in range(n_req)]
     hashes = [hash_blocks(t, BS) for t in reqs]
     rows = []
@@ -143,41 +148,75 @@ def bench_commit(repeat: int) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true", help="print one JSON document only")
-    ap.add_argument("--repeat", type=int, default=5)
-    args = ap.parse_args(argv)
-    rows = [bench_hash(args.repeat), *bench_match(args.repeat), *bench_alloc(args.repeat),
-            *bench_commit(args.repeat)]
+#: Per unit: how values print, the column unit, and whether lower is better.
+_UNITS = {"blocks/s": (1e-6, "{:,.3f}", "M blocks/s", False), "us": (1.0, "{:,.0f}", "us", True)}
+
+
+def compare(rows: list[dict[str, Any]]) -> None:
+    """Add ``vs_target`` and ``ratio`` to each row (> 1: better than the target, faster than
+    the reference), whichever way its unit runs."""
     for r in rows:
-        lower_is_better = r["unit"] == "us"
+        lower_is_better = _UNITS[r["unit"]][3]
         if r["target"]:
             r["vs_target"] = (r["target"] / r["value"]) if lower_is_better else \
                 r["value"] / r["target"]
         if r["reference"]:
             r["ratio"] = (r["reference"] / r["value"]) if lower_is_better else \
                 r["value"] / r["reference"]
-    meta = {"native_hashing": _accel is not None, "python": sys.version.split()[0]}
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """One text table per unit, the unit in every numeric column's header."""
+    out: list[str] = []
+    for unit, (scale, fmt, label, _) in _UNITS.items():
+        group = [r for r in rows if r["unit"] == unit]
+        if not group:
+            continue
+        w = max(len(label) + 7, 12)
+        head = (f"{'operation':46}  {label:>{w}}  {'target ' + label:>{w}}  {'vs target x':>11}"
+                f"  {'reference ' + label:>{w + 3}}  {'ratio x':>7}  reference measured as")
+        out += ["", head, "-" * len(head)]
+        def num(v: float | None, fmt: str = fmt, scale: float = scale) -> str:
+            return "-" if not v else fmt.format(v * scale)
+
+        for r in group:
+            vt = f"{r['vs_target']:.2f}" if "vs_target" in r else "-"
+            ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
+            out.append(f"{r['op']:46}  {num(r['value']):>{w}}  {num(r['target']):>{w}}  "
+                       f"{vt:>11}  {num(r['reference']):>{w + 3}}  {ratio:>7}  "
+                       f"{r['reference_name'] or '-'}")
+    return "\n".join(out[1:])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _meta.parser(__doc__)
+    ap.add_argument("--json", action="store_true", help="print one JSON document only")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="timed runs per figure: the best is kept for a throughput, the median "
+                         "of 20x as many for a latency")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the random tokens (each section adds its offset, 0 to 2)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
+    rows = [bench_hash(args.repeat, args.seed), *bench_match(args.repeat, args.seed),
+            *bench_alloc(args.repeat), *bench_commit(args.repeat, args.seed)]
+    compare(rows)
+    meta = {**_meta.run_meta(args.seed), "native_hashing": _accel is not None,
+            "repeat": args.repeat}
     if args.json:
         print(json.dumps({"meta": meta, "rows": rows}))
         return 0
-    print(f"native hashing: {meta['native_hashing']}")
-    print(f"{'operation':50} {'value':>14} {'target':>10} {'vs target':>9}  "
-          f"{'reference (same run)':>34} {'ratio':>6}")
-    def fmt_us(v: float) -> str:
-        return f"{v:,.0f} us"
-
-    def fmt_rate(v: float) -> str:
-        return f"{v / 1e6:.2f} M/s"
-
-    for r in rows:
-        fmt = fmt_us if r["unit"] == "us" else fmt_rate
-        tgt = fmt(r["target"]) if r["target"] else "-"
-        vt = f"{r['vs_target']:.2f}x" if "vs_target" in r else "-"
-        ref = f"{fmt(r['reference'])} {r['reference_name']}" if r["reference"] else "-"
-        ratio = f"{r['ratio']:.2f}" if "ratio" in r else "-"
-        print(f"{r['op']:50} {fmt(r['value']):>14} {tgt:>10} {vt:>9}  {ref:>34} {ratio:>6}")
+    m = meta["machine"]
+    print(f"kvbm {meta['kvbm_version']} ({(meta['git_commit'] or 'no git')[:12]}); "
+          f"{m['cpu']}, {m['cores']} cores; native hashing: {meta['native_hashing']}; "
+          f"seed {args.seed}")
+    print(format_rows(rows))
     return 0
 
 

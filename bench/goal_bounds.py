@@ -1,7 +1,7 @@
 """How much of the hit-ratio goal any online policy could reach: LRU and the default policy
 next to admission oracles that know part of the future, on generated traces.
 
-    python bench/goal_bounds.py --family chat --seed 1 [--fractions 0.02,0.03,0.05]
+    python bench/goal_bounds.py --family chat --seed 1 [--capacity-fraction 0.02,0.03,0.05]
                                 [--requests 12000] [--block-size 16] [--json]
     python bench/goal_bounds.py --trace FILE [...]   # any Mooncake-format trace: no
                                                      # session oracle (no sessions known)
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +48,10 @@ from kvbm.replay import (
 )
 from kvbm.simulate import simulate
 from kvbm.workload import FAMILIES, generate
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _meta
 
 
 class ReuseOracle(AdmissionPolicy):
@@ -120,8 +125,10 @@ def format_bounds(doc: dict[str, Any], title: str) -> str:
     cells = doc["cells"]
     names = list(cells[0]["hit_ratio"]) if cells else []
     lines = [f"{title}: {doc['requests']} requests, {doc['distinct_blocks']} distinct blocks, "
-             f"G1 {doc['device_blocks']} blocks; hit ratio (x LRU)",
-             f"{'policy':<32}" + "".join(f"{100 * c['capacity_fraction']:>17g}%" for c in cells)]
+             f"G1 {doc['device_blocks']} blocks; host tier sized in % of the distinct blocks",
+             f"{'policy: hit ratio (x LRU)':<32}"
+             + "".join(f"{'host ' + format(100 * c['capacity_fraction'], 'g') + '%':>18}"
+                       for c in cells)]
     for name in names:
         row = f"{name:<32}"
         for c in cells:
@@ -138,17 +145,28 @@ def _fractions(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = _meta.parser(__doc__)
     ap.add_argument("--trace", help="a Mooncake-format JSON-lines file instead of a "
                     "generated trace (reuse oracle only)")
-    ap.add_argument("--family", choices=sorted(FAMILIES), default="chat")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--requests", type=int, default=12000)
-    ap.add_argument("--fractions", type=_fractions, default=[0.02, 0.03, 0.05],
-                    help="host tier sizes as fractions of the distinct blocks")
-    ap.add_argument("--block-size", type=int, default=16, help="tokens per trace block")
-    ap.add_argument("--json", action="store_true", help="print one JSON document")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="chat",
+                    help="generated workload family")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the generated trace")
+    ap.add_argument("--requests", type=int, default=12000, help="requests to generate")
+    ap.add_argument("--capacity-fraction", type=_fractions, default="0.02,0.03,0.05",
+                    metavar="F[,F...]",
+                    help="host tier sizes as fractions of the distinct blocks, in (0, 1]")
+    # The name before the scripts agreed on one: still accepted, no longer shown.
+    ap.add_argument("--fractions", type=_fractions, dest="capacity_fraction",
+                    help=argparse.SUPPRESS)
+    ap.add_argument("--block-size", type=int, default=16,
+                    help="tokens each trace block (hash id) stands for in the replay")
+    ap.add_argument("--json", action="store_true", help="print one JSON document only")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.requests < 1 or args.block_size < 1:
         ap.error("--requests and --block-size must be positive")
@@ -158,13 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, KvbmError) as e:
             ap.error(str(e))
         title = Path(args.trace).stem
-        doc = bounds(records, args.fractions, block_size=args.block_size)
-        doc.update(trace=args.trace)
+        doc = bounds(records, args.capacity_fraction, block_size=args.block_size)
+        doc.update(trace=args.trace, meta=_meta.run_meta(None))
     else:
         records = generate(args.requests, seed=args.seed, family=args.family, sessions=True)
         title = f"{args.family} seed {args.seed}"
-        doc = bounds(records, args.fractions, block_size=args.block_size)
-        doc.update(family=args.family, seed=args.seed)
+        doc = bounds(records, args.capacity_fraction, block_size=args.block_size)
+        doc.update(family=args.family, seed=args.seed, meta=_meta.run_meta(args.seed))
     if args.json:
         json.dump(doc, sys.stdout)
         sys.stdout.write("\n")

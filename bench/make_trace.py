@@ -7,32 +7,54 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
 from kvbm.workload import FAMILIES, generate, summarize, write
 
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _meta
+
+_FAMILY = "(default: the family's)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _meta.parser(__doc__)
+    ap.add_argument("--out", help="output file (default: stdout)")
+    ap.add_argument("--requests", type=int, default=12000, help="requests to generate")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the generated trace")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="chat",
+                    help="workload parameter set (see kvbm/workload.py)")
+    ap.add_argument("--block-size", type=int, default=512,
+                    help="tokens per trace block: one hash id per this many prompt tokens "
+                         "(Mooncake: 512)")
+    ap.add_argument("--rate", type=float, help=f"requests per second {_FAMILY}")
+    ap.add_argument("--system-prompts", type=int,
+                    help=f"distinct system prompts {_FAMILY}")
+    ap.add_argument("--system-zipf", type=float,
+                    help=f"Zipf exponent of system prompt popularity {_FAMILY}")
+    ap.add_argument("--single-shot", type=float,
+                    help=f"fraction of one-request sessions {_FAMILY}")
+    ap.add_argument("--turns", type=float, help=f"mean turns of a conversation {_FAMILY}")
+    ap.add_argument("--think-seconds", type=float,
+                    help=f"median think time between turns, seconds {_FAMILY}")
+    ap.add_argument("--doc-fraction", type=float,
+                    help=f"fraction of sessions that carry a shared document {_FAMILY}")
+    ap.add_argument("--doc-zipf", type=float,
+                    help=f"Zipf exponent of document popularity {_FAMILY}")
+    ap.add_argument("--documents", type=int, help=f"distinct shared documents {_FAMILY}")
+    ap.add_argument("--stats", action="store_true",
+                    help="print a summary on stderr (always, with --out)")
+    return ap
+
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", help="output file (default: stdout)")
-    ap.add_argument("--requests", type=int, default=12000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--family", choices=sorted(FAMILIES), default="chat",
-                    help="workload parameter set (see the module docstring)")
-    ap.add_argument("--block-size-tokens", type=int, default=512,
-                    help="tokens per hash id (Mooncake: 512)")
-    ap.add_argument("--rate", type=float, help="requests per second")
-    ap.add_argument("--system-prompts", type=int)
-    ap.add_argument("--system-zipf", type=float)
-    ap.add_argument("--single-shot", type=float, help="fraction of one-request sessions")
-    ap.add_argument("--turns", type=float, help="mean turns of a conversation")
-    ap.add_argument("--think-seconds", type=float, help="median think time")
-    ap.add_argument("--doc-fraction", type=float)
-    ap.add_argument("--doc-zipf", type=float)
-    ap.add_argument("--documents", type=int)
-    ap.add_argument("--stats", action="store_true", help="print a summary on stderr")
+    ap = build_parser()
     args = ap.parse_args(argv)
+    if args.requests < 1 or args.block_size < 1:
+        ap.error("--requests and --block-size must be positive")
     over: dict[str, Any] = {}
     for name in ("rate", "system_prompts", "system_zipf", "single_shot", "turns",
                  "doc_fraction", "doc_zipf", "documents"):
@@ -42,12 +64,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.think_seconds is not None:
         over["think_seconds"] = (args.think_seconds, FAMILIES[args.family].think_seconds[1])
     recs = generate(args.requests, seed=args.seed, family=args.family,
-                    block_size_tokens=args.block_size_tokens, **over)
+                    block_size_tokens=args.block_size, **over)
     if args.out:
         with open(args.out, "w") as fp:
             write(recs, fp)
     else:
-        write(recs, sys.stdout)
+        try:
+            write(recs, sys.stdout)
+            sys.stdout.flush()
+        except BrokenPipeError:  # ``| head``: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
     if args.stats or args.out:
         print(json.dumps(summarize(recs)), file=sys.stderr)
     return 0

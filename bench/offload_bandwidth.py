@@ -11,6 +11,9 @@ and against the issue's target ratio. Method and definitions: kvbm/bandwidth.py.
 
     python bench/offload_bandwidth.py [--json] [--block-size N] [--layout NAME]
                                       [--dir DIR] [--skip-object] [--repeat N]
+
+``--json`` documents carry ``meta`` (bench/_meta.py) with ``seed`` null: the pages hold fixed
+pseudo-random bytes (kvbm/bandwidth.py), there is no seed to choose.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ from typing import Any
 
 from kvbm import bandwidth as bw
 from kvbm.layout import PRESETS, KVLayout
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _meta
 
 DEFAULT_LAYOUTS = ("llama3-8b", "small")
 BUCKET = "kvbm-bandwidth"
@@ -60,8 +67,8 @@ def start_moto() -> Any:
     return server
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = _meta.parser(__doc__)
     ap.add_argument("--json", action="store_true", help="print one JSON document only")
     ap.add_argument("--layout", action="append", choices=sorted(PRESETS),
                     help="layout preset (repeatable; default: llama3-8b and small)")
@@ -72,17 +79,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3,
                     help="timed rounds of memory and disk (after one warm-up); best kept")
     ap.add_argument("--object-repeat", type=int, default=2, help="timed rounds of G4")
-    ap.add_argument("--memory-mib", type=int, default=bw.DEFAULT_MEMORY_BYTES >> 20)
-    ap.add_argument("--disk-mib", type=int, default=bw.DEFAULT_DISK_BYTES >> 20)
-    ap.add_argument("--object-mib", type=int, default=bw.DEFAULT_OBJECT_BYTES >> 20)
-    ap.add_argument("--io-threads", type=int, help="DiskTierConfig.io_threads")
-    ap.add_argument("--io-chunk-mib", type=int, help="DiskTierConfig.io_chunk_bytes, MiB")
+    ap.add_argument("--memory-mib", type=int, default=bw.DEFAULT_MEMORY_BYTES >> 20,
+                    help="MiB copied per G1<->G2 measurement")
+    ap.add_argument("--disk-mib", type=int, default=bw.DEFAULT_DISK_BYTES >> 20,
+                    help="MiB written and read per G3 measurement")
+    ap.add_argument("--object-mib", type=int, default=bw.DEFAULT_OBJECT_BYTES >> 20,
+                    help="MiB put and got per G4 measurement")
+    ap.add_argument("--io-threads", type=int,
+                    help="DiskTierConfig.io_threads (default: the config's)")
+    ap.add_argument("--io-chunk-mib", type=int,
+                    help="DiskTierConfig.io_chunk_bytes, MiB (default: the config's)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.block_size is not None and args.block_size <= 0:
         ap.error("--block-size must be positive")
     if args.repeat < 1 or args.object_repeat < 1:
         ap.error("--repeat and --object-repeat must be >= 1")
+    if min(args.memory_mib, args.disk_mib, args.object_mib) < 1:
+        ap.error("--memory-mib, --disk-mib and --object-mib must be >= 1")
+    if (args.io_threads is not None and args.io_threads < 1) or (
+            args.io_chunk_mib is not None and args.io_chunk_mib < 1):
+        ap.error("--io-threads and --io-chunk-mib must be >= 1")
 
     import torch
 
@@ -122,9 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
 
     meta = {
-        "python": sys.version.split()[0], "torch": torch.__version__, "cuda": cuda,
+        **_meta.run_meta(None), "torch": torch.__version__, "cuda": cuda,
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
-        "cpus": os.cpu_count(), "dir": os.path.abspath(args.dir), "direct_io": direct,
+        "dir": os.path.abspath(args.dir), "direct_io": direct,
         "repeats": args.repeat, "object_repeats": args.object_repeat,
         "method": "one warm-up round, then best of the timed rounds for the figure and for "
                   "its ceiling alike, both measured in this run",
@@ -137,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps({"meta": meta, "rows": [r.to_json() for r in rows]}))
         return 0
-    print(f"device: {meta['device']}, {meta['cpus']} cpus; disk dir {meta['dir']} "
+    print(f"device: {meta['device']}, {meta['machine']['cores']} cores; disk dir {meta['dir']} "
           f"({'O_DIRECT' if direct else 'buffered I/O'}); {meta['method']}")
     for name, layout, got in sections:
         print(f"\n{name}: {layout.bytes_per_block:,} B pages "

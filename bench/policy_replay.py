@@ -7,46 +7,63 @@
 
 Method (tokens per trace block, G1 sizing, Belady) in kvbm/replay.py; results and the
 choice of the default in docs/policies.md. With ``--json``, one JSON document:
-``{"capacity_fraction", "blocks", "hit_ratio": {name: x, ..., "belady": y}, "default", ...}``.
+``{"capacity_fraction", "blocks", "hit_ratio": {name: x, ..., "belady": y}, "default", ...,
+"meta"}`` (``meta``: bench/_meta.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from kvbm.errors import KvbmError
 from kvbm.replay import STANDARD, default_name, format_table, generated_trace, load_trace, run
+from kvbm.workload import FAMILIES
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _meta
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = _meta.parser(__doc__)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--trace", help="Mooncake-format JSON-lines file")
     src.add_argument("--generate", action="store_true",
-                     help="generate a trace with bench/make_trace.py instead")
-    ap.add_argument("--capacity-fraction", type=float, required=True,
-                    help="host tier size as a fraction of the trace's distinct blocks")
+                     help="generate a trace (as bench/make_trace.py does) instead")
+    ap.add_argument("--capacity-fraction", type=float, required=True, metavar="F",
+                    help="host tier size as a fraction of the trace's distinct blocks, in "
+                         "(0, 1] (one; bench/policy_sweep.py takes several)")
     ap.add_argument("--policy", action="append", metavar="NAME",
                     help="EVICTION[+ADMISSION], repeatable (default: every eviction policy "
                          "and the configured default)")
-    ap.add_argument("--block-size", type=int, default=16, help="tokens per trace block")
+    ap.add_argument("--block-size", type=int, default=16,
+                    help="tokens each trace block (hash id) stands for in the replay")
     ap.add_argument("--model", action="store_true",
                     help="replay through the policy-level model (kvbm/simulate.py: the "
                          "manager's hit ratios, several times faster) instead of the manager")
     ap.add_argument("--write-back", action="store_true",
                     help="offload to the host tier only when G1 evicts a block (the manager's "
                          "eager_offload = false) instead of at commit")
-    ap.add_argument("--json", action="store_true", help="print one JSON document")
-    ap.add_argument("--requests", type=int, default=12000, help="with --generate")
-    ap.add_argument("--seed", type=int, default=0, help="with --generate")
-    ap.add_argument("--family", default="chat", help="with --generate: chat, agent or rag")
+    ap.add_argument("--json", action="store_true", help="print one JSON document only")
+    ap.add_argument("--requests", type=int, default=12000,
+                    help="requests to generate (with --generate)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the generated trace (with --generate)")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="chat",
+                    help="generated workload family (with --generate)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if not 0 < args.capacity_fraction <= 1:
         ap.error("--capacity-fraction must be in (0, 1]")
-    if args.block_size <= 0:
-        ap.error("--block-size must be positive")
+    if args.block_size <= 0 or args.requests <= 0:
+        ap.error("--block-size and --requests must be positive")
     try:
         trace = (load_trace(args.trace) if args.trace
                  else generated_trace(args.requests, args.seed, args.family))
@@ -56,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                   eager_offload=not args.write_back)
     except KvbmError as e:
         ap.error(str(e))
+    doc["meta"] = _meta.run_meta(args.seed if args.generate else None)
     if args.json:
         json.dump(doc, sys.stdout)
         sys.stdout.write("\n")

@@ -1,22 +1,23 @@
 """Replay traces at several host-tier sizes and print one hit-ratio table per trace.
 
     python bench/policy_sweep.py --trace conversation_trace.jsonl --trace chat.jsonl \\
-        [--fractions 0.01,0.02,0.03,0.05,0.1,0.2,0.5] [--policy lru --policy predictive] \\
-        [--jobs 2] [--model] [--out DIR] [--json]
+        [--capacity-fraction 0.01,0.02,0.03,0.05,0.1,0.2,0.5] \\
+        [--policy lru --policy predictive] [--jobs 2] [--model] [--out DIR] [--json]
     python bench/policy_sweep.py --generate chat:1 --generate code:7 [--requests 12000]
 
 Each (trace, fraction) cell is one ``bench/policy_replay.py --json`` process, up to
 ``--jobs`` at a time (results come back as JSON on stdout: nothing is pickled between
 processes). ``--out DIR`` keeps each cell's document as ``DIR/NAME-FRACTION.json``; ``--json``
-prints ``{"traces": {NAME: {FRACTION: document}}}`` instead of the tables. The tables are
-the ones in docs/policies.md: each policy's hit ratio and its ratio to LRU, Belady, and the
-share of the LRU -> Belady gap the configured default closes.
+prints ``{"traces": {NAME: {FRACTION: document}}, "meta": ...}`` instead of the tables. The
+tables are the ones in docs/policies.md: each policy's hit ratio and its ratio to LRU, Belady,
+and the share of the LRU -> Belady gap the configured default closes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from kvbm.replay import format_sweep, parse_fractions
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _meta
 
 DEFAULT_FRACTIONS = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5)
 REPLAY = Path(__file__).resolve().parent / "policy_replay.py"
@@ -60,7 +65,7 @@ def _cells(args: argparse.Namespace) -> list[tuple[str, float, list[str]]]:
     if len(set(names)) != len(names):
         raise SystemExit(f"policy_sweep: two traces have the same name: {sorted(names)}")
     return [(name, f, [*src, "--capacity-fraction", repr(f), *common])
-            for name, src in sources for f in args.fractions]
+            for name, src in sources for f in args.capacity_fraction]
 
 
 def _replay(cell: tuple[str, float, list[str]]) -> subprocess.CompletedProcess[str]:
@@ -88,27 +93,38 @@ def sweep(args: argparse.Namespace) -> dict[str, dict[float, dict[str, Any]]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    ap = _meta.parser(__doc__)
     ap.add_argument("--trace", action="append", metavar="FILE",
                     help="Mooncake-format JSON-lines file (repeatable)")
     ap.add_argument("--generate", action="append", type=_generated, metavar="FAMILY[:SEED]",
-                    help="a generated trace instead (repeatable), e.g. chat:1")
-    ap.add_argument("--requests", type=int, default=12000, help="with --generate")
-    ap.add_argument("--fractions", type=_fractions, default=list(DEFAULT_FRACTIONS),
-                    help="host tier sizes as fractions of the distinct blocks "
-                         "(default: 0.01,0.02,0.03,0.05,0.1,0.2,0.5)")
+                    help="a generated trace instead (repeatable), e.g. chat:1 (seed 0 if "
+                         "not given)")
+    ap.add_argument("--requests", type=int, default=12000,
+                    help="requests to generate (with --generate)")
+    ap.add_argument("--capacity-fraction", type=_fractions,
+                    default=",".join(f"{f:g}" for f in DEFAULT_FRACTIONS), metavar="F[,F...]",
+                    help="host tier sizes as fractions of the distinct blocks, in (0, 1]")
+    # The name before the scripts agreed on one: still accepted, no longer shown.
+    ap.add_argument("--fractions", type=_fractions, dest="capacity_fraction",
+                    help=argparse.SUPPRESS)
     ap.add_argument("--policy", action="append", metavar="NAME",
                     help="EVICTION[+ADMISSION], repeatable (default: every eviction policy "
                          "and the configured default)")
-    ap.add_argument("--block-size", type=int, default=16, help="tokens per trace block")
+    ap.add_argument("--block-size", type=int, default=16,
+                    help="tokens each trace block (hash id) stands for in the replay")
     ap.add_argument("--model", action="store_true",
                     help="policy-level model instead of the manager (same hit ratios, faster)")
     ap.add_argument("--write-back", action="store_true",
                     help="offload to the host tier only on G1 eviction (see policy_replay.py)")
     ap.add_argument("--jobs", type=int, default=2, help="replays run side by side")
     ap.add_argument("--out", metavar="DIR", help="also write each cell's JSON document here")
-    ap.add_argument("--json", action="store_true", help="print one JSON document")
+    ap.add_argument("--json", action="store_true", help="print one JSON document only")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if not args.trace and not args.generate:
         ap.error("give at least one --trace or --generate")
@@ -123,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).mkdir(parents=True, exist_ok=True)
     results = sweep(args)
     if args.json:
+        seeds = {f"{family}-s{seed}": seed for family, seed in args.generate or []}
         json.dump({"traces": {n: {repr(f): d for f, d in docs.items()}
-                              for n, docs in results.items()}}, sys.stdout)
+                              for n, docs in results.items()},
+                   "meta": _meta.run_meta(seeds or None)}, sys.stdout)
         sys.stdout.write("\n")
     else:
         for name, docs in results.items():
