@@ -157,16 +157,30 @@ class OffloadConfig:
     max_inflight_pages: int = 4096
     #: Queued transfers of one tier are coalesced into calls of up to this many bytes.
     batch_bytes: int = 128 << 20
-    #: On close: finish queued offloads (True) or drop them (False).
+    #: On close (and at exit): write committed blocks down to the tiers below host memory
+    #: first, as ``BlockManager.flush()`` does (True), or drop queued offloads (False).
     flush_on_close: bool = True
     #: Longest wait of a synchronous onboard on a lower tier, in seconds.
     load_timeout_s: float = 60.0
+    #: Longest wait of ``close()`` for its flush and for the offload workers to stop, in
+    #: seconds (a slow tier is then left behind with a warning, never waited on forever).
+    close_timeout_s: float = 60.0
+    #: At interpreter exit, a manager that was not closed is flushed and closed, waiting at
+    #: most this long, in seconds; 0 turns that off (see BlockManager, "Durability").
+    exit_flush_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         _check_positive("offload", "max_inflight_pages", self.max_inflight_pages)
         _check_positive("offload", "batch_bytes", self.batch_bytes)
         if not self.load_timeout_s > 0:
             raise ConfigError(f"offload.load_timeout_s must be > 0, got {self.load_timeout_s}")
+        for name, zero_ok in (("close_timeout_s", False), ("exit_flush_timeout_s", True)):
+            value = getattr(self, name)
+            # ``not 0 <= v < inf`` also rejects NaN (every comparison with it is false)
+            if (isinstance(value, bool) or not isinstance(value, int | float)
+                    or not 0 <= value < float("inf") or (value == 0 and not zero_ok)):
+                raise ConfigError(f"offload.{name} must be a finite number of seconds "
+                                  f"{'>= 0' if zero_ok else '> 0'}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from kvbm.errors import TokenError
+from kvbm.errors import InvalidArgumentError, InvalidKeyError, TokenError
 
 BASE_SEED = 1337
 _U64 = (1 << 64) - 1
@@ -62,21 +62,40 @@ class BlockHashes:
         return BlockHashes(self.local[s], self.sequence[s])
 
 
+def _utf8(value: str, what: str) -> bytes:
+    try:
+        return value.encode()
+    except UnicodeEncodeError as e:  # a lone surrogate: no UTF-8 form, so no hash either
+        raise InvalidArgumentError(f"{what} is not encodable as UTF-8 ({e.reason} at index "
+                                   f"{e.start}): {value!r}") from None
+
+
+def check_lora_name(lora_name: object) -> None:
+    """Raise :class:`~kvbm.errors.InvalidArgumentError` unless ``lora_name`` is ``None`` or a
+    string with a UTF-8 form (it seeds hashes and travels in events)."""
+    if lora_name is not None:
+        if not isinstance(lora_name, str):
+            raise InvalidArgumentError(f"lora_name must be a str or None, got {lora_name!r}")
+        _utf8(lora_name, "lora_name")
+
+
 def lora_seed(lora_name: str | None) -> int:
     """The local-hash seed for a LoRA adapter (``1337`` without one)."""
     if lora_name is None:
         return BASE_SEED
-    return (BASE_SEED + _xxh3(lora_name.encode())) & _U64
+    if not isinstance(lora_name, str):
+        raise InvalidArgumentError(f"lora_name must be a str or None, got {lora_name!r}")
+    return (BASE_SEED + _xxh3(_utf8(lora_name, "lora_name"))) & _U64
 
 
 def _salt_bytes(salt: str | bytes | int) -> bytes:
     if isinstance(salt, str):
-        return salt.encode()
+        return _utf8(salt, "salt")
     if isinstance(salt, bytes):
         return salt
     if isinstance(salt, int) and not isinstance(salt, bool) and 0 <= salt <= _U64:
         return salt.to_bytes(8, "little")
-    raise TokenError(f"salt must be str, bytes or a u64 int, got {salt!r}")
+    raise InvalidArgumentError(f"salt must be str, bytes or a u64 int, got {salt!r}")
 
 
 def as_token_array(tokens: Any) -> np.ndarray:
@@ -124,20 +143,41 @@ def as_token_array(tokens: Any) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype="<u4")
 
 
+def _is_sequence(value: object) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str | bytes | bytearray)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
 def _mm_for_block(mm_hashes: MmHashes | None, n_blocks: int) -> dict[int, list[int]]:
-    if not mm_hashes:
+    if mm_hashes is None:
         return {}
-    items: Any = mm_hashes.items() if isinstance(mm_hashes, Mapping) else enumerate(mm_hashes)
+    items: Any
+    if isinstance(mm_hashes, Mapping):
+        items = mm_hashes.items()
+    elif _is_sequence(mm_hashes):
+        items = enumerate(mm_hashes)
+    else:
+        raise TokenError(f"mm_hashes must map block indices to lists of u64 media hashes, "
+                         f"got {type(mm_hashes).__name__}")
     out: dict[int, list[int]] = {}
     for i, hs in items:
-        if not hs:
+        # Everything is checked, also the media of a trailing partial block (never hashed):
+        # malformed input is refused whatever its position.
+        if not _is_int(i) or i < 0:
+            raise TokenError(f"mm_hashes: block index {i!r} is not a non-negative int")
+        if hs is None:
             continue
-        if not 0 <= i < n_blocks:
-            continue  # media in the trailing partial block: that block is never hashed
-        vals = sorted(int(h) for h in hs)
-        if any(not 0 <= h <= _U64 for h in vals):
-            raise TokenError(f"multimodal hashes of block {i} must be u64, got {vals}")
-        out[i] = vals
+        if not (_is_sequence(hs) or (isinstance(hs, np.ndarray) and hs.ndim == 1)):
+            raise TokenError(f"multimodal hashes of block {i} must be a list of ints, "
+                             f"got {hs!r}")
+        vals = sorted(int(h) if _is_int(h) and 0 <= h <= _U64 else -1 for h in hs)
+        if vals and vals[0] < 0:
+            raise TokenError(f"multimodal hashes of block {i} must be u64 ints, got {list(hs)}")
+        if vals and i < n_blocks:  # media in the trailing partial block: never hashed
+            out[int(i)] = vals
     return out
 
 
@@ -158,17 +198,24 @@ def hash_blocks(
     """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
         raise TokenError(f"block_size must be a positive int, got {block_size!r}")
+    if parent_hash is not None and (type(parent_hash) is not int or not 0 <= parent_hash <= _U64):
+        raise InvalidKeyError(f"parent_hash must be an int in [0, 2**64) or None, "
+                              f"got {parent_hash!r}")
     arr = as_token_array(tokens)
     n = arr.size // block_size
+    # Every argument is checked even where it does not change the result (no full block,
+    # a salt after a parent): malformed input is refused the same way each time.
+    seed = lora_seed(lora_name)
+    salt_bytes = None if salt is None else _salt_bytes(salt)
+    mm = _mm_for_block(mm_hashes, n)
     if n == 0:
         return BlockHashes([], [])
-    seed = lora_seed(lora_name)
     first_seed = seed
-    if salt is not None and parent_hash is None:
-        first_seed = (seed + _xxh3(_salt_bytes(salt))) & _U64
+    if salt_bytes is not None and parent_hash is None:
+        first_seed = (seed + _xxh3(salt_bytes)) & _U64
     buf = arr[: n * block_size].tobytes()
     local = _local_hashes(buf, block_size * 4, n, seed, first_seed)
-    for i, media in _mm_for_block(mm_hashes, n).items():
+    for i, media in mm.items():
         start = i * block_size * 4
         data = buf[start: start + block_size * 4] + struct.pack(f"<{len(media)}Q", *media)
         local[i] = _xxh3(data, first_seed if i == 0 else seed)

@@ -17,12 +17,19 @@ block is written back to G2 when G1 evicts it.
 
 from __future__ import annotations
 
+import atexit
 import collections
+import copy
 import enum
 import logging
+import math
+import os
 import queue
+import reprlib
+import threading
 import time
-from collections.abc import Iterable, Sequence
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,17 +38,26 @@ import numpy as np
 from kvbm.config import DeviceTierConfig, ManagerConfig
 from kvbm.errors import (
     BlockStateError,
+    ClosedError,
     ConfigError,
+    InvalidArgumentError,
+    InvalidKeyError,
     LayoutError,
     PoolExhaustedError,
     TransferError,
 )
 from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-from kvbm.hashing import BlockHashes, MmHashes, as_token_array, hash_blocks
+from kvbm.hashing import BlockHashes, MmHashes, as_token_array, check_lora_name, hash_blocks
 from kvbm.index import BlockRecord, MatchResult, PrefixIndex
 from kvbm.layout import KVLayout
 from kvbm.medium import BEST_MEDIUM, Medium, mediums_of
-from kvbm.offload import OffloadEngine, TierQueueStats, TransferHandle, TransferKind
+from kvbm.offload import (
+    OffloadEngine,
+    TierQueueStats,
+    TransferHandle,
+    TransferKind,
+    TransferStatus,
+)
 from kvbm.policies import make_admission, make_eviction
 from kvbm.policies.base import AdmissionPolicy, EvictionPolicy
 from kvbm.pool import DevicePool, HostPool, SlotAllocator, copy_blocks
@@ -56,6 +72,146 @@ log = logging.getLogger(__name__)
 _GPU = Medium.GPU.bit
 _HOST = Medium.CPU_PINNED.bit
 _LOWER = Medium.DISK.bit | Medium.OBJECT.bit
+_U64 = (1 << 64) - 1
+
+
+# -- argument checks (every public entry point validates before it changes anything) ------------
+def _closed_error() -> ClosedError:
+    return ClosedError("the manager is closed: after close() only close(), stats(), "
+                       "take_events() and the closed/layout/config attributes are available; "
+                       "create a new BlockManager")
+
+
+def _seconds(value: object, name: str) -> float | None:
+    """``None``, or a finite number of seconds >= 0 as a float."""
+    if value is None:
+        return None
+    if isinstance(value, bool | np.bool_) or not isinstance(
+            value, int | float | np.integer | np.floating):
+        raise InvalidArgumentError(f"{name} must be a number of seconds or None, got {value!r}")
+    try:
+        v = float(value)
+    except OverflowError:  # an int beyond float range
+        v = math.inf
+    if not 0 <= v < math.inf:  # also false for NaN
+        raise InvalidArgumentError(f"{name} must be a finite number of seconds >= 0 (None: no "
+                                   f"limit), got {value!r}")
+    return v
+
+
+def _count(value: object, name: str) -> int:
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise InvalidArgumentError(f"{name} must be a non-negative int, got {value!r}")
+    if value < 0:
+        raise InvalidArgumentError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def _check_id_container(block_ids: object, name: str, *, ordered: bool) -> None:
+    """The container of block ids (the pool checks each id). ``ordered``: a sequence (a
+    list, tuple, range or 1-D array); otherwise any iterable collection. Strings, bytes and
+    mappings are refused: iterating them yields something else than the ids meant."""
+    ok = (isinstance(block_ids, Sequence | np.ndarray) if ordered
+          else isinstance(block_ids, Iterable))
+    if (not ok or isinstance(block_ids, str | bytes | bytearray | memoryview | Mapping)
+            or (isinstance(block_ids, np.ndarray) and block_ids.ndim != 1)):
+        raise InvalidArgumentError(
+            f"{name} must be a {'sequence' if ordered else 'collection'} of block ids, got "
+            f"{type(block_ids).__name__} {reprlib.repr(block_ids)}")
+
+
+def _check_keys(keys: object, name: str) -> None:
+    """A list of block hashes: ints in ``[0, 2**64)``."""
+    if not isinstance(keys, list | tuple):
+        raise InvalidArgumentError(f"{name} must be a list of block hashes, got "
+                                   f"{type(keys).__name__}")
+    # Checked in C-speed passes (type, then range): this runs on every onboard.
+    if keys and (not all(type(h) is int for h in keys) or min(keys) < 0 or max(keys) > _U64):
+        bad = next(h for h in keys if type(h) is not int or not 0 <= h <= _U64)
+        raise InvalidKeyError(f"{name}: a block hash must be an int in [0, 2**64), got {bad!r}")
+
+
+def _check_hashes(hashes: object) -> None:
+    if not isinstance(hashes, BlockHashes):
+        raise InvalidArgumentError(f"hashes must be a BlockHashes (kvbm.hashing.hash_blocks), "
+                                   f"got {type(hashes).__name__}")
+    _check_keys(hashes.local, "hashes.local")
+    _check_keys(hashes.sequence, "hashes.sequence")
+    if len(hashes.local) != len(hashes.sequence):
+        raise InvalidArgumentError(f"hashes has {len(hashes.local)} local and "
+                                   f"{len(hashes.sequence)} sequence hashes")
+
+
+def _check_match(match: object) -> MatchResult:
+    if not isinstance(match, MatchResult):
+        raise InvalidArgumentError(f"onboard needs the MatchResult of match_prefix or "
+                                   f"match_hashes, got {type(match).__name__}")
+    _check_keys(match.sequence_hashes, "match.sequence_hashes")
+    return match
+
+
+# -- the exit flush ---------------------------------------------------------------------------
+class _ExitFlush:
+    """Flushes and closes, when the interpreter exits, the managers with tiers below host
+    memory that were not closed (see "Durability" in :class:`BlockManager`). Managers are
+    held weakly: registering one does not keep it alive."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._managers: weakref.WeakSet[BlockManager] = weakref.WeakSet()
+        self._hooked = False
+
+    def add(self, mgr: BlockManager) -> None:
+        with self._lock:
+            if not self._hooked:
+                self._hooked = self._hook()
+            if self._hooked:
+                self._managers.add(mgr)
+
+    def discard(self, mgr: BlockManager) -> None:
+        with self._lock:
+            self._managers.discard(mgr)
+
+    def managers(self) -> list[BlockManager]:
+        with self._lock:
+            return list(self._managers)
+
+    def _hook(self) -> bool:
+        # The tiers do blocking I/O on thread pools, and concurrent.futures shuts every pool
+        # down as the interpreter starts to exit, in a threading exit hook; a pool refuses
+        # work afterwards ("cannot schedule new futures after shutdown"), and a plain atexit
+        # handler runs later still. Threading exit hooks run last-registered first: ours,
+        # registered once concurrent.futures.thread has registered its own, runs while the
+        # pools (and the offload loop, a daemon thread) still work.
+        import concurrent.futures.thread  # noqa: F401 - its exit hook must come first
+
+        register = getattr(threading, "_register_atexit", None)
+        try:
+            if register is not None:
+                register(self._run)
+            else:  # pragma: no cover - interpreters without it: best effort
+                atexit.register(self._run)
+        except RuntimeError:  # the interpreter is already exiting
+            return False
+        if hasattr(os, "register_at_fork"):
+            # A forked child owns none of its parent's managers (their threads are not
+            # there); it must not try to flush them when it exits.
+            os.register_at_fork(after_in_child=self._forget_all)
+        return True
+
+    def _forget_all(self) -> None:
+        self._lock = threading.Lock()
+        self._managers = weakref.WeakSet()
+
+    def _run(self) -> None:
+        for mgr in self.managers():
+            try:
+                mgr._close_at_exit()
+            except BaseException:  # one manager's failure must not stop the others' flush
+                log.exception("kvbm: closing a BlockManager at exit failed")
+
+
+_exit_flush = _ExitFlush()
 
 
 class _MemTier:
@@ -96,7 +252,7 @@ class _MemTier:
 class _StoreTier:
     """A tier below host memory: its store runs on the offload engine."""
 
-    __slots__ = ("bit", "inflight", "medium", "store")
+    __slots__ = ("bit", "failed", "inflight", "medium", "store", "stored")
 
     def __init__(self, store: PageStore) -> None:
         self.store = store
@@ -104,6 +260,8 @@ class _StoreTier:
         self.bit = store.medium.bit
         #: keys with a store transfer under way (not submitted twice)
         self.inflight: set[int] = set()
+        self.stored = 0  # pages stored (monotonic; flush() reports the difference)
+        self.failed = 0  # pages whose store transfer failed or was cancelled
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,14 +306,21 @@ class OnboardHandle:
         return self.status is not OnboardStatus.PENDING
 
     def poll(self) -> bool:
-        """Process finished transfers (owner thread); returns :meth:`done`."""
-        self._mgr.poll()
+        """Process finished transfers (owner thread); returns :meth:`done`. Once the
+        manager is closed, a handle still pending raises :class:`~kvbm.errors.ClosedError`
+        (close() finishes every handle whose transfers it could wait for)."""
+        if not self.done():
+            self._mgr.poll()
         return self.done()
 
     def wait(self, timeout: float | None = None) -> list[int]:
         """Block until every load finished (owner thread); returns ``block_ids``. On timeout
-        the handle is cancelled: the prefix is cut before the first block still loading."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        (seconds, finite and >= 0; ``None``: no limit) the handle is cancelled: the prefix is
+        cut before the first block still loading."""
+        limit = _seconds(timeout, "timeout")
+        if not self.done() and self._mgr.closed:
+            raise _closed_error()
+        deadline = None if limit is None else time.monotonic() + limit
         while not self.done():
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -174,6 +339,28 @@ class OnboardHandle:
         self.block_ids = self._g1[:first]
         self._mgr._release_tail(self, first)
         self.status = OnboardStatus.CANCELLED
+
+
+@dataclass(frozen=True)
+class FlushResult:
+    """What :meth:`BlockManager.flush` did."""
+
+    #: committed blocks copied from G1 to G2 on their way down (write-back mode)
+    to_host: int
+    #: pages stored in each tier below host memory while the flush ran (its own stores and
+    #: the offloads it waited for)
+    stored: dict[Medium, int]
+    #: committed blocks that no tier below host memory holds afterwards (refused by an
+    #: admission policy or a full tier, failed, or not reached in time): gone with the process
+    volatile: int
+    #: pages whose store transfer failed (the tier raised) or was cancelled
+    failed: int = 0
+    #: false when the time ran out first (:meth:`BlockManager.flush` then raises instead)
+    complete: bool = True
+
+
+class _FlushTimeout(Exception):
+    """Internal: a flush ran out of time (flush() raises TransferError, close() warns)."""
 
 
 @dataclass(frozen=True)
@@ -236,7 +423,36 @@ class ManagerStats:
 
 
 class BlockManager:
-    """Owns the prefix index, the G1/G2 pools and their policies (see module docstring)."""
+    """Owns the prefix index, the G1/G2 pools and their policies (see module docstring).
+
+    Every public call validates its arguments before it changes anything and raises only
+    :mod:`kvbm.errors` classes. After :meth:`close`, every call raises
+    :class:`~kvbm.errors.ClosedError` except ``close()`` (idempotent), ``stats()`` (the last
+    counters, those of the tiers below host memory as they were at close), ``take_events()``
+    (the events of the close itself, e.g. the last stores of its flush) and the plain
+    attributes ``closed``, ``layout``, ``config`` and ``block_size``.
+
+    **Durability.** G1 (device) and G2 (host memory) are volatile: what only they hold is
+    gone when the process ends. A block is durable in a tier below host memory once the
+    ``BlockStored`` event for that medium has been emitted (drained with
+    :meth:`take_events`), or once :meth:`flush` returned (for every tier that admitted it):
+
+    * G3 (disk): a stored page survives ``kill -9`` of the process (and power loss with the
+      default ``durability = "power_loss"``) and is served again after a restart.
+    * G4 (object storage): a stored page is in the bucket and in the tier's local index.
+
+    Offloads run in the background, so at any moment the newest blocks may not have reached
+    those tiers yet; with ``host.eager_offload`` off, blocks reach G2 only when G1 evicts
+    them (or on :meth:`offload` / :meth:`flush`). :meth:`close` flushes first
+    (``offload.flush_on_close``, waiting at most ``offload.close_timeout_s``). A manager with
+    tiers below host memory that is still open when the interpreter exits normally is
+    flushed and closed then, with a warning, waiting at most ``offload.exit_flush_timeout_s``
+    (0 turns that off); nothing runs on ``kill -9`` or ``os._exit``. That exit flush runs on
+    the main thread, early in the interpreter's exit: an engine that drives the manager from
+    another thread still running then should close it itself, and ``close()`` belongs before
+    the end of the program, not in an ``atexit`` handler (by then the tiers' thread pools
+    are shut down).
+    """
 
     def __init__(self, layout: KVLayout, config: ManagerConfig | None = None) -> None:
         if not isinstance(layout, KVLayout):
@@ -245,6 +461,11 @@ class BlockManager:
             config = ManagerConfig(device=DeviceTierConfig(num_blocks=1024))
         if not isinstance(config, ManagerConfig):
             raise ConfigError(f"config must be a ManagerConfig, got {type(config).__name__}")
+        self._closed = False
+        #: the thread that built the manager: its owner, as far as the exit flush can tell
+        self._owner = threading.current_thread()
+        #: the lower tiers' counters as they were at close (stats() stays readable)
+        self._final_lower: dict[Medium, tuple[TierStats, TierQueueStats]] = {}
         self.layout = layout
         self.config = config
         self.block_size = layout.block_size
@@ -290,15 +511,26 @@ class BlockManager:
         Nothing is pinned until :meth:`onboard`. Pages of a persistent tier found under this
         prefix (after a restart) are linked into the index here.
         """
+        if self._closed:
+            raise _closed_error()
         arr = as_token_array(tokens)
         hashes = hash_blocks(arr, self.block_size, lora_name=lora_name, mm_hashes=mm_hashes,
-                             salt=self.config.salt)
-        return self.match_hashes(hashes, lora_name=lora_name, tokens=arr)
+                             salt=self.config.salt)  # checks lora_name and mm_hashes too
+        return self._match(hashes, lora_name, arr)
 
     def match_hashes(self, hashes: BlockHashes, *, lora_name: str | None = None,
                      tokens: Any = None) -> MatchResult:
         """:meth:`match_prefix` for hashes computed by the caller (``tokens``, when given,
         only fill the token ids of events)."""
+        if self._closed:
+            raise _closed_error()
+        _check_hashes(hashes)
+        check_lora_name(lora_name)
+        arr = None if tokens is None else as_token_array(tokens)
+        return self._match(hashes, lora_name, arr)
+
+    def _match(self, hashes: BlockHashes, lora_name: str | None,
+               tokens: np.ndarray | None) -> MatchResult:
         self._drain()
         recs = self._index.match(hashes.sequence)
         if self._orphans and len(recs) < len(hashes):
@@ -329,11 +561,16 @@ class BlockManager:
         ends the prefix early, so the list can be shorter than ``match.num_blocks``. Raises
         :class:`~kvbm.errors.PoolExhaustedError`, changing nothing, when there is no room.
         """
+        if self._closed:
+            raise _closed_error()
         return self.onboard_async(match).wait(self.config.offload.load_timeout_s)
 
     def onboard_async(self, match: MatchResult) -> OnboardHandle:
         """Start onboarding the matched prefix; blocks in G1 and G2 are ready at once, blocks
         only on disk or object storage are loaded (through G2) by the offload engine."""
+        if self._closed:
+            raise _closed_error()
+        _check_match(match)
         self._drain()
         g1 = self._g1
         recs = self._index.match(match.sequence_hashes)
@@ -384,7 +621,7 @@ class BlockManager:
         if not loads:
             self._touch(recs)
             return handle
-        engine, g2pool = self._engine, self.host_pool
+        engine, g2pool = self._engine, self._host_pool()
         assert engine is not None and g2pool is not None
         for medium, items in loads.items():
             engine.submit(TransferHandle(
@@ -395,9 +632,10 @@ class BlockManager:
 
     def allocate(self, n: int) -> list[int]:
         """``n`` fresh G1 pages for the engine to compute into (held once each)."""
+        if self._closed:
+            raise _closed_error()
+        n = _count(n, "allocate: n")
         self._drain()
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise BlockStateError(f"allocate needs a non-negative int, got {n!r}")
         g1 = self._g1
         if n > g1.alloc.num_free + g1.evictable():
             raise PoolExhaustedError(f"{n} blocks requested; G1 has {g1.alloc.num_free} free and "
@@ -413,6 +651,17 @@ class BlockManager:
         cached are deduplicated: the returned list holds, per block, the id the engine must use
         from now on (the existing page, whose hold replaces the one on the passed page).
         """
+        if self._closed:
+            raise _closed_error()
+        _check_id_container(block_ids, "block_ids", ordered=True)
+        start_block = _count(start_block, "start_block")
+        check_lora_name(lora_name)
+        if hashes is not None:
+            _check_hashes(hashes)
+        tokens = as_token_array(token_ids)
+        if hashes is None:
+            hashes = hash_blocks(tokens, self.block_size, lora_name=lora_name,
+                                 mm_hashes=mm_hashes, salt=self.config.salt)
         self._drain()
         g1 = self._g1
         ids = [g1.alloc.check(b) for b in block_ids]
@@ -423,12 +672,6 @@ class BlockManager:
                 raise BlockStateError(f"block {b} is not held (allocate it first)")
             if g1.owner[b] is not None:
                 raise BlockStateError(f"block {b} is already committed")
-        if isinstance(start_block, bool) or not isinstance(start_block, int) or start_block < 0:
-            raise BlockStateError(f"start_block must be a non-negative int, got {start_block!r}")
-        tokens = as_token_array(token_ids)
-        if hashes is None:
-            hashes = hash_blocks(tokens, self.block_size, lora_name=lora_name,
-                                 mm_hashes=mm_hashes, salt=self.config.salt)
         end = start_block + len(ids)
         if end > len(hashes) or end * self.block_size > tokens.size:
             raise BlockStateError(
@@ -492,6 +735,9 @@ class BlockManager:
         """Drop one hold on each block. A committed block stays cached (evictable); an
         uncommitted one goes back to the free list. Validates everything first: a block not
         held raises :class:`~kvbm.errors.BlockStateError` and nothing is released."""
+        if self._closed:
+            raise _closed_error()
+        _check_id_container(block_ids, "block_ids", ordered=False)
         self._drain()
         g1 = self._g1
         alloc = g1.alloc
@@ -533,6 +779,10 @@ class BlockManager:
 
         Returns how many blocks were newly written to G2 (admission and room permitting).
         """
+        if self._closed:
+            raise _closed_error()
+        if block_ids is not None:
+            _check_id_container(block_ids, "block_ids", ordered=False)
         if self._g2 is None:
             raise ConfigError("offload needs a host tier (config.host)")
         self._drain()
@@ -549,7 +799,8 @@ class BlockManager:
         return self._offload(recs)
 
     def take_events(self) -> list[KVEvent]:
-        """Drain the queued residency events, oldest first."""
+        """Drain the queued residency events, oldest first (also after :meth:`close`: the
+        events of the close itself)."""
         self._drain()
         out = list(self._events)
         self._events.clear()
@@ -562,6 +813,8 @@ class BlockManager:
         how many blocks were dropped and queues one ``AllBlocksCleared`` event. Pages of
         persistent tiers stay where they are, unlinked, and are found again by later matches.
         """
+        if self._closed:
+            raise _closed_error()
         self._quiesce()
         for t in self._tiers:
             if t.alloc.num_free + len(t.policy) - t.pinned != t.alloc.num_slots or t.pinned:
@@ -584,23 +837,39 @@ class BlockManager:
     # ------------------------------------------------------------------------- data access --
     def block_view(self, block_id: int) -> torch.Tensor | list[torch.Tensor]:
         """The engine's view of one G1 block's KV (see :meth:`DevicePool.block_view`)."""
+        if self._closed:
+            raise _closed_error()
         return self._g1.pool.block_view(self._g1.alloc.check(block_id))
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (or the exit flush closed the manager)."""
+        return self._closed
 
     @property
     def kv_caches(self) -> list[torch.Tensor]:
         """The G1 tensors, one per layer (views into one buffer when fully contiguous)."""
+        if self._closed:
+            raise _closed_error()
         pool = self._g1.pool
         assert isinstance(pool, DevicePool)
         return pool.layers
 
     @property
     def device_pool(self) -> DevicePool:
+        if self._closed:
+            raise _closed_error()
         pool = self._g1.pool
         assert isinstance(pool, DevicePool)
         return pool
 
     @property
     def host_pool(self) -> HostPool | None:
+        if self._closed:
+            raise _closed_error()
+        return self._host_pool()
+
+    def _host_pool(self) -> HostPool | None:
         if self._g2 is None:
             return None
         pool = self._g2.pool
@@ -609,7 +878,12 @@ class BlockManager:
 
     def lookup(self, seq_hash: int) -> BlockRecord | None:
         """The index record of a block (read-only use), or ``None``."""
-        return self._index.get(seq_hash)
+        if self._closed:
+            raise _closed_error()
+        if isinstance(seq_hash, bool | np.bool_) or not isinstance(seq_hash, int | np.integer) \
+                or not 0 <= seq_hash <= _U64:
+            raise InvalidKeyError(f"a block hash must be an int in [0, 2**64), got {seq_hash!r}")
+        return self._index.get(int(seq_hash))
 
     def stats(self, *, drain: bool = True) -> ManagerStats:
         """A snapshot of the counters. ``drain=False`` skips completing finished transfers
@@ -625,7 +899,7 @@ class BlockManager:
                 sum(1 for s in range(t.alloc.num_slots) if t.alloc.refcount(s) > 0)
                 if t.is_g1 else t.pinned,
                 len(t.policy), t.evictions, t.rejected, t.skipped)
-        lower = {}
+        lower = dict(self._final_lower)  # after close: as they were then
         engine = self._engine  # read once: a metrics scrape (another thread) may race close()
         if engine is not None:
             for lt in self._lower:
@@ -838,6 +1112,8 @@ class BlockManager:
             raise
         log.info("lower tiers: %s; %d stored pages found", [t.medium.value for t in self._lower],
                  len(self._orphans))
+        if oc.exit_flush_timeout_s > 0:
+            _exit_flush.add(self)
 
     def on_removed(self, medium: Medium, keys: Sequence[int], reason: RemovalReason) -> None:
         """TierListener: a tier dropped pages (called on the tier's threads)."""
@@ -846,6 +1122,8 @@ class BlockManager:
     def poll(self) -> int:
         """Complete finished background transfers now (owner thread). Every other call does
         it too; an idle engine can call this to get offload events out sooner."""
+        if self._closed:
+            raise _closed_error()
         return self._drain()
 
     def _drain(self, *, block: bool = False, timeout: float | None = None) -> int:
@@ -876,17 +1154,217 @@ class BlockManager:
                 raise TransferError("offloads to lower tiers did not finish in time")
             self._drain(block=True, timeout=left)
 
-    def close(self, *, flush: bool | None = None) -> None:
-        """Stop the offload engine (finishing queued offloads when ``flush``, default
-        ``config.offload.flush_on_close``) and close the lower tiers. Idempotent."""
-        if self._engine is None:
-            return
-        self._engine.shutdown(flush=self.config.offload.flush_on_close if flush is None
-                              else flush)
+    # ---------------------------------------------------------------------- flush and close --
+    def flush(self, timeout: float | None = None) -> FlushResult:
+        """Write the committed blocks down to the tiers below host memory and return once
+        each is in every such tier that admitted it (durable: see the class docstring).
+
+        With ``host.eager_offload`` off, the blocks only G1 holds are first copied to G2
+        (its admission permitting; parents first, as many at a time as G2 has room for, so
+        G2 may be smaller than G1). Then every G2 page that a lower tier lacks is stored into
+        it (offloads that backpressure skipped earlier included), within the tiers' in-flight
+        bounds, and the flush waits until no store is in flight. A page a tier refuses (its
+        admission, no room, an I/O error) is not retried: ``FlushResult.volatile`` counts
+        the blocks left in no persistent tier. Without tiers below host memory there is
+        nothing durable to write: it returns at once.
+
+        ``timeout``: seconds, finite and >= 0; ``None`` waits as long as it takes (every
+        tier operation has its own timeout). When it runs out,
+        :class:`~kvbm.errors.TransferError` is raised; what was stored so far stays stored.
+        """
+        if self._closed:
+            raise _closed_error()
+        limit = _seconds(timeout, "timeout")
+        result = self._flush(limit)
+        if not result.complete:
+            raise TransferError(f"flush did not finish within {limit} s: {result.volatile} "
+                                f"committed blocks are in no tier below host memory yet")
+        return result
+
+    def _flush(self, timeout: float | None) -> FlushResult:
+        """:meth:`flush` without the checks; ``complete=False`` when time ran out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         self._drain()
-        self._engine = None
+        engine, g2, host = self._engine, self._g2, self.config.host
+        if engine is None or g2 is None or host is None or not self._lower:
+            return FlushResult(0, {}, self._volatile())
+        before = {lt.medium: (lt.stored, lt.failed) for lt in self._lower}
+        every = 0
+        for lt in self._lower:
+            every |= lt.bit
+        backlog: list[BlockRecord] = []
+        if not host.eager_offload:
+            backlog = self._parents_first([r for r in self._g1.owner if r is not None
+                                           and r.g2 < 0 and r.mask & every != every])
+        tried: set[int] = set()  # each page is offered to the tiers once per flush
+        to_host = 0
+        complete = True
+        try:
+            i = 0
+            while True:
+                self._store_backlog(tried, deadline)
+                if i >= len(backlog):
+                    break
+                # G1 -> G2 in chunks that G2 can take without evicting a page that has not
+                # reached the tiers below yet, and that the tiers take without skipping.
+                room = min(g2.alloc.num_free + g2.evictable(),
+                           *(engine.store_room(lt.medium) for lt in self._lower))
+                if room <= 0:
+                    if not self._transfers_in_flight():
+                        break  # G2 is all held by the engine: the rest stays in G1
+                    self._wait_for_transfers(deadline)
+                    continue
+                chunk = [r for r in backlog[i: i + room] if r.g1 >= 0 and r.g2 < 0]
+                i += room
+                tried.update(r.seq_hash for r in chunk)
+                to_host += self._offload(chunk)  # its stores are submitted right away
+        except _FlushTimeout:
+            complete = False
+        stored = {lt.medium: lt.stored - before[lt.medium][0] for lt in self._lower}
+        failed = sum(lt.failed - before[lt.medium][1] for lt in self._lower)
+        return FlushResult(to_host, stored, self._volatile(), failed, complete)
+
+    def _store_backlog(self, tried: set[int], deadline: float | None) -> None:
+        """Store every G2 page that a lower tier lacks (not in ``tried``) into it, parents
+        first, within the in-flight bounds; return once no store is in flight."""
+        engine, g2 = self._engine, self._g2
+        assert engine is not None and g2 is not None
+        self._drain()
+        todo = self._parents_first([
+            r for r in g2.owner if r is not None and r.seq_hash not in tried
+            and any(not r.mask & lt.bit and r.seq_hash not in lt.inflight for lt in self._lower)])
+        i = 0
+        while i < len(todo) or any(lt.inflight for lt in self._lower):
+            room = min(engine.store_room(lt.medium) for lt in self._lower)
+            if i < len(todo) and room > 0:
+                batch = [r for r in todo[i: i + room] if r.g2 >= 0]
+                i += room
+                tried.update(r.seq_hash for r in batch)
+                self._store_down(batch)
+                continue
+            if not self._transfers_in_flight():  # pragma: no cover - room comes back
+                break
+            self._wait_for_transfers(deadline)
+
+    def _transfers_in_flight(self) -> bool:
+        engine = self._engine
+        return engine is not None and any(engine.inflight_pages(lt.medium)
+                                          for lt in self._lower)
+
+    def _wait_for_transfers(self, deadline: float | None) -> None:
+        """Complete at least one transfer, or raise :class:`_FlushTimeout` at ``deadline``."""
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise _FlushTimeout
+        self._drain(block=True, timeout=left)
+
+    def _volatile(self) -> int:
+        """Indexed blocks that no tier below host memory holds."""
+        return sum(1 for r in self._index if not r.mask & _LOWER)
+
+    @staticmethod
+    def _parents_first(recs: list[BlockRecord]) -> list[BlockRecord]:
+        """``recs`` ordered by depth in the prefix tree (stable): a prefix of the result
+        that reached a tier is matchable there."""
+        depth: dict[int, int] = {}
+
+        def depth_of(r: BlockRecord) -> int:
+            chain: list[BlockRecord] = []
+            node: BlockRecord | None = r
+            while node is not None and id(node) not in depth:
+                chain.append(node)
+                node = node.parent
+            d = -1 if node is None else depth[id(node)]
+            for x in reversed(chain):
+                d += 1
+                depth[id(x)] = d
+            return d
+
+        return sorted(recs, key=depth_of)
+
+    def close(self, *, flush: bool | None = None, timeout: float | None = None) -> None:
+        """Flush (when ``flush``, default ``config.offload.flush_on_close``: see
+        :meth:`flush`), stop the offload engine and close the lower tiers. Idempotent.
+
+        Waits at most ``timeout`` seconds (default ``config.offload.close_timeout_s``), plus
+        a second for the workers to stop; a flush that runs out of time is logged as a
+        warning, not raised (call :meth:`flush` first to know). Loads still pending end
+        with the prefix cut before them. Afterwards every call but the few listed in the
+        class docstring raises :class:`~kvbm.errors.ClosedError`.
+        """
+        if self._closed:
+            return
+        if flush is not None and not isinstance(flush, bool):
+            raise InvalidArgumentError(f"flush must be true, false or None, got {flush!r}")
+        limit = _seconds(timeout, "timeout")
+        oc = self.config.offload
+        self._shutdown(oc.flush_on_close if flush is None else flush,
+                       oc.close_timeout_s if limit is None else limit)
+
+    def _shutdown(self, flush: bool, limit: float) -> FlushResult | None:
+        _exit_flush.discard(self)
+        engine = self._engine
+        result = None
+        try:
+            if engine is not None:
+                deadline = time.monotonic() + limit
+                try:
+                    if flush:
+                        result = self._flush(limit)
+                        if not result.complete:
+                            log.warning("close: the flush did not finish within %.1f s; %d "
+                                        "committed blocks are in no tier below host memory",
+                                        limit, result.volatile)
+                finally:  # whatever happened, the workers stop and the manager closes
+                    try:
+                        engine.shutdown(flush=flush,
+                                        timeout=max(deadline - time.monotonic(), 1.0))
+                    except TransferError as e:
+                        log.warning("close: %s", e)
+                    # What the workers finished or cancelled: unpins G2 pages and ends the
+                    # onboards still pending.
+                    self._drain()
+                    self._final_lower = {
+                        lt.medium: (copy.deepcopy(lt.store.stats()),
+                                    copy.deepcopy(engine.stats(lt.medium)))
+                        for lt in self._lower}
+                    self._engine = None
+        finally:
+            self._closed = True
+        return result
+
+    def _close_at_exit(self) -> None:
+        """The exit flush (:class:`_ExitFlush`): close a manager left open, and say so."""
+        if self._closed:
+            return
+        owner = self._owner
+        if owner is not threading.main_thread() and owner.is_alive():
+            log.warning("kvbm: a BlockManager was not closed before exit and the thread that "
+                        "built it (%s) is still running: not flushing it at exit (close() it "
+                        "on that thread)", owner.name)
+            return
+        oc = self.config.offload
+        t0 = time.monotonic()
+        result = self._shutdown(oc.flush_on_close, oc.exit_flush_timeout_s)
+        took = time.monotonic() - t0
+        if result is None:
+            log.warning("kvbm: a BlockManager was not closed before exit; closed it at exit "
+                        "without flushing (offload.flush_on_close is off)")
+        elif result.complete:
+            log.warning("kvbm: a BlockManager was not closed before exit; flushed and closed "
+                        "it at exit in %.2f s (%d blocks copied to host memory, stored: %s; "
+                        "%d committed blocks in no persistent tier). Call close() before "
+                        "the program ends.", took, result.to_host,
+                        {m.value: n for m, n in result.stored.items()}, result.volatile)
+        else:
+            log.warning("kvbm: a BlockManager was not closed before exit, and the exit flush "
+                        "ran out of time after %.1f s (offload.exit_flush_timeout_s): %d "
+                        "committed blocks were not written to any persistent tier and are "
+                        "lost. Call close() before the program ends.", took, result.volatile)
 
     def __enter__(self) -> BlockManager:
+        if self._closed:
+            raise _closed_error()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -899,7 +1377,7 @@ class BlockManager:
         engine, g2 = self._engine, self._g2
         if engine is None or g2 is None or not recs:
             return
-        pool = self.host_pool
+        pool = self._host_pool()
         assert pool is not None
         for lt in self._lower:
             todo = [r for r in recs if r.g2 >= 0 and not r.mask & lt.bit
@@ -926,6 +1404,8 @@ class BlockManager:
         g2 = self._g2
         assert g2 is not None
         stored: list[BlockRecord] = []
+        if th.status is not TransferStatus.DONE:
+            lt.failed += len(pages)
         for (rec, slot), ok in zip(pages, th.results, strict=True):
             lt.inflight.discard(rec.seq_hash)
             if rec.g2 == slot:
@@ -934,6 +1414,7 @@ class BlockManager:
                 self._release_one(g2, slot)
             if not ok:
                 continue
+            lt.stored += 1
             if not rec.mask:  # forgotten meanwhile; maybe recomputed under a new record
                 cur = self._index.get(rec.seq_hash)
                 if cur is None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import dataclasses
 import enum
 import logging
@@ -290,14 +291,23 @@ class OffloadEngine:
                 store_latency=w.stats.store_latency.copy(),
                 load_latency=w.stats.load_latency.copy())
 
-
     def inflight_pages(self, medium: Medium) -> int:
         return self._workers[medium].inflight_pages
+
+    def store_room(self, medium: Medium) -> int:
+        """Pages a store to ``medium`` submitted now may have without being refused
+        (:attr:`TransferStatus.SKIPPED`); loads in flight count against the bound too."""
+        w = self._workers[medium]
+        return 0 if self._closed else w.max_inflight_pages - w.inflight_pages
 
     def shutdown(self, *, flush: bool = True, timeout: float | None = 60.0) -> None:
         """Stop the workers. ``flush``: finish every queued transfer first; otherwise queued
         transfers end CANCELLED (running ones still finish: their buffers are in use).
-        Closes the stores. Idempotent."""
+        Closes the stores. Idempotent.
+
+        Waits at most ``timeout`` seconds (``None``: as long as it takes); past it, the loop
+        is stopped anyway, transfers still under way never finish and the stores are left
+        unclosed, and :class:`~kvbm.errors.TransferError` says so."""
         if self._closed:
             return
 
@@ -320,6 +330,9 @@ class OffloadEngine:
 
         try:
             self.run(stop(), timeout)
+        except (TimeoutError, concurrent.futures.TimeoutError):  # one class from 3.11 on
+            raise TransferError(f"the offload workers did not stop within {timeout} s (a tier "
+                                f"is stuck); their transfers were abandoned") from None
         finally:
             self._closed = True
             self._loop.call_soon_threadsafe(self._loop.stop)

@@ -18,6 +18,7 @@ from kvbm.errors import (
     BlockIdError,
     BlockStateError,
     ConfigError,
+    InvalidArgumentError,
     KvbmError,
     LayoutError,
     PoolExhaustedError,
@@ -230,7 +231,7 @@ def test_bad_inputs_raise_clear_errors_and_change_nothing():
         (lambda: mgr.commit([held[0], held[0]], toks(2)), BlockStateError, ValueError),
         (lambda: mgr.commit([held[0]], toks(2, 5000), start_block=1), BlockStateError, ValueError),
         (lambda: mgr.match_prefix("hello"), TokenError, ValueError),
-        (lambda: mgr.allocate(-1), BlockStateError, ValueError),
+        (lambda: mgr.allocate(-1), InvalidArgumentError, ValueError),
         (lambda: mgr.allocate(100), PoolExhaustedError, MemoryError),
         (lambda: mgr.block_view(8), BlockIdError, IndexError),
     ]
