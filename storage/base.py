@@ -82,6 +82,9 @@ class TierStats:
     deleted: int = 0
     errors: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+    #: A flag, not a counter: 1 while the tier runs degraded (its location failed a check,
+    #: e.g. a missing bucket, and it answers misses until the location answers again).
+    degraded: int = 0
     #: Times the tier found its index damaged or missing at open and rebuilt it from the
     #: pages' own headers (the disk tier), and the pages that rebuild found again.
     index_rebuilds: int = 0

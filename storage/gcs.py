@@ -22,13 +22,13 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from kvbm.errors import ConfigError
+from kvbm.errors import ConfigError, TierUnavailableError
 from kvbm.layout import KVLayout
 from kvbm.storage.base import TierListener
 from kvbm.storage.objectstore import ObjectBackend, ObjectTierConfig, PackedObjectStore
-from kvbm.storage.resilience import FaultKind
+from kvbm.storage.resilience import FaultKind, check_bool
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,10 +46,17 @@ class GCSTierConfig(ObjectTierConfig):
     #: No authentication at all (emulators, public buckets).
     anonymous: bool = False
 
+    section: ClassVar[str] = "gcs"
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.bucket:
-            raise ConfigError("gcs tier needs a bucket")
+        if not isinstance(self.bucket, str) or not self.bucket:
+            raise ConfigError(f"gcs tier needs a bucket name, got {self.bucket!r}")
+        for name in ("endpoint", "project", "credentials_file"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"gcs.{name} must be a string or None, got {value!r}")
+        check_bool("gcs", "anonymous", self.anonymous)
         if self.anonymous and self.credentials_file:
             raise ConfigError("anonymous and credentials_file exclude each other")
 
@@ -80,13 +87,27 @@ def make_client(config: GCSTierConfig) -> Any:
         credentials = auth.AnonymousCredentials()
     elif config.credentials_file:
         service_account: Any = importlib.import_module("google.oauth2.service_account")
-        credentials = service_account.Credentials.from_service_account_file(
-            config.credentials_file)
+        try:
+            credentials = service_account.Credentials.from_service_account_file(
+                config.credentials_file)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"gcs.credentials_file {config.credentials_file!r} is not a "
+                              f"readable service-account key: {e}") from None
     options = {"api_endpoint": config.endpoint} if config.endpoint else None
     project = config.project
     if project is None and (config.anonymous or os.environ.get("STORAGE_EMULATOR_HOST")):
         project = "<none>"  # what the library itself uses without a project
-    client = storage.Client(project=project, credentials=credentials, client_options=options)
+    from google.auth.exceptions import DefaultCredentialsError
+
+    try:
+        client = storage.Client(project=project, credentials=credentials,
+                                client_options=options)
+    except DefaultCredentialsError as e:
+        raise TierUnavailableError(
+            f"no Google credentials for gcs bucket {config.bucket!r}: set "
+            f"GOOGLE_APPLICATION_CREDENTIALS or the tier's credentials_file, run `gcloud auth "
+            f"application-default login`, or set anonymous = true for an emulator ({e})"
+        ) from None
     return without_bucket_lookups(client)
 
 
@@ -173,6 +194,35 @@ class GCSBackend(ObjectBackend):
         except self._gexc.RequestRangeNotSatisfiable:
             return b""  # the object ends before offset: shorter than indexed
         return data[:length]
+
+    def size(self, key: str) -> int:
+        blob = self._blob(key)
+        blob.reload(timeout=self._timeout, retry=None)  # NotFound when absent
+        return int(blob.size or 0)
+
+    def check(self, prefix: str) -> None:
+        # A listing, not a bucket lookup: it needs only the permission the tier needs
+        # anyway (storage.objects.list, for the index rebuild).
+        blobs = self._client().list_blobs(self.config.bucket, prefix=prefix, max_results=1,
+                                          timeout=self._timeout, retry=None)
+        for _ in blobs:
+            break
+
+    def explain(self, exc: BaseException) -> str:
+        g = self._gexc
+        where = f"bucket {self.config.bucket!r} at {self.location.split(' @ ')[-1]}"
+        if isinstance(exc, g.NotFound):
+            return (f"{where} does not exist: create it, or point the tier's bucket "
+                    f"(KVBM_GCS_BUCKET) or endpoint at the right one")
+        if isinstance(exc, g.Forbidden | g.Unauthorized):
+            return (f"access to {where} is denied ({exc.code}): check the credentials, and "
+                    f"that they may list, read, write and delete objects in it")
+        return f"{where}: {exc!r}"
+
+    def bucket_missing(self, exc: BaseException) -> bool:
+        # A 404 on an upload or a listing can only be the bucket (objects are not needed);
+        # on a read it may be the object, whose message does not name a bucket.
+        return isinstance(exc, self._gexc.NotFound) and "bucket" in str(exc).lower()
 
     def delete(self, key: str) -> None:
         self._blob(key).delete(timeout=self._timeout, retry=None)

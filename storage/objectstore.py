@@ -35,9 +35,19 @@ Pack object ``{prefix}{fingerprint:016x}/{pack_id}.kvpack``::
   counted ``corrupt``, dropped from the index and reported to the listener. A pack object
   that is gone drops all of its pages the same way. Network failures are misses too, but
   leave the index alone: the data is probably still there.
+* The local index is not the truth: the bucket may have lost packs it lists (lifecycle
+  expiry, a new or wiped bucket). A put counts a page the index lists as stored only when
+  its pack was seen in the bucket by this process lately (written, read, listed, or checked
+  with one metadata request); a pack found gone loses all its entries, and the put uploads
+  those pages again.
 * Every request goes through :func:`~kvbm.storage.resilience.call_with_retry` (timeouts,
   bounded retries, a circuit breaker). While the breaker is open, ``get`` and ``exists``
   report misses and ``put`` returns ``False`` at once, without touching the network.
+* Opening checks the bucket (a listing of at most one object): a missing bucket, refused
+  credentials or no answer raise :class:`TierUnavailableError`, unless the config says
+  ``start_degraded``: then the tier is *degraded* (a warning, ``TierStats.degraded``, the
+  breaker held open) and checks again after each cool-down. A bucket lost while open
+  degrades the tier the same way.
 """
 
 from __future__ import annotations
@@ -45,20 +55,30 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
+import functools
 import logging
+import operator
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import msgpack
 import xxhash
 
-from kvbm.errors import ConfigError, StorageError, TierUnavailableError
+from kvbm.errors import (
+    ConfigError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    LayoutError,
+    StorageError,
+    TierUnavailableError,
+)
 from kvbm.layout import KVLayout
 from kvbm.medium import Medium
 from kvbm.storage.base import Capability, PageStore, RemovalReason, TierListener, TierStats
@@ -70,6 +90,9 @@ from kvbm.storage.resilience import (
     FaultKind,
     RetryPolicy,
     call_with_retry,
+    check_bool,
+    check_int,
+    check_number,
 )
 
 if TYPE_CHECKING:
@@ -80,6 +103,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MiB = 1 << 20
+GiB = 1 << 30
+#: The largest object one S3 PutObject may upload (GCS allows more; the pack must also fit in
+#: memory while it is built).
+MAX_PACK_BYTES = 5 * GiB
 PACK_VERSION = 1
 PACK_SUFFIX = ".kvpack"
 _TRAILER = struct.Struct("<8sQQ")
@@ -106,8 +133,9 @@ class ObjectTierConfig:
     pack_bytes: int = 32 * MiB
     #: Largest single ranged GET when adjacent pages are read together.
     max_read_bytes: int = 16 * MiB
-    #: Directory of the local lmdb index; ``None``: ``$XDG_CACHE_HOME/kvbm/object-index/<id
-    #: of the location>`` (``~/.cache`` without XDG_CACHE_HOME).
+    #: Directory of the local lmdb index (where each page lives: pack, offset, length);
+    #: ``None``: ``$XDG_CACHE_HOME/kvbm/object-index/<xxh3-64 of bucket, endpoint and
+    #: prefix>`` (``~/.cache`` without XDG_CACHE_HOME). One index serves one location.
     index_path: str | None = None
     #: Most bytes the lmdb index may grow to (a sparse file; ~100 bytes per page).
     index_map_bytes: int = 1 << 30
@@ -122,16 +150,44 @@ class ObjectTierConfig:
     conditional_writes: bool = True
     #: With an empty local index, list the bucket's packs and rebuild it on first use.
     rebuild_if_empty: bool = True
+    #: What to do when the bucket cannot be used at open (missing, credentials refused,
+    #: server unreachable). ``False``: fail (TierUnavailableError). ``True``: start anyway,
+    #: log a warning, set ``TierStats.degraded`` and answer misses until the bucket answers
+    #: (it is checked again after each circuit-breaker cool-down).
+    start_degraded: bool = False
+    #: How long a pack seen in the bucket (written, read, listed or checked by this process)
+    #: is trusted by a put of a page it holds; after that, or for a pack only the local index
+    #: knows (written before this process started), the put checks that the pack is still
+    #: there (one metadata request per pack) and uploads its pages again if it is not.
+    pack_check_interval_s: float = 3600.0
+
+    #: The config section's name, for error messages.
+    section: ClassVar[str] = "object"
 
     def __post_init__(self) -> None:
-        for name in ("pack_bytes", "max_read_bytes", "index_map_bytes", "max_workers"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name} must be a positive int, got {value!r}")
-        if self.connect_timeout_s <= 0 or self.read_timeout_s <= 0:
-            raise ConfigError("timeouts must be > 0")
+        o = self.section
+        if not isinstance(self.prefix, str):
+            raise ConfigError(f"{o}.prefix must be a string, got {self.prefix!r}")
         if self.prefix.startswith("/"):
-            raise ConfigError(f"prefix must not start with '/', got {self.prefix!r}")
+            raise ConfigError(f"{o}.prefix must not start with '/', got {self.prefix!r}")
+        check_int(o, "pack_bytes", self.pack_bytes, low=1, high=MAX_PACK_BYTES)
+        check_int(o, "max_read_bytes", self.max_read_bytes, low=1, high=MAX_PACK_BYTES)
+        if self.index_path is not None and not isinstance(self.index_path, str):
+            raise ConfigError(f"{o}.index_path must be a path or None, got "
+                              f"{self.index_path!r}")
+        # lmdb needs a few pages; 16 TiB of index is ~10**11 pages, past any bucket we serve.
+        check_int(o, "index_map_bytes", self.index_map_bytes, low=MiB, high=1 << 44)
+        check_int(o, "max_workers", self.max_workers, low=1, high=256)
+        for name in ("connect_timeout_s", "read_timeout_s"):
+            check_number(o, name, getattr(self, name), low=0.0, high=3600.0, low_open=True)
+        check_number(o, "pack_check_interval_s", self.pack_check_interval_s, low=0.0,
+                     high=30 * 86_400.0)
+        if not isinstance(self.retry, RetryPolicy):
+            raise ConfigError(f"{o}.retry must be a RetryPolicy, got {self.retry!r}")
+        if not isinstance(self.breaker, BreakerConfig):
+            raise ConfigError(f"{o}.breaker must be a BreakerConfig, got {self.breaker!r}")
+        for name in ("conditional_writes", "rebuild_if_empty", "start_degraded"):
+            check_bool(o, name, getattr(self, name))
 
     @property
     def key_prefix(self) -> str:
@@ -168,6 +224,23 @@ class ObjectBackend(abc.ABC):
         ``whole`` says the range is the entire object, so a backend may read it without a
         range and verify the object's stored checksum.
         """
+
+    @abc.abstractmethod
+    def size(self, key: str) -> int:
+        """The size of an object, from its metadata alone; raises (MISSING) when absent."""
+
+    @abc.abstractmethod
+    def check(self, prefix: str) -> None:
+        """One cheap request proving that the bucket exists and that the credentials may list
+        it (a listing of at most one object under ``prefix``); raises when not."""
+
+    def explain(self, exc: BaseException) -> str:
+        """What a failed :meth:`check` (or any request) means, and what to do, for a log."""
+        return repr(exc)
+
+    def bucket_missing(self, exc: BaseException) -> bool:
+        """Whether ``exc`` says that the bucket itself does not exist."""
+        return False
 
     @abc.abstractmethod
     def delete(self, key: str) -> None:
@@ -434,6 +507,25 @@ def plan_ranges(slots_by_pack: dict[bytes, tuple[int, list[_Slot]]], *,
 
 
 # -- the store --------------------------------------------------------------------------------
+class PackState(enum.Enum):
+    """What a metadata request found of a pack the index names."""
+
+    PRESENT = "present"
+    GONE = "gone"  # missing, or not the object the index describes: its pages are lost
+    UNKNOWN = "unknown"  # no answer (network, breaker): nothing can be concluded
+
+
+def check_key(key: Any) -> int:
+    """``key`` as an int in ``[0, 2**64)``; :class:`InvalidKeyError` for anything else (a
+    bool, a float, a string, a negative or too large number)."""
+    if isinstance(key, bool) or not hasattr(type(key), "__index__"):
+        raise InvalidKeyError(f"a page key must be an int in [0, 2**64), got {key!r}")
+    value = operator.index(key)  # numpy integers too
+    if not 0 <= value < 1 << 64:
+        raise InvalidKeyError(f"a page key must be in [0, 2**64), got {value}")
+    return value
+
+
 class PackedObjectStore(PageStore):
     """A :class:`PageStore` over an :class:`ObjectBackend`, packing pages into big objects."""
 
@@ -449,20 +541,43 @@ class PackedObjectStore(PageStore):
         self._backend = backend
         self._pack_prefix = f"{config.key_prefix}{self.fingerprint:016x}/"
         location = f"{backend.location}/{config.key_prefix}"
-        path = Path(config.index_path) if config.index_path else default_index_path(location)
-        self._index = PackIndex(path, location=location, map_size=config.index_map_bytes)
         self.breaker = CircuitBreaker(config.breaker, name=location)
+        self._lock = threading.Lock()  # guards _pending, _used, _seen, _degraded, the stats
+        for name in ("rejected_open", "retries", "packs_put", "pack_bytes_put", "ranged_gets",
+                     "reread", "packs_existing", "packs_deleted", "rebuilt_pages",
+                     "pack_checks", "bucket_checks"):
+            self._stats.extra[name] = 0
+        self._closed = False
+        self._degraded = False
+        self._check_lock = threading.Lock()  # one bucket check at a time
+        # Before anything is created: a tier that refuses to open leaves nothing behind.
+        problem, _ = self._check_bucket()
+        if problem is not None and not config.start_degraded:
+            backend.close()
+            raise TierUnavailableError(
+                f"{type(self).__name__} cannot use {backend.location} (prefix "
+                f"{config.key_prefix!r}): {problem}. Fix the bucket, endpoint or credentials "
+                f"in the [{config.section}] config, or set start_degraded = true to start "
+                f"without it (the tier then answers misses until the bucket answers)")
+        path = Path(config.index_path) if config.index_path else default_index_path(location)
+        try:
+            self._index = PackIndex(path, location=location, map_size=config.index_map_bytes)
+        except BaseException:
+            backend.close()
+            raise
         self._pool = ThreadPoolExecutor(config.max_workers,
                                         thread_name_prefix=f"kvbm-{type(self).__name__}")
-        self._lock = threading.Lock()  # guards _pending, _used, the stats counters
         self._pending: dict[int, Future[bool]] = {}
+        # Packs this process has seen in the bucket, with when (time.monotonic): a put trusts
+        # the index's entries in them for config.pack_check_interval_s. Entries the index
+        # had before this process started are not in here: they are checked before a put
+        # counts on them (the bucket may have lost them: lifecycle expiry, a new server).
+        self._seen: dict[bytes, float] = {}
         self._used = len(self._index.keys(self.fingerprint)) * self.page_bytes
         self._ready = self._used > 0 or not config.rebuild_if_empty
         self._ready_lock = threading.Lock()
-        self._closed = False
-        for name in ("rejected_open", "retries", "packs_put", "pack_bytes_put", "ranged_gets",
-                     "reread", "packs_existing", "packs_deleted", "rebuilt_pages"):
-            self._stats.extra[name] = 0
+        if problem is not None:
+            self._degrade(problem)
 
     # -- small helpers ------------------------------------------------------------------------
     def object_key(self, pack_id: bytes) -> str:
@@ -471,7 +586,7 @@ class PackedObjectStore(PageStore):
     def locate(self, key: int) -> tuple[str, int, int] | None:
         """``(object key, offset, length)`` of a stored page (header + payload), for tools and
         tests; ``None`` when the page is not in the index."""
-        (loc,) = self._index.lookup(self.fingerprint, [key])
+        (loc,) = self._index.lookup(self.fingerprint, [check_key(key)])
         return None if loc is None else (self.object_key(loc.pack_id), loc.offset, loc.length)
 
     def _count(self, **deltas: int) -> None:
@@ -486,9 +601,9 @@ class PackedObjectStore(PageStore):
         self._count(retries=1)
 
     def stats(self) -> TierStats:
+        state = self.breaker.state
         with self._lock:
             self._stats.extra["breaker_opens"] = self.breaker.opens
-            state = self.breaker.state
             self._stats.extra["breaker_open"] = int(state is BreakerState.OPEN)
             # 0 closed, 1 half-open, 2 open: the kvbm_breaker_state gauge
             self._stats.extra["breaker_state"] = _BREAKER_CODE[state]
@@ -506,9 +621,180 @@ class PackedObjectStore(PageStore):
         if self._closed:
             raise StorageError(f"{type(self).__name__} is closed")
 
+    def _check_items(self, items: Sequence[tuple[int, Buffer]]
+                     ) -> tuple[list[int], list[memoryview]]:
+        """Keys and payload views of ``(key, buffer)`` pairs, all checked before any use."""
+        keys: list[int] = []
+        views: list[memoryview] = []
+        for item in items:
+            try:
+                k, buf = item
+            except (TypeError, ValueError):
+                raise InvalidArgumentError(f"expected (key, buffer) pairs, got {item!r}"
+                                           ) from None
+            key = check_key(k)
+            try:
+                views.append(self._check_payload(key, buf))
+            except TypeError:
+                raise InvalidArgumentError(f"page {key:#x}: not a buffer but a "
+                                           f"{type(buf).__name__}") from None
+            keys.append(key)
+        return keys, views
+
+    # -- is the bucket there? -------------------------------------------------------------------
+    def _check_bucket(self) -> tuple[str | None, bool]:
+        """Ask the bucket once (transient faults retried). Returns what is wrong with it
+        (``None``: it can be used) and whether it answered at all."""
+        backend = self._backend
+
+        def classify(exc: BaseException) -> FaultKind:
+            kind = backend.classify(exc)
+            # S3 answers a missing bucket 404, as it would a missing object: here it is the
+            # failure being looked for, and counts against the breaker.
+            return FaultKind.PERMANENT if kind in (FaultKind.MISSING, FaultKind.EXISTS) else kind
+
+        self._count(bucket_checks=1)
+        try:
+            call_with_retry(lambda: backend.check(self._pack_prefix), policy=self.config.retry,
+                            breaker=self.breaker, classify=classify,
+                            what=f"check {backend.location}", on_retry=self._count_retry)
+        except TierUnavailableError as e:
+            return f"it does not answer ({e})", False
+        except Exception as e:
+            return backend.explain(e), True
+        return None, True
+
+    def _degrade(self, problem: str) -> None:
+        """Stop using the bucket until a check passes (misses, puts refused): the breaker
+        opens, and each time its cool-down has passed the next call checks again."""
+        with self._lock:
+            first = not self._degraded
+            self._degraded = True
+            self._stats.degraded = 1
+        self.breaker.trip()
+        if first:
+            log.warning("object tier on %s is UNAVAILABLE and runs degraded (every read a "
+                        "miss, every write refused) until the bucket answers: %s",
+                        self._backend.location, problem)
+
+    def _recheck(self) -> bool:
+        """A degraded tier's check (on a pool thread); whether the bucket answers now."""
+        with self._check_lock:
+            if not self._degraded:
+                return True
+            if not self.breaker.would_allow():
+                return False  # another check just failed
+            problem, _ = self._check_bucket()
+            if problem is not None:
+                self._degrade(problem)
+                return False
+            with self._lock:
+                self._degraded = False
+                self._stats.degraded = 0
+            log.warning("object tier on %s answers again: serving", self._backend.location)
+            return True
+
+    async def _serving(self) -> bool:
+        """Whether requests may go out now: the breaker allows it and the bucket is there
+        (a degraded tier checks it again here, once its cool-down has passed)."""
+        if not self.breaker.would_allow():
+            return False
+        if self._degraded:
+            return await self._run(self._recheck)
+        return True
+
+    def _on_permanent(self, exc: BaseException) -> None:
+        """A request failed for good (not transiently). When the bucket is the cause (gone
+        since the open, credentials revoked), the tier degrades, with one warning, instead
+        of failing every request the same way. (A pool thread; one check at a time.)"""
+        if self._degraded or not self._check_lock.acquire(blocking=False):
+            return
+        try:
+            if self._backend.bucket_missing(exc):
+                self._degrade(self._backend.explain(exc))
+                return
+            problem, answered = self._check_bucket()
+            # No answer is an outage, the breaker's business; degrading is for a bucket
+            # that answers "no".
+            if problem is not None and answered:
+                self._degrade(problem)
+        finally:
+            self._check_lock.release()
+
+    # -- packs seen in the bucket ----------------------------------------------------------------
+    def _saw(self, pack_id: bytes) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._seen[pack_id] = now
+
+    def _forget_packs(self, pack_ids: Iterable[bytes]) -> None:
+        with self._lock:
+            for p in pack_ids:
+                self._seen.pop(p, None)
+
+    def _trusted(self, pack_id: bytes, now: float) -> bool:
+        # Called with self._lock held.
+        seen = self._seen.get(pack_id)
+        return seen is not None and now - seen <= self.config.pack_check_interval_s
+
+    def _pack_state(self, pack_id: bytes, size: int) -> PackState:
+        """Whether a pack the index names is still in the bucket (on a pool thread)."""
+        obj = self.object_key(pack_id)
+        self._count(pack_checks=1)
+        try:
+            found = self._call(lambda: self._backend.size(obj), what=f"head {obj}")
+        except TierUnavailableError as e:
+            log.debug("cannot check pack %s: %s", obj, e)
+            return PackState.UNKNOWN
+        except Exception as e:
+            if self._backend.classify(e) is FaultKind.MISSING:
+                return PackState.GONE
+            log.warning("cannot check pack %s: %r", obj, e)
+            self._on_permanent(e)
+            return PackState.UNKNOWN
+        if found != size:
+            log.warning("pack %s has %d bytes, the index says %d: dropping its pages", obj,
+                        found, size)
+            return PackState.GONE
+        self._saw(pack_id)
+        return PackState.PRESENT
+
+    async def _vet(self, keys: list[int]) -> tuple[set[bytes], list[int]]:
+        """Before a put counts on index entries among ``keys``, check the packs it has not
+        seen lately (one request per pack). Pages of a pack found gone leave the index.
+        Returns the packs confirmed now and the keys dropped."""
+        locs = self._index.lookup(self.fingerprint, keys)
+        now = time.monotonic()
+        todo: dict[bytes, int] = {}
+        with self._lock:
+            for loc in locs:
+                if loc is not None and not self._trusted(loc.pack_id, now):
+                    todo[loc.pack_id] = loc.pack_size
+        if not todo:
+            return set(), []
+        states = await asyncio.gather(*(self._run(functools.partial(self._pack_state, p, n))
+                                        for p, n in todo.items()))
+        confirmed = {p for p, st in zip(todo, states, strict=True) if st is PackState.PRESENT}
+        gone = [p for p, st in zip(todo, states, strict=True) if st is PackState.GONE]
+        dropped = await self._run(functools.partial(self._drop_packs, gone)) if gone else []
+        return confirmed, dropped
+
+    def _drop_packs(self, gone: list[bytes]) -> list[int]:
+        """Remove every page of packs that are not in the bucket any more (pool thread)."""
+        expect = {k: p for p in gone for k in self._index.pack_members(p)}
+        removed, _ = self._index.remove(self.fingerprint, list(expect), expect)
+        self._forget_packs(gone)
+        with self._lock:
+            self._used -= len(removed) * self.page_bytes
+        if removed:
+            log.warning("%d pack(s) under %s are gone from the bucket (lifecycle expiry, a "
+                        "new bucket?): dropped their %d page(s) from the index", len(gone),
+                        self._pack_prefix, len(removed))
+        return removed
+
     async def _ensure_ready(self) -> None:
         """Rebuild an empty index from the bucket once, before the first operation."""
-        if not self._ready and self.breaker.would_allow():
+        if not self._ready and not self._degraded and self.breaker.would_allow():
             await self._run(self._rebuild_once)
 
     def _rebuild_once(self) -> None:
@@ -521,43 +807,59 @@ class PackedObjectStore(PageStore):
                 # Not fatal: the store works without the old pages; try again next time.
                 log.warning("cannot rebuild the object index from %s: %s",
                             self._pack_prefix, e)
+                if not isinstance(e, TierUnavailableError):
+                    self._on_permanent(e)
                 return
             self._ready = True
 
     # -- put --------------------------------------------------------------------------------
     async def put(self, items: Sequence[tuple[int, Buffer]], *,
                   parents: Sequence[int | None] | None = None) -> list[bool]:
-        # parents: object stores do not evict (bucket lifecycle rules do), so unused.
+        # parents: object stores do not evict (bucket lifecycle rules do), so unused, but
+        # checked like every argument.
         self._check_open()
-        views = [self._check_payload(k, buf) for k, buf in items]  # all or nothing
-        if not items:
+        keys, views = self._check_items(items)  # all or nothing
+        if parents is not None:
+            if len(parents) != len(keys):
+                raise InvalidArgumentError(f"{len(parents)} parents for {len(keys)} pages")
+            for p in parents:
+                if p is not None:
+                    check_key(p)
+        if not keys:
             return []
-        if not self.breaker.would_allow():
-            self._count(rejected_open=len(items))
-            return [False] * len(items)
+        if not await self._serving():
+            self._count(rejected_open=len(keys))
+            return [False] * len(keys)
         await self._ensure_ready()
+        # Entries this process did not write (or has not seen lately) are checked first: the
+        # bucket may have lost their packs, and a put must not claim pages it does not hold.
+        confirmed, dropped = await self._vet(keys)
 
         # Decide per item: new (ours to write), already stored, or being written by a
         # concurrent put (wait for it). The index is checked under the lock after
         # _pending, and writers commit before leaving _pending, so no page is written twice.
         mine: list[tuple[int, memoryview]] = []
-        waits: list[Future[bool] | None] = [None] * len(items)
-        outcome: list[bool] = [False] * len(items)
+        waits: list[Future[bool] | None] = [None] * len(keys)
+        outcome: list[bool] = [False] * len(keys)
         skipped = 0
+        now = time.monotonic()
         with self._lock:
-            for i, ((k, _), view) in enumerate(zip(items, views, strict=True)):
+            for i, (k, view) in enumerate(zip(keys, views, strict=True)):
                 fut = self._pending.get(k)
                 if fut is not None:
                     # Written by another put, or earlier in this batch (the first one wins).
                     waits[i] = fut
                     skipped += 1
-                elif self._index.contains(self.fingerprint, k):
-                    outcome[i] = True
-                    skipped += 1
-                else:
+                    continue
+                (loc,) = self._index.lookup(self.fingerprint, [k])
+                if loc is None:
                     mine.append((k, view))
                     self._pending[k] = Future()
                     waits[i] = self._pending[k]
+                elif loc.pack_id in confirmed or self._trusted(loc.pack_id, now):
+                    outcome[i] = True
+                    skipped += 1
+                # else: its pack could not be checked (no answer): not claimed, False
         self._count(put_skipped=skipped)
 
         groups = self._split(mine)
@@ -567,6 +869,11 @@ class PackedObjectStore(PageStore):
         for i, fut in enumerate(waits):
             if fut is not None:
                 outcome[i] = await asyncio.wrap_future(fut)
+        if dropped:
+            # Pages of lost packs are gone unless this put stored them again.
+            stored = {k for k, ok in zip(keys, outcome, strict=True) if ok}
+            self._notify_removed([k for k in dropped if k not in stored],
+                                 RemovalReason.MISSING)
         return outcome
 
     def _split(self, pages: list[tuple[int, memoryview]]) -> list[list[tuple[int, memoryview]]]:
@@ -604,9 +911,11 @@ class PackedObjectStore(PageStore):
                     log.warning("pack upload of %s failed, %d page(s) not stored: %r", obj,
                                 len(pages), e)
                     self._count(errors=len(pages))
+                    self._on_permanent(e)
                     return False
                 # Create-only write found the object: same name, same content. Done.
                 self._count(packs_existing=1)
+            self._saw(pack.pack_id)  # before the entries: a put that finds them trusts them
             added = self._index.add(self.fingerprint, pack.entries)
             with self._lock:
                 self._used += len(added) * self.page_bytes
@@ -625,23 +934,24 @@ class PackedObjectStore(PageStore):
     # -- get --------------------------------------------------------------------------------
     async def get(self, items: Sequence[tuple[int, Buffer]]) -> list[bool]:
         self._check_open()
-        dests = [self._check_payload(k, buf) for k, buf in items]
-        for (k, _), dst in zip(items, dests, strict=True):
+        keys, dests = self._check_items(items)
+        for k, dst in zip(keys, dests, strict=True):
             if dst.readonly:
-                raise TypeError(f"the buffer for page {k:#x} is read-only")
-        n = len(items)
+                # A caller's mistake about the buffer, as the disk tier reports it.
+                raise LayoutError(f"the buffer for page {k:#x} is read-only")
+        n = len(keys)
         if n == 0:
             return []
-        if not self.breaker.would_allow():
+        if not await self._serving():
             self._count(gets=n, misses=n, rejected_open=n)
             return [False] * n
         await self._ensure_ready()
-        locs = self._index.lookup(self.fingerprint, (k for k, _ in items))
+        locs = self._index.lookup(self.fingerprint, keys)
         by_pack: dict[bytes, tuple[int, list[_Slot]]] = {}
         slot_of: list[_Slot | None] = []
         seen: dict[tuple[bytes, int], _Slot] = {}
         missing: list[int] = []
-        for (k, _), dst, loc in zip(items, dests, locs, strict=True):
+        for k, dst, loc in zip(keys, dests, locs, strict=True):
             if loc is None:
                 slot_of.append(None)
                 missing.append(k)
@@ -685,6 +995,7 @@ class PackedObjectStore(PageStore):
             return
         except _ReadFailed:
             return  # outcomes stay ERROR
+        self._saw(r.pack_id)
         view = memoryview(data)
         for s in r.slots:
             rel = s.offset - r.start
@@ -715,6 +1026,7 @@ class PackedObjectStore(PageStore):
             if self._backend.classify(e) is FaultKind.MISSING:
                 raise _PackGone from e
             log.warning("read of %s failed: %r", obj, e)
+            self._on_permanent(e)
             raise _ReadFailed from e
 
     def _verify_into(self, slot: _Slot, piece: memoryview) -> bool:
@@ -753,6 +1065,7 @@ class PackedObjectStore(PageStore):
                 for k in self._index.pack_members(pack_id):
                     expect[k] = pack_id
             removed, _ = self._index.remove(self.fingerprint, list(expect), expect)
+            self._forget_packs(gone)
             with self._lock:
                 self._used -= len(removed) * self.page_bytes
             return removed
@@ -766,21 +1079,23 @@ class PackedObjectStore(PageStore):
     # -- exists / delete / keys ---------------------------------------------------------------
     async def exists(self, keys: Sequence[int]) -> list[bool]:
         self._check_open()
-        if not keys:
+        checked = [check_key(k) for k in keys]
+        if not checked:
             return []
-        if not self.breaker.would_allow():
-            return [False] * len(keys)  # unreachable now: as good as absent for the engine
+        if not await self._serving():
+            return [False] * len(checked)  # unreachable now: as good as absent for the engine
         await self._ensure_ready()
-        return [loc is not None for loc in self._index.lookup(self.fingerprint, keys)]
+        return [loc is not None for loc in self._index.lookup(self.fingerprint, checked)]
 
     async def delete(self, keys: Sequence[int]) -> int:
         self._check_open()
-        if not keys:
+        checked = [check_key(k) for k in keys]
+        if not checked:
             return 0
         await self._ensure_ready()
 
         def work() -> int:
-            removed, empty = self._index.remove(self.fingerprint, keys)
+            removed, empty = self._index.remove(self.fingerprint, checked)
             with self._lock:
                 self._used -= len(removed) * self.page_bytes
             for pack_id in empty:
@@ -794,7 +1109,8 @@ class PackedObjectStore(PageStore):
     def _delete_pack(self, pack_id: bytes) -> None:
         # Best effort: a pack that cannot be deleted now is garbage, never wrong data (no
         # index entry points at it any more).
-        if not self.breaker.would_allow():
+        self._forget_packs([pack_id])
+        if self._degraded or not self.breaker.would_allow():
             return
         obj = self.object_key(pack_id)
         try:
@@ -831,8 +1147,10 @@ class PackedObjectStore(PageStore):
                 pack_id = bytes.fromhex(name[: -len(PACK_SUFFIX)])
             except ValueError:
                 continue
-            if len(pack_id) == 16 and not self._index.has_pack(pack_id):
-                todo.append((key, pack_id, size))
+            if len(pack_id) == 16:
+                self._saw(pack_id)  # listed just now: it exists
+                if not self._index.has_pack(pack_id):
+                    todo.append((key, pack_id, size))
         added = 0
         # A private pool: this runs on one of the store's own threads, and waiting there
         # for work queued behind it on the same pool could deadlock.

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import random
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from kvbm.errors import ConfigError, TierUnavailableError
 
@@ -52,6 +53,39 @@ class FaultKind(enum.Enum):
     PERMANENT = "permanent"
 
 
+# -- config checks, shared with the object tiers' configs ----------------------------------------
+def check_int(owner: str, name: str, value: Any, *, low: int, high: int) -> None:
+    """``value`` is an int (not a bool) in ``[low, high]``; else :class:`ConfigError`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{owner}.{name} must be an int, got {value!r}")
+    if not low <= value <= high:
+        raise ConfigError(f"{owner}.{name} must be in [{low}, {high}], got {value}")
+
+
+def check_number(owner: str, name: str, value: Any, *, low: float, high: float,
+                 low_open: bool = False) -> None:
+    """``value`` is a finite real number (int or float, not a bool) in ``[low, high]``
+    (``(low, high]`` with ``low_open``); NaN and infinities are refused: a NaN compares
+    false with everything, so a NaN timeout or cool-down would silently never fire."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{owner}.{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(f"{owner}.{name} must be finite, got {value!r}")
+    if value < low or (low_open and value == low) or value > high:
+        bracket = "(" if low_open else "["
+        raise ConfigError(f"{owner}.{name} must be in {bracket}{low}, {high}], got {value!r}")
+
+
+def check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{owner}.{name} must be true or false, got {value!r}")
+
+
+#: Longest delay, deadline or cool-down a config may ask for: a day. (Larger values are
+#: mistakes, and would overflow socket timeouts.)
+MAX_SECONDS = 86_400.0
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Bounded retries with exponential backoff and full jitter.
@@ -68,17 +102,20 @@ class RetryPolicy:
     deadline_s: float = 30.0
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ConfigError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.base_delay_s < 0 or self.max_delay_s < 0 or self.deadline_s <= 0:
-            raise ConfigError("retry delays must be >= 0 and deadline_s > 0")
-        if self.multiplier < 1:
-            raise ConfigError(f"multiplier must be >= 1, got {self.multiplier}")
+        check_int("retry", "max_attempts", self.max_attempts, low=1, high=1000)
+        check_number("retry", "base_delay_s", self.base_delay_s, low=0.0, high=MAX_SECONDS)
+        check_number("retry", "max_delay_s", self.max_delay_s, low=0.0, high=MAX_SECONDS)
+        check_number("retry", "multiplier", self.multiplier, low=1.0, high=1000.0)
+        check_number("retry", "deadline_s", self.deadline_s, low=0.0, high=MAX_SECONDS,
+                     low_open=True)
 
     def backoff(self, retry: int, rng: random.Random | None = None) -> float:
         """The sleep before retry number ``retry`` (1-based)."""
-        cap = min(self.max_delay_s, self.base_delay_s * self.multiplier ** (retry - 1))
-        return (rng or _JITTER).uniform(0.0, cap)
+        try:
+            grown = self.base_delay_s * self.multiplier ** (retry - 1)
+        except OverflowError:  # many retries with a big multiplier: the cap rules anyway
+            grown = self.max_delay_s
+        return (rng or _JITTER).uniform(0.0, min(self.max_delay_s, grown))
 
 
 @dataclass(frozen=True)
@@ -94,10 +131,15 @@ class BreakerConfig:
     max_cooldown_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.failure_threshold < 1:
-            raise ConfigError(f"failure_threshold must be >= 1, got {self.failure_threshold}")
-        if self.cooldown_s <= 0 or self.max_cooldown_s < self.cooldown_s:
-            raise ConfigError("need 0 < cooldown_s <= max_cooldown_s")
+        check_int("breaker", "failure_threshold", self.failure_threshold, low=1,
+                  high=1_000_000)
+        check_number("breaker", "cooldown_s", self.cooldown_s, low=0.0, high=MAX_SECONDS,
+                     low_open=True)
+        check_number("breaker", "max_cooldown_s", self.max_cooldown_s, low=0.0,
+                     high=MAX_SECONDS, low_open=True)
+        if self.max_cooldown_s < self.cooldown_s:
+            raise ConfigError(f"breaker.max_cooldown_s ({self.max_cooldown_s}) must be >= "
+                              f"cooldown_s ({self.cooldown_s})")
 
 
 class CircuitBreaker:
@@ -182,6 +224,13 @@ class CircuitBreaker:
         self.opens += 1
         log.warning("circuit breaker %s opened after %d consecutive failures; "
                     "refusing calls for %.1f s", self.name, self._failures, self._cooldown)
+
+    def trip(self) -> None:
+        """Open the breaker now, whatever its count (the service is known to be unusable,
+        e.g. its bucket is missing); it re-arms after the cool-down like any opening."""
+        with self._lock:
+            if self._state is not BreakerState.OPEN:
+                self._open()
 
     def reset(self) -> None:
         """Close the breaker (for tests and operator commands)."""

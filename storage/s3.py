@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from kvbm.errors import ConfigError
 from kvbm.layout import KVLayout
@@ -29,6 +29,10 @@ if TYPE_CHECKING:
 
 _MISSING_CODES = frozenset({"NoSuchKey", "NotFound", "404"})
 _EXISTS_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+_DENIED_CODES = frozenset({"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+                           "ExpiredToken", "InvalidToken", "TokenRefreshRequired", "403"})
+_REGION_CODES = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed",
+                           "IllegalLocationConstraintException", "301"})
 _TRANSIENT_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "Throttling",
                               "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                               "RequestLimitExceeded", "BadDigest", "XAmzContentSHA256Mismatch"})
@@ -48,10 +52,16 @@ class S3TierConfig(ObjectTierConfig):
     #: ``"auto"``, ``"virtual"`` or ``"path"`` (S3-compatible servers often need path).
     addressing_style: str = "auto"
 
+    section: ClassVar[str] = "s3"
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.bucket:
-            raise ConfigError("s3 tier needs a bucket")
+        if not isinstance(self.bucket, str) or not self.bucket:
+            raise ConfigError(f"s3 tier needs a bucket name, got {self.bucket!r}")
+        for name in ("endpoint_url", "region", "profile"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"s3.{name} must be a string or None, got {value!r}")
         if self.addressing_style not in ("auto", "virtual", "path"):
             raise ConfigError(f"addressing_style must be auto, virtual or path, got "
                               f"{self.addressing_style!r}")
@@ -138,6 +148,37 @@ class S3Backend(ObjectBackend):
             raise
         return data[:length]
 
+    def size(self, key: str) -> int:
+        return int(self._client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+
+    def check(self, prefix: str) -> None:
+        # A listing, not HeadBucket: it needs the permission the tier needs anyway
+        # (s3:ListBucket, for the index rebuild), and says NoSuchBucket in words.
+        self._client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1)
+
+    def explain(self, exc: BaseException) -> str:
+        where = f"bucket {self.bucket!r} at {self._client.meta.endpoint_url}"
+        if isinstance(exc, self._bex.NoCredentialsError):
+            return (f"no AWS credentials found for {where}: set AWS_ACCESS_KEY_ID and "
+                    f"AWS_SECRET_ACCESS_KEY, AWS_PROFILE or the tier's profile, or run with "
+                    f"an instance role")
+        if isinstance(exc, self._bex.ClientError):
+            code = _code(exc)
+            status = _status(exc)
+            if code == "NoSuchBucket":
+                return (f"{where} does not exist: create it, or point the tier's bucket "
+                        f"(KVBM_S3_BUCKET) or endpoint_url at the right one")
+            if code in _DENIED_CODES or status == 403:
+                return (f"access to {where} is denied ({code}): check the credentials, and "
+                        f"that they may list, read, write and delete objects in it")
+            if code in _REGION_CODES or status == 301:
+                return f"{where} is in another region ({code}): set the tier's region"
+            return f"{where} refused the request: {code or status} {exc}"
+        return f"{where}: {exc!r}"
+
+    def bucket_missing(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._bex.ClientError) and _code(exc) == "NoSuchBucket"
+
     def delete(self, key: str) -> None:
         self._client.delete_object(Bucket=self.bucket, Key=key)
 
@@ -152,7 +193,7 @@ class S3Backend(ObjectBackend):
     def classify(self, exc: BaseException) -> FaultKind:
         if isinstance(exc, self._bex.ClientError):
             code = _code(exc)
-            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            status = _status(exc)
             # 404 is also NoSuchBucket: a misconfiguration, not a missing pack.
             if code in _MISSING_CODES:
                 return FaultKind.MISSING
@@ -171,6 +212,10 @@ class S3Backend(ObjectBackend):
 
 def _code(exc: Any) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: Any) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
 
 
 class S3Store(PackedObjectStore):

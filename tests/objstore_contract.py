@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,9 +19,10 @@ import numpy as np
 import pytest
 from objstore_servers import Fault, FaultProxy, ServerProcess
 
+from kvbm.errors import ConfigError, InvalidKeyError, LayoutError, TierUnavailableError
 from kvbm.layout import KVLayout
 from kvbm.storage.base import RemovalReason, TierListener
-from kvbm.storage.objectstore import PACK_SUFFIX, PackedObjectStore
+from kvbm.storage.objectstore import PACK_SUFFIX, ObjectTierConfig, PackedObjectStore
 from kvbm.storage.resilience import BreakerConfig, BreakerState, RetryPolicy
 from kvbm.testing import RecordingListener, page_payload
 from kvbm.testing import make_keys as keys
@@ -31,6 +34,8 @@ PAGE = LAYOUT.bytes_per_block
 #: Fast fault handling, so the fault tests take a fraction of a second each.
 FAST_RETRY = RetryPolicy(max_attempts=3, base_delay_s=0.01, max_delay_s=0.05, deadline_s=5.0)
 FAST_BREAKER = BreakerConfig(failure_threshold=3, cooldown_s=0.3, max_cooldown_s=1.0)
+#: For the degraded-mode tests, which wait out a cool-down once or twice.
+QUICK_BREAKER = BreakerConfig(failure_threshold=3, cooldown_s=0.1, max_cooldown_s=0.2)
 
 
 def payloads(ks: list[int]) -> list[Any]:
@@ -54,6 +59,19 @@ class ObjectStoreTests(abc.ABC):
                   endpoint: str | None = None, index: str = "index",
                   **config: Any) -> PackedObjectStore:
         """A store on this test's prefix, through ``endpoint`` (default: the shared server)."""
+
+    @abc.abstractmethod
+    def config(self, endpoint: str | None = None, index: str = "index",
+               **kw: Any) -> ObjectTierConfig:
+        """This backend's tier config on this test's prefix (``bucket=`` overrides)."""
+
+    @abc.abstractmethod
+    def raw_create_bucket(self, name: str) -> None:
+        """Create a bucket on the shared server."""
+
+    @abc.abstractmethod
+    def raw_delete_bucket(self, name: str) -> None:
+        """Delete a bucket of the shared server, and every object in it."""
 
     @abc.abstractmethod
     def raw_read(self, key: str) -> bytes: ...
@@ -122,7 +140,7 @@ class ObjectStoreTests(abc.ABC):
         return {"retry": FAST_RETRY, "breaker": FAST_BREAKER, "connect_timeout_s": 0.5,
                 "read_timeout_s": 0.5, "max_workers": 4, **kw}
 
-    def packs(self, store: PackedObjectStore) -> list[str]:
+    def packs(self, store: PackedObjectStore | None = None) -> list[str]:
         return [k for k in self.raw_list(self.prefix) if k.endswith(PACK_SUFFIX)]
 
     # -- packing ---------------------------------------------------------------------------
@@ -442,3 +460,249 @@ class ObjectStoreTests(abc.ABC):
             assert await store.get(list(zip(fresh, bufs, strict=True))) == [True, True]
         finally:
             await store.close()
+
+    # -- an index the bucket no longer backs (lifecycle expiry, a fresh server) ----------------
+    async def _written_then_lost(self, ks: list[int], *, lose: int | None = None
+                                 ) -> tuple[list[str], list[str]]:
+        """Write ``ks`` through a store that is then closed, and delete its packs out of band
+        (all of them, or only pack number ``lose``); returns the packs written and those
+        deleted."""
+        first = self.store_for(LAYOUT, None)
+        try:
+            assert await first.put(list(zip(ks, payloads(ks), strict=True))) == [True] * len(ks)
+        finally:
+            await first.close()
+        packs = sorted(self.packs(first))
+        assert len(packs) > 2
+        lost = packs if lose is None else [packs[lose]]
+        for obj in lost:
+            self.raw_delete(obj)
+        return packs, lost
+
+    def test_put_does_not_trust_an_index_it_did_not_write(self) -> None:
+        async def body() -> None:
+            ks = keys(64)
+            await self._written_then_lost(ks)
+            assert self.packs() == []
+            listener = RecordingListener()
+            # The same local index, reopened: it lists all 64 pages; the bucket has none.
+            store = self.store_for(LAYOUT, listener)
+            try:
+                # All but the first 4 pages (which share the first pack with others).
+                again = ks[4:]
+                got = await store.put(list(zip(again, payloads(again), strict=True)))
+                assert got == [True] * 60
+                assert store.stats().puts == 60  # really uploaded, not skipped
+                assert self.packs() != []
+                # The 4 pages not put again are gone: dropped and reported, not claimed.
+                assert sorted(listener.removed(RemovalReason.MISSING)) == sorted(ks[:4])
+                assert await store.exists(ks) == [False] * 4 + [True] * 60
+                assert store.used_bytes == 60 * PAGE
+            finally:
+                await store.close()
+            # Another machine (empty index) finds every page in the bucket and reads it.
+            fresh = self.store_for(LAYOUT, None, index="index-fresh")
+            try:
+                assert sorted(await fresh.keys()) == sorted(again)
+                bufs = buffers(60)
+                assert await fresh.get(list(zip(again, bufs, strict=True))) == [True] * 60
+                assert all(np.array_equal(b, p) for b, p in zip(bufs, payloads(again),
+                                                                strict=True))
+            finally:
+                await fresh.close()
+
+        asyncio.run(body())
+
+    def test_put_checks_each_inherited_pack_once(self) -> None:
+        async def body() -> None:
+            ks = keys(64)
+            written, (lost,) = await self._written_then_lost(ks, lose=0)
+            store = self.store_for(LAYOUT, None)
+            try:
+                in_lost = [k for k in ks if (w := store.locate(k)) is not None and w[0] == lost]
+                items = list(zip(ks, payloads(ks), strict=True))
+                assert await store.put(items) == [True] * 64
+                # One check per pack the index names; the lost one's pages were uploaded again.
+                checks = store.stats().extra["pack_checks"]
+                assert checks == len(written)
+                assert store.stats().puts == len(in_lost)
+                assert await store.put(items) == [True] * 64
+                assert store.stats().extra["pack_checks"] == checks  # cached
+                bufs = buffers(64)
+                assert await store.get(list(zip(ks, bufs, strict=True))) == [True] * 64
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    def test_own_writes_need_no_check(self) -> None:
+        async def body() -> None:
+            store = self.store_for(LAYOUT, None)
+            try:
+                ks = keys(20)
+                items = list(zip(ks, payloads(ks), strict=True))
+                assert await store.put(items) == [True] * 20
+                assert await store.put(items) == [True] * 20
+                assert store.stats().extra["pack_checks"] == 0
+                assert store.stats().put_skipped == 20
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    def test_read_miss_on_an_inherited_pack_drops_its_other_pages(self) -> None:
+        async def body() -> None:
+            ks = keys(64)
+            _, (lost,) = await self._written_then_lost(ks, lose=1)
+            listener = RecordingListener()
+            store = self.store_for(LAYOUT, listener)
+            try:
+                in_lost = [k for k in ks if (w := store.locate(k)) is not None and w[0] == lost]
+                assert len(in_lost) > 1
+                assert await store.get([(in_lost[0], buffers(1)[0])]) == [False]
+                assert sorted(listener.removed(RemovalReason.CORRUPT)) == sorted(in_lost)
+                kept = [k for k in ks if k not in in_lost]
+                assert await store.exists(in_lost) == [False] * len(in_lost)
+                assert await store.exists(kept) == [True] * len(kept)
+                assert sorted(await store.keys()) == sorted(kept)
+                bufs = buffers(len(kept))
+                assert await store.get(list(zip(kept, bufs, strict=True))) == [True] * len(kept)
+                assert store.stats().errors == 0
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    # -- the bucket is checked at open -----------------------------------------------------
+    def test_missing_bucket_fails_at_open(self) -> None:
+        name = f"kvbm-absent-{uuid.uuid4().hex[:12]}"
+        with pytest.raises(TierUnavailableError) as err:
+            self.store_for(LAYOUT, None, bucket=name, **self.fast())
+        msg = str(err.value)
+        assert name in msg and "start_degraded" in msg
+        assert not (self.tmp_path / "index").exists()  # nothing created
+
+    def test_missing_bucket_degraded_start(self, caplog: pytest.LogCaptureFixture) -> None:
+        name = f"kvbm-late-{uuid.uuid4().hex[:12]}"
+
+        async def body() -> None:
+            listener = RecordingListener()
+            with caplog.at_level(logging.WARNING, logger="kvbm.storage.objectstore"):
+                store = self.store_for(LAYOUT, listener, bucket=name, start_degraded=True,
+                                       **self.fast(breaker=QUICK_BREAKER))
+            try:
+                assert any(name in r.getMessage() and r.levelno >= logging.WARNING
+                           for r in caplog.records)
+                assert store.stats().degraded == 1
+                ks = keys(3)
+                items = list(zip(ks, payloads(ks), strict=True))
+                assert await store.put(items) == [False] * 3
+                assert await store.get(list(zip(ks, buffers(3), strict=True))) == [False] * 3
+                assert await store.exists(ks) == [False] * 3
+                assert listener.events == []  # unavailable, not missing
+                self.raw_create_bucket(name)
+                await asyncio.sleep(QUICK_BREAKER.max_cooldown_s + 0.05)
+                assert await store.put(items) == [True] * 3
+                assert store.stats().degraded == 0
+                bufs = buffers(3)
+                assert await store.get(list(zip(ks, bufs, strict=True))) == [True] * 3
+                assert np.array_equal(bufs[2], page_payload(ks[2], PAGE))
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    def test_bucket_deleted_while_open_degrades(self, caplog: pytest.LogCaptureFixture
+                                                 ) -> None:
+        name = f"kvbm-gone-{uuid.uuid4().hex[:12]}"
+        self.raw_create_bucket(name)
+
+        async def body() -> None:
+            store = self.store_for(LAYOUT, None, bucket=name,
+                                   **self.fast(breaker=QUICK_BREAKER))
+            try:
+                ks = keys(4)
+                items = list(zip(ks, payloads(ks), strict=True))
+                assert await store.put(items[:2]) == [True] * 2
+                assert store.stats().degraded == 0
+                self.raw_delete_bucket(name)
+                with caplog.at_level(logging.WARNING, logger="kvbm.storage.objectstore"):
+                    assert await store.put(items[2:]) == [False] * 2
+                assert store.stats().degraded == 1
+                assert any("UNAVAILABLE" in r.getMessage() and name in r.getMessage()
+                           for r in caplog.records)
+                # Degraded: refused at once, no request (no second failed upload counted).
+                errors = store.stats().errors
+                assert await store.put(items[2:]) == [False] * 2
+                assert store.stats().errors == errors
+                self.raw_create_bucket(name)
+                await asyncio.sleep(QUICK_BREAKER.max_cooldown_s + 0.05)
+                assert await store.put(items[2:]) == [True] * 2
+                assert store.stats().degraded == 0
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    # -- input validation ------------------------------------------------------------------
+    def test_bad_keys_change_nothing(self) -> None:
+        async def body() -> None:
+            listener = RecordingListener()
+            store = self.store_for(LAYOUT, listener)
+            try:
+                (k,) = keys(1)
+                await store.put([(k, page_payload(k, PAGE))])
+                before = (store.stats().puts, store.stats().deleted, sorted(self.packs()))
+                for bad in (-1, 2**64, "abc", 1.5, None, True):
+                    with pytest.raises(InvalidKeyError):
+                        await store.put([(k, page_payload(k, PAGE)),
+                                         (bad, page_payload(1, PAGE))])  # type: ignore[list-item]
+                    with pytest.raises(InvalidKeyError):
+                        await store.get([(k, buffers(1)[0]), (bad, buffers(1)[0])])  # type: ignore[list-item]
+                    with pytest.raises(InvalidKeyError):
+                        await store.exists([k, bad])  # type: ignore[list-item]
+                    with pytest.raises(InvalidKeyError):
+                        await store.delete([k, bad])  # type: ignore[list-item]
+                    if bad is not None:  # None: a block without a parent
+                        with pytest.raises(InvalidKeyError):
+                            await store.put([(keys(1, start=7)[0], page_payload(1, PAGE))],
+                                            parents=[bad])  # type: ignore[list-item]
+                after = (store.stats().puts, store.stats().deleted, sorted(self.packs()))
+                assert after == before and listener.events == []
+                assert await store.exists([k]) == [True]
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    def test_read_only_buffer_is_a_layout_error(self) -> None:
+        async def body() -> None:
+            store = self.store_for(LAYOUT, None)
+            try:
+                (k,) = keys(1)
+                await store.put([(k, page_payload(k, PAGE))])
+                with pytest.raises(LayoutError):
+                    await store.get([(k, bytes(PAGE))])
+                assert store.stats().gets == 0
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    @pytest.mark.parametrize(("field", "value"), [
+        ("pack_bytes", 0), ("pack_bytes", 1.5), ("pack_bytes", True), ("pack_bytes", 6 << 30),
+        ("max_read_bytes", 0), ("max_read_bytes", float("nan")),
+        ("index_map_bytes", 0), ("index_map_bytes", 1 << 70),
+        ("max_workers", 0), ("max_workers", 10**6), ("max_workers", float("inf")),
+        ("connect_timeout_s", float("nan")), ("connect_timeout_s", float("inf")),
+        ("connect_timeout_s", 0.0), ("connect_timeout_s", "2"), ("connect_timeout_s", True),
+        ("read_timeout_s", float("nan")), ("read_timeout_s", float("inf")),
+        ("read_timeout_s", -1.0), ("read_timeout_s", 1e300),
+        ("pack_check_interval_s", float("nan")), ("pack_check_interval_s", float("inf")),
+        ("pack_check_interval_s", -1.0),
+        ("retry", None), ("breaker", {"cooldown_s": 1.0}), ("prefix", 5),
+        ("start_degraded", "yes"), ("conditional_writes", 1), ("rebuild_if_empty", None),
+    ])
+    def test_bad_config_values(self, field: str, value: Any) -> None:
+        with pytest.raises(ConfigError):
+            self.config(**{field: value})

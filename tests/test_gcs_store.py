@@ -44,12 +44,19 @@ class TestGCSStore(ObjectStoreTests, PageStoreTests[GCSStore]):
         kw.setdefault("pack_bytes", self.pack_bytes)
         # The shared emulator is found through STORAGE_EMULATOR_HOST (set by the fixture),
         # as the library expects; a proxy or a private server is named explicitly.
-        return GCSTierConfig(bucket=self.bucket_name, endpoint=endpoint, prefix=self.prefix,
-                             index_path=str(self.tmp_path / index), **kw)
+        kw.setdefault("prefix", self.prefix)
+        kw.setdefault("bucket", self.bucket_name)
+        return GCSTierConfig(endpoint=endpoint, index_path=str(self.tmp_path / index), **kw)
 
     def store_for(self, layout: KVLayout, listener: TierListener | None, *,
                   endpoint: str | None = None, index: str = "index", **kw: Any) -> GCSStore:
         return GCSStore(layout, self.config(endpoint, index, **kw), listener=listener)
+
+    def raw_create_bucket(self, name: str) -> None:
+        self.bucket.client.create_bucket(name)
+
+    def raw_delete_bucket(self, name: str) -> None:
+        self.bucket.client.bucket(name).delete(force=True)
 
     def raw_read(self, key: str) -> bytes:
         data: bytes = self.bucket.blob(key).download_as_bytes()

@@ -84,6 +84,60 @@ def test_backoff_is_jittered() -> None:
     assert len({p.backoff(3, rng) for _ in range(20)}) == 20
 
 
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("kw", [
+    {"max_attempts": 0}, {"max_attempts": 2.0}, {"max_attempts": True},
+    {"max_attempts": 10**6}, {"max_attempts": NAN},
+    {"base_delay_s": -1.0}, {"base_delay_s": NAN}, {"base_delay_s": INF},
+    {"base_delay_s": "0.1"}, {"max_delay_s": -1.0}, {"max_delay_s": NAN},
+    {"max_delay_s": INF}, {"multiplier": 0.5}, {"multiplier": NAN}, {"multiplier": INF},
+    {"deadline_s": 0.0}, {"deadline_s": NAN}, {"deadline_s": INF}, {"deadline_s": None},
+])
+def test_retry_policy_rejects(kw: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        RetryPolicy(**kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kw", [
+    {"failure_threshold": 0}, {"failure_threshold": 2.5}, {"failure_threshold": False},
+    {"failure_threshold": 10**9},
+    {"cooldown_s": NAN}, {"cooldown_s": INF}, {"cooldown_s": 0.0}, {"cooldown_s": "5"},
+    {"max_cooldown_s": NAN}, {"max_cooldown_s": INF},
+    {"cooldown_s": 10.0, "max_cooldown_s": 1.0},
+])
+def test_breaker_config_rejects(kw: dict[str, object]) -> None:
+    # A NaN cool-down compares false with every clock reading: the breaker would never
+    # re-arm and the tier would stay dead.
+    with pytest.raises(ConfigError):
+        BreakerConfig(**kw)  # type: ignore[arg-type]
+
+
+def test_backoff_of_many_retries_stays_capped() -> None:
+    p = RetryPolicy(max_attempts=1000, base_delay_s=0.5, max_delay_s=2.0, multiplier=10.0)
+    assert 0.0 <= p.backoff(1000, random.Random(0)) <= 2.0
+
+
+def test_tripped_breaker_rearms_after_its_cooldown() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(BreakerConfig(cooldown_s=2.0, max_cooldown_s=8.0), clock=clock)
+    breaker.trip()
+    assert breaker.state is BreakerState.OPEN and breaker.opens == 1
+    assert not breaker.would_allow()
+    breaker.trip()  # already open: no new opening
+    assert breaker.opens == 1
+    clock.now += 2.0
+    assert breaker.allow()  # the probe
+    breaker.record_failure()
+    clock.now += 2.0
+    assert breaker.state is BreakerState.OPEN  # the failed probe doubled the cool-down
+    clock.now += 2.0
+    assert breaker.allow()
+    breaker.record_success()
+    assert breaker.state is BreakerState.CLOSED
+
+
 def test_bad_policies() -> None:
     for kw in ({"max_attempts": 0}, {"base_delay_s": -1.0}, {"multiplier": 0.5},
                {"deadline_s": 0.0}):

@@ -31,12 +31,22 @@ class TestS3Store(ObjectStoreTests, PageStoreTests[S3Store]):
     def config(self, endpoint: str | None = None, index: str = "index",
                **kw: Any) -> S3TierConfig:
         kw.setdefault("pack_bytes", self.pack_bytes)
-        return S3TierConfig(bucket=self.bucket, endpoint_url=endpoint or self.endpoint,
-                            prefix=self.prefix, index_path=str(self.tmp_path / index), **kw)
+        kw.setdefault("prefix", self.prefix)
+        kw.setdefault("bucket", self.bucket)
+        return S3TierConfig(endpoint_url=endpoint or self.endpoint,
+                            index_path=str(self.tmp_path / index), **kw)
 
     def store_for(self, layout: KVLayout, listener: TierListener | None, *,
                   endpoint: str | None = None, index: str = "index", **kw: Any) -> S3Store:
         return S3Store(layout, self.config(endpoint, index, **kw), listener=listener)
+
+    def raw_create_bucket(self, name: str) -> None:
+        self.client.create_bucket(Bucket=name)
+
+    def raw_delete_bucket(self, name: str) -> None:
+        for o in self.client.list_objects_v2(Bucket=name).get("Contents", []):
+            self.client.delete_object(Bucket=name, Key=o["Key"])
+        self.client.delete_bucket(Bucket=name)
 
     def raw_read(self, key: str) -> bytes:
         data: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()

@@ -4,6 +4,7 @@ object storage, restart, corruption, backpressure, shutdown."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -12,7 +13,7 @@ import pytest
 
 from kvbm import BlockManager, BlockRemoved, BlockStored, DeviceTierConfig, HostTierConfig, Medium
 from kvbm.config import ManagerConfig, OffloadConfig
-from kvbm.errors import ConfigError, LayoutMismatchError
+from kvbm.errors import ConfigError, LayoutMismatchError, TierUnavailableError
 from kvbm.layout import KVLayout
 from kvbm.offload import OffloadEngine, TransferHandle, TransferKind, TransferStatus
 from kvbm.storage.base import Capability
@@ -287,6 +288,11 @@ def test_dead_object_store_degrades_to_misses(tmp_path, aws_test_env):
             run(mgr, toks(3))
             mgr._quiesce()
         server.stop()
+        # Opening against a dead server is an error, unless the operator chose to start
+        # degraded (misses until the server answers).
+        with pytest.raises(TierUnavailableError, match="start_degraded"):
+            BlockManager(LAYOUT, cfg)
+        cfg = dataclasses.replace(cfg, s3=dataclasses.replace(s3, start_degraded=True))
         with BlockManager(LAYOUT, cfg) as mgr:
             m = mgr.match_prefix(toks(3))
             assert m.by_medium == {Medium.OBJECT: 3}  # the local index still lists them
