@@ -308,10 +308,6 @@ class PackIndex:
                 out.append(None if raw is None else Location(*_ENTRY.unpack(raw)))
         return out
 
-    def contains(self, fingerprint: int, key: int) -> bool:
-        with self._env.begin(db=self._pages) as txn:
-            return txn.get(self.page_key(fingerprint, key)) is not None
-
     def keys(self, fingerprint: int) -> list[int]:
         prefix = _U64BE.pack(fingerprint)
         out: list[int] = []
@@ -844,15 +840,14 @@ class PackedObjectStore(PageStore):
         skipped = 0
         now = time.monotonic()
         with self._lock:
-            for i, (k, view) in enumerate(zip(keys, views, strict=True)):
+            locs = self._index.lookup(self.fingerprint, keys)
+            for i, (k, view, loc) in enumerate(zip(keys, views, locs, strict=True)):
                 fut = self._pending.get(k)
                 if fut is not None:
                     # Written by another put, or earlier in this batch (the first one wins).
                     waits[i] = fut
                     skipped += 1
-                    continue
-                (loc,) = self._index.lookup(self.fingerprint, [k])
-                if loc is None:
+                elif loc is None:
                     mine.append((k, view))
                     self._pending[k] = Future()
                     waits[i] = self._pending[k]
