@@ -207,6 +207,14 @@ def _families(st: ManagerStats, tiers: dict[Medium, dict[str, str]],
                {m: s.corrupt for m, (s, _) in lower.items()})
     per_medium(CounterMetricFamily, "kvbm_tier_errors", "tier operations that failed",
                {m: s.errors for m, (s, _) in lower.items()})
+    per_medium(GaugeMetricFamily, "kvbm_tier_degraded",
+               "1 while the tier answers misses because its location failed a check",
+               {m: s.degraded for m, (s, _) in lower.items()})
+    per_medium(CounterMetricFamily, "kvbm_index_rebuilds",
+               "times the tier rebuilt a damaged or missing index at open",
+               {m: s.index_rebuilds for m, (s, _) in lower.items()})
+    per_medium(CounterMetricFamily, "kvbm_pages_recovered", "pages index rebuilds found again",
+               {m: s.pages_recovered for m, (s, _) in lower.items()})
     per_medium(CounterMetricFamily, "kvbm_transfers_failed", "transfer batches the tier raised on",
                {m: q.failed for m, (_, q) in lower.items()})
     reads = CounterMetricFamily("kvbm_tier_read_pages", "page reads of a lower tier",

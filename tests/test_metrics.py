@@ -146,8 +146,8 @@ def test_tier_display_names_of_a_cpu_manager(tmp_path):
 
     with tiered(tmp_path) as mgr:
         names = tier_display_names(mgr)
+        pinned = mgr.host_pool is not None and mgr.host_pool.pinned
     assert names[Medium.GPU] == "GPU (CPU tensor)"  # device="cpu"
-    pinned = mgr.host_pool is not None and mgr.host_pool.pinned
     assert names[Medium.CPU_PINNED] == ("CPU_PINNED" if pinned else "CPU_PINNED (not pinned)")
     assert names[Medium.DISK] == "DISK"
 
@@ -308,8 +308,8 @@ def test_closed_error_is_not_what_a_scrape_sees(tmp_path):
 
 
 def test_breaker_state_of_an_unreachable_object_tier(tmp_path, aws_test_env):
-    """Nothing listens on the endpoint: the uploads fail, the breaker opens, the gauge says
-    2; once the cool-down has passed it says half-open (1)."""
+    """Nothing listens on the endpoint: requests fail, the breaker opens, the gauge says 2
+    (or 1 once the cool-down has passed: half-open, the next call is a probe)."""
     pytest.importorskip("boto3")
     import socket
 
@@ -321,7 +321,7 @@ def test_breaker_state_of_an_unreachable_object_tier(tmp_path, aws_test_env):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again at once: connections are refused
     s3 = S3TierConfig(bucket="b", endpoint_url=f"http://127.0.0.1:{port}",
-                      index_path=str(tmp_path / "idx"), rebuild_if_empty=False,
+                      index_path=str(tmp_path / "idx"), start_degraded=True,
                       connect_timeout_s=0.5, read_timeout_s=0.5,
                       retry=RetryPolicy(max_attempts=1),
                       breaker=BreakerConfig(failure_threshold=1, cooldown_s=0.3,
@@ -330,12 +330,28 @@ def test_breaker_state_of_an_unreachable_object_tier(tmp_path, aws_test_env):
     reg = prometheus_client.CollectorRegistry()
     with BlockManager(LAYOUT, cfg) as mgr:
         KvbmCollector(mgr, registry=reg)
-        assert sample(reg, "kvbm_breaker_state", medium="OBJECT") == 0
         run(mgr, toks(2))
         settle(mgr)
         assert sample(reg, "kvbm_breaker_opens_total", medium="OBJECT") >= 1
-        state = sample(reg, "kvbm_breaker_state", medium="OBJECT")
-        assert state in (1, 2)  # open, or half-open if the cool-down already passed
-        time.sleep(0.35)  # the cool-down: the next look finds it half-open
+        assert sample(reg, "kvbm_breaker_state", medium="OBJECT") in (1, 2)
+        time.sleep(0.35)  # past the cool-down: the next look finds it half-open
         assert sample(reg, "kvbm_breaker_state", medium="OBJECT") == 1
         assert sample(reg, "kvbm_tier_info", medium="OBJECT", display="OBJECT") == 1
+        assert sample(reg, "kvbm_tier_degraded", medium="OBJECT") == 1  # start_degraded
+
+
+def test_breaker_state_of_a_healthy_object_tier(tmp_path, s3_bucket, moto_endpoint):
+    from kvbm.metrics import KvbmCollector
+    from kvbm.storage.s3 import S3TierConfig
+
+    s3 = S3TierConfig(bucket=s3_bucket, endpoint_url=moto_endpoint, prefix="metrics/",
+                      index_path=str(tmp_path / "idx"))
+    cfg = ManagerConfig(device=DeviceTierConfig(4, device="cpu"), host=HostTierConfig(8), s3=s3)
+    reg = prometheus_client.CollectorRegistry()
+    with BlockManager(LAYOUT, cfg) as mgr:
+        KvbmCollector(mgr, registry=reg)
+        run(mgr, toks(2))
+        settle(mgr)
+        assert sample(reg, "kvbm_breaker_state", medium="OBJECT") == 0
+        assert sample(reg, "kvbm_tier_degraded", medium="OBJECT") == 0
+        assert sample(reg, "kvbm_pages_moved_total", medium="OBJECT", direction="store") == 2

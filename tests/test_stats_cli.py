@@ -26,7 +26,7 @@ from kvbm.storage.disk import DiskTierConfig
 
 pytest.importorskip("prometheus_client")
 
-from kvbm.cli.stats import quantile
+from kvbm.cli.stats import parse, quantile, summarize, table
 from kvbm.metrics import start_metrics_server
 
 BS = 4
@@ -145,6 +145,26 @@ def test_quantile_estimates():
     assert quantile([(1.0, 0.0), (inf, 0.0)], 0.5) is None
     assert quantile([(1.0, 0.0), (inf, 4.0)], 0.5) == 1.0  # in +Inf: the highest bound
     assert quantile([(0.5, 2.0), (inf, 2.0)], 0.5) == pytest.approx(0.25)
+
+
+def test_summary_of_an_object_tier_in_trouble():
+    """Breaker and degraded state as a process with an object tier exposes them."""
+    text = "\n".join([
+        'kvbm_lookups_total 4', 'kvbm_query_blocks_total 8',
+        'kvbm_hit_blocks_total{medium="GPU"} 2', 'kvbm_hit_blocks_total{medium="OBJECT"} 1',
+        'kvbm_breaker_state{medium="OBJECT"} 2', 'kvbm_tier_degraded{medium="OBJECT"} 0',
+        'kvbm_tier_info{medium="GPU",device="cuda:0",display="GPU"} 1',
+        'kvbm_tier_info{medium="OBJECT",display="OBJECT"} 1', ""])
+    doc = summarize(parse(text))
+    assert doc["hit_blocks"] == 3 and doc["hit_ratio"] == 3 / 8
+    assert list(doc["tiers"]) == ["GPU", "OBJECT"]
+    assert doc["tiers"]["OBJECT"]["breaker"] == "open"
+    rows = table(doc, "x").splitlines()[2:]
+    assert rows[1].split()[0] == "OBJECT" and " open " in rows[1]
+    degraded = summarize(parse(text.replace('degraded{medium="OBJECT"} 0',
+                                            'degraded{medium="OBJECT"} 1')))
+    assert degraded["tiers"]["OBJECT"]["degraded"] is True
+    assert " degraded " in table(degraded, "x").splitlines()[-1]
 
 
 def test_the_installed_command(served):

@@ -113,7 +113,7 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
     def tier(m: str) -> dict[str, Any]:
         return tiers.setdefault(m, {"display": m, "hit_blocks": 0, "used_pages": None,
                                     "pages_moved": 0, "bytes_moved": 0, "inflight_pages": None,
-                                    "breaker": None})
+                                    "breaker": None, "degraded": False})
 
     per_tier = {"kvbm_hit_blocks_total": "hit_blocks", "kvbm_pages_moved_total": "pages_moved",
                 "kvbm_bytes_moved_total": "bytes_moved", "kvbm_tier_used_pages": "used_pages",
@@ -126,6 +126,8 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
         elif name in per_tier:
             row = tier(m)
             row[per_tier[name]] = (row[per_tier[name]] or 0) + value
+        elif name == "kvbm_tier_degraded":
+            tier(m)["degraded"] = value > 0
         elif name == "kvbm_breaker_state":
             tier(m)["breaker"] = _BREAKER.get(int(value), str(value))
         elif name == "kvbm_tier_info":
@@ -166,6 +168,12 @@ def _ms(row: dict[str, Any], direction: str) -> str:
     return f"{p50 * 1e3:.1f}/{p99 * 1e3:.1f}"
 
 
+def _health(row: dict[str, Any]) -> str:
+    """The breaker column: "degraded" (the tier's location failed a check) says more than
+    the breaker's state; --json has both."""
+    return "degraded" if row["degraded"] else str(row["breaker"] or "-")
+
+
 def table(doc: dict[str, Any], source: str) -> str:
     tiers = doc["tiers"]
     w = max([len("tier"), *(len(r["display"]) for r in tiers.values())])
@@ -179,7 +187,7 @@ def table(doc: dict[str, Any], source: str) -> str:
         lines.append(f"{r['display']:<{w}} {_num(r['hit_blocks']):>10} "
                      f"{_num(r['used_pages']):>10} {_num(r['pages_moved']):>11} "
                      f"{_bytes(r['bytes_moved']):>11} {_num(r['inflight_pages']):>9} "
-                     f"{r['breaker'] or '-':>9} {_ms(r, 'load'):>16} {_ms(r, 'store'):>16}")
+                     f"{_health(r):>9} {_ms(r, 'load'):>16} {_ms(r, 'store'):>16}")
     return "\n".join(lines)
 
 
