@@ -212,6 +212,12 @@ class ManagerConfig:
                 raise ConfigError(f"config.{name} must be a {cls.__name__}, got {value!r}")
         if self.salt is not None and not isinstance(self.salt, str):
             raise ConfigError(f"config.salt must be a string, got {self.salt!r}")
+        if self.salt is not None and not self.salt.isascii():
+            try:
+                self.salt.encode()  # it seeds block hashes as UTF-8
+            except UnicodeEncodeError:
+                raise ConfigError(f"config.salt has no UTF-8 form (a lone surrogate): "
+                                  f"{self.salt!r}") from None
         if self.disk is not None:
             # DiskTierConfig checks only that these are strings: the names are checked here,
             # where the policy registry is at hand.

@@ -77,7 +77,9 @@ class SlotAllocator:
         """Validate a slot id from outside; returns it as int."""
         if type(slot) is int and 0 <= slot < self.num_slots:
             return slot
-        if isinstance(slot, bool) or not isinstance(slot, int):
+        if isinstance(slot, bool):  # an int subclass, but never meant as an id
+            raise BlockIdError(f"block id must be an int, got {slot!r}")
+        if not isinstance(slot, int):
             try:
                 slot = int(slot.__index__())
             except (AttributeError, TypeError):

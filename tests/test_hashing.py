@@ -291,6 +291,36 @@ def test_bad_mm_hashes_and_salt(impl: str) -> None:
         hash_blocks(tokens(4), 2, salt=-1)
 
 
+@pytest.mark.parametrize("kw", [
+    {"lora_name": "lora-\ud800"}, {"lora_name": 5}, {"lora_name": b"lora"},
+    {"salt": "salt-\udc80"}, {"salt": 1.5}, {"salt": 2**64}, {"salt": True},
+    {"parent_hash": -1}, {"parent_hash": 2**64}, {"parent_hash": 1.5}, {"parent_hash": True},
+    {"mm_hashes": {0: [1.5]}}, {"mm_hashes": {0: ["7"]}}, {"mm_hashes": {0: [True]}},
+    {"mm_hashes": {-1: [7]}}, {"mm_hashes": {"0": [7]}}, {"mm_hashes": {0: 7}},
+    {"mm_hashes": 7}, {"mm_hashes": "ab"}, {"mm_hashes": {9: [-1]}},
+])
+@pytest.mark.parametrize("n_tokens", [0, 4])
+def test_bad_arguments_raise_kvbm_errors_even_where_unused(impl: str, kw: dict[str, object],
+                                                           n_tokens: int) -> None:
+    """Lone surrogates (no UTF-8 form), wrong types and out-of-range values are refused with
+    a kvbm error, also when they would not change the result (no full block, media of the
+    partial block, a salt after a parent)."""
+    from kvbm.errors import KvbmError
+
+    if "salt" in kw:
+        kw = {**kw, "parent_hash": 7} if n_tokens else kw
+    with pytest.raises(KvbmError):
+        hash_blocks(tokens(n_tokens), 2, **kw)  # type: ignore[arg-type]
+
+
+def test_lora_and_salt_are_hashed_as_utf8(impl: str) -> None:
+    ts = tokens(2)
+    seed = (SEED + X("é".encode())) % 2**64
+    assert hash_blocks(ts, 2, lora_name="é").local[0] == X(tok(ts), seed)
+    assert hash_blocks(ts, 2, mm_hashes={0: [np.uint64(5)]}) == hash_blocks(
+        ts, 2, mm_hashes={0: [5]})  # numpy ints are ints
+
+
 @needs_native
 def test_native_rejects_bad_arguments() -> None:
     accel = hashing._accel
