@@ -1,9 +1,12 @@
 """Child process of the kill -9 test in test_disk_store.py (run as a script, never imported).
 
-Usage: ``python crash_writer.py ROOT SEED CAPACITY_BYTES``. Opens the disk store at ROOT and writes
-pages forever from three concurrent writers, with an occasional delete. Protocol on
-stdout, one whole line per event, flushed at once:
+Usage: ``python crash_writer.py ROOT SEED CAPACITY_BYTES [--announce-open]``. Opens the disk
+store at ROOT and writes pages forever from three concurrent writers, with an occasional
+delete. Protocol on stdout, one whole line per event, flushed at once:
 
+* ``opening`` (with ``--announce-open`` only) when everything is imported and the store is
+  about to be opened, so that the parent can kill -9 the open itself
+  (tests/test_disk_damage.py);
 * ``ready`` once the store is open;
 * ``ok KEY... end`` when a put returned, listing the keys it reported stored;
 * ``gone KEY... end`` *before* pages are deleted (the delete may or may not have reached
@@ -89,7 +92,11 @@ async def writer(store: DiskStore, seed: int, lane: int) -> None:
             mine = [k for k in mine if k not in doomed]
 
 
-async def main(root: Path, seed: int, capacity: int) -> None:
+async def main(root: Path, seed: int, capacity: int, announce: bool) -> None:
+    if announce:
+        with _out:
+            sys.stdout.write("opening\n")
+            sys.stdout.flush()
     store = await DiskStore.open(TEST_LAYOUT, config(root, capacity),
                                  listener=Listener())
     with _out:
@@ -99,4 +106,5 @@ async def main(root: Path, seed: int, capacity: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
+    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+                     "--announce-open" in sys.argv[4:]))

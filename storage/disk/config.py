@@ -49,7 +49,7 @@ class DiskTierConfig:
     io_chunk_bytes: int = 16 << 20
 
     def __post_init__(self) -> None:
-        if not isinstance(self.path, (str, Path)) or not str(self.path):
+        if not isinstance(self.path, (str, Path)) or not str(self.path) or "\0" in str(self.path):
             raise ConfigError(f"disk.path must be a non-empty path, got {self.path!r}")
         for name in ("capacity_bytes", "slab_bytes", "io_threads", "io_chunk_bytes"):
             value = getattr(self, name)

@@ -184,8 +184,11 @@ def read_identity(root: Path) -> Identity:
         raw = path.read_bytes()
     except FileNotFoundError:
         return Identity(IdentityState.ABSENT)
-    except (IsADirectoryError, NotADirectoryError):
-        return Identity(IdentityState.DAMAGED, problem=f"{path} is not a regular file")
+    except IsADirectoryError:
+        # Not something kvbm writes: whatever it holds is not ours to replace.
+        raise StorageError(f"{path} is not a regular file; refusing to touch {root}: remove "
+                           f"the directory if it is a kvbm disk store, or use another "
+                           f"path") from None
     except OSError as e:
         raise StorageError(f"cannot read {path}: {e}; check the permissions of the "
                            f"disk store directory") from e

@@ -34,11 +34,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar, cast
 
-from kvbm.errors import ConfigError, KvbmError, LayoutError, StorageError
+from kvbm.errors import ConfigError, InvalidArgumentError, KvbmError, LayoutError, StorageError
 from kvbm.layout import KVLayout
 from kvbm.medium import Medium
 from kvbm.policies import make_admission, make_eviction
 from kvbm.storage.base import Capability, PageStore, RemovalReason, TierListener
+from kvbm.storage.disk.args import check_items, check_keys, check_parents
 from kvbm.storage.disk.commit import GroupCommitter
 from kvbm.storage.disk.config import DiskTierConfig, Durability
 from kvbm.storage.disk.directory import (
@@ -103,6 +104,14 @@ class DiskStore(PageStore):
 
     def __init__(self, layout: KVLayout, config: DiskTierConfig, *,
                  listener: TierListener | None = None) -> None:
+        if not isinstance(layout, KVLayout):
+            raise InvalidArgumentError(f"layout must be a KVLayout, got {type(layout).__name__}")
+        if not isinstance(config, DiskTierConfig):
+            raise InvalidArgumentError(f"config must be a DiskTierConfig, got "
+                                       f"{type(config).__name__}")
+        if listener is not None and not callable(getattr(listener, "on_removed", None)):
+            raise InvalidArgumentError(f"listener must have an on_removed method, got "
+                                       f"{type(listener).__name__}")
         super().__init__(layout, listener=listener)
         self.config = config
         root = config.root
@@ -268,18 +277,18 @@ class DiskStore(PageStore):
                   *, parents: Sequence[int | None] | None = None) -> list[bool]:
         """See :meth:`PageStore.put`. ``parents`` (optional, one per item) names each
         block's prefix parent, for lineage-aware eviction; it is kept across restarts."""
-        # Validate every payload before anything is written: a bad batch stores nothing.
-        keys = [key for key, _ in items]
-        views = [self._view(key, buf) for key, buf in items]
-        if parents is not None and len(parents) != len(keys):
-            raise LayoutError(f"{len(parents)} parents for {len(keys)} pages")
+        # Validate every key and payload before anything is written: a bad batch stores
+        # nothing.
+        keys, bufs = check_items(items)
+        views = [self._view(key, buf) for key, buf in zip(keys, bufs, strict=True)]
+        checked_parents = check_parents(parents, len(keys))
         if not keys:
             return []
-        return await self._call(self._put_sync, keys, views, parents)
+        return await self._call(self._put_sync, keys, views, checked_parents)
 
     async def get(self, items: Sequence[tuple[int, Buffer]]) -> list[bool]:
-        keys = [key for key, _ in items]
-        views = [self._view(key, buf) for key, buf in items]
+        keys, bufs = check_items(items)
+        views = [self._view(key, buf) for key, buf in zip(keys, bufs, strict=True)]
         for key, mv in zip(keys, views, strict=True):
             if mv.readonly:
                 raise LayoutError(f"the buffer for page {key:#x} is read-only")
@@ -293,17 +302,27 @@ class DiskStore(PageStore):
         if (type(buf) is memoryview and buf.format == "B" and buf.ndim == 1
                 and buf.c_contiguous and buf.nbytes == self.page_bytes):
             return buf
-        return self._check_payload(key, buf)
+        try:
+            return self._check_payload(key, buf)
+        except TypeError as e:  # not a buffer, or not a contiguous one
+            if isinstance(e, KvbmError):
+                raise
+            raise InvalidArgumentError(f"page {key:#x}: the payload must be a contiguous "
+                                       f"buffer of {self.page_bytes} bytes, got "
+                                       f"{type(buf).__name__} ({e})") from None
 
     async def exists(self, keys: Sequence[int]) -> list[bool]:
+        checked = check_keys(keys)
         with self._lock:
             self._check_open()
-            return [k in self._index for k in keys]
+            return [k in self._index for k in checked]
 
     async def delete(self, keys: Sequence[int]) -> int:
-        if not keys:
+        checked = check_keys(keys)
+        self._check_open()
+        if not checked:
             return 0
-        return await self._call(self._delete_sync, list(keys))
+        return await self._call(self._delete_sync, checked)
 
     async def keys(self) -> list[int]:
         with self._lock:
