@@ -114,6 +114,24 @@ def test_describe_an_open_store(tmp_path: Path) -> None:
     asyncio.run(body())
 
 
+def test_describe_a_store_another_process_is_writing(tmp_path: Path) -> None:
+    proc = subprocess.Popen([sys.executable, str(CRASH_WRITER), str(tmp_path), "5",
+                             str(CRASH_CAPACITY)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith(b"ready")
+        for _ in range(5):
+            info = describe(tmp_path)
+            assert info["index"] == "ok" and info["pages_from"] == "index"
+            if Path("/proc/locks").exists():
+                assert info["open_by_pid"] == proc.pid
+        assert proc.poll() is None  # the writer never noticed
+    finally:
+        proc.kill()
+        proc.communicate(timeout=30)
+
+
 @pytest.mark.parametrize("damage", ["truncated", "missing", "empty_file"])
 def test_describe_a_damaged_or_missing_index(tmp_path: Path, damage: str) -> None:
     keys = make_store(tmp_path)
@@ -615,3 +633,20 @@ def test_config_numbers_must_be_positive_ints(tmp_path: Path, field: str, value:
 def test_config_path_must_be_a_path(path: Any) -> None:
     with pytest.raises(ConfigError, match=r"disk\.path"):
         DiskTierConfig(path=path, capacity_bytes=1 << 30)
+
+
+def test_damage_is_found_where_no_checking_process_can_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Embedded interpreters may have no usable sys.executable: lmdb's verifier then runs
+    # in this process (pure Python, plain reads: it cannot crash on the file).
+    keys = make_store(tmp_path)
+    os.truncate(tmp_path / "index" / "data.mdb", 3 * 4096)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+
+    async def body() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        assert store.stats().index_rebuilds == 1
+        assert set(keys) <= set(await store.keys())
+        await store.close()
+
+    asyncio.run(body())

@@ -3,8 +3,9 @@
 Nothing is written, created, locked or repaired: the identity file and the slab header areas
 are read with plain reads, and the lmdb index is checked and counted by
 storage/disk/probe.py in a child process that opens it read-only without its lock file. So
-a store can be described while another process has it open, and a damaged one is described
-rather than repaired (opening it with :class:`~kvbm.storage.disk.DiskStore` repairs it).
+a store can be described while another process has it open (its figures are then a moment's
+snapshot), and a damaged one is described rather than repaired (opening it with
+:class:`~kvbm.storage.disk.DiskStore` repairs it).
 """
 
 from __future__ import annotations
@@ -58,7 +59,14 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     assert meta is not None
     page_bytes = meta["page_bytes"]
     shape = SlabShape(meta["slot_bytes"], meta["slab_slots"], meta["header_area"])
+    holder = _lock_holder(root / LOCK_NAME)
     check = check_index(root / "index")
+    for _ in range(2):
+        if check.health is not IndexHealth.DAMAGED or holder is None:
+            break
+        # The check reads without lmdb's lock: while another process commits, a page it
+        # frees and reuses mid-read can look damaged. Real damage is there every time.
+        check = check_index(root / "index")
     out: dict[str, Any] = {
         "path": str(root), "format": FORMAT, "format_version": format_version(FORMAT),
         "layout": meta["layout"], "layout_fingerprint": meta["fingerprint"],
@@ -81,7 +89,7 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
         "pages": pages, "bytes": pages * page_bytes, "pages_from": source,
         "damaged_headers": damaged, "slabs": len(slab_files),
         "slab_file_bytes": sum(p.stat().st_size for p in slab_files),
-        "open_by_pid": _lock_holder(root / LOCK_NAME),
+        "open_by_pid": holder,
     })
     return out
 
