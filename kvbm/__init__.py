@@ -2,7 +2,7 @@
 
 G1 device memory, G2 host memory, G3 local disk, G4 object storage; blocks are named by
 chained xxh3 hashes of their tokens (compatible with Dynamo's KV router) and indexed in one
-prefix index. See docs/ and DESIGN.md.
+prefix index. See docs/.
 """
 
 import importlib as _importlib

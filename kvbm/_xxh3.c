@@ -1,5 +1,5 @@
 /*
- * kvbm._xxh3 -- native hot loop for kvbm.hashing (DESIGN.md section 4).
+ * kvbm._xxh3 -- native hot loop for kvbm.hashing.
  *
  * A from-scratch, scalar implementation of XXH3-64 (xxHash v0.8 output format), bit-exact
  * with xxhash.xxh3_64_intdigest for every input length and seed, plus the two loops that

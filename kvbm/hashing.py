@@ -1,4 +1,4 @@
-"""Block hashing, compatible with Dynamo's KV router (DESIGN.md §4).
+"""Block hashing, compatible with Dynamo's KV router.
 
 * Tokens of a block are encoded as unsigned 32-bit little-endian integers.
 * Local hash: ``xxh3_64(token bytes, seed)``, ``seed = 1337``; with a LoRA adapter,

@@ -26,6 +26,7 @@ from kvbm.capacity import (
     device_available_bytes,
     host_available_bytes,
 )
+from kvbm.deps import require
 from kvbm.errors import BlockIdError, BlockStateError, ConfigError, PoolExhaustedError
 from kvbm.layout import Arrangement, KVLayout
 
@@ -217,7 +218,7 @@ class DevicePool:
     """G1: the pages the engine computes into, in the layout's arrangement."""
 
     def __init__(self, layout: KVLayout, num_blocks: int, device: str = "auto") -> None:
-        import torch
+        torch = require("torch", "engine", "the device tier (G1)")
 
         _check_num_blocks(num_blocks)
         self.layout = layout
@@ -259,7 +260,7 @@ class HostPool:
     """G2: one contiguous page per block, byte-addressable for the tiers below."""
 
     def __init__(self, layout: KVLayout, num_blocks: int, pin_memory: bool | None = None) -> None:
-        import torch
+        torch = require("torch", "engine", "the host tier (G2)")
 
         cuda = torch.cuda.is_available()
         if pin_memory and not cuda:

@@ -1,6 +1,6 @@
 """Fault handling for remote tiers: bounded retries with backoff and jitter, and a breaker.
 
-A dead or sick object store must degrade to *misses*, never to a hung engine (DESIGN §6).
+A dead or sick object store must degrade to *misses*, never to a hung engine.
 Three mechanisms do that together:
 
 * every request carries a client-side timeout (set by the backend on its client);

@@ -1,4 +1,4 @@
-"""Block hashing (DESIGN.md §4): hand-computed vectors, native == pure Python, bad input.
+"""Block hashing (docs/architecture.md): hand-computed vectors, native == pure Python, bad input.
 
 Expected values are built here byte by byte from ``xxhash`` and ``struct``, never from kvbm,
 so a wrong seed, byte order, chain step or block split in kvbm makes these tests fail.

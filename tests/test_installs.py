@@ -213,3 +213,31 @@ def test_info_says_what_a_missing_torch_means(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert "kvtier[engine]" in proc.stdout and "BlockManager" in proc.stdout
     assert re.search(r"lmdb: \d", proc.stdout)  # extras are listed with their versions
+
+
+ENGINE_WITHOUT = '''
+import sys, tempfile
+from kvbm import BlockManager, KVLayout, ManagerConfig, DeviceTierConfig, HostTierConfig
+from kvbm.errors import MissingDependencyError
+from kvbm.storage.disk import DiskTierConfig
+layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, block_size=4, dtype="float32")
+cfg = ManagerConfig(device=DeviceTierConfig(num_blocks=4, device="cpu"),
+                    host=HostTierConfig(num_blocks=4),
+                    disk=DiskTierConfig(path=tempfile.mkdtemp(), capacity_bytes=1 << 20))
+try:
+    BlockManager(layout, cfg)
+except MissingDependencyError as e:
+    assert isinstance(e, ImportError)
+    print("MISSING", e)
+else:
+    print("BUILT")
+'''
+
+
+@pytest.mark.parametrize(("blocked", "extra"), [("torch", "engine"), ("lmdb", "disk")])
+def test_engine_side_without_its_extra_names_the_extra(tmp_path: Path, blocked: str,
+                                                       extra: str) -> None:
+    r = _python(["-c", ENGINE_WITHOUT], _child_env(tmp_path, {blocked}), tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("MISSING"), r.stdout + r.stderr
+    assert f"kvtier[{extra}]" in r.stdout
