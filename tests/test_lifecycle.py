@@ -302,10 +302,11 @@ cfg = ManagerConfig(device=DeviceTierConfig({g1}, device="cpu"),
 mgr = BlockManager(layout, cfg)
 tokens = np.arange(0, {n} * BS, dtype=np.uint32)
 m = mgr.match_prefix(tokens)
-new = mgr.allocate({n})
-for b, h in zip(new, m.hashes.sequence):
-    mgr.block_view(b).fill_(float(h % 999_983))
-mgr.release(mgr.commit(new, tokens, hashes=m.hashes))
+for k in range(0, {n}, 4):  # a conversation, 4 blocks a turn: stores are in flight at the end
+    new = mgr.allocate(4)
+    for b, h in zip(new, m.hashes.sequence[k:k + 4]):
+        mgr.block_view(b).fill_(float(h % 999_983))
+    mgr.release(mgr.commit(new, tokens, start_block=k, hashes=m.hashes))
 {tail}
 """
 
@@ -324,6 +325,9 @@ def child_cfg(tmp_path: Path) -> ManagerConfig:
 
 @pytest.mark.parametrize("eager", [True, False])
 def test_exit_without_close_flushes_at_exit(tmp_path, eager):
+    """A script that exits without close(): the exit flush writes every committed block
+    down before the interpreter shuts the tiers' thread pools down (which made in-flight
+    stores fail with 'cannot schedule new futures after interpreter shutdown')."""
     proc = run_child(tmp_path, n=40, eager=eager, tail="")
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -357,3 +361,39 @@ def test_exit_flush_can_be_disabled(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "not closed" not in proc.stderr
     assert served_from_disk(child_cfg(tmp_path), toks(8)) == 0
+
+
+def test_exit_registration_is_weak_and_ends_at_close(tmp_path):
+    import gc
+    import weakref
+
+    from kvbm.manager import _exit_flush
+
+    plain = BlockManager(LAYOUT, ManagerConfig(device=DeviceTierConfig(4, device="cpu")))
+    assert plain not in _exit_flush.managers()  # nothing durable to flush
+    mgr = BlockManager(LAYOUT, config(tmp_path))
+    assert mgr in _exit_flush.managers()
+    mgr.close()
+    assert mgr not in _exit_flush.managers()
+    ref = weakref.ref(mgr)
+    del mgr
+    gc.collect()
+    assert ref() is None  # the registry does not keep a closed manager alive
+    plain.close()
+
+
+def test_exit_flush_leaves_a_manager_alone_while_its_thread_runs(tmp_path):
+    """The manager belongs to a thread that is still running when the main thread ends:
+    flushing it from the main thread would break single ownership, so it is not touched."""
+    code = textwrap.dedent(CHILD).format(bs=BS, g1=64, g2=64, eager=False, n=8, tail="")
+    body = textwrap.indent(code.split("mgr = BlockManager(layout, cfg)\n", 1)[1], "    ")
+    head = code.split("mgr = BlockManager(layout, cfg)\n", 1)[0]
+    script = (head + "import threading, time\nready = threading.Event()\n"
+              "def owner():\n    global mgr\n    mgr = BlockManager(layout, cfg)\n" + body
+              + "    ready.set()\n    time.sleep(1.5)\n"
+              "threading.Thread(target=owner).start()\nready.wait()\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "g3")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "still running" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
