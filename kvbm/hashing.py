@@ -21,7 +21,7 @@ import array
 import struct
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
@@ -54,12 +54,22 @@ class BlockHashes:
 
     local: list[int]
     sequence: list[int]
+    #: made by :func:`hash_blocks`: two lists of u64 ints of one length, which the block
+    #: manager need not check again (one built by hand is checked where it is used)
+    _computed: bool = field(default=False, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.sequence)
 
     def __getitem__(self, s: slice) -> BlockHashes:
-        return BlockHashes(self.local[s], self.sequence[s])
+        return _computed(self.local[s], self.sequence[s]) if self._computed else BlockHashes(
+            self.local[s], self.sequence[s])
+
+
+def _computed(local: list[int], sequence: list[int]) -> BlockHashes:
+    out = BlockHashes(local, sequence)
+    object.__setattr__(out, "_computed", True)  # frozen; not an init field on purpose
+    return out
 
 
 def _utf8(value: str, what: str) -> bytes:
@@ -209,7 +219,7 @@ def hash_blocks(
     salt_bytes = None if salt is None else _salt_bytes(salt)
     mm = _mm_for_block(mm_hashes, n)
     if n == 0:
-        return BlockHashes([], [])
+        return _computed([], [])
     first_seed = seed
     if salt_bytes is not None and parent_hash is None:
         first_seed = (seed + _xxh3(salt_bytes)) & _U64
@@ -219,7 +229,7 @@ def hash_blocks(
         start = i * block_size * 4
         data = buf[start: start + block_size * 4] + struct.pack(f"<{len(media)}Q", *media)
         local[i] = _xxh3(data, first_seed if i == 0 else seed)
-    return BlockHashes(local, chain(local, parent_hash))
+    return _computed(local, chain(local, parent_hash))
 
 
 def _local_hashes(buf: bytes, step: int, n: int, seed: int, first_seed: int) -> list[int]:

@@ -68,6 +68,9 @@ class MatchResult:
     mediums: list[Medium] = field(default_factory=list)
     #: the LoRA adapter the query was hashed with
     lora_name: str | None = None
+    #: made by the block manager, whose hashes are valid: ``onboard`` need not check them
+    #: again (one built by hand, or by ``dataclasses.replace``, is checked)
+    _checked: bool = field(default=False, init=False, repr=False, compare=False)
 
     @property
     def num_query_blocks(self) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import contextlib
 import copy
 import enum
 import logging
@@ -100,6 +101,8 @@ def _seconds(value: object, name: str) -> float | None:
 
 
 def _count(value: object, name: str) -> int:
+    if type(value) is int and value >= 0:  # the common case, first (hot path)
+        return value
     if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
         raise InvalidArgumentError(f"{name} must be a non-negative int, got {value!r}")
     if value < 0:
@@ -111,6 +114,8 @@ def _check_id_container(block_ids: object, name: str, *, ordered: bool) -> None:
     """The container of block ids (the pool checks each id). ``ordered``: a sequence (a
     list, tuple, range or 1-D array); otherwise any iterable collection. Strings, bytes and
     mappings are refused: iterating them yields something else than the ids meant."""
+    if type(block_ids) is list or type(block_ids) is tuple:  # the common case (hot path)
+        return
     ok = (isinstance(block_ids, Sequence | np.ndarray) if ordered
           else isinstance(block_ids, Iterable))
     if (not ok or isinstance(block_ids, str | bytes | bytearray | memoryview | Mapping)
@@ -132,6 +137,8 @@ def _check_keys(keys: object, name: str) -> None:
 
 
 def _check_hashes(hashes: object) -> None:
+    if type(hashes) is BlockHashes and hashes._computed:  # by hash_blocks: valid
+        return
     if not isinstance(hashes, BlockHashes):
         raise InvalidArgumentError(f"hashes must be a BlockHashes (kvbm.hashing.hash_blocks), "
                                    f"got {type(hashes).__name__}")
@@ -146,7 +153,8 @@ def _check_match(match: object) -> MatchResult:
     if not isinstance(match, MatchResult):
         raise InvalidArgumentError(f"onboard needs the MatchResult of match_prefix or "
                                    f"match_hashes, got {type(match).__name__}")
-    _check_keys(match.sequence_hashes, "match.sequence_hashes")
+    if not match._checked:
+        _check_keys(match.sequence_hashes, "match.sequence_hashes")
     return match
 
 
@@ -334,6 +342,8 @@ class OnboardHandle:
         loaded (their pages are still cached in G2 if they arrive)."""
         if self.status is not OnboardStatus.PENDING:
             return
+        if self._mgr.closed:
+            raise _closed_error()
         first = min(self._staged)
         self._cut = first
         self.block_ids = self._g1[:first]
@@ -548,8 +558,10 @@ class BlockManager:
         self._hit_blocks += len(recs)
         for m, c in by_medium.items():
             self._hits_by_medium[m] += c
-        return MatchResult(len(recs), by_medium, hashes.sequence[: len(recs)], hashes, mediums,
-                           lora_name)
+        out = MatchResult(len(recs), by_medium, hashes.sequence[: len(recs)], hashes, mediums,
+                          lora_name)
+        object.__setattr__(out, "_checked", True)  # frozen; not an init field on purpose
+        return out
 
     def onboard(self, match: MatchResult) -> list[int]:
         """Pin the matched prefix in G1, copying up the blocks held only in lower tiers, and
@@ -573,7 +585,11 @@ class BlockManager:
         _check_match(match)
         self._drain()
         g1 = self._g1
-        recs = self._index.match(match.sequence_hashes)
+        try:
+            recs = self._index.match(match.sequence_hashes)
+        except TypeError:  # an unhashable "hash" put into a match's list after the fact
+            raise InvalidKeyError("match.sequence_hashes holds something that is not a block "
+                                  "hash") from None
         missing = [r for r in recs if r.g1 < 0]
         staged = [r for r in missing if r.g2 < 0]
         if staged:
@@ -1108,7 +1124,8 @@ class BlockManager:
                 for k in self._engine.run(store.keys()):
                     self._orphans[k] = self._orphans.get(k, 0) | lt.bit
         except BaseException:
-            self._engine.shutdown(flush=False)
+            with contextlib.suppress(TransferError):  # the opening error is the one to see
+                self._engine.shutdown(flush=False)
             raise
         log.info("lower tiers: %s; %d stored pages found", [t.medium.value for t in self._lower],
                  len(self._orphans))

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, overload
 
-from kvbm.errors import TransferError
+from kvbm.errors import InvalidArgumentError, TransferError
 from kvbm.medium import Medium
 
 if TYPE_CHECKING:
@@ -310,6 +310,11 @@ class OffloadEngine:
         unclosed, and :class:`~kvbm.errors.TransferError` says so."""
         if self._closed:
             return
+        if timeout is not None and (isinstance(timeout, bool)
+                                    or not isinstance(timeout, int | float)
+                                    or not 0 <= timeout < float("inf")):
+            raise InvalidArgumentError(f"timeout must be a finite number of seconds >= 0 or "
+                                       f"None, got {timeout!r}")
 
         async def stop() -> None:
             for w in self._workers.values():
@@ -341,6 +346,9 @@ class OffloadEngine:
     # -- submission (any thread) ---------------------------------------------------------------
     def submit(self, handle: TransferHandle) -> TransferHandle:
         """Queue a transfer. A store over the tier's in-flight bound ends SKIPPED at once."""
+        if not isinstance(handle, TransferHandle):
+            raise InvalidArgumentError(f"submit needs a TransferHandle, got "
+                                       f"{type(handle).__name__}")
         w = self._workers.get(handle.medium)
         if w is None:
             raise TransferError(f"no {handle.medium.value} tier in the offload engine")

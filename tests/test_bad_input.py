@@ -240,3 +240,38 @@ def test_manager_config_salt_must_be_a_utf8_string(salt) -> None:
 def test_nan_and_negative_deadlines_in_config_are_refused(field, bad) -> None:
     with pytest.raises(ConfigError):
         OffloadConfig(**{field: bad})
+
+
+def test_a_match_tampered_with_after_the_fact_is_refused(world: World) -> None:
+    import dataclasses
+
+    before = world.snapshot()
+    m = world.mgr.match_prefix(toks(3))
+    replaced = dataclasses.replace(m, sequence_hashes=[-1, *m.sequence_hashes])
+    with pytest.raises(InvalidKeyError):
+        world.mgr.onboard(replaced)  # a copy is checked again
+    m.sequence_hashes.insert(0, [1])  # an unhashable "hash" in a real match's own list
+    with pytest.raises(InvalidKeyError):
+        world.mgr.onboard(m)
+    after = world.snapshot()
+    assert after[1:] == before[1:]  # (the two matches counted as lookups)
+
+
+def test_offload_engine_entry_points_validate() -> None:
+    from kvbm.offload import OffloadEngine
+
+    engine = OffloadEngine()
+    try:
+        for bad in ("x", None, 5):
+            with pytest.raises(InvalidArgumentError):
+                engine.submit(bad)  # type: ignore[arg-type]
+        for t in (math.nan, math.inf, -1.0, "1", True):
+            with pytest.raises(InvalidArgumentError):
+                engine.shutdown(timeout=t)  # type: ignore[arg-type]
+        assert engine.run(_answer()) == 42  # still running
+    finally:
+        engine.shutdown()
+
+
+async def _answer() -> int:
+    return 42
