@@ -218,7 +218,8 @@ class DevicePool:
     """G1: the pages the engine computes into, in the layout's arrangement."""
 
     def __init__(self, layout: KVLayout, num_blocks: int, device: str = "auto") -> None:
-        torch = require("torch", "engine", "the device tier (G1)")
+        require("torch", "engine", "the device tier (G1)")
+        import torch
 
         _check_num_blocks(num_blocks)
         self.layout = layout
@@ -260,7 +261,8 @@ class HostPool:
     """G2: one contiguous page per block, byte-addressable for the tiers below."""
 
     def __init__(self, layout: KVLayout, num_blocks: int, pin_memory: bool | None = None) -> None:
-        torch = require("torch", "engine", "the host tier (G2)")
+        require("torch", "engine", "the host tier (G2)")
+        import torch
 
         cuda = torch.cuda.is_available()
         if pin_memory and not cuda:
