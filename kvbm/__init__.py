@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from kvbm.hashing import BlockHashes, hash_blocks
     from kvbm.index import MatchResult
     from kvbm.layout import Arrangement, KVLayout
-    from kvbm.manager import BlockManager, ManagerStats
+    from kvbm.manager import BlockManager
     from kvbm.medium import Medium
+    from kvbm.reports import FlushResult, ManagerStats, TierUsage
 
 __version__ = "0.1.0"
 
@@ -36,12 +37,14 @@ __all__ = [
     "BlockRemoved",
     "BlockStored",
     "DeviceTierConfig",
+    "FlushResult",
     "HostTierConfig",
     "KVLayout",
     "ManagerConfig",
     "ManagerStats",
     "MatchResult",
     "Medium",
+    "TierUsage",
     "hash_blocks",
 ]
 
@@ -56,12 +59,14 @@ _EXPORTS = {
     "BlockRemoved": "kvbm.events",
     "BlockStored": "kvbm.events",
     "DeviceTierConfig": "kvbm.config",
+    "FlushResult": "kvbm.reports",
     "HostTierConfig": "kvbm.config",
     "KVLayout": "kvbm.layout",
     "ManagerConfig": "kvbm.config",
-    "ManagerStats": "kvbm.manager",
+    "ManagerStats": "kvbm.reports",
     "MatchResult": "kvbm.index",
     "Medium": "kvbm.medium",
+    "TierUsage": "kvbm.reports",
     "hash_blocks": "kvbm.hashing",
 }
 

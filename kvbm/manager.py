@@ -17,29 +17,32 @@ block is written back to G2 when G1 evicts it.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import contextlib
 import copy
 import enum
 import logging
-import math
-import os
 import queue
-import reprlib
 import threading
 import time
-import weakref
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from kvbm.checks import (
+    U64,
+    as_count,
+    as_seconds,
+    check_hashes,
+    check_id_container,
+    check_match,
+    closed_error,
+)
 from kvbm.config import DeviceTierConfig, ManagerConfig
 from kvbm.errors import (
     BlockStateError,
-    ClosedError,
     ConfigError,
     InvalidArgumentError,
     InvalidKeyError,
@@ -48,6 +51,7 @@ from kvbm.errors import (
     TransferError,
 )
 from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvbm.exitflush import exit_flush
 from kvbm.hashing import BlockHashes, MmHashes, as_token_array, check_lora_name, hash_blocks
 from kvbm.index import BlockRecord, MatchResult, PrefixIndex
 from kvbm.layout import KVLayout
@@ -62,6 +66,7 @@ from kvbm.offload import (
 from kvbm.policies import make_admission, make_eviction
 from kvbm.policies.base import AdmissionPolicy, EvictionPolicy
 from kvbm.pool import DevicePool, HostPool, SlotAllocator, copy_blocks
+from kvbm.reports import FlushResult, ManagerStats, TierUsage
 
 if TYPE_CHECKING:
     import torch
@@ -73,153 +78,8 @@ log = logging.getLogger(__name__)
 _GPU = Medium.GPU.bit
 _HOST = Medium.CPU_PINNED.bit
 _LOWER = Medium.DISK.bit | Medium.OBJECT.bit
-_U64 = (1 << 64) - 1
 
 
-# -- argument checks (every public entry point validates before it changes anything) ------------
-def _closed_error() -> ClosedError:
-    return ClosedError("the manager is closed: after close() only close(), stats(), "
-                       "take_events() and the closed/layout/config attributes are available; "
-                       "create a new BlockManager")
-
-
-def _seconds(value: object, name: str) -> float | None:
-    """``None``, or a finite number of seconds >= 0 as a float."""
-    if value is None:
-        return None
-    if isinstance(value, bool | np.bool_) or not isinstance(
-            value, int | float | np.integer | np.floating):
-        raise InvalidArgumentError(f"{name} must be a number of seconds or None, got {value!r}")
-    try:
-        v = float(value)
-    except OverflowError:  # an int beyond float range
-        v = math.inf
-    if not 0 <= v < math.inf:  # also false for NaN
-        raise InvalidArgumentError(f"{name} must be a finite number of seconds >= 0 (None: no "
-                                   f"limit), got {value!r}")
-    return v
-
-
-def _count(value: object, name: str) -> int:
-    if type(value) is int and value >= 0:  # the common case, first (hot path)
-        return value
-    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
-        raise InvalidArgumentError(f"{name} must be a non-negative int, got {value!r}")
-    if value < 0:
-        raise InvalidArgumentError(f"{name} must be >= 0, got {value}")
-    return int(value)
-
-
-def _check_id_container(block_ids: object, name: str, *, ordered: bool) -> None:
-    """The container of block ids (the pool checks each id). ``ordered``: a sequence (a
-    list, tuple, range or 1-D array); otherwise any iterable collection. Strings, bytes and
-    mappings are refused: iterating them yields something else than the ids meant."""
-    if type(block_ids) is list or type(block_ids) is tuple:  # the common case (hot path)
-        return
-    ok = (isinstance(block_ids, Sequence | np.ndarray) if ordered
-          else isinstance(block_ids, Iterable))
-    if (not ok or isinstance(block_ids, str | bytes | bytearray | memoryview | Mapping)
-            or (isinstance(block_ids, np.ndarray) and block_ids.ndim != 1)):
-        raise InvalidArgumentError(
-            f"{name} must be a {'sequence' if ordered else 'collection'} of block ids, got "
-            f"{type(block_ids).__name__} {reprlib.repr(block_ids)}")
-
-
-def _check_keys(keys: object, name: str) -> None:
-    """A list of block hashes: ints in ``[0, 2**64)``."""
-    if not isinstance(keys, list | tuple):
-        raise InvalidArgumentError(f"{name} must be a list of block hashes, got "
-                                   f"{type(keys).__name__}")
-    # Checked in C-speed passes (type, then range): this runs on every onboard.
-    if keys and (not all(type(h) is int for h in keys) or min(keys) < 0 or max(keys) > _U64):
-        bad = next(h for h in keys if type(h) is not int or not 0 <= h <= _U64)
-        raise InvalidKeyError(f"{name}: a block hash must be an int in [0, 2**64), got {bad!r}")
-
-
-def _check_hashes(hashes: object) -> None:
-    if type(hashes) is BlockHashes and hashes._computed:  # by hash_blocks: valid
-        return
-    if not isinstance(hashes, BlockHashes):
-        raise InvalidArgumentError(f"hashes must be a BlockHashes (kvbm.hashing.hash_blocks), "
-                                   f"got {type(hashes).__name__}")
-    _check_keys(hashes.local, "hashes.local")
-    _check_keys(hashes.sequence, "hashes.sequence")
-    if len(hashes.local) != len(hashes.sequence):
-        raise InvalidArgumentError(f"hashes has {len(hashes.local)} local and "
-                                   f"{len(hashes.sequence)} sequence hashes")
-
-
-def _check_match(match: object) -> MatchResult:
-    if not isinstance(match, MatchResult):
-        raise InvalidArgumentError(f"onboard needs the MatchResult of match_prefix or "
-                                   f"match_hashes, got {type(match).__name__}")
-    if not match._checked:
-        _check_keys(match.sequence_hashes, "match.sequence_hashes")
-    return match
-
-
-# -- the exit flush ---------------------------------------------------------------------------
-class _ExitFlush:
-    """Flushes and closes, when the interpreter exits, the managers with tiers below host
-    memory that were not closed (see "Durability" in :class:`BlockManager`). Managers are
-    held weakly: registering one does not keep it alive."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._managers: weakref.WeakSet[BlockManager] = weakref.WeakSet()
-        self._hooked = False
-
-    def add(self, mgr: BlockManager) -> None:
-        with self._lock:
-            if not self._hooked:
-                self._hooked = self._hook()
-            if self._hooked:
-                self._managers.add(mgr)
-
-    def discard(self, mgr: BlockManager) -> None:
-        with self._lock:
-            self._managers.discard(mgr)
-
-    def managers(self) -> list[BlockManager]:
-        with self._lock:
-            return list(self._managers)
-
-    def _hook(self) -> bool:
-        # The tiers do blocking I/O on thread pools, and concurrent.futures shuts every pool
-        # down as the interpreter starts to exit, in a threading exit hook; a pool refuses
-        # work afterwards ("cannot schedule new futures after shutdown"), and a plain atexit
-        # handler runs later still. Threading exit hooks run last-registered first: ours,
-        # registered once concurrent.futures.thread has registered its own, runs while the
-        # pools (and the offload loop, a daemon thread) still work.
-        import concurrent.futures.thread  # noqa: F401 - its exit hook must come first
-
-        register = getattr(threading, "_register_atexit", None)
-        try:
-            if register is not None:
-                register(self._run)
-            else:  # pragma: no cover - interpreters without it: best effort
-                atexit.register(self._run)
-        except RuntimeError:  # the interpreter is already exiting
-            return False
-        if hasattr(os, "register_at_fork"):
-            # A forked child owns none of its parent's managers (their threads are not
-            # there); it must not try to flush them when it exits.
-            os.register_at_fork(after_in_child=self._forget_all)
-        return True
-
-    def _forget_all(self) -> None:
-        self._lock = threading.Lock()
-        self._managers = weakref.WeakSet()
-
-    def _run(self) -> None:
-        for mgr in self.managers():
-            try:
-                mgr._close_at_exit()
-            except BaseException:  # one manager's failure must not stop the others' flush
-                log.exception("kvbm: closing a BlockManager at exit failed")
-
-
-_exit_flush = _ExitFlush()
 
 
 class _MemTier:
@@ -325,9 +185,9 @@ class OnboardHandle:
         """Block until every load finished (owner thread); returns ``block_ids``. On timeout
         (seconds, finite and >= 0; ``None``: no limit) the handle is cancelled: the prefix is
         cut before the first block still loading."""
-        limit = _seconds(timeout, "timeout")
+        limit = as_seconds(timeout, "timeout")
         if not self.done() and self._mgr.closed:
-            raise _closed_error()
+            raise closed_error()
         deadline = None if limit is None else time.monotonic() + limit
         while not self.done():
             left = None if deadline is None else deadline - time.monotonic()
@@ -343,7 +203,7 @@ class OnboardHandle:
         if self.status is not OnboardStatus.PENDING:
             return
         if self._mgr.closed:
-            raise _closed_error()
+            raise closed_error()
         first = min(self._staged)
         self._cut = first
         self.block_ids = self._g1[:first]
@@ -351,85 +211,8 @@ class OnboardHandle:
         self.status = OnboardStatus.CANCELLED
 
 
-@dataclass(frozen=True)
-class FlushResult:
-    """What :meth:`BlockManager.flush` did."""
-
-    #: committed blocks copied from G1 to G2 on their way down (write-back mode)
-    to_host: int
-    #: pages stored in each tier below host memory while the flush ran (its own stores and
-    #: the offloads it waited for)
-    stored: dict[Medium, int]
-    #: committed blocks that no tier below host memory holds afterwards (refused by an
-    #: admission policy or a full tier, failed, or not reached in time): gone with the process
-    volatile: int
-    #: pages whose store transfer failed (the tier raised) or was cancelled
-    failed: int = 0
-    #: false when the time ran out first (:meth:`BlockManager.flush` then raises instead)
-    complete: bool = True
-
-
 class _FlushTimeout(Exception):
     """Internal: a flush ran out of time (flush() raises TransferError, close() warns)."""
-
-
-@dataclass(frozen=True)
-class TierUsage:
-    medium: Medium
-    capacity_blocks: int
-    used_blocks: int  # holding a page (cached or in use)
-    free_blocks: int
-    pinned_blocks: int  # in use (refcount > 0)
-    cached_blocks: int  # committed, in the index
-    evictions: int
-    admission_rejected: int
-    offload_skipped: int
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able data (the medium as its wire name)."""
-        from kvbm.plain import to_plain
-
-        d: dict[str, Any] = to_plain(self)
-        return d
-
-
-@dataclass(frozen=True)
-class ManagerStats:
-    """A snapshot of counters. Hit counts are in blocks."""
-
-    lookups: int
-    query_blocks: int
-    hit_blocks: int
-    hits_by_medium: dict[Medium, int]
-    committed_blocks: int
-    deduplicated_blocks: int
-    onboarded_blocks: dict[Medium, int]
-    offloaded_blocks: int
-    indexed_blocks: int
-    events_dropped: int
-    tiers: dict[Medium, TierUsage] = field(default_factory=dict)
-    #: tiers below host memory: the store's counters and its offload queue's
-    lower_tiers: dict[Medium, tuple[TierStats, TierQueueStats]] = field(default_factory=dict)
-    #: pages found in persistent tiers whose prefix is not (yet) in the index
-    unlinked_pages: int = 0
-    #: onboards cut short because G2 had no free page to stage a disk/object load into (all
-    #: held or in flight to a slow tier): those blocks were a miss instead of an error
-    staging_misses: int = 0
-
-    @property
-    def hit_ratio(self) -> float:
-        return self.hit_blocks / self.query_blocks if self.query_blocks else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able data: media keys as their wire names, each lower tier as
-        ``{"store": TierStats, "queue": TierQueueStats}`` dicts, plus ``hit_ratio``."""
-        from kvbm.plain import to_plain
-
-        d: dict[str, Any] = to_plain(self)
-        d["lower_tiers"] = {m.value: {"store": to_plain(s), "queue": to_plain(q)}
-                            for m, (s, q) in self.lower_tiers.items()}
-        d["hit_ratio"] = self.hit_ratio
-        return d
 
 
 class BlockManager:
@@ -522,7 +305,7 @@ class BlockManager:
         prefix (after a restart) are linked into the index here.
         """
         if self._closed:
-            raise _closed_error()
+            raise closed_error()
         arr = as_token_array(tokens)
         hashes = hash_blocks(arr, self.block_size, lora_name=lora_name, mm_hashes=mm_hashes,
                              salt=self.config.salt)  # checks lora_name and mm_hashes too
@@ -533,8 +316,8 @@ class BlockManager:
         """:meth:`match_prefix` for hashes computed by the caller (``tokens``, when given,
         only fill the token ids of events)."""
         if self._closed:
-            raise _closed_error()
-        _check_hashes(hashes)
+            raise closed_error()
+        check_hashes(hashes)
         check_lora_name(lora_name)
         arr = None if tokens is None else as_token_array(tokens)
         return self._match(hashes, lora_name, arr)
@@ -574,15 +357,15 @@ class BlockManager:
         :class:`~kvbm.errors.PoolExhaustedError`, changing nothing, when there is no room.
         """
         if self._closed:
-            raise _closed_error()
+            raise closed_error()
         return self.onboard_async(match).wait(self.config.offload.load_timeout_s)
 
     def onboard_async(self, match: MatchResult) -> OnboardHandle:
         """Start onboarding the matched prefix; blocks in G1 and G2 are ready at once, blocks
         only on disk or object storage are loaded (through G2) by the offload engine."""
         if self._closed:
-            raise _closed_error()
-        _check_match(match)
+            raise closed_error()
+        check_match(match)
         self._drain()
         g1 = self._g1
         try:
@@ -649,8 +432,8 @@ class BlockManager:
     def allocate(self, n: int) -> list[int]:
         """``n`` fresh G1 pages for the engine to compute into (held once each)."""
         if self._closed:
-            raise _closed_error()
-        n = _count(n, "allocate: n")
+            raise closed_error()
+        n = as_count(n, "allocate: n")
         self._drain()
         g1 = self._g1
         if n > g1.alloc.num_free + g1.evictable():
@@ -668,12 +451,12 @@ class BlockManager:
         from now on (the existing page, whose hold replaces the one on the passed page).
         """
         if self._closed:
-            raise _closed_error()
-        _check_id_container(block_ids, "block_ids", ordered=True)
-        start_block = _count(start_block, "start_block")
+            raise closed_error()
+        check_id_container(block_ids, "block_ids", ordered=True)
+        start_block = as_count(start_block, "start_block")
         check_lora_name(lora_name)
         if hashes is not None:
-            _check_hashes(hashes)
+            check_hashes(hashes)
         tokens = as_token_array(token_ids)
         if hashes is None:
             hashes = hash_blocks(tokens, self.block_size, lora_name=lora_name,
@@ -752,8 +535,8 @@ class BlockManager:
         uncommitted one goes back to the free list. Validates everything first: a block not
         held raises :class:`~kvbm.errors.BlockStateError` and nothing is released."""
         if self._closed:
-            raise _closed_error()
-        _check_id_container(block_ids, "block_ids", ordered=False)
+            raise closed_error()
+        check_id_container(block_ids, "block_ids", ordered=False)
         self._drain()
         g1 = self._g1
         alloc = g1.alloc
@@ -796,9 +579,9 @@ class BlockManager:
         Returns how many blocks were newly written to G2 (admission and room permitting).
         """
         if self._closed:
-            raise _closed_error()
+            raise closed_error()
         if block_ids is not None:
-            _check_id_container(block_ids, "block_ids", ordered=False)
+            check_id_container(block_ids, "block_ids", ordered=False)
         if self._g2 is None:
             raise ConfigError("offload needs a host tier (config.host)")
         self._drain()
@@ -830,7 +613,7 @@ class BlockManager:
         persistent tiers stay where they are, unlinked, and are found again by later matches.
         """
         if self._closed:
-            raise _closed_error()
+            raise closed_error()
         self._quiesce()
         for t in self._tiers:
             if t.alloc.num_free + len(t.policy) - t.pinned != t.alloc.num_slots or t.pinned:
@@ -854,7 +637,7 @@ class BlockManager:
     def block_view(self, block_id: int) -> torch.Tensor | list[torch.Tensor]:
         """The engine's view of one G1 block's KV (see :meth:`DevicePool.block_view`)."""
         if self._closed:
-            raise _closed_error()
+            raise closed_error()
         return self._g1.pool.block_view(self._g1.alloc.check(block_id))
 
     @property
@@ -866,7 +649,7 @@ class BlockManager:
     def kv_caches(self) -> list[torch.Tensor]:
         """The G1 tensors, one per layer (views into one buffer when fully contiguous)."""
         if self._closed:
-            raise _closed_error()
+            raise closed_error()
         pool = self._g1.pool
         assert isinstance(pool, DevicePool)
         return pool.layers
@@ -874,7 +657,7 @@ class BlockManager:
     @property
     def device_pool(self) -> DevicePool:
         if self._closed:
-            raise _closed_error()
+            raise closed_error()
         pool = self._g1.pool
         assert isinstance(pool, DevicePool)
         return pool
@@ -882,7 +665,7 @@ class BlockManager:
     @property
     def host_pool(self) -> HostPool | None:
         if self._closed:
-            raise _closed_error()
+            raise closed_error()
         return self._host_pool()
 
     def _host_pool(self) -> HostPool | None:
@@ -895,9 +678,9 @@ class BlockManager:
     def lookup(self, seq_hash: int) -> BlockRecord | None:
         """The index record of a block (read-only use), or ``None``."""
         if self._closed:
-            raise _closed_error()
+            raise closed_error()
         if isinstance(seq_hash, bool | np.bool_) or not isinstance(seq_hash, int | np.integer) \
-                or not 0 <= seq_hash <= _U64:
+                or not 0 <= seq_hash <= U64:
             raise InvalidKeyError(f"a block hash must be an int in [0, 2**64), got {seq_hash!r}")
         return self._index.get(int(seq_hash))
 
@@ -1130,7 +913,7 @@ class BlockManager:
         log.info("lower tiers: %s; %d stored pages found", [t.medium.value for t in self._lower],
                  len(self._orphans))
         if oc.exit_flush_timeout_s > 0:
-            _exit_flush.add(self)
+            exit_flush.add(self)
 
     def on_removed(self, medium: Medium, keys: Sequence[int], reason: RemovalReason) -> None:
         """TierListener: a tier dropped pages (called on the tier's threads)."""
@@ -1140,7 +923,7 @@ class BlockManager:
         """Complete finished background transfers now (owner thread). Every other call does
         it too; an idle engine can call this to get offload events out sooner."""
         if self._closed:
-            raise _closed_error()
+            raise closed_error()
         return self._drain()
 
     def _drain(self, *, block: bool = False, timeout: float | None = None) -> int:
@@ -1190,8 +973,8 @@ class BlockManager:
         :class:`~kvbm.errors.TransferError` is raised; what was stored so far stays stored.
         """
         if self._closed:
-            raise _closed_error()
-        limit = _seconds(timeout, "timeout")
+            raise closed_error()
+        limit = as_seconds(timeout, "timeout")
         result = self._flush(limit)
         if not result.complete:
             raise TransferError(f"flush did not finish within {limit} s: {result.volatile} "
@@ -1313,13 +1096,13 @@ class BlockManager:
             return
         if flush is not None and not isinstance(flush, bool):
             raise InvalidArgumentError(f"flush must be true, false or None, got {flush!r}")
-        limit = _seconds(timeout, "timeout")
+        limit = as_seconds(timeout, "timeout")
         oc = self.config.offload
         self._shutdown(oc.flush_on_close if flush is None else flush,
                        oc.close_timeout_s if limit is None else limit)
 
     def _shutdown(self, flush: bool, limit: float) -> FlushResult | None:
-        _exit_flush.discard(self)
+        exit_flush.discard(self)
         engine = self._engine
         result = None
         try:
@@ -1351,7 +1134,7 @@ class BlockManager:
         return result
 
     def _close_at_exit(self) -> None:
-        """The exit flush (:class:`_ExitFlush`): close a manager left open, and say so."""
+        """The exit flush (:class:`ExitFlush`): close a manager left open, and say so."""
         if self._closed:
             return
         owner = self._owner
@@ -1381,7 +1164,7 @@ class BlockManager:
 
     def __enter__(self) -> BlockManager:
         if self._closed:
-            raise _closed_error()
+            raise closed_error()
         return self
 
     def __exit__(self, *exc: object) -> None:

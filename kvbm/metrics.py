@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
     from prometheus_client.registry import CollectorRegistry
 
-    from kvbm.manager import BlockManager, ManagerStats
+    from kvbm.manager import BlockManager
+    from kvbm.reports import ManagerStats
 
 log = logging.getLogger(__name__)
 

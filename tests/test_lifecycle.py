@@ -16,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvbm import BlockManager, BlockStored, DeviceTierConfig, HostTierConfig, Medium
+from kvbm import BlockManager, BlockStored, DeviceTierConfig, FlushResult, HostTierConfig, Medium
 from kvbm.config import ManagerConfig, OffloadConfig
 from kvbm.errors import ClosedError, ConfigError, InvalidArgumentError, KvbmError, TransferError
 from kvbm.layout import KVLayout
-from kvbm.manager import FlushResult
 from kvbm.storage.disk import DiskStore, DiskTierConfig
 
 BS = 4
@@ -367,14 +366,14 @@ def test_exit_registration_is_weak_and_ends_at_close(tmp_path):
     import gc
     import weakref
 
-    from kvbm.manager import _exit_flush
+    from kvbm.exitflush import exit_flush
 
     plain = BlockManager(LAYOUT, ManagerConfig(device=DeviceTierConfig(4, device="cpu")))
-    assert plain not in _exit_flush.managers()  # nothing durable to flush
+    assert plain not in exit_flush.managers()  # nothing durable to flush
     mgr = BlockManager(LAYOUT, config(tmp_path))
-    assert mgr in _exit_flush.managers()
+    assert mgr in exit_flush.managers()
     mgr.close()
-    assert mgr not in _exit_flush.managers()
+    assert mgr not in exit_flush.managers()
     ref = weakref.ref(mgr)
     del mgr
     gc.collect()

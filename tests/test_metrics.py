@@ -13,11 +13,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from kvbm import BlockManager, DeviceTierConfig, HostTierConfig, Medium
+from kvbm import BlockManager, DeviceTierConfig, HostTierConfig, ManagerStats, Medium, TierUsage
 from kvbm.config import ManagerConfig
 from kvbm.errors import InvalidArgumentError, MissingDependencyError
 from kvbm.layout import KVLayout
-from kvbm.manager import ManagerStats, TierUsage
 from kvbm.medium import display_name
 from kvbm.offload import LATENCY_BUCKETS, LatencyHistogram, TierQueueStats
 from kvbm.storage.disk import DiskTierConfig
