@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 
 from kvbm.config import DeviceTierConfig, HostTierConfig, ManagerConfig
+from kvbm.deps import require
+from kvbm.errors import InvalidArgumentError, StorageError
 from kvbm.events import BlockRemoved, BlockStored
 from kvbm.layout import PRESETS
 from kvbm.manager import BlockManager
@@ -26,6 +28,28 @@ from kvbm.storage.disk import DiskTierConfig
 from kvbm.workload import generate
 
 BLOCK_TOKENS = 16
+#: What the demo writes under ``<dir>/demo``: a folder holding anything else is not ours to
+#: clear (``kvbm demo --dir ~`` must not wipe ``~/demo``).
+_OWN_NAMES = frozenset({"g3", "bw"})
+
+
+def _fresh_root(out_dir: str | Path) -> Path:
+    """``<out_dir>/demo``, emptied of an earlier demo's data, or an error saying why not."""
+    root = Path(out_dir) / "demo"
+    try:
+        if root.is_dir():
+            foreign = sorted(p.name for p in root.iterdir() if p.name not in _OWN_NAMES)
+            if foreign:
+                raise InvalidArgumentError(
+                    f"{root} exists and was not made by kvbm demo (it holds "
+                    f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                    f"choose another --dir")
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+    except OSError as e:
+        raise StorageError(f"cannot use {root} for the demo's data ({e.strerror or e}); "
+                           f"choose another --dir") from None
+    return root
 
 
 def _tiered_replay(trace: list[list[int]], mgr: BlockManager) -> dict[str, int]:
@@ -44,7 +68,7 @@ def _tiered_replay(trace: list[list[int]], mgr: BlockManager) -> dict[str, int]:
         for e in mgr.take_events():
             if isinstance(e, BlockStored | BlockRemoved):
                 events[f"{type(e).__name__}({e.medium.value})"] += len(e.block_hashes)
-    mgr._quiesce()
+    mgr.flush()  # the stores still in flight, so that the counts below are final
     for e in mgr.take_events():
         if isinstance(e, BlockStored | BlockRemoved):
             events[f"{type(e).__name__}({e.medium.value})"] += len(e.block_hashes)
@@ -66,13 +90,14 @@ def _hit_table(mgr: BlockManager) -> str:
 
 
 def run_demo(*, requests: int = 3000, seed: int = 7, out_dir: str | Path = ".kvbm") -> int:
-    import torch
+    if type(requests) is not int or requests < 1:
+        raise InvalidArgumentError(f"--requests must be a positive integer, got {requests!r}")
+    torch = require("torch", "engine", "kvbm demo")
+    require("lmdb", "disk", "kvbm demo (its disk tier)")
 
     from kvbm.bandwidth import quick_report
 
-    root = Path(out_dir) / "demo"
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
+    root = _fresh_root(out_dir)
     t0 = time.perf_counter()
     records = generate(requests, seed=seed, family="chat")
     trace = [r["hash_ids"] for r in records]

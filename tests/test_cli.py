@@ -56,6 +56,11 @@ def test_hash_says_when_there_is_no_full_block(capsys: pytest.CaptureFixture[str
     assert "no full block" in out and "block_size 16" in out and "3 tokens" in out
 
 
+def test_hash_counts_in_plain_english(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = _run(["hash", "5"], capsys)
+    assert rc == 0 and "1 token " in out and "1 tokens" not in out
+
+
 def test_hash_json_matches_the_library(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = _run(["hash", "--json", "--block-size", "2", "--lora", "a", "--salt", "s",
                        "7", "8", "9", "10", "11"], capsys)
@@ -72,6 +77,11 @@ def test_hash_json_matches_the_library(capsys: pytest.CaptureFixture[str]) -> No
     (["hash", "abc"], "'abc'"),
     (["hash", "1", "2.5"], "'2.5'"),
     (["hash", "--", "-1"], "'-1'"),
+    # int() also reads these; a token id is plain ASCII decimal digits.
+    (["hash", "1_000"], "'1_000'"),
+    (["hash", "+5"], "'+5'"),
+    (["hash", " 5"], "' 5'"),
+    (["hash", "\u0661\u0662"], "token 0"),  # Arabic-Indic digits
     (["hash", str(2**32)], str(2**32)),
     (["hash", "--block-size", "0", "1"], "--block-size"),
     (["hash", "--block-size", "-4", "1"], "--block-size"),

@@ -104,6 +104,21 @@ def test_url_json_follows_the_manager(served, capsys):
     assert disk["inflight_pages"] is not None
 
 
+def test_url_json_counts_are_integers(served, capsys):
+    # Prometheus carries every value as a float; a count printed as 3.0 reads as a ratio.
+    mgr, url = served
+    run(mgr, toks(3))
+    rc, out, _ = stats(capsys, "--url", url, "--json")
+    assert rc == 0
+    doc = json.loads(out)
+    counts = [doc["lookups"], doc["query_blocks"], doc["hit_blocks"], *doc["totals"].values()]
+    for row in doc["tiers"].values():
+        counts += [row[k] for k in ("hit_blocks", "used_pages", "pages_moved", "bytes_moved",
+                                    "inflight_pages") if row[k] is not None]
+    assert counts and all(type(v) is int for v in counts), counts
+    assert isinstance(doc["hit_ratio"], float)
+
+
 def test_url_table_names_the_hardware(served, capsys):
     mgr, url = served
     run(mgr, toks(2))

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="kvbm", description="KV-cache block manager tools")
     ap.add_argument("--version", action="version", version=f"kvbm {__version__}")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
     for name in _COMMANDS:
         importlib.import_module(f"kvbm.cli.{name}").register(sub)
     return ap

@@ -18,10 +18,9 @@ _MAX_TOKEN = (1 << 32) - 1
 def _tokens(texts: list[str]) -> list[int]:
     out = []
     for i, text in enumerate(texts):
-        try:
-            t = int(text)  # decimal only: "2.5", "1e3" and "0x10" are refused
-        except ValueError:
-            t = None
+        # ASCII decimal digits only: int() would also read "1_000", "+5", " 5" and other
+        # scripts' digits, and a token id written any of those ways is more likely a mistake.
+        t = int(text) if text.isascii() and text.isdigit() else None
         if t is None or not 0 <= t <= _MAX_TOKEN:
             raise TokenError(f"token {i} is {text!r}; tokens must be integers in [0, 2**32)")
         out.append(t)
@@ -56,8 +55,9 @@ def _run(args: argparse.Namespace) -> int:
                        for loc, seq in zip(h.local, h.sequence, strict=True)]}))
         return 0
     if not len(h):
-        print(f"no full block: block_size {args.block_size}, {len(tokens)} tokens (the "
-              f"trailing partial block is never hashed)")
+        n = len(tokens)
+        print(f"no full block: block_size {args.block_size}, {n} token{'s' if n > 1 else ''} "
+              f"(the trailing partial block is never hashed)")
         return 0
     for i, (loc, seq) in enumerate(zip(h.local, h.sequence, strict=True)):
         print(f"block {i}: local {loc:#018x} sequence {seq:#018x}")

@@ -104,9 +104,15 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
     return lo
 
 
+def _count(v: float) -> float | int:
+    """A whole-numbered value as an int: Prometheus carries every count as a float, and a
+    count that prints as ``3.0`` reads like a measurement."""
+    return int(v) if math.isfinite(v) and float(v).is_integer() else v
+
+
 def summarize(samples: list[Sample]) -> dict[str, Any]:
     """Totals and one dict per tier (keyed by wire name) from kvbm's samples."""
-    total: dict[str, float] = {}
+    total: dict[str, float | int] = {}
     tiers: dict[str, dict[str, Any]] = {}
     lat: dict[tuple[str, str], list[tuple[float, float]]] = {}
 
@@ -122,10 +128,10 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
         m = labels.get("medium")
         if m is None:
             if name.startswith("kvbm_") and not labels:
-                total[name.removesuffix("_total").removeprefix("kvbm_")] = value
+                total[name.removesuffix("_total").removeprefix("kvbm_")] = _count(value)
         elif name in per_tier:
             row = tier(m)
-            row[per_tier[name]] = (row[per_tier[name]] or 0) + value
+            row[per_tier[name]] = _count((row[per_tier[name]] or 0) + value)
         elif name == "kvbm_tier_degraded":
             tier(m)["degraded"] = value > 0
         elif name == "kvbm_breaker_state":
@@ -140,9 +146,9 @@ def summarize(samples: list[Sample]) -> dict[str, Any]:
         for q in (0.5, 0.99):
             row[f"{direction}_p{round(q * 100)}_s"] = quantile(buckets, q)
     ordered = sorted(tiers, key=lambda m: (_ORDER.index(m) if m in _ORDER else len(_ORDER), m))
-    q = total.get("query_blocks", 0.0)
-    hit = sum(r["hit_blocks"] for r in tiers.values())
-    return {"lookups": total.get("lookups", 0.0), "query_blocks": q, "hit_blocks": hit,
+    q = total.get("query_blocks", 0)
+    hit = _count(sum(r["hit_blocks"] for r in tiers.values()))
+    return {"lookups": total.get("lookups", 0), "query_blocks": q, "hit_blocks": hit,
             "hit_ratio": hit / q if q else 0.0, "totals": total,
             "tiers": {m: tiers[m] for m in ordered}}
 
