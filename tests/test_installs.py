@@ -208,6 +208,17 @@ def test_the_command_works_without_torch_or_lmdb(tmp_path: Path, argv: list[str]
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(("blocked", "extra"), [("torch", "engine"), ("lmdb", "disk")])
+def test_demo_without_its_extras_says_which_to_install(tmp_path: Path, blocked: str,
+                                                       extra: str) -> None:
+    proc = _python(["-m", "kvbm", "demo", "--requests", "1", "--dir", str(tmp_path / "d")],
+                   _child_env(tmp_path, {blocked}), tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("kvbm: error: ") and "Traceback" not in proc.stderr
+    assert f"kvtier[{extra}]" in proc.stderr
+    assert not (tmp_path / "d").exists()  # refused before anything was made
+
+
 def test_info_says_what_a_missing_torch_means(tmp_path: Path) -> None:
     proc = _python(["-m", "kvbm", "info"], _child_env(tmp_path, {"torch"}), tmp_path)
     assert proc.returncode == 0, proc.stderr
