@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,11 +45,16 @@ def normalize_dtype(dtype: Any) -> str:
     return name
 
 
+#: Largest value of one dimension: far beyond any model, and within what the fingerprint
+#: encoding and the tiers' page headers take.
+MAX_DIMENSION = (1 << 31) - 1
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise LayoutError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise LayoutError(f"{name} must be positive, got {value}")
+    if not 0 < value <= MAX_DIMENSION:
+        raise LayoutError(f"{name} must be in [1, {MAX_DIMENSION}], got {value}")
     return value
 
 
@@ -84,6 +90,11 @@ class KVLayout:
             raise LayoutError(f"arrangement must be an Arrangement, got {self.arrangement!r}")
         if not isinstance(self.model_id, str):
             raise LayoutError(f"model_id must be a str, got {self.model_id!r}")
+        try:
+            self.model_id.encode()  # part of the fingerprint, as UTF-8
+        except UnicodeEncodeError:
+            raise LayoutError(f"model_id has no UTF-8 form (a lone surrogate): "
+                              f"{self.model_id!r}") from None
         fields = [self.num_layers, self.num_kv_heads, self.head_dim, self.block_size,
                   self.dtype, self.model_id]
         # The arrangement is not part of the fingerprint: a page is always stored contiguous,
@@ -133,12 +144,14 @@ class KVLayout:
                 "arrangement": self.arrangement.value, "model_id": self.model_id}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> KVLayout:
+    def from_dict(cls, d: Mapping[str, Any]) -> KVLayout:
+        if not isinstance(d, Mapping):
+            raise LayoutError(f"a layout is a mapping of its fields, got {type(d).__name__}")
         known = {"num_layers", "num_kv_heads", "head_dim", "block_size", "dtype",
                  "arrangement", "model_id"}
         unknown = set(d) - known
         if unknown:
-            raise LayoutError(f"unknown layout fields {sorted(unknown)}")
+            raise LayoutError(f"unknown layout fields {sorted(unknown, key=repr)}")
         try:
             return cls(**d)
         except TypeError as e:
