@@ -62,8 +62,16 @@ class BlockHashes:
         return len(self.sequence)
 
     def __getitem__(self, s: slice) -> BlockHashes:
-        return _computed(self.local[s], self.sequence[s]) if self._computed else BlockHashes(
-            self.local[s], self.sequence[s])
+        # A slice only: an int index would make a "BlockHashes" of two ints, which the
+        # manager trusts (when computed) without checking it again.
+        if not isinstance(s, slice):
+            raise InvalidArgumentError(f"BlockHashes takes a slice (hashes[a:b]), got {s!r}; "
+                                       f"block i's hashes are .local[i] and .sequence[i]")
+        try:
+            local, sequence = self.local[s], self.sequence[s]
+        except TypeError as e:  # slice bounds that are not ints
+            raise InvalidArgumentError(f"bad BlockHashes slice {s!r}: {e}") from None
+        return _computed(local, sequence) if self._computed else BlockHashes(local, sequence)
 
 
 def _computed(local: list[int], sequence: list[int]) -> BlockHashes:
@@ -115,7 +123,7 @@ def as_token_array(tokens: Any) -> np.ndarray:
     1-D sequence of integers in ``[0, 2**32)``, naming the first offending index.
     """
     if hasattr(tokens, "detach") and hasattr(tokens, "cpu"):  # torch tensor, without importing
-        tokens = tokens.detach().cpu().numpy()
+        tokens = _tensor_tokens(tokens)
     if isinstance(tokens, np.ndarray):
         arr = tokens
     elif isinstance(tokens, list) and (_accel is not None or _U32_ARRAY_OK) and tokens \
@@ -130,9 +138,14 @@ def as_token_array(tokens: Any) -> np.ndarray:
         except (OverflowError, TypeError):
             arr = np.asarray(tokens, dtype=object)
     else:
+        if isinstance(tokens, str | bytes | bytearray) or (
+                isinstance(tokens, memoryview) and tokens.format in ("B", "b", "c")):
+            # numpy reads a bytearray as one token per byte (and bytes as one string)
+            raise TokenError(f"tokens must be a sequence of integer token ids, got "
+                             f"{type(tokens).__name__} (text or bytes)")
         try:
             arr = np.asarray(tokens)
-        except (OverflowError, ValueError) as e:
+        except (OverflowError, ValueError, TypeError) as e:
             raise TokenError(f"tokens are not a sequence of integers: {e}") from None
     if arr.ndim != 1:
         raise TokenError(f"tokens must be 1-D, got shape {arr.shape}")
@@ -151,6 +164,27 @@ def as_token_array(tokens: Any) -> np.ndarray:
         bad = int(np.flatnonzero((arr < 0) | (arr > _MAX_U32))[0])
         raise TokenError(f"token at index {bad} is {arr[bad]}; tokens must be in [0, 2**32)")
     return np.ascontiguousarray(arr, dtype="<u4")
+
+
+def _tensor_tokens(t: Any) -> np.ndarray:
+    """A torch tensor's tokens as a numpy array (float and complex ones refused first:
+    numpy has no bfloat16 or float8)."""
+    dtype = getattr(t, "dtype", None)
+    if getattr(dtype, "is_floating_point", False) or getattr(dtype, "is_complex", False):
+        raise TokenError(f"tokens must be integers, got a tensor of {dtype}")
+    try:
+        out: np.ndarray = t.detach().cpu().numpy()
+    except (TypeError, ValueError, RuntimeError) as e:  # sparse, nested, meta (a subclass)
+        raise TokenError(f"tokens: cannot read a {getattr(t, 'layout', '')} tensor of {dtype} "
+                         f"on {getattr(t, 'device', '?')} ({e}); pass a dense tensor with "
+                         f"data") from None
+    return out
+
+
+def check_mm_hashes(mm_hashes: object) -> None:
+    """Raise :class:`~kvbm.errors.TokenError` unless ``mm_hashes`` is ``None`` or maps
+    block indices to lists of u64 media hashes (see :func:`hash_blocks`)."""
+    _mm_for_block(mm_hashes, 0)  # type: ignore[arg-type]
 
 
 def _is_sequence(value: object) -> bool:
@@ -229,7 +263,7 @@ def hash_blocks(
         start = i * block_size * 4
         data = buf[start: start + block_size * 4] + struct.pack(f"<{len(media)}Q", *media)
         local[i] = _xxh3(data, first_seed if i == 0 else seed)
-    return _computed(local, chain(local, parent_hash))
+    return _computed(local, _chain(local, parent_hash))
 
 
 def _local_hashes(buf: bytes, step: int, n: int, seed: int, first_seed: int) -> list[int]:
@@ -245,7 +279,23 @@ def _local_hashes(buf: bytes, step: int, n: int, seed: int, first_seed: int) -> 
 
 
 def chain(local: Sequence[int], parent_hash: int | None = None) -> list[int]:
-    """Sequence hashes from local hashes (optionally continuing after ``parent_hash``)."""
+    """Sequence hashes from local hashes (optionally continuing after ``parent_hash``).
+
+    Raises :class:`~kvbm.errors.InvalidKeyError` unless every hash is an int in
+    ``[0, 2**64)``."""
+    try:
+        if _accel is None:  # the native loop checks as it goes; the Python one must first
+            local = list(local)
+            for i, v in enumerate([*local, 0 if parent_hash is None else parent_hash]):
+                if not _is_int(v) or not 0 <= v <= _U64:
+                    what = "parent_hash" if i == len(local) else f"local hash at index {i}"
+                    raise TypeError(f"{what} must be an int in [0, 2**64), got {v!r}")
+        return _chain(local, parent_hash)
+    except (TypeError, OverflowError) as e:
+        raise InvalidKeyError(f"chain: {e}") from None
+
+
+def _chain(local: Sequence[int], parent_hash: int | None) -> list[int]:
     if _accel is not None:
         out: list[int] = _accel.chain(local, parent_hash)
         return out
