@@ -172,9 +172,12 @@ class OffloadConfig:
     def __post_init__(self) -> None:
         _check_positive("offload", "max_inflight_pages", self.max_inflight_pages)
         _check_positive("offload", "batch_bytes", self.batch_bytes)
-        if not self.load_timeout_s > 0:
-            raise ConfigError(f"offload.load_timeout_s must be > 0, got {self.load_timeout_s}")
-        for name, zero_ok in (("close_timeout_s", False), ("exit_flush_timeout_s", True)):
+        if not isinstance(self.flush_on_close, bool):
+            raise ConfigError(f"offload.flush_on_close must be true or false, got "
+                              f"{self.flush_on_close!r}")
+        # Finite: each is handed to a wait that refuses infinity (as would an onboard)
+        for name, zero_ok in (("load_timeout_s", False), ("close_timeout_s", False),
+                              ("exit_flush_timeout_s", True)):
             value = getattr(self, name)
             # ``not 0 <= v < inf`` also rejects NaN (every comparison with it is false)
             if (isinstance(value, bool) or not isinstance(value, int | float)
@@ -251,10 +254,14 @@ class ManagerConfig:
             import tomllib
         else:  # pragma: no cover - Python 3.10
             import tomli as tomllib
+        if not isinstance(path, str | os.PathLike):
+            raise ConfigError(f"a config path is a str or a path, got {path!r}")
         try:
-            data = tomllib.loads(Path(path).read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"cannot read config {path}: {e}") from None
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        # ValueError: a NUL in the path, or UTF-8 that is not (UnicodeError is one);
+        # TypeError: a PathLike that gives bytes
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError(f"cannot read config {path!r}: {e}") from None
         return cls.from_mapping(_merge(data, env_overrides(cls, os.environ if env is None
                                                             else env)))
 
@@ -413,9 +420,12 @@ def env_overrides(cls: type[Any], env: Mapping[str, str]) -> dict[str, Any]:
     silently leave the default in place), except those in :data:`NON_CONFIG_VARIABLES`.
     ``none``/``null`` mean ``None``; an optional section set to ``none`` is dropped.
     """
+    if not isinstance(env, Mapping):
+        raise ConfigError(f"the environment must be a mapping of names to strings, got "
+                          f"{type(env).__name__}")
     names = env_variables(cls)
     out: dict[str, Any] = {}
-    for var in sorted(v for v in env if v.startswith(ENV_PREFIX)):
+    for var in sorted(v for v in env if isinstance(v, str) and v.startswith(ENV_PREFIX)):
         spec = names.get(var)
         if spec is None:
             if var in NON_CONFIG_VARIABLES:
@@ -426,7 +436,9 @@ def env_overrides(cls: type[Any], env: Mapping[str, str]) -> dict[str, Any]:
                               f"variable; see docs/configuration.md for the names)")
         path, section, optional = spec
         value: str | None = env[var]
-        if value is not None and value.strip().lower() in ("none", "null"):
+        if not isinstance(value, str):  # os.environ holds strings; a mapping passed may not
+            raise ConfigError(f"environment variable {var} must be a string, got {value!r}")
+        if value.strip().lower() in ("none", "null"):
             value = None
         if section and not (value is None and optional):
             first = next(n for n, (p, s, _) in names.items()
