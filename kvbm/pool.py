@@ -252,6 +252,7 @@ class DevicePool:
     def block_view(self, slot: int) -> torch.Tensor | list[torch.Tensor]:
         """One block's KV: ``[layers, 2, block_size, heads, head_dim]`` when contiguous,
         else one ``[2, block_size, heads, head_dim]`` view per layer."""
+        slot = self.allocator.check(slot)  # a negative index would be another block
         if self.buffer is not None:
             return self.buffer[slot]
         return [layer[slot] for layer in self.layers]
@@ -294,14 +295,12 @@ class HostPool:
 
     def page(self, slot: int) -> memoryview:
         """The bytes of one page, zero-copy (writable)."""
-        if not 0 <= slot < self.allocator.num_slots:
-            raise IndexError(f"page {slot} out of range for a pool of "
-                             f"{self.allocator.num_slots} blocks")
+        slot = self.allocator.check(slot)
         n = self._page_bytes
         return self._flat[slot * n:(slot + 1) * n]
 
     def block_view(self, slot: int) -> torch.Tensor:
-        return self.buffer[slot]
+        return self.buffer[self.allocator.check(slot)]
 
 
 #: With a GPU on one side, a run of adjacent pages is one DMA (``copy_``) when the runs
