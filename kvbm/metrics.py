@@ -106,7 +106,18 @@ class KvbmCollector:
         self._tiers = _tier_labels(manager)
         self._last: ManagerStats | None = None
         if registry is not None:
-            registry.register(self)
+            try:
+                registry.register(self)
+            except ValueError as e:  # prometheus_client: "Duplicated timeseries ..."
+                raise InvalidArgumentError(
+                    f"this registry already has kvbm's metrics (a second collector would "
+                    f"expose every family twice, which a scrape refuses): {e}; use one "
+                    f"registry per manager") from None
+
+    def describe(self) -> Iterator[Metric]:
+        """The families :meth:`collect` returns: a registry learns their names from this
+        and refuses a second kvbm collector, whose series would clash."""
+        return self.collect()
 
     def _snapshot(self) -> ManagerStats | None:
         with contextlib.suppress(ClosedError):  # then serve the last numbers read
@@ -336,6 +347,9 @@ def start_metrics_server(manager: BlockManager, port: int, addr: str = "127.0.0.
     except OSError as e:
         reg.unregister(collector)
         raise MetricsError(f"cannot serve metrics on {addr}:{port}: {e}") from e
+    except (TypeError, ValueError) as e:  # a NUL or a lone surrogate: no host name form
+        reg.unregister(collector)
+        raise InvalidArgumentError(f"addr {addr!r} is not a host name or address: {e}") from None
     srv = MetricsServer(httpd, reg, collector)
     log.info("serving kvbm metrics on %s", srv.url)
     return srv
