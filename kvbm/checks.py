@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import reprlib
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -17,6 +18,26 @@ from kvbm.hashing import BlockHashes
 from kvbm.index import MatchResult
 
 U64 = (1 << 64) - 1
+
+#: The longest single wait handed to a queue, lock, future or thread join. The OS refuses
+#: longer ones (``threading.TIMEOUT_MAX`` and ``queue.SimpleQueue.get`` overflow near 9.2e9
+#: s), so a longer finite timeout (about 32 years and up) means "no limit" in practice.
+MAX_WAIT_S = 1e9
+
+
+def os_wait(seconds: float | None) -> float | None:
+    """``seconds`` as a timeout that every blocking primitive accepts: ``None`` (no limit)
+    for one longer than :data:`MAX_WAIT_S`. Waiting loops recheck their own deadline."""
+    return None if seconds is None or seconds > MAX_WAIT_S else seconds
+
+
+def as_flag(value: object, name: str) -> bool:
+    """A bool (``numpy.bool_`` too); anything else is refused rather than taken for its
+    truth value."""
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    raise InvalidArgumentError(f"{name} must be true or false, got {value!r}")
+
 
 def closed_error() -> ClosedError:
     return ClosedError("the manager is closed: after close() only close(), stats(), "
@@ -51,19 +72,26 @@ def as_count(value: object, name: str) -> int:
     return int(value)
 
 
-def check_id_container(block_ids: object, name: str, *, ordered: bool) -> None:
-    """The container of block ids (the pool checks each id). ``ordered``: a sequence (a
-    list, tuple, range or 1-D array); otherwise any iterable collection. Strings, bytes and
-    mappings are refused: iterating them yields something else than the ids meant."""
+def check_id_container(block_ids: Any, name: str, *, ordered: bool) -> Sequence[Any]:
+    """The container of block ids (the pool checks each id), as a sequence read once.
+    ``ordered``: a sequence (a list, tuple, range or 1-D array); otherwise any iterable
+    collection (a generator is consumed here, once). Strings, bytes, mappings and 0-d
+    arrays or tensors are refused: iterating them yields something else than the ids
+    meant, or fails."""
     if type(block_ids) is list or type(block_ids) is tuple:  # the common case (hot path)
-        return
+        return block_ids
     ok = (isinstance(block_ids, Sequence | np.ndarray) if ordered
           else isinstance(block_ids, Iterable))
     if (not ok or isinstance(block_ids, str | bytes | bytearray | memoryview | Mapping)
-            or (isinstance(block_ids, np.ndarray) and block_ids.ndim != 1)):
+            or getattr(block_ids, "ndim", 1) != 1):  # numpy arrays and torch tensors
         raise InvalidArgumentError(
             f"{name} must be a {'sequence' if ordered else 'collection'} of block ids, got "
             f"{type(block_ids).__name__} {reprlib.repr(block_ids)}")
+    try:
+        return list(block_ids)
+    except TypeError as e:  # an iterable that cannot be iterated after all
+        raise InvalidArgumentError(f"{name}: cannot iterate over the block ids "
+                                   f"({type(block_ids).__name__}): {e}") from None
 
 
 def check_keys(keys: object, name: str) -> None:

@@ -34,11 +34,13 @@ import numpy as np
 from kvbm.checks import (
     U64,
     as_count,
+    as_flag,
     as_seconds,
     check_hashes,
     check_id_container,
     check_match,
     closed_error,
+    os_wait,
 )
 from kvbm.config import DeviceTierConfig, ManagerConfig
 from kvbm.errors import (
@@ -48,11 +50,19 @@ from kvbm.errors import (
     InvalidKeyError,
     LayoutError,
     PoolExhaustedError,
+    TokenError,
     TransferError,
 )
 from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvbm.exitflush import exit_flush
-from kvbm.hashing import BlockHashes, MmHashes, as_token_array, check_lora_name, hash_blocks
+from kvbm.hashing import (
+    BlockHashes,
+    MmHashes,
+    as_token_array,
+    check_lora_name,
+    check_mm_hashes,
+    hash_blocks,
+)
 from kvbm.index import BlockRecord, MatchResult, PrefixIndex
 from kvbm.layout import KVLayout
 from kvbm.medium import BEST_MEDIUM, Medium, mediums_of
@@ -320,6 +330,10 @@ class BlockManager:
         check_hashes(hashes)
         check_lora_name(lora_name)
         arr = None if tokens is None else as_token_array(tokens)
+        if arr is not None and arr.size < len(hashes) * self.block_size:
+            raise TokenError(f"tokens hold {arr.size // self.block_size} full blocks but the "
+                             f"hashes {len(hashes)}: pass the tokens the hashes were computed "
+                             f"from (they fill the token ids of events)")
         return self._match(hashes, lora_name, arr)
 
     def _match(self, hashes: BlockHashes, lora_name: str | None,
@@ -452,11 +466,12 @@ class BlockManager:
         """
         if self._closed:
             raise closed_error()
-        check_id_container(block_ids, "block_ids", ordered=True)
+        block_ids = check_id_container(block_ids, "block_ids", ordered=True)
         start_block = as_count(start_block, "start_block")
         check_lora_name(lora_name)
         if hashes is not None:
             check_hashes(hashes)
+            check_mm_hashes(mm_hashes)  # unused then, but malformed input is still refused
         tokens = as_token_array(token_ids)
         if hashes is None:
             hashes = hash_blocks(tokens, self.block_size, lora_name=lora_name,
@@ -536,7 +551,7 @@ class BlockManager:
         held raises :class:`~kvbm.errors.BlockStateError` and nothing is released."""
         if self._closed:
             raise closed_error()
-        check_id_container(block_ids, "block_ids", ordered=False)
+        block_ids = check_id_container(block_ids, "block_ids", ordered=False)
         self._drain()
         g1 = self._g1
         alloc = g1.alloc
@@ -581,7 +596,7 @@ class BlockManager:
         if self._closed:
             raise closed_error()
         if block_ids is not None:
-            check_id_container(block_ids, "block_ids", ordered=False)
+            block_ids = check_id_container(block_ids, "block_ids", ordered=False)
         if self._g2 is None:
             raise ConfigError("offload needs a host tier (config.host)")
         self._drain()
@@ -688,7 +703,7 @@ class BlockManager:
         """A snapshot of the counters. ``drain=False`` skips completing finished transfers
         first (which only the owner thread may do): the form a metrics scrape on another
         thread uses; its numbers lag by the transfers not yet completed."""
-        if drain:
+        if as_flag(drain, "drain"):
             self._drain()
         tiers = {}
         for t in self._tiers:
@@ -932,6 +947,7 @@ class BlockManager:
             return 0
         n = 0
         inbox = self._inbox
+        timeout = os_wait(timeout)  # callers loop until their own deadline
         while True:
             try:
                 item = inbox.get(block=block and n == 0, timeout=timeout)

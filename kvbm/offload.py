@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, overload
 
+from kvbm.checks import as_seconds, os_wait
 from kvbm.errors import InvalidArgumentError, TransferError
 from kvbm.medium import Medium
 
@@ -90,8 +91,9 @@ class TransferHandle:
         return self._event.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until finished; returns :meth:`done`."""
-        return self._event.wait(timeout)
+        """Block until finished (at most ``timeout`` seconds, finite and >= 0; ``None``: no
+        limit); returns :meth:`done`."""
+        return self._event.wait(os_wait(as_seconds(timeout, "timeout")))
 
     def cancel(self) -> bool:
         """Ask not to run it. True when it had not started (it will end CANCELLED)."""
@@ -227,8 +229,14 @@ class OffloadEngine:
     def __init__(self, *, max_inflight_pages: int = 4096, batch_bytes: int = 128 << 20,
                  concurrent_batches: int = 2,
                  on_complete: Callable[[TransferHandle], None] | None = None) -> None:
-        if concurrent_batches < 1:
-            raise ValueError(f"concurrent_batches must be >= 1, got {concurrent_batches}")
+        for name, value in (("max_inflight_pages", max_inflight_pages),
+                            ("batch_bytes", batch_bytes),
+                            ("concurrent_batches", concurrent_batches)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
+        if on_complete is not None and not callable(on_complete):
+            raise InvalidArgumentError(f"on_complete must be a callable or None, got "
+                                       f"{on_complete!r}")
         self.max_inflight_pages = max_inflight_pages
         #: batches of one kind a tier runs at once. Two keep a tier's device busy: while
         #: one batch's call is in its fixed costs (a disk put's durable commit and
@@ -260,7 +268,13 @@ class OffloadEngine:
         """Run a coroutine on the engine's loop from another thread and wait for it."""
         if self._closed:
             raise TransferError("the offload engine is shut down")
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+        try:
+            limit = os_wait(as_seconds(timeout, "timeout"))
+        except InvalidArgumentError:
+            if asyncio.iscoroutine(coro):
+                coro.close()  # never to run: no "was never awaited" warning later
+            raise
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(limit)
 
     def add_tier(self, store: PageStore, *, max_inflight_pages: int | None = None,
                  batch_bytes: int | None = None) -> None:
@@ -278,13 +292,21 @@ class OffloadEngine:
     def tiers(self) -> list[Medium]:
         return list(self._workers)
 
+    def _worker(self, medium: Medium) -> _TierWorker:
+        try:
+            return self._workers[medium]
+        except (KeyError, TypeError):  # TypeError: unhashable
+            if not isinstance(medium, Medium):
+                raise InvalidArgumentError(f"medium must be a Medium, got {medium!r}") from None
+            raise TransferError(f"no {medium.value} tier in the offload engine") from None
+
     def store(self, medium: Medium) -> PageStore:
-        return self._workers[medium].store
+        return self._worker(medium).store
 
     def stats(self, medium: Medium) -> TierQueueStats:
         """A snapshot of the tier's queue counters (safe from any thread, also after
         shutdown); the histograms are copied under the lock they are recorded under."""
-        w = self._workers[medium]
+        w = self._worker(medium)
         with self._lock:
             return dataclasses.replace(
                 w.stats, inflight_pages=w.inflight_pages, queued_transfers=w.queue.qsize(),
@@ -292,12 +314,12 @@ class OffloadEngine:
                 load_latency=w.stats.load_latency.copy())
 
     def inflight_pages(self, medium: Medium) -> int:
-        return self._workers[medium].inflight_pages
+        return self._worker(medium).inflight_pages
 
     def store_room(self, medium: Medium) -> int:
         """Pages a store to ``medium`` submitted now may have without being refused
         (:attr:`TransferStatus.SKIPPED`); loads in flight count against the bound too."""
-        w = self._workers[medium]
+        w = self._worker(medium)
         return 0 if self._closed else w.max_inflight_pages - w.inflight_pages
 
     def shutdown(self, *, flush: bool = True, timeout: float | None = 60.0) -> None:
@@ -334,14 +356,14 @@ class OffloadEngine:
                     log.exception("closing the %s tier failed", w.store.medium.value)
 
         try:
-            self.run(stop(), timeout)
+            self.run(stop(), timeout)  # (run takes a huge timeout as no limit)
         except (TimeoutError, concurrent.futures.TimeoutError):  # one class from 3.11 on
             raise TransferError(f"the offload workers did not stop within {timeout} s (a tier "
                                 f"is stuck); their transfers were abandoned") from None
         finally:
             self._closed = True
             self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout)
+            self._thread.join(os_wait(timeout))
 
     # -- submission (any thread) ---------------------------------------------------------------
     def submit(self, handle: TransferHandle) -> TransferHandle:
