@@ -21,10 +21,12 @@ from kvbm.errors import (
     InvalidKeyError,
     KvbmError,
     LayoutError,
+    PolicyError,
     TokenError,
     TransferError,
 )
 from kvbm.hashing import as_token_array, chain, hash_blocks
+from kvbm.policies import make_admission, make_eviction
 from kvbm.storage.disk import DiskTierConfig
 
 BS = 4
@@ -200,6 +202,16 @@ def test_integer_tensors_and_buffers_of_u32_are_tokens():
     for t in (torch.arange(8, dtype=torch.int32), torch.arange(8).to(torch.uint16),
               torch.arange(16)[::2] // 2, memoryview(expected)):
         assert as_token_array(t).tolist() == expected.tolist()
+
+
+# -- policies -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("make", [
+    lambda: make_admission("frequency", width=2**64),
+    lambda: make_eviction("predictive", 16, horizon=1e308),
+], ids=["frequency width 2**64", "predictive horizon 1e308"])
+def test_policy_options_their_arithmetic_cannot_take_are_a_policy_error(make):
+    with pytest.raises(PolicyError):
+        make()
 
 
 # -- the manager ----------------------------------------------------------------------------------

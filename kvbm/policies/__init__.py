@@ -70,7 +70,11 @@ def make_eviction(name: str, capacity: int, **params: Any) -> EvictionPolicy:
         raise PolicyError(f"capacity must be an int >= 0, got {capacity!r}")
     try:
         policy: EvictionPolicy = cls(capacity, **params)
-    except TypeError as e:
+    except PolicyError:
+        raise
+    # TypeError: an unknown option; ValueError / OverflowError: an option its checks let
+    # through but its arithmetic cannot take (a sketch too wide, a horizon too far)
+    except (TypeError, ValueError, OverflowError) as e:
         raise PolicyError(f"bad options for eviction policy {name!r}: {e}") from None
     return policy
 
@@ -88,6 +92,10 @@ def make_admission(name: str | None, **params: Any) -> AdmissionPolicy | None:
     cls = _lookup("admission", ADMISSION_POLICIES, name)
     try:
         policy: AdmissionPolicy = cls(**params)
-    except TypeError as e:
+    except PolicyError:
+        raise
+    # TypeError: an unknown option; ValueError / OverflowError: an option its checks let
+    # through but its arithmetic cannot take (a sketch too wide, a horizon too far)
+    except (TypeError, ValueError, OverflowError) as e:
         raise PolicyError(f"bad options for admission policy {name!r}: {e}") from None
     return policy
