@@ -84,3 +84,12 @@ class MissingDependencyError(KvbmError, ImportError):
 
 class MetricsError(KvbmError, OSError):
     """A metrics endpoint could not be reached, or did not answer Prometheus text."""
+
+
+class TokenTypeError(TokenError, InvalidArgumentError):
+    """Token ids (or media hashes) of the wrong kind: not a sequence, not integers. Also a
+    ``TypeError``, as a caller checking argument types expects."""
+
+
+class BlockIdTypeError(BlockIdError, InvalidArgumentError):
+    """A block id that is not an int: also a ``TypeError`` (and a :class:`BlockIdError`)."""
