@@ -20,7 +20,7 @@ from __future__ import annotations
 import array
 import struct
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from kvbm.errors import InvalidArgumentError, InvalidKeyError, TokenError
+from kvbm.errors import InvalidArgumentError, InvalidKeyError, TokenError, TokenTypeError
 
 BASE_SEED = 1337
 _U64 = (1 << 64) - 1
@@ -120,7 +120,9 @@ def as_token_array(tokens: Any) -> np.ndarray:
     """Validate ``tokens`` and return them as a contiguous little-endian u32 array.
 
     Raises :class:`~kvbm.errors.TokenError` (a ``ValueError``) for anything that is not a
-    1-D sequence of integers in ``[0, 2**32)``, naming the first offending index.
+    1-D sequence of integers in ``[0, 2**32)``, naming the first offending index; where the
+    kind is wrong (not a sequence, not integers) a :class:`~kvbm.errors.TokenTypeError`,
+    also a ``TypeError``.
     """
     if hasattr(tokens, "detach") and hasattr(tokens, "cpu"):  # torch tensor, without importing
         tokens = _tensor_tokens(tokens)
@@ -141,8 +143,11 @@ def as_token_array(tokens: Any) -> np.ndarray:
         if isinstance(tokens, str | bytes | bytearray) or (
                 isinstance(tokens, memoryview) and tokens.format in ("B", "b", "c")):
             # numpy reads a bytearray as one token per byte (and bytes as one string)
-            raise TokenError(f"tokens must be a sequence of integer token ids, got "
-                             f"{type(tokens).__name__} (text or bytes)")
+            raise TokenTypeError(f"tokens must be a sequence of integer token ids, got "
+                                 f"{type(tokens).__name__} (text or bytes)")
+        if not isinstance(tokens, Iterable):  # None, a number, an object
+            raise TokenTypeError(f"tokens must be a sequence of integer token ids, got "
+                                 f"{type(tokens).__name__}")
         try:
             arr = np.asarray(tokens)
         except (OverflowError, ValueError, TypeError) as e:
@@ -151,14 +156,17 @@ def as_token_array(tokens: Any) -> np.ndarray:
         raise TokenError(f"tokens must be 1-D, got shape {arr.shape}")
     if arr.dtype == object:  # Python ints too large for int64, or mixed types
         for i, t in enumerate(arr.tolist()):
-            if isinstance(t, bool) or not isinstance(t, int | np.integer) or not 0 <= t <= _MAX_U32:
+            if isinstance(t, bool) or not isinstance(t, int | np.integer):
+                raise TokenTypeError(f"token at index {i} is {t!r}; tokens must be integers "
+                                     f"in [0, 2**32)")
+            if not 0 <= t <= _MAX_U32:
                 raise TokenError(f"token at index {i} is {t!r}; tokens must be integers in "
                                  f"[0, 2**32)")
         return arr.astype("<u4")
     if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
         if arr.size == 0:
             return np.empty(0, "<u4")
-        raise TokenError(f"tokens must be integers, got dtype {arr.dtype}")
+        raise TokenTypeError(f"tokens must be integers, got dtype {arr.dtype}")
     if (arr.dtype.kind == "i" or arr.dtype.itemsize > 4) and arr.size and (
             arr.min() < 0 or arr.max() > _MAX_U32):
         bad = int(np.flatnonzero((arr < 0) | (arr > _MAX_U32))[0])
@@ -171,13 +179,13 @@ def _tensor_tokens(t: Any) -> np.ndarray:
     numpy has no bfloat16 or float8)."""
     dtype = getattr(t, "dtype", None)
     if getattr(dtype, "is_floating_point", False) or getattr(dtype, "is_complex", False):
-        raise TokenError(f"tokens must be integers, got a tensor of {dtype}")
+        raise TokenTypeError(f"tokens must be integers, got a tensor of {dtype}")
     try:
         out: np.ndarray = t.detach().cpu().numpy()
     except (TypeError, ValueError, RuntimeError) as e:  # sparse, nested, meta (a subclass)
-        raise TokenError(f"tokens: cannot read a {getattr(t, 'layout', '')} tensor of {dtype} "
-                         f"on {getattr(t, 'device', '?')} ({e}); pass a dense tensor with "
-                         f"data") from None
+        raise TokenTypeError(f"tokens: cannot read a {getattr(t, 'layout', '')} tensor of "
+                             f"{dtype} on {getattr(t, 'device', '?')} ({e}); pass a dense "
+                             f"tensor with data") from None
     return out
 
 
@@ -204,8 +212,8 @@ def _mm_for_block(mm_hashes: MmHashes | None, n_blocks: int) -> dict[int, list[i
     elif _is_sequence(mm_hashes):
         items = enumerate(mm_hashes)
     else:
-        raise TokenError(f"mm_hashes must map block indices to lists of u64 media hashes, "
-                         f"got {type(mm_hashes).__name__}")
+        raise TokenTypeError(f"mm_hashes must map block indices to lists of u64 media "
+                             f"hashes, got {type(mm_hashes).__name__}")
     out: dict[int, list[int]] = {}
     for i, hs in items:
         # Everything is checked, also the media of a trailing partial block (never hashed):
@@ -215,8 +223,8 @@ def _mm_for_block(mm_hashes: MmHashes | None, n_blocks: int) -> dict[int, list[i
         if hs is None:
             continue
         if not (_is_sequence(hs) or (isinstance(hs, np.ndarray) and hs.ndim == 1)):
-            raise TokenError(f"multimodal hashes of block {i} must be a list of ints, "
-                             f"got {hs!r}")
+            raise TokenTypeError(f"multimodal hashes of block {i} must be a list of ints, "
+                                 f"got {hs!r}")
         vals = sorted(int(h) if _is_int(h) and 0 <= h <= _U64 else -1 for h in hs)
         if vals and vals[0] < 0:
             raise TokenError(f"multimodal hashes of block {i} must be u64 ints, got {list(hs)}")

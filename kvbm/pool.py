@@ -27,7 +27,13 @@ from kvbm.capacity import (
     host_available_bytes,
 )
 from kvbm.deps import require
-from kvbm.errors import BlockIdError, BlockStateError, ConfigError, PoolExhaustedError
+from kvbm.errors import (
+    BlockIdError,
+    BlockIdTypeError,
+    BlockStateError,
+    ConfigError,
+    PoolExhaustedError,
+)
 from kvbm.layout import Arrangement, KVLayout
 
 if TYPE_CHECKING:
@@ -79,12 +85,12 @@ class SlotAllocator:
         if type(slot) is int and 0 <= slot < self.num_slots:
             return slot
         if isinstance(slot, bool):  # an int subclass, but never meant as an id
-            raise BlockIdError(f"block id must be an int, got {slot!r}")
+            raise BlockIdTypeError(f"block id must be an int, got {slot!r}")
         if not isinstance(slot, int):
             try:
                 slot = int(slot.__index__())
             except (AttributeError, TypeError):
-                raise BlockIdError(f"block id must be an int, got {slot!r}") from None
+                raise BlockIdTypeError(f"block id must be an int, got {slot!r}") from None
         if not 0 <= slot < self.num_slots:
             raise BlockIdError(f"block id {slot} out of range [0, {self.num_slots})")
         return int(slot)

@@ -197,6 +197,35 @@ def test_tokens_of_unusable_kinds_are_a_token_error(make):
         as_token_array(make())
 
 
+@pytest.mark.parametrize("tokens", [None, 5, 1.5, object(), "abc", b"abcd", [1.5] * 8,
+                                    ["1"] * 8, [None] * 8, np.full(8, 1.5),
+                                    torch.arange(8.0)], ids=repr)
+def test_tokens_of_the_wrong_kind_are_also_a_type_error(tokens):
+    """A caller checking argument types catches TypeError: tokens that are not a sequence of
+    integers raise a TokenError that is one too (out-of-range ones stay a ValueError)."""
+    with pytest.raises(TokenError):
+        as_token_array(tokens)
+    with pytest.raises(TypeError):
+        as_token_array(tokens)
+    with pytest.raises(TypeError):
+        hash_blocks(toks(2), BS, mm_hashes=5)  # type: ignore[arg-type]
+
+
+def test_block_ids_that_are_not_ints_are_also_a_type_error(mgr):
+    held = mgr.allocate(1)
+    for bad in ("0", None, 1.5, True, [0]):
+        with pytest.raises(BlockIdError):
+            mgr.release([bad])
+        with pytest.raises(TypeError):
+            mgr.release([bad])
+        with pytest.raises(TypeError):
+            mgr.block_view(bad)
+    with pytest.raises(BlockIdError) as e:
+        mgr.release([99])
+    assert not isinstance(e.value, TypeError)  # out of range: an IndexError only
+    mgr.release(held)
+
+
 def test_integer_tensors_and_buffers_of_u32_are_tokens():
     expected = np.arange(8, dtype=np.uint32)
     for t in (torch.arange(8, dtype=torch.int32), torch.arange(8).to(torch.uint16),
