@@ -947,7 +947,8 @@ class BlockManager:
             return 0
         n = 0
         inbox = self._inbox
-        timeout = os_wait(timeout)  # callers loop until their own deadline
+        if timeout is not None:  # (every call drains: nothing more on the common path)
+            timeout = os_wait(timeout)  # callers loop until their own deadline
         while True:
             try:
                 item = inbox.get(block=block and n == 0, timeout=timeout)
