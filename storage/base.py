@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
-from kvbm.errors import LayoutError
+from kvbm.errors import InvalidArgumentError, LayoutError
 from kvbm.layout import KVLayout
 from kvbm.medium import Medium
 
@@ -157,7 +157,11 @@ class PageStore(abc.ABC):
             self.listener.on_removed(self.medium, list(keys), reason)
 
     def _check_payload(self, key: int, buf: Buffer) -> memoryview:
-        mv = memoryview(buf).cast("B")
+        try:
+            mv = memoryview(buf).cast("B")
+        except ValueError as e:  # a released view, a closed mmap
+            raise InvalidArgumentError(f"page {key:#x}: the buffer cannot be used ({e})"
+                                       ) from None
         if mv.nbytes != self.page_bytes:
             raise LayoutError(f"page {key:#x} has {mv.nbytes} bytes, the layout needs "
                               f"{self.page_bytes}")

@@ -16,7 +16,11 @@ Pack object ``{prefix}{fingerprint:016x}/{pack_id}.kvpack``::
 * The pack id is the xxh3-128 of the page headers (which hold each payload's checksum), so a
   pack's name is a function of its content. Writes are create-only (the backend's
   conditional put): a retried upload that had in fact landed, or a second writer of the very
-  same batch, finds the object there and that is a success, never an overwrite.
+  same batch, finds the object there and that is a success, never an overwrite. Unless the
+  object there is damaged (pages of it failed verification, or its size is not the pack's):
+  then it is overwritten with the bytes its name stands for.
+* The manifest is validated like data from a stranger: a pack whose entries do not fit
+  (keys or offsets out of range, pages past the manifest) is skipped whole by a rebuild.
 * A page becomes visible only after its pack upload succeeded *and* its index entry was
   committed (lmdb, synchronous commit): an entry never points at a pack that is not whole.
 * Index keys are ``fingerprint || seq_hash``: stores of different models on the same bucket
@@ -57,7 +61,6 @@ import asyncio
 import enum
 import functools
 import logging
-import operator
 import os
 import struct
 import threading
@@ -66,7 +69,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import msgpack
 import xxhash
@@ -74,13 +77,13 @@ import xxhash
 from kvbm.errors import (
     ConfigError,
     InvalidArgumentError,
-    InvalidKeyError,
     LayoutError,
     StorageError,
     TierUnavailableError,
 )
 from kvbm.layout import KVLayout
 from kvbm.medium import Medium
+from kvbm.storage.args import check_items, check_key, check_keys, check_parents
 from kvbm.storage.base import Capability, PageStore, RemovalReason, TierListener, TierStats
 from kvbm.storage.page import HEADER_SIZE, make_header, verify_page
 from kvbm.storage.resilience import (
@@ -437,12 +440,27 @@ def parse_manifest(tail: bytes, *, pack_size: int) -> tuple[int, list[tuple[int,
         raise ManifestError("manifest checksum mismatch")
     try:
         version, fingerprint, pages = msgpack.unpackb(raw)
-        out = [(int(k), int(off), int(ln)) for k, off, ln in pages]
-    except (ValueError, TypeError, msgpack.UnpackException) as e:
+    except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as e:
         raise ManifestError(f"undecodable manifest: {e}") from None
     if version != PACK_VERSION:
-        raise ManifestError(f"unknown pack version {version}")
-    return int(fingerprint), out
+        raise ManifestError(f"unknown pack version {version!r}")
+    # A checksum proves the manifest is what its writer wrote, not that it makes sense (a
+    # buggy or hostile writer of the bucket): every number must fit where the index puts it.
+    pages_end = pack_size - _TRAILER.size - mlen
+    if not _is_u64(fingerprint) or not isinstance(pages, list):
+        raise ManifestError("manifest is not [version, fingerprint, pages]")
+    out: list[tuple[int, int, int]] = []
+    for page in pages:
+        if (not isinstance(page, list) or len(page) != 3 or not all(map(_is_u64, page))
+                or page[2] == 0 or page[1] + page[2] > pages_end):
+            raise ManifestError(f"manifest entry {page!r:.80} is not [key, offset, length] "
+                                f"within the pack")
+        out.append((page[0], page[1], page[2]))
+    return fingerprint, out
+
+
+def _is_u64(value: object) -> bool:
+    return type(value) is int and 0 <= value < 1 << 64
 
 
 # -- reads ------------------------------------------------------------------------------------
@@ -511,17 +529,6 @@ class PackState(enum.Enum):
     UNKNOWN = "unknown"  # no answer (network, breaker): nothing can be concluded
 
 
-def check_key(key: Any) -> int:
-    """``key`` as an int in ``[0, 2**64)``; :class:`InvalidKeyError` for anything else (a
-    bool, a float, a string, a negative or too large number)."""
-    if isinstance(key, bool) or not hasattr(type(key), "__index__"):
-        raise InvalidKeyError(f"a page key must be an int in [0, 2**64), got {key!r}")
-    value = operator.index(key)  # numpy integers too
-    if not 0 <= value < 1 << 64:
-        raise InvalidKeyError(f"a page key must be in [0, 2**64), got {value}")
-    return value
-
-
 class PackedObjectStore(PageStore):
     """A :class:`PageStore` over an :class:`ObjectBackend`, packing pages into big objects."""
 
@@ -541,7 +548,7 @@ class PackedObjectStore(PageStore):
         self._lock = threading.Lock()  # guards _pending, _used, _seen, _degraded, the stats
         for name in ("rejected_open", "retries", "packs_put", "pack_bytes_put", "ranged_gets",
                      "reread", "packs_existing", "packs_deleted", "rebuilt_pages",
-                     "pack_checks", "bucket_checks"):
+                     "pack_checks", "bucket_checks", "packs_replaced"):
             self._stats.extra[name] = 0
         self._closed = False
         self._degraded = False
@@ -569,6 +576,10 @@ class PackedObjectStore(PageStore):
         # had before this process started are not in here: they are checked before a put
         # counts on them (the bucket may have lost them: lifecycle expiry, a new server).
         self._seen: dict[bytes, float] = {}
+        #: Packs whose pages failed verification at rest: a put that builds a pack of the
+        #: same name (the same batch again) overwrites the damaged object instead of finding
+        #: it there and counting it as stored.
+        self._damaged: set[bytes] = set()
         self._used = len(self._index.keys(self.fingerprint)) * self.page_bytes
         self._ready = self._used > 0 or not config.rebuild_if_empty
         self._ready_lock = threading.Lock()
@@ -620,21 +631,16 @@ class PackedObjectStore(PageStore):
     def _check_items(self, items: Sequence[tuple[int, Buffer]]
                      ) -> tuple[list[int], list[memoryview]]:
         """Keys and payload views of ``(key, buffer)`` pairs, all checked before any use."""
-        keys: list[int] = []
+        keys, bufs = check_items(items)
         views: list[memoryview] = []
-        for item in items:
-            try:
-                k, buf = item
-            except (TypeError, ValueError):
-                raise InvalidArgumentError(f"expected (key, buffer) pairs, got {item!r}"
-                                           ) from None
-            key = check_key(k)
+        for key, buf in zip(keys, bufs, strict=True):
             try:
                 views.append(self._check_payload(key, buf))
-            except TypeError:
+            except TypeError as e:
+                if isinstance(e, InvalidArgumentError):
+                    raise
                 raise InvalidArgumentError(f"page {key:#x}: not a buffer but a "
                                            f"{type(buf).__name__}") from None
-            keys.append(key)
         return keys, views
 
     # -- is the bucket there? -------------------------------------------------------------------
@@ -749,8 +755,7 @@ class PackedObjectStore(PageStore):
             self._on_permanent(e)
             return PackState.UNKNOWN
         if found != size:
-            log.warning("pack %s has %d bytes, the index says %d: dropping its pages", obj,
-                        found, size)
+            log.warning("pack %s has %d bytes, not the %d its pages need", obj, found, size)
             return PackState.GONE
         self._saw(pack_id)
         return PackState.PRESENT
@@ -815,12 +820,7 @@ class PackedObjectStore(PageStore):
         # checked like every argument.
         self._check_open()
         keys, views = self._check_items(items)  # all or nothing
-        if parents is not None:
-            if len(parents) != len(keys):
-                raise InvalidArgumentError(f"{len(parents)} parents for {len(keys)} pages")
-            for p in parents:
-                if p is not None:
-                    check_key(p)
+        check_parents(parents, len(keys))
         if not keys:
             return []
         if not await self._serving():
@@ -908,8 +908,12 @@ class PackedObjectStore(PageStore):
                     self._count(errors=len(pages))
                     self._on_permanent(e)
                     return False
-                # Create-only write found the object: same name, same content. Done.
+                # Create-only write found the object: same name, so the same content,
+                # unless it was damaged at rest.
                 self._count(packs_existing=1)
+                if not self._replace_if_damaged(obj, pack):
+                    self._count(errors=len(pages))
+                    return False
             self._saw(pack.pack_id)  # before the entries: a put that finds them trusts them
             added = self._index.add(self.fingerprint, pack.entries)
             with self._lock:
@@ -925,6 +929,32 @@ class PackedObjectStore(PageStore):
                     fut = self._pending.pop(k, None)
                     if fut is not None:
                         fut.set_result(ok)
+
+    def _replace_if_damaged(self, obj: str, pack: BuiltPack) -> bool:
+        """A create-only upload found ``obj`` there: overwrite it when it is known damaged
+        or its size is not the pack's (one metadata request); whether it holds the pack now.
+        (Overwriting a whole object with the bytes its name stands for is always safe.)"""
+        with self._lock:
+            damaged = pack.pack_id in self._damaged
+        if not damaged:
+            state = self._pack_state(pack.pack_id, len(pack.data))
+            if state is PackState.PRESENT:
+                return True
+            if state is PackState.UNKNOWN:
+                return False  # cannot tell: not claimed
+        log.warning("pack %s in the bucket is damaged: uploading it again", obj)
+        try:
+            self._call(lambda: self._backend.put(obj, pack.data, create_only=False),
+                       what=f"put {obj}")
+        except Exception as e:
+            log.warning("cannot replace the damaged pack %s: %r", obj, e)
+            if not isinstance(e, TierUnavailableError):
+                self._on_permanent(e)
+            return False
+        with self._lock:
+            self._damaged.discard(pack.pack_id)
+        self._count(packs_replaced=1)
+        return True
 
     # -- get --------------------------------------------------------------------------------
     async def get(self, items: Sequence[tuple[int, Buffer]]) -> list[bool]:
@@ -944,17 +974,20 @@ class PackedObjectStore(PageStore):
         locs = self._index.lookup(self.fingerprint, keys)
         by_pack: dict[bytes, tuple[int, list[_Slot]]] = {}
         slot_of: list[_Slot | None] = []
-        seen: dict[tuple[bytes, int], _Slot] = {}
+        # The same key asked twice is read once. Keyed by page, not by place: an index
+        # rebuilt from a pack replaced out of band can file two keys at one place, and each
+        # must be verified under its own key.
+        seen: dict[int, _Slot] = {}
         missing: list[int] = []
         for k, dst, loc in zip(keys, dests, locs, strict=True):
             if loc is None:
                 slot_of.append(None)
                 missing.append(k)
                 continue
-            slot = seen.get((loc.pack_id, loc.offset))
+            slot = seen.get(k)
             if slot is None:
                 slot = _Slot(k, loc.offset, loc.length, [dst])
-                seen[(loc.pack_id, loc.offset)] = slot
+                seen[k] = slot
                 by_pack.setdefault(loc.pack_id, (loc.pack_size, []))[1].append(slot)
             else:
                 slot.dests.append(dst)  # the same page asked twice: read once
@@ -1056,6 +1089,8 @@ class PackedObjectStore(PageStore):
             return
 
         def drop() -> list[int]:
+            with self._lock:
+                self._damaged.update(expect.values())
             for pack_id in gone:
                 for k in self._index.pack_members(pack_id):
                     expect[k] = pack_id
@@ -1074,7 +1109,7 @@ class PackedObjectStore(PageStore):
     # -- exists / delete / keys ---------------------------------------------------------------
     async def exists(self, keys: Sequence[int]) -> list[bool]:
         self._check_open()
-        checked = [check_key(k) for k in keys]
+        checked = check_keys(keys)
         if not checked:
             return []
         if not await self._serving():
@@ -1084,7 +1119,7 @@ class PackedObjectStore(PageStore):
 
     async def delete(self, keys: Sequence[int]) -> int:
         self._check_open()
-        checked = [check_key(k) for k in keys]
+        checked = check_keys(keys)
         if not checked:
             return 0
         await self._ensure_ready()

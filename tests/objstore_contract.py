@@ -11,15 +11,25 @@ from __future__ import annotations
 import abc
 import asyncio
 import logging
+import mmap
+import struct
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import msgpack
 import numpy as np
 import pytest
+import xxhash
 from objstore_servers import Fault, FaultProxy, ServerProcess
 
-from kvbm.errors import ConfigError, InvalidKeyError, LayoutError, TierUnavailableError
+from kvbm.errors import (
+    ConfigError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    LayoutError,
+    TierUnavailableError,
+)
 from kvbm.layout import KVLayout
 from kvbm.storage.base import RemovalReason, TierListener
 from kvbm.storage.objectstore import PACK_SUFFIX, ObjectTierConfig, PackedObjectStore
@@ -706,3 +716,151 @@ class ObjectStoreTests(abc.ABC):
     def test_bad_config_values(self, field: str, value: Any) -> None:
         with pytest.raises(ConfigError):
             self.config(**{field: value})
+
+    # -- found by the storage sweep: damage a reader cannot tell from data --------------------
+    async def _two_batches(self, index: str) -> tuple[list[int], list[int], str, str]:
+        """Two batches of 4 pages, one pack each (of the same size); their keys and packs."""
+        store = self.store_for(LAYOUT, None, index=index)
+        try:
+            first, second = keys(4), keys(4, start=50)
+            assert await store.put(list(zip(first, payloads(first), strict=True))) == [True] * 4
+            (p1,) = self.packs()
+            assert await store.put(list(zip(second, payloads(second), strict=True))) == [True] * 4
+            (p2,) = [p for p in self.packs() if p != p1]
+        finally:
+            await store.close()
+        return first, second, p1, p2
+
+    def test_pages_filed_at_one_place_are_never_served_for_each_other(self) -> None:
+        # A pack object replaced out of band by another one (here the second batch's bytes
+        # under the first batch's name), then indexed by a rebuild: the index maps a page of
+        # each batch to the same (pack, offset). A get of both must verify each page under
+        # its own key, not read the place once and hand the bytes to both.
+        async def body() -> None:
+            first, second, p1, p2 = await self._two_batches("index-a")
+            self.raw_write(p1, self.raw_read(p2))
+            self.raw_delete(p2)
+            store = self.store_for(LAYOUT, None, index="index-b")
+            try:
+                assert sorted(await store.keys()) == sorted(second)  # rebuilt: all in p1
+                for ks in (first + second, second + first):
+                    # The first batch again: its pack has the name p1 (a name is its
+                    # content's hash), whatever the bucket now holds under it.
+                    await store.put(list(zip(first, payloads(first), strict=True)))
+                    bufs = buffers(8)
+                    hits = await store.get(list(zip(ks, bufs, strict=True)))
+                    wrong = [k for k, hit, b in zip(ks, hits, bufs, strict=True)
+                             if hit and not np.array_equal(b, page_payload(k, PAGE))]
+                    assert wrong == [], "a page was served under another page's key"
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    @pytest.mark.parametrize("damage", ["truncated", "empty", "same_size"])
+    def test_a_put_replaces_a_damaged_pack_of_the_same_name(self, damage: str) -> None:
+        # Every page of a pack is found damaged and dropped; putting the same batch again
+        # builds a pack of the same name. Uploads are create-only, so the damaged object is
+        # still there: the put must not count it as stored.
+        async def body() -> None:
+            store = self.store_for(LAYOUT, None)
+            try:
+                ks = keys(4)
+                items = list(zip(ks, payloads(ks), strict=True))
+                assert await store.put(items) == [True] * 4
+                (obj,) = self.packs()
+                data = self.raw_read(obj)
+                self.raw_write(obj, {"truncated": data[:100], "empty": b"",
+                                     "same_size": bytes(len(data))}[damage])
+                assert await store.get(list(zip(ks, buffers(4), strict=True))) == [False] * 4
+                assert await store.keys() == []
+                assert await store.put(items) == [True] * 4
+                bufs = buffers(4)
+                assert await store.get(list(zip(ks, bufs, strict=True))) == [True] * 4
+                assert all(np.array_equal(b, p) for b, p in zip(bufs, payloads(ks),
+                                                                strict=True))
+                assert self.raw_read(obj) == data
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
+    @staticmethod
+    def _crafted_pack(fingerprint: int, entries: Any, *, manifest: bytes | None = None,
+                      body: bytes = b"") -> bytes:
+        """A pack whose trailer and manifest checksum are valid, whatever the manifest says
+        (another writer's bug, or a hostile bucket)."""
+        raw = msgpack.packb([1, fingerprint, entries]) if manifest is None else manifest
+        return body + raw + struct.pack("<8sQQ", b"KVBMPACK", len(raw),
+                                        xxhash.xxh3_64_intdigest(raw))
+
+    def test_rebuild_skips_manifests_that_make_no_sense(self) -> None:
+        async def body() -> None:
+            ks = keys(6)
+            first = self.store_for(LAYOUT, None)
+            try:
+                assert await first.put(list(zip(ks, payloads(ks), strict=True))) == [True] * 6
+            finally:
+                await first.close()
+            fp = LAYOUT.fingerprint
+            folder = f"{self.prefix}{fp:016x}/"
+            page = PAGE + 64
+            body_ = bytes(page)
+            crafted = [
+                [[-1, 0, page]], [[7, -64, page]], [[2**64 - 1, 2**64 - page, page]],
+                [[1.5, 0, page]], [["12", 0, page]], [[[1], 0, page]], [[1, 0]], {"a": 1},
+                None, [[True, 0, page]], [[9, 0, page]] * 2 + [[10, page * 3, page]],
+            ]
+            blobs = [self._crafted_pack(fp, e, body=body_) for e in crafted]
+            blobs += [self._crafted_pack(fp, None, manifest=m) for m in
+                      (msgpack.packb(5), msgpack.packb([1, fp]), b"\xc1\xc1",
+                       msgpack.packb([1, "fp", []]), msgpack.packb([1, -5, []]),
+                       b"\x91" * 50_000)]
+            for i, blob in enumerate(blobs):
+                self.raw_write(f"{folder}{uuid.UUID(int=i + 1).hex}{PACK_SUFFIX}", blob)
+            store = self.store_for(LAYOUT, None, index="index-fresh")
+            try:
+                assert await store.rebuild_index() == 6
+                assert sorted(await store.keys()) == sorted(ks)
+                bufs = buffers(6)
+                assert await store.get(list(zip(ks, bufs, strict=True))) == [True] * 6
+            finally:
+                await store.close()
+            # The rebuild a first call runs on its own also gets through (it is not tried
+            # again and again, listing the bucket on every call).
+            implicit = self.store_for(LAYOUT, None, index="index-implicit")
+            try:
+                assert await implicit.exists(ks) == [True] * 6
+                lists = implicit.stats().extra["rebuilt_pages"]
+                assert await implicit.exists(ks) == [True] * 6
+                assert implicit.stats().extra["rebuilt_pages"] == lists == 6
+            finally:
+                await implicit.close()
+
+        asyncio.run(body())
+
+    def test_malformed_batches_are_refused_before_anything_changes(self) -> None:
+        async def body() -> None:
+            store = self.store_for(LAYOUT, None)
+            try:
+                ks = keys(2)
+                assert await store.put(list(zip(ks, payloads(ks), strict=True))) == [True] * 2
+                before = (sorted(await store.keys()), store.stats().puts, self.packs())
+                closed = mmap.mmap(-1, PAGE)
+                closed.close()
+                (new,) = keys(1, start=99)
+                calls: list[Any] = []
+                for batch in (None, 5, "ab", b"ab", {1: 2}, {1}, [(1, 2, 3)], [None]):
+                    calls += [store.put(batch), store.get(batch), store.exists(batch),
+                              store.delete(batch)]
+                for parents in (5, "ab", {0: None}, {None}, []):
+                    calls.append(store.put([(new, payloads([new])[0])], parents=parents))
+                calls += [store.put([(new, closed)]), store.get([(ks[0], closed)])]
+                for call in calls:
+                    with pytest.raises(InvalidArgumentError):
+                        await call
+                assert (sorted(await store.keys()), store.stats().puts, self.packs()) == before
+            finally:
+                await store.close()
+
+        asyncio.run(body())

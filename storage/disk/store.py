@@ -38,8 +38,8 @@ from kvbm.errors import ConfigError, InvalidArgumentError, KvbmError, LayoutErro
 from kvbm.layout import KVLayout
 from kvbm.medium import Medium
 from kvbm.policies import make_admission, make_eviction
+from kvbm.storage.args import check_items, check_keys, check_parents
 from kvbm.storage.base import Capability, PageStore, RemovalReason, TierListener
-from kvbm.storage.disk.args import check_items, check_keys, check_parents
 from kvbm.storage.disk.commit import GroupCommitter
 from kvbm.storage.disk.config import DiskTierConfig, Durability
 from kvbm.storage.disk.directory import (

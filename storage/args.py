@@ -1,4 +1,5 @@
-"""Argument checks of the disk store's public calls, run before anything is changed.
+"""Argument checks of the page stores' public calls (disk and object tiers), run before
+anything is changed.
 
 Keys are block hashes: ints in ``[0, 2**64)`` (numpy integers are taken as their value; a
 bool, a float or a string is refused, not coerced). A batch of plain ints in range, the
