@@ -33,6 +33,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def seed(text: str) -> int:
+    """``--seed``: numpy's generators take non-negative integers only."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed is an integer >= 0, got {text!r}")
+    return value
+
+
 def parser(doc: str | None) -> argparse.ArgumentParser:
     """An ArgumentParser described by the first paragraph of a script's docstring."""
     return argparse.ArgumentParser(description=(doc or "").split("\n\n")[0],

@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeat", type=int, default=5,
                     help="timed runs per figure: the best is kept for a throughput, the median "
                          "of 20x as many for a latency")
-    ap.add_argument("--seed", type=int, default=0,
+    ap.add_argument("--seed", type=_meta.seed, default=0,
                     help="seed of the random tokens (each section adds its offset, 0 to 2)")
     return ap
 

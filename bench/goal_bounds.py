@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "generated trace (reuse oracle only)")
     ap.add_argument("--family", choices=sorted(FAMILIES), default="chat",
                     help="generated workload family")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the generated trace")
+    ap.add_argument("--seed", type=_meta.seed, default=0, help="seed of the generated trace")
     ap.add_argument("--requests", type=int, default=12000, help="requests to generate")
     ap.add_argument("--capacity-fraction", type=_fractions, default="0.02,0.03,0.05",
                     metavar="F[,F...]",
@@ -173,8 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.trace:
         try:
             records = [{"hash_ids": ids} for ids in load_trace(args.trace)]
-        except (OSError, KvbmError) as e:
+        except OSError as e:
+            ap.error(f"--trace {args.trace}: {e.strerror or e}")
+        except KvbmError as e:
             ap.error(str(e))
+        if not records:
+            ap.error(f"--trace {args.trace}: no requests in it (a Mooncake trace has one "
+                     f"JSON record per line)")
         title = Path(args.trace).stem
         doc = bounds(records, args.capacity_fraction, block_size=args.block_size)
         doc.update(trace=args.trace, meta=_meta.run_meta(None))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _meta.parser(__doc__)
     ap.add_argument("--out", help="output file (default: stdout)")
     ap.add_argument("--requests", type=int, default=12000, help="requests to generate")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the generated trace")
+    ap.add_argument("--seed", type=_meta.seed, default=0, help="seed of the generated trace")
     ap.add_argument("--family", choices=sorted(FAMILIES), default="chat",
                     help="workload parameter set (see kvbm/workload.py)")
     ap.add_argument("--block-size", type=int, default=512,
@@ -50,11 +51,35 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: Workload options: (lowest, highest, whether the lowest itself is allowed). Outside these
+#: the generator fails deep in numpy or, for a NaN rate, never returns.
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    "rate": (0.0, math.inf, False), "system_prompts": (1, math.inf, True),
+    "system_zipf": (0.0, math.inf, True), "single_shot": (0.0, 1.0, True),
+    "turns": (1.0, math.inf, True), "think_seconds": (0.0, math.inf, False),
+    "doc_fraction": (0.0, 1.0, True), "doc_zipf": (0.0, math.inf, True),
+    "documents": (1, math.inf, True),
+}
+
+
+def _check_ranges(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for name, (lo, hi, lo_ok) in _RANGES.items():
+        v = getattr(args, name)
+        if v is None:
+            continue
+        if not (math.isfinite(v) and (v >= lo if lo_ok else v > lo) and v <= hi):
+            opt = "--" + name.replace("_", "-")
+            want = (f"in [{lo:g}, {hi:g}]" if math.isfinite(hi)
+                    else f"{'>=' if lo_ok else '>'} {lo:g}")
+            ap.error(f"{opt} must be a finite number {want}, got {v}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.requests < 1 or args.block_size < 1:
         ap.error("--requests and --block-size must be positive")
+    _check_ranges(ap, args)
     over: dict[str, Any] = {}
     for name in ("rate", "system_prompts", "system_zipf", "single_shot", "turns",
                  "doc_fraction", "doc_zipf", "documents"):
@@ -66,8 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     recs = generate(args.requests, seed=args.seed, family=args.family,
                     block_size_tokens=args.block_size, **over)
     if args.out:
-        with open(args.out, "w") as fp:
-            write(recs, fp)
+        try:
+            with open(args.out, "w") as fp:
+                write(recs, fp)
+        except OSError as e:
+            ap.error(f"--out {args.out}: {e.strerror or e}")
     else:
         try:
             write(recs, sys.stdout)

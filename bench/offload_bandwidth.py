@@ -23,6 +23,8 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from kvbm import bandwidth as bw
@@ -105,6 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     if (args.io_threads is not None and args.io_threads < 1) or (
             args.io_chunk_mib is not None and args.io_chunk_mib < 1):
         ap.error("--io-threads and --io-chunk-mib must be >= 1")
+
+    try:  # the disk measurements write here: say so now, not after the memory ones
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.dir).close()
+    except OSError as e:
+        ap.error(f"--dir {args.dir}: {e.strerror or e}")
 
     import torch
 

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print one JSON document only")
     ap.add_argument("--requests", type=int, default=12000,
                     help="requests to generate (with --generate)")
-    ap.add_argument("--seed", type=int, default=0,
+    ap.add_argument("--seed", type=_meta.seed, default=0,
                     help="seed of the generated trace (with --generate)")
     ap.add_argument("--family", choices=sorted(FAMILIES), default="chat",
                     help="generated workload family (with --generate)")
@@ -67,6 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trace = (load_trace(args.trace) if args.trace
                  else generated_trace(args.requests, args.seed, args.family))
+    except OSError as e:
+        ap.error(f"--trace {args.trace}: {e.strerror or e}")
+    except KvbmError as e:
+        ap.error(str(e))
+    if not trace:
+        ap.error(f"--trace {args.trace}: no requests in it (a Mooncake trace has one JSON "
+                 f"record per line)")
+    try:
         policies = args.policy or list(dict.fromkeys([*STANDARD, default_name()]))
         doc = run(trace, args.capacity_fraction, policies, block_size=args.block_size,
                   progress=not args.json and sys.stderr.isatty(), model=args.model,

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbm.replay import format_sweep, parse_fractions
+from kvbm.workload import FAMILIES
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -43,10 +44,14 @@ def _fractions(text: str) -> list[float]:
 
 def _generated(spec: str) -> tuple[str, int]:
     family, _, seed = spec.partition(":")
+    if family not in FAMILIES:
+        raise argparse.ArgumentTypeError(f"{spec!r}: the family is one of "
+                                         f"{', '.join(sorted(FAMILIES))}")
     try:
-        return family, int(seed or "0")
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected FAMILY[:SEED], got {spec!r}") from None
+        return family, _meta.seed(seed or "0")
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected FAMILY[:SEED] with SEED an integer >= 0, "
+                                         f"got {spec!r}") from None
 
 
 def _cells(args: argparse.Namespace) -> list[tuple[str, float, list[str]]]:

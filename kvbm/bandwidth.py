@@ -483,6 +483,7 @@ def measure_disk(layout: KVLayout, pages: int, directory: Path | str, *, repeats
     ``io_threads`` / ``io_chunk_bytes``: the DiskTierConfig's (``None``: its defaults).
     """
     from kvbm.storage.disk import DiskStore, DiskTierConfig
+    from kvbm.storage.disk.directory import geometry_for
 
     pb = layout.bytes_per_block
     base = Path(directory)
@@ -505,9 +506,14 @@ def measure_disk(layout: KVLayout, pages: int, directory: Path | str, *, repeats
             kw["io_threads"] = io_threads
         if io_chunk_bytes is not None:
             kw["io_chunk_bytes"] = io_chunk_bytes
-        # Room for exactly the measured pages (+ alignment slack): every round after the
-        # warm-up rewrites the same slots, the tier's steady state.
-        capacity = pages * ((pb + 64 + ALIGN - 1) // ALIGN * ALIGN)
+        # Room for exactly the measured pages: every round after the warm-up rewrites the
+        # same slots, the tier's steady state. The capacity counts the slabs' header areas
+        # too (64 bytes a slot, in whole ALIGN blocks), which the slot padding of small
+        # pages does not cover: grow it until the store's own geometry holds every page.
+        capacity = pages * ((pb + ALIGN - 1) // ALIGN * ALIGN)
+        slab_bytes = DiskTierConfig(path=root / "g3", capacity_bytes=capacity).slab_bytes
+        while geometry_for(layout, capacity, slab_bytes).max_slots < pages:
+            capacity += ALIGN
         store = DiskStore(layout, DiskTierConfig(path=root / "g3", capacity_bytes=capacity,
                                                  **kw))
         raw = _RawFile(root / "raw-ceiling.bin", raw_pool.raw.numpy().data,

@@ -172,3 +172,66 @@ def test_the_old_fractions_spelling_still_parses() -> None:
         args = parser.parse_args(["--fractions", "0.1,0.2", "--generate", "chat"]
                                  if name == "policy_sweep" else ["--fractions", "0.1,0.2"])
         assert args.capacity_fraction == [0.1, 0.2]
+
+
+# -- bad input: one usage error line (status 2), never a traceback ----------------------------
+def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
+    if tmp.is_dir():
+        (tmp / "empty.jsonl").write_text("")
+        (tmp / "file").write_text("")
+    missing = str(tmp / "missing.jsonl")
+    return [
+        ("core_ops", ["--seed", "-1"], "--seed"),
+        ("make_trace", ["--requests", "5", "--seed", "-1"], "--seed"),
+        ("make_trace", ["--requests", "5", "--rate", "-1"], "--rate"),
+        ("make_trace", ["--requests", "5", "--rate", "nan"], "--rate"),
+        ("make_trace", ["--requests", "5", "--single-shot", "5"], "--single-shot"),
+        ("make_trace", ["--requests", "5", "--doc-fraction", "-0.1"], "--doc-fraction"),
+        ("make_trace", ["--requests", "5", "--turns", "nan"], "--turns"),
+        ("make_trace", ["--requests", "5", "--turns", "0.5"], "--turns"),
+        ("make_trace", ["--requests", "5", "--think-seconds", "0"], "--think-seconds"),
+        ("make_trace", ["--requests", "5", "--documents", "-3"], "--documents"),
+        ("make_trace", ["--requests", "5", "--system-prompts", "0"], "--system-prompts"),
+        ("make_trace", ["--requests", "5", "--system-zipf", "inf"], "--system-zipf"),
+        ("make_trace", ["--requests", "5", "--out", str(tmp / "file" / "t.jsonl")], "--out"),
+        ("policy_replay", ["--trace", missing, "--capacity-fraction", "0.1"], "missing.jsonl"),
+        ("policy_replay", ["--trace", str(tmp), "--capacity-fraction", "0.1"], str(tmp)),
+        ("policy_replay", ["--trace", str(tmp / "empty.jsonl"), "--capacity-fraction", "0.1"],
+         "no request"),
+        ("policy_replay", ["--generate", "--seed", "-1", "--capacity-fraction", "0.1"],
+         "--seed"),
+        ("goal_bounds", ["--trace", str(tmp / "empty.jsonl")], "no request"),
+        ("goal_bounds", ["--seed", "-2"], "--seed"),
+        ("policy_sweep", ["--generate", "nope"], "nope"),
+        ("policy_sweep", ["--generate", "chat:-1"], "chat:-1"),
+        ("offload_bandwidth", ["--skip-object", "--layout", "tiny", "--memory-mib", "1",
+                               "--disk-mib", "1", "--dir", str(tmp / "file" / "sub")], "--dir"),
+    ]
+
+
+_BAD = _bad_cases(Path("/nonexistent"))
+
+
+@pytest.mark.parametrize("case", range(len(_BAD)),
+                         ids=[f"{n}{' '.join(a[-2:])}" for n, a, _ in _BAD])
+def test_bad_input_is_a_usage_error_not_a_traceback(case: int, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    name, argv, message = _bad_cases(tmp_path)[case]
+    with pytest.raises(SystemExit) as e:
+        _load(name).main(argv)
+    out, err = capsys.readouterr()
+    assert e.value.code == 2, (name, argv, out, err)
+    assert "error:" in err and message in err, (name, argv, err)
+
+
+def test_offload_bandwidth_runs_with_the_smallest_pages(tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]
+                                                        ) -> None:
+    # The disk tier of the measurement must hold every measured page, headers included,
+    # whatever the page size (256-byte pages of "tiny" once left it one slot short).
+    rc = _load("offload_bandwidth").main(
+        ["--skip-object", "--layout", "tiny", "--repeat", "1", "--memory-mib", "1",
+         "--disk-mib", "1", "--no-progress", "--json", "--dir", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert {r["path"] for r in doc["rows"]} >= {"G2->G3", "G3->G2"}
