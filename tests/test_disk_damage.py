@@ -476,7 +476,7 @@ def test_kill_9_during_the_first_open(tmp_path: Path) -> None:
             hits = await store.get(list(zip(present, bufs, strict=True)))
             for key, hit, buf in zip(present, hits, bufs, strict=True):
                 assert not hit or np.array_equal(buf, page_payload(key, PAGE))
-            assert await store.put([(k, page_payload(k, PAGE)) for k in keys_(2)])
+            assert await store.put([(k, page_payload(k, PAGE)) for k in keys_(2)]) == [True] * 2
             await store.close()
 
         asyncio.run(reopen())

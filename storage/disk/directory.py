@@ -50,11 +50,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import fcntl
 import json
 import logging
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,8 @@ FORMAT = "kvbm-disk-v4"
 #: told apart from a directory that is no store at all.
 _FORMAT_FAMILY = "kvbm-disk-"
 META_NAME = "kvbm-disk.json"
+#: An identity file is a few hundred bytes; one larger than this is damaged, not read whole.
+_META_MAX_BYTES = 1 << 16
 LOCK_NAME = "LOCK"
 #: O_DIRECT needs file offsets, lengths and memory aligned to the logical block size;
 #: 4096 covers every current device (512e and 4Kn) and the page size.
@@ -176,25 +180,47 @@ def format_version(fmt: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def read_identity(root: Path) -> Identity:
-    """The identity file of ``root``, read-only. Raises :class:`StorageError` for a store
-    of another on-disk format (never guessed at) or a file that cannot be read at all."""
-    path = root / META_NAME
+def _read_meta(path: Path, root: Path) -> bytes | None:
+    """The bytes of the identity file (at most ``_META_MAX_BYTES + 1``), ``None`` when there
+    is none. Opened without blocking and checked to be a regular file before it is read: a
+    FIFO or a device under that name would block or never end."""
     try:
-        raw = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        return Identity(IdentityState.ABSENT)
-    except IsADirectoryError:
-        # Not something kvbm writes: whatever it holds is not ours to replace.
-        raise StorageError(f"{path} is not a regular file; refusing to touch {root}: remove "
-                           f"the directory if it is a kvbm disk store, or use another "
-                           f"path") from None
+        return None
+    except OSError as e:
+        if e.errno != errno.EISDIR:
+            raise StorageError(f"cannot read {path}: {e}; check the permissions of the "
+                               f"disk store directory") from e
+        fd = -1
+    try:
+        if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+            # Not something kvbm writes: whatever it is, it is not ours to replace.
+            raise StorageError(f"{path} is not a regular file; refusing to touch {root}: "
+                               f"remove the directory if it is a kvbm disk store, or use "
+                               f"another path")
+        return os.read(fd, _META_MAX_BYTES + 1)
+    except StorageError:
+        raise
     except OSError as e:
         raise StorageError(f"cannot read {path}: {e}; check the permissions of the "
                            f"disk store directory") from e
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def read_identity(root: Path) -> Identity:
+    """The identity file of ``root``, read-only. Raises :class:`StorageError` for a store
+    of another on-disk format (never guessed at) or a file that cannot be read at all."""
+    raw = _read_meta(root / META_NAME, root)
+    if raw is None:
+        return Identity(IdentityState.ABSENT)
+    if len(raw) > _META_MAX_BYTES:
+        return Identity(IdentityState.DAMAGED, problem=f"larger than {_META_MAX_BYTES} bytes")
     try:
         meta = json.loads(raw.decode("utf-8"))
-    except ValueError as e:  # UnicodeDecodeError included
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError included
         return Identity(IdentityState.DAMAGED, problem=f"not UTF-8 JSON ({e})")
     if not isinstance(meta, dict):
         return Identity(IdentityState.DAMAGED, problem=f"not a JSON object ({type(meta)})")
@@ -258,12 +284,17 @@ def check_identity(root: Path, layout: KVLayout) -> Identity:
         raise StorageError(f"disk store path {root} exists and is not a directory")
     ident = read_identity(root)
     if ident.state is IdentityState.ABSENT:
+        names = {p.name for p in root.iterdir()}
         # A kill -9 during the first open can leave the lock and a half-written
         # temporary identity file behind: that is still an empty store.
-        if any(p.name not in (LOCK_NAME, META_NAME + ".tmp") for p in root.iterdir()):
+        if names <= {LOCK_NAME, META_NAME + ".tmp"}:
+            return ident
+        if not all(map(is_own_name, names)):
             raise StorageError(f"{root} is neither empty nor a kvbm disk store "
                                f"(no {META_NAME}); refusing to write into it")
-        return ident
+        # Nothing but what kvbm writes, its identity file lost: damaged, and repaired like
+        # any damaged one (storage/disk/recover.py reads the slabs' layout first).
+        ident = Identity(IdentityState.DAMAGED, problem=f"{META_NAME} is missing")
     if ident.state is IdentityState.DAMAGED:
         foreign = sorted(p.name for p in root.iterdir() if not is_own_name(p.name))
         if foreign:

@@ -6,6 +6,11 @@ A slot that leaves the index (delete, eviction, corruption) is not free at once.
 waits in *limbo* until (a) the index deletion that released it is committed, so that after a
 crash no index entry can point at a slot that has since been overwritten, and (b) no reader
 is still copying the old page out of it. Only then is it handed out again.
+
+A slab whose writes fail (a slab file replaced by something else, a failing device region,
+no space to preallocate it) is *retired*: its slots are not handed out again while this
+process runs, so that the next puts go elsewhere instead of failing on the same lowest free
+slots over and over. Pages already in it are still read.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from kvbm.storage.disk.directory import Geometry
 class SlotAllocator:
     def __init__(self, geometry: Geometry, used: Iterable[int], existing_slots: int) -> None:
         self.max_slots = geometry.max_slots
+        self._slab_slots = geometry.slab_slots
+        self._retired: set[int] = set()  # slabs
         in_use = set(used)
         # Fresh slots (never written in this store's life) are handed out in order from a
         # bump pointer, so a filling store writes its slabs front to back.
@@ -50,6 +57,8 @@ class SlotAllocator:
             self._held.update(s for s in slots if s in readers)
 
     def _add_free(self, slots: list[int]) -> None:
+        if self._retired:
+            slots = [s for s in slots if s // self._slab_slots not in self._retired]
         # A big batch (a delete of thousands of pages) re-heapifies in one linear pass
         # rather than paying a push each.
         if len(slots) * 8 > len(self._free):
@@ -69,11 +78,25 @@ class SlotAllocator:
             del free[:n]
         else:
             out = [heapq.heappop(free) for _ in range(n)]
-        if len(out) < n and self._fresh < self.max_slots:
+        while len(out) < n and self._fresh < self.max_slots:
             end = min(self.max_slots, self._fresh + n - len(out))
+            if self._retired:
+                slab = self._fresh // self._slab_slots
+                if slab in self._retired:
+                    self._fresh = min(self.max_slots, (slab + 1) * self._slab_slots)
+                    continue
+                end = min(end, (slab + 1) * self._slab_slots)
             out += range(self._fresh, end)
             self._fresh = end
         return out
+
+    def retire(self, slabs: Iterable[int]) -> None:
+        """Hand out no slot of ``slabs`` again (their writes fail); see the module
+        docstring."""
+        self._retired.update(slabs)
+        ss, retired = self._slab_slots, self._retired
+        self._free = [s for s in self._free if s // ss not in retired]
+        heapq.heapify(self._free)
 
     def give_back(self, slots: Iterable[int]) -> None:
         """Slots taken but never committed to the index: free again at once."""
@@ -101,4 +124,5 @@ class SlotAllocator:
         del self._readers[slot]
         if slot in self._held:
             self._held.remove(slot)
-            heapq.heappush(self._free, slot)
+            if slot // self._slab_slots not in self._retired:
+                heapq.heappush(self._free, slot)

@@ -153,7 +153,9 @@ class DiskStore(PageStore):
             geometry = stored_geometry(ident.meta, wanted, config.capacity_bytes)
         self.geometry = geometry
         for stale in root.glob(".direct-probe-*"):  # a kill -9 during the probe below
-            stale.unlink()
+            # The probe is a file; anything else under its name is not ours to remove.
+            if stale.is_symlink() or stale.is_file():
+                stale.unlink()
         # Policies first: an unknown name fails before any file is opened.
         self._policy = make_eviction(config.eviction, geometry.max_slots)
         self._admission = make_admission(config.admission)
@@ -197,6 +199,9 @@ class DiskStore(PageStore):
         self._stats.extra["direct_io"] = int(direct)
         #: Pages copied through a staging buffer (not aligned for O_DIRECT), puts and gets.
         self._stats.extra["staged_pages"] = 0
+        #: Slabs whose writes failed, taking no new pages while this process runs (slots.py).
+        self._retired: set[int] = set()
+        self._stats.extra["retired_slabs"] = 0
         log.info("disk store %s open: %d pages, %d slots of %d bytes, %s I/O, %s", root,
                  len(self._index), geometry.max_slots, geometry.slot_bytes,
                  "O_DIRECT" if direct else "buffered", config.durability.value)
@@ -530,12 +535,15 @@ class DiskStore(PageStore):
         failed: list[int] = []
         slabs: set[int] = set()
         done: list[tuple[int, int, int]] = []  # runs written: slab, slot position, slots
+        bad_slabs: set[int] = set()
         staged = 0
         for run, outcome in zip(runs, outcomes, strict=True):
             if isinstance(outcome, BaseException):
-                log.error("disk store: writing %d pages to slab %d failed: %s",
+                log.error("disk store: writing %d pages to slab %d failed (%s); the slab "
+                          "takes no new pages until the store is opened again",
                           run.stop - run.start, run.slab, outcome)
                 failed += slots[run.start:run.stop]
+                bad_slabs.add(run.slab)
                 continue
             slabs.add(run.slab)
             new_keys += outcome[0]
@@ -557,6 +565,10 @@ class DiskStore(PageStore):
             self._stats.extra["staged_pages"] += staged
             if failed:
                 self._stats.errors += len(failed)
+                if bad_slabs:
+                    self._alloc.retire(bad_slabs)
+                    self._retired |= bad_slabs
+                    self._stats.extra["retired_slabs"] = len(self._retired)
                 self._alloc.give_back(failed)
             if new_keys:
                 ticket = self._submit(written, entries, sorted(slabs))

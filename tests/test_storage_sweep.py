@@ -1,0 +1,222 @@
+"""What an independent fault and bad-input sweep of the storage tiers still broke.
+
+Each test here is a defect the sweep found (kills, damaged files, odd inputs) that the other
+test modules did not reach; the object-tier ones live in tests/objstore_contract.py, so that
+they run against both S3 and GCS. Opens of a damaged store that could take the process down
+(lmdb) are not among them: every case here damages only what kvbm itself reads, so they run
+in-process, and each one that could hang runs against a deadline in a child process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvbm.errors import InvalidArgumentError, StorageError
+from kvbm.storage.disk import DiskStore, DiskTierConfig
+from kvbm.storage.disk.inspect import describe
+from kvbm.testing import TEST_LAYOUT, make_keys, page_payload
+
+LAYOUT = TEST_LAYOUT
+PAGE = LAYOUT.bytes_per_block
+SLAB = 256 << 10  # 15 slots of 16 KiB pages: a few pages fill a slab
+
+
+def cfg(root: Path, **kw: Any) -> DiskTierConfig:
+    kw.setdefault("capacity_bytes", 4 << 20)
+    kw.setdefault("slab_bytes", SLAB)
+    return DiskTierConfig(root, **kw)
+
+
+def make_store(root: Path, n: int) -> list[int]:
+    """A closed store at ``root`` holding ``n`` pages; their keys."""
+
+    async def body() -> list[int]:
+        store = await DiskStore.open(LAYOUT, cfg(root))
+        ks = make_keys(n)
+        assert await store.put([(k, page_payload(k, PAGE)) for k in ks]) == [True] * n
+        await store.close()
+        return ks
+
+    return asyncio.run(body())
+
+
+async def served(store: DiskStore, ks: list[int]) -> list[bool]:
+    """Which of ``ks`` the store serves; fails on a page served with wrong bytes."""
+    bufs = [np.zeros(PAGE, np.uint8) for _ in ks]
+    hits = await store.get(list(zip(ks, bufs, strict=True)))
+    for k, hit, buf in zip(ks, hits, bufs, strict=True):
+        assert not hit or np.array_equal(buf, page_payload(k, PAGE)), "wrong bytes served"
+    return hits
+
+
+# -- a slab that cannot be written -------------------------------------------------------------
+def test_a_slab_that_cannot_be_written_is_retired_not_retried_forever(tmp_path: Path) -> None:
+    # Slab 0 replaced by a directory (the same goes for a slab on a failing sector), and an
+    # index rebuilt without its pages: its slots are free, and the lowest free slots are
+    # what every put takes first. Before, every later put failed on them, for good.
+    make_store(tmp_path, 3)
+    slab = tmp_path / "slabs" / "000000.slab"
+    slab.unlink()
+    slab.mkdir()
+    (slab / "keep").write_text("not ours")
+    shutil.rmtree(tmp_path / "index")
+
+    async def body() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        try:
+            fresh = make_keys(4, start=100)
+            items = [(k, page_payload(k, PAGE)) for k in fresh]
+            await store.put(items)  # may lose what it sent to slab 0
+            assert await store.put(items) == [True] * 4
+            assert await served(store, fresh) == [True] * 4
+            assert store.stats().extra["retired_slabs"] == 1
+            assert store.stats().errors > 0
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+    assert (slab / "keep").read_text() == "not ours"
+
+
+# -- the identity file ---------------------------------------------------------------------------
+_OPEN_AND_DESCRIBE = textwrap.dedent("""
+    import sys
+    from kvbm.errors import KvbmError
+    from kvbm.storage.disk import DiskStore, DiskTierConfig
+    from kvbm.storage.disk.inspect import describe
+    from kvbm.testing import TEST_LAYOUT
+    root = sys.argv[1]
+    for what, call in (("describe", lambda: describe(root)),
+                       ("open", lambda: DiskStore(TEST_LAYOUT, DiskTierConfig(
+                           root, 4 << 20, slab_bytes=256 << 10)).__class__)):
+        try:
+            call()
+            print(what, "ok")
+        except KvbmError as e:
+            print(what, type(e).__name__, str(e).replace(chr(10), " "))
+""")
+
+
+def open_and_describe(root: Path) -> dict[str, str]:
+    """``describe`` and open ``root`` in a child with a deadline: what each came to."""
+    proc = subprocess.run([sys.executable, "-c", _OPEN_AND_DESCRIBE, str(root)],
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+    assert set(out) == {"describe", "open"}, proc.stdout
+    return out
+
+
+def test_identity_that_is_a_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
+    make_store(tmp_path, 2)
+    meta = tmp_path / "kvbm-disk.json"
+    meta.unlink()
+    os.mkfifo(meta)
+    try:
+        out = open_and_describe(tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading an identity file that is a FIFO hangs")
+    for what in ("describe", "open"):
+        assert out[what].startswith("StorageError") and "not a regular file" in out[what]
+    assert meta.is_fifo()
+
+
+def test_deeply_nested_identity_is_damage_not_a_recursion_error(tmp_path: Path) -> None:
+    ks = make_store(tmp_path, 3)
+    (tmp_path / "kvbm-disk.json").write_text("[" * 100_000)
+    with pytest.raises(StorageError, match="damaged"):
+        describe(tmp_path)
+
+    async def body() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        try:
+            assert store.stats().extra["identity_repairs"] == 1
+            assert await served(store, ks) == [True] * 3
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+
+
+def test_huge_identity_file_is_damage_and_not_read_whole(tmp_path: Path) -> None:
+    ks = make_store(tmp_path, 3)
+    with open(tmp_path / "kvbm-disk.json", "ab") as f:
+        f.truncate(1 << 40)  # sparse: a terabyte that reads as zeros
+    with pytest.raises(StorageError, match="damaged"):
+        describe(tmp_path)
+
+    async def body() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        try:
+            assert store.stats().extra["identity_repairs"] == 1
+            assert await served(store, ks) == [True] * 3
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+
+
+def test_lost_identity_file_of_a_store_is_repaired(tmp_path: Path) -> None:
+    # Nothing but kvbm's own names in the directory, and slabs of this layout: a store
+    # whose identity file was deleted. Before, it was "neither empty nor a kvbm disk
+    # store" for good.
+    ks = make_store(tmp_path, 3)
+    (tmp_path / "kvbm-disk.json").unlink()
+
+    async def body() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        try:
+            assert store.stats().extra["identity_repairs"] == 1
+            assert await served(store, ks) == [True] * 3
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+    assert describe(tmp_path)["pages"] == 3
+
+
+def test_a_leftover_probe_that_is_a_directory_is_left_alone(tmp_path: Path) -> None:
+    ks = make_store(tmp_path, 2)
+    probe = tmp_path / ".direct-probe-123-456"
+    probe.mkdir()
+    (probe / "keep").write_text("x")
+
+    async def body() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        try:
+            assert await served(store, ks) == [True] * 2
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+    assert (probe / "keep").read_text() == "x"
+
+
+# -- arguments ----------------------------------------------------------------------------------
+def test_a_closed_buffer_is_an_invalid_argument(tmp_path: Path) -> None:
+    async def body() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
+        try:
+            (k,) = make_keys(1)
+            closed = mmap.mmap(-1, PAGE)
+            closed.close()
+            with pytest.raises(InvalidArgumentError):
+                await store.put([(k, closed)])
+            with pytest.raises(InvalidArgumentError):
+                await store.get([(k, closed)])
+            assert await store.keys() == []
+        finally:
+            await store.close()
+
+    asyncio.run(body())
