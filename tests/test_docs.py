@@ -113,3 +113,48 @@ def test_docs_refer_to_nothing_outside_the_repository(md):
         elif re.fullmatch(r"[\w-]+\.(py|pyi|c|md|toml|txt|json|sh)", ref) and ref not in names:
             missing.append(ref)
     assert not missing, f"{md.name} names files the repository does not have: {missing}"
+
+
+# -- metrics.md: the metric list an operator reads is the one kvbm exports ----------------------
+METRICS = ROOT / "docs" / "metrics.md"
+_METRIC_ROW = re.compile(r"^\| `(kvbm_\w+)` \| (\w+) \|([\w, ]*)\|", flags=re.M)
+
+
+def _exposed(family) -> str:
+    """The name Prometheus shows for a metric family (counters get ``_total``)."""
+    return {"counter": f"{family.name}_total", "info": f"{family.name}_info"}.get(
+        family.type, family.name)
+
+
+def test_metrics_doc_lists_exactly_the_exported_metrics(tmp_path):
+    pytest.importorskip("prometheus_client")
+    from kvbm import BlockManager, DeviceTierConfig, HostTierConfig, KVLayout
+    from kvbm.metrics import KvbmCollector
+    from kvbm.storage.disk import DiskTierConfig
+
+    layout = KVLayout(num_layers=1, num_kv_heads=1, head_dim=4, block_size=4, dtype="float32")
+    cfg = ManagerConfig(device=DeviceTierConfig(4, device="cpu"), host=HostTierConfig(4),
+                        disk=DiskTierConfig(tmp_path / "g3", capacity_bytes=1 << 20))
+    with BlockManager(layout, cfg) as mgr:
+        families = list(KvbmCollector(mgr).collect())
+    exported = {_exposed(f): f for f in families}
+    documented = {name: (kind, {x.strip() for x in labels.split(",") if x.strip()})
+                  for name, kind, labels in _METRIC_ROW.findall(METRICS.read_text())}
+    assert sorted(set(exported) - set(documented)) == [], "exported, not in docs/metrics.md"
+    assert sorted(set(documented) - set(exported)) == [], "in docs/metrics.md, not exported"
+    for name, f in exported.items():
+        kind, labels = documented[name]
+        assert kind == f.type, (name, kind, f.type)
+        seen = {k for s in f.samples for k in s.labels} - {"le"}  # le: histogram buckets
+        assert seen <= labels, (name, seen, labels)
+
+
+# -- architecture.md: the module map names every module and every subcommand -----------------
+def test_architecture_names_every_module_and_command():
+    from kvbm.cli import _COMMANDS
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    modules = [p.name for p in (ROOT / "kvbm").glob("*.py") if not p.name.startswith("__")]
+    assert not [m for m in modules if f"kvbm/{m}`" not in text and f"`kvbm/{m}" not in text]
+    cli_row = next(line for line in text.splitlines() if line.startswith("| `kvbm/cli/`"))
+    assert not [c for c in _COMMANDS if f"`{c}`" not in cli_row]

@@ -38,3 +38,13 @@ def test_quick_start_runs_as_written(monkeypatch, tmp_path, capsys):
 ])
 def test_quick_start_shows_what_every_engine_needs(needle):
     assert any(needle in code for code in quick_start_code())
+
+
+def test_readme_shows_every_command_and_points_to_every_doc():
+    from kvbm.cli import _COMMANDS
+
+    text = README.read_text()
+    assert "kvbm --version" in text
+    assert not [c for c in _COMMANDS if f"kvbm {c}" not in text]
+    docs = sorted(p.name for p in (README.parent / "docs").glob("*.md"))
+    assert not [d for d in docs if f"`{d}`" not in text]
