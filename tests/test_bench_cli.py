@@ -124,7 +124,7 @@ def test_goal_bounds_table_names_its_units() -> None:
     assert "hit ratio" in header and "x LRU" in header and "host 5%" in header
 
 
-def _check_meta(meta: dict[str, Any], seed: Any) -> None:
+def _check_meta(meta: dict[str, Any], seed: Any, *, in_process: bool = False) -> None:
     assert meta["kvbm_version"] == kvbm.__version__
     head = subprocess.run(["git", "-C", str(BENCH), "rev-parse", "HEAD"], capture_output=True,
                           text=True, check=False)
@@ -135,7 +135,8 @@ def _check_meta(meta: dict[str, Any], seed: Any) -> None:
     assert isinstance(machine["memory_bytes"], int) and machine["memory_bytes"] > 1 << 20
     assert machine["python"] == ".".join(map(str, sys.version_info[:3]))
     assert machine["platform"]
-    assert isinstance(meta["command"], list) and meta["command"][0].endswith(".py")
+    assert isinstance(meta["command"], list)
+    assert in_process or meta["command"][0].endswith(".py")  # in-process: pytest's argv
 
 
 def test_replay_json_carries_the_run_metadata() -> None:
@@ -235,3 +236,12 @@ def test_offload_bandwidth_runs_with_the_smallest_pages(tmp_path: Path,
     assert rc == 0
     doc = json.loads(capsys.readouterr().out)
     assert {r["path"] for r in doc["rows"]} >= {"G2->G3", "G3->G2"}
+    _check_meta(doc["meta"], None, in_process=True)
+
+
+def test_core_ops_json_is_one_document_with_the_run_metadata() -> None:
+    proc = _bench([str(BENCH / "core_ops.py"), "--repeat", "1", "--seed", "4", "--json"])
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)  # one document, nothing else on stdout
+    _check_meta(doc["meta"], 4)
+    assert doc["rows"] and all("unit" in r for r in doc["rows"])
