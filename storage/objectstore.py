@@ -450,12 +450,16 @@ def parse_manifest(tail: bytes, *, pack_size: int) -> tuple[int, list[tuple[int,
     if not _is_u64(fingerprint) or not isinstance(pages, list):
         raise ManifestError("manifest is not [version, fingerprint, pages]")
     out: list[tuple[int, int, int]] = []
+    end = 0  # build_pack lays the pages out back to back, the manifest right after them
     for page in pages:
         if (not isinstance(page, list) or len(page) != 3 or not all(map(_is_u64, page))
-                or page[2] == 0 or page[1] + page[2] > pages_end):
+                or page[1] != end or page[2] == 0):
             raise ManifestError(f"manifest entry {page!r:.80} is not [key, offset, length] "
-                                f"within the pack")
+                                f"of the page after the one before")
+        end += page[2]
         out.append((page[0], page[1], page[2]))
+    if end != pages_end:
+        raise ManifestError(f"the manifest's pages end at {end}, the pack's at {pages_end}")
     return fingerprint, out
 
 
@@ -932,16 +936,29 @@ class PackedObjectStore(PageStore):
 
     def _replace_if_damaged(self, obj: str, pack: BuiltPack) -> bool:
         """A create-only upload found ``obj`` there: overwrite it when it is known damaged
-        or its size is not the pack's (one metadata request); whether it holds the pack now.
-        (Overwriting a whole object with the bytes its name stands for is always safe.)"""
+        or its manifest and trailer are not the pack's (one ranged read of a few kilobytes);
+        whether it holds the pack now. (Overwriting a whole object with the bytes its name
+        stands for is always safe.)"""
         with self._lock:
             damaged = pack.pack_id in self._damaged
         if not damaged:
-            state = self._pack_state(pack.pack_id, len(pack.data))
-            if state is PackState.PRESENT:
-                return True
-            if state is PackState.UNKNOWN:
+            data = pack.data
+            want = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)[1] + _TRAILER.size
+            self._count(pack_checks=1)
+            try:
+                tail = self._call(lambda: self._backend.read(obj, len(data) - want, want,
+                                                             whole=False), what=f"get {obj}")
+            except TierUnavailableError:
                 return False  # cannot tell: not claimed
+            except Exception as e:
+                if self._backend.classify(e) is not FaultKind.MISSING:
+                    log.warning("cannot check pack %s: %r", obj, e)
+                    self._on_permanent(e)
+                    return False
+                tail = b""  # gone since: upload it again
+            if tail == data[len(data) - want:]:
+                self._saw(pack.pack_id)
+                return True
         log.warning("pack %s in the bucket is damaged: uploading it again", obj)
         try:
             self._call(lambda: self._backend.put(obj, pack.data, create_only=False),

@@ -785,6 +785,31 @@ class ObjectStoreTests(abc.ABC):
 
         asyncio.run(body())
 
+    @pytest.mark.parametrize("damage", ["garbage", "another_pack"])
+    def test_a_new_store_does_not_take_an_object_of_its_packs_name_on_trust(
+            self, damage: str) -> None:
+        # What a store that never read the object finds: the same batch builds a pack of the
+        # same name, the create-only upload finds an object there of the same size, which
+        # the index rebuild skipped (garbage) or took for what it is (another pack's bytes).
+        async def body() -> None:
+            first, _, p1, p2 = await self._two_batches("index-a")
+            data = self.raw_read(p1)
+            assert len(self.raw_read(p2)) == len(data)
+            self.raw_write(p1, bytes(len(data)) if damage == "garbage" else self.raw_read(p2))
+            store = self.store_for(LAYOUT, None, index="index-b")
+            try:
+                items = list(zip(first, payloads(first), strict=True))
+                assert await store.put(items) == [True] * 4
+                bufs = buffers(4)
+                assert await store.get(list(zip(first, bufs, strict=True))) == [True] * 4
+                assert all(np.array_equal(b, p) for b, p in zip(bufs, payloads(first),
+                                                                strict=True))
+                assert self.raw_read(p1) == data
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
     @staticmethod
     def _crafted_pack(fingerprint: int, entries: Any, *, manifest: bytes | None = None,
                       body: bytes = b"") -> bytes:
@@ -810,6 +835,7 @@ class ObjectStoreTests(abc.ABC):
                 [[-1, 0, page]], [[7, -64, page]], [[2**64 - 1, 2**64 - page, page]],
                 [[1.5, 0, page]], [["12", 0, page]], [[[1], 0, page]], [[1, 0]], {"a": 1},
                 None, [[True, 0, page]], [[9, 0, page]] * 2 + [[10, page * 3, page]],
+                [[11, 0, page]] * 5_000,
             ]
             blobs = [self._crafted_pack(fp, e, body=body_) for e in crafted]
             blobs += [self._crafted_pack(fp, None, manifest=m) for m in
