@@ -63,3 +63,20 @@ def test_a_missing_command_is_named_for_what_it_is() -> None:
                           timeout=60, check=False)
     assert proc.returncode == 2
     assert "required: COMMAND" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["hash", "--block-size", "x", "1"],
+    ["hash"],
+    ["stats", "--timeout", "soon"],
+    ["config", "--nope"],
+    ["demo", "--requests", "many"],
+])
+def test_a_malformed_command_line_is_a_kvbm_error_line(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # One prefix for every error a user can meet, whichever subcommand's parser finds it.
+    rc, out, err = _run(argv, capsys)
+    assert rc == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(f"usage: kvbm {argv[0]}")  # the usage says which subcommand
+    assert lines[-1].startswith("kvbm: error: "), err

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from kvbm.errors import KvbmError
 
@@ -17,21 +18,34 @@ from kvbm.errors import KvbmError
 _COMMANDS = ("demo", "info", "config", "hash", "stats")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors of every subcommand end in ``kvbm: error: ...`` like the errors found
+    after parsing (argparse would say ``kvbm hash: error:``; the usage line above it still
+    names the subcommand)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"kvbm: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
     from kvbm import __version__
 
-    ap = argparse.ArgumentParser(prog="kvbm", description="KV-cache block manager tools")
+    ap = _Parser(prog="kvbm", description="KV-cache block manager tools")
     ap.add_argument("--version", action="version", version=f"kvbm {__version__}")
-    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", required=True)
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND", required=True, parser_class=_Parser)
     for name in _COMMANDS:
         importlib.import_module(f"kvbm.cli.{name}").register(sub)
+    ap.set_defaults(parser_of=sub.choices)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # reported by the subcommand's parser, whose usage is the one that helps
+        args.parser_of[args.cmd].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         rc: int = args.fn(args)
         sys.stdout.flush()
