@@ -290,12 +290,14 @@ def format_table(doc: dict[str, Any]) -> str:
              f"{doc['distinct_blocks']} distinct ({doc['requests']} requests, "
              f"{doc['block_refs']} block refs; G1 {doc['device_blocks']} blocks"
              f"{'' if doc.get('eager_offload', True) else '; write-back offload'})",
-             f"{'policy':<22} {'hit ratio':>9} {'vs LRU':>7} {'gap closed':>10} {'time s':>7}"]
+             # Two spaces between columns: "x LRU" and "gap closed" must not read as one.
+             f"{'policy':<22} {'hit ratio':>9}  {'x LRU':>7}  {'gap closed':>10}  "
+             f"{'time s':>7}"]
     for name, x in ratios.items():
         g = gap_closed(x, lru, opt)
         mark = "  <- default" if name == doc["default"] else ""
-        lines.append(f"{name:<22} {x:9.4f} {x / lru if lru else float('nan'):7.3f} "
-                     f"{'-' if g is None else f'{g:10.1%}':>10} "
+        lines.append(f"{name:<22} {x:9.4f}  {x / lru if lru else float('nan'):7.3f}  "
+                     f"{'-' if g is None else f'{g:10.1%}':>10}  "
                      f"{doc['seconds'].get(name, 0.0):7.1f}{mark}")
     return "\n".join(lines)
 
@@ -315,7 +317,9 @@ def format_sweep(name: str, docs: Sequence[dict[str, Any]]) -> str:
     lines = [f"#### {name}: {first['requests']:,} requests, {first['block_refs']:,} block "
              f"references, {first['distinct_blocks']:,} distinct blocks; "
              f"G1 = {first['device_blocks']} blocks"
-             f"{'' if first.get('eager_offload', True) else '; write-back offload'}", "",
+             f"{'' if first.get('eager_offload', True) else '; write-back offload'}. "
+             f"Columns: host tier size in % of the distinct blocks; cells: hit ratio (× LRU)",
+             "",
              "| policy | " + " | ".join(f"{100 * d['capacity_fraction']:g}%" for d in docs)
              + " |",
              "|---|" + "---:|" * len(docs)]

@@ -245,3 +245,16 @@ def test_core_ops_json_is_one_document_with_the_run_metadata() -> None:
     doc = json.loads(proc.stdout)  # one document, nothing else on stdout
     _check_meta(doc["meta"], 4)
     assert doc["rows"] and all("unit" in r for r in doc["rows"])
+
+
+def test_replay_and_sweep_tables_name_their_units() -> None:
+    from kvbm.replay import format_sweep, format_table
+
+    doc = {"hit_ratio": {"lru": 0.1, "predictive": 0.12, "belady": 0.2}, "blocks": 1,
+           "capacity_fraction": 0.05, "distinct_blocks": 20, "requests": 1, "block_refs": 2,
+           "device_blocks": 1, "default": "predictive", "seconds": {"lru": 0.1}}
+    header = re.split(r"\s{2,}|(?<=policy) ", format_table(doc).splitlines()[1].strip())
+    # a ratio to LRU is written "x LRU", as goal_bounds.py writes it
+    assert header == ["policy", "hit ratio", "x LRU", "gap closed", "time s"], header
+    title = format_sweep("t", [doc]).splitlines()[0]
+    assert "% of the distinct blocks" in title and "hit ratio (× LRU)" in title, title
