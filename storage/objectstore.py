@@ -862,12 +862,18 @@ class PackedObjectStore(PageStore):
         self._count(put_skipped=skipped)
 
         groups = self._split(mine)
+        displaced: set[int] = set()
         if groups:
-            await asyncio.gather(*(asyncio.wrap_future(self._pool.submit(self._put_pack, g))
-                                   for g in groups))
+            for lost in await asyncio.gather(*(
+                    asyncio.wrap_future(self._pool.submit(self._put_pack, g)) for g in groups)):
+                displaced.update(lost)
         for i, fut in enumerate(waits):
             if fut is not None:
                 outcome[i] = await asyncio.wrap_future(fut)
+            elif keys[i] in displaced:
+                outcome[i] = False  # counted on above, dropped since: not stored
+        if displaced:
+            self._notify_removed(sorted(displaced), RemovalReason.CORRUPT)
         if dropped:
             # Pages of lost packs are gone unless this put stored them again.
             stored = {k for k, ok in zip(keys, outcome, strict=True) if ok}
@@ -890,8 +896,10 @@ class PackedObjectStore(PageStore):
             groups.append(cur)
         return groups
 
-    def _put_pack(self, pages: list[tuple[int, memoryview]]) -> bool:
-        """Build, upload and commit one pack (on a pool thread); resolve its pending keys."""
+    def _put_pack(self, pages: list[tuple[int, memoryview]]) -> list[int]:
+        """Build, upload and commit one pack (on a pool thread); resolve its pending keys.
+        Returns the keys of other pages the index had filed under the pack's name (see
+        :meth:`_displace`)."""
         keys = [k for k, _ in pages]
         ok = False
         try:
@@ -904,21 +912,22 @@ class PackedObjectStore(PageStore):
             except TierUnavailableError as e:
                 log.warning("pack upload failed, %d page(s) not stored: %s", len(pages), e)
                 self._count(errors=len(pages))
-                return False
+                return []
             except Exception as e:
                 if self._backend.classify(e) is not FaultKind.EXISTS:
                     log.warning("pack upload of %s failed, %d page(s) not stored: %r", obj,
                                 len(pages), e)
                     self._count(errors=len(pages))
                     self._on_permanent(e)
-                    return False
+                    return []
                 # Create-only write found the object: same name, so the same content,
                 # unless it was damaged at rest.
                 self._count(packs_existing=1)
                 if not self._replace_if_damaged(obj, pack):
                     self._count(errors=len(pages))
-                    return False
+                    return []
             self._saw(pack.pack_id)  # before the entries: a put that finds them trusts them
+            displaced = self._displace(pack)
             added = self._index.add(self.fingerprint, pack.entries)
             with self._lock:
                 self._used += len(added) * self.page_bytes
@@ -926,13 +935,33 @@ class PackedObjectStore(PageStore):
                         put_skipped=len(pages) - len(added), packs_put=1,
                         pack_bytes_put=len(pack.data))
             ok = True
-            return True
+            return displaced
         finally:
             with self._lock:
                 for k in keys:
                     fut = self._pending.pop(k, None)
                     if fut is not None:
                         fut.set_result(ok)
+
+    def _displace(self, pack: BuiltPack) -> list[int]:
+        """Drop the index entries filed under ``pack``'s name for pages it does not hold.
+
+        The object under that name holds exactly ``pack`` now (uploaded, replaced, or
+        checked), so such entries point at nothing: only an object replaced out of band and
+        then indexed by a rebuild leaves them. Usually there are none (one cursor step)."""
+        mine = {k for k, _ in pack.entries}
+        stale = [k for k in self._index.pack_members(pack.pack_id) if k not in mine]
+        if not stale:
+            return []
+        removed, _ = self._index.remove(self.fingerprint, stale,
+                                        dict.fromkeys(stale, pack.pack_id))
+        with self._lock:
+            self._used -= len(removed) * self.page_bytes
+        if removed:
+            log.warning("pack %s held other pages than its name says (replaced in the "
+                        "bucket?): dropped %d stale index entries", self.object_key(
+                            pack.pack_id), len(removed))
+        return removed
 
     def _replace_if_damaged(self, obj: str, pack: BuiltPack) -> bool:
         """A create-only upload found ``obj`` there: overwrite it when it is known damaged

@@ -810,6 +810,34 @@ class ObjectStoreTests(abc.ABC):
 
         asyncio.run(body())
 
+    def test_a_put_never_claims_pages_its_own_upload_just_overwrote(self) -> None:
+        # The second batch's pack lives on only under the first batch's name (replaced out
+        # of band), and a rebuild indexed it there. A put of both batches counts the second
+        # one as stored, then uploads the first one's pack over that very object.
+        async def body() -> None:
+            first, second, p1, p2 = await self._two_batches("index-a")
+            self.raw_write(p1, self.raw_read(p2))
+            self.raw_delete(p2)
+            listener = RecordingListener()
+            store = self.store_for(LAYOUT, listener, index="index-b")
+            try:
+                assert sorted(await store.keys()) == sorted(second)
+                ks = first + second
+                got = await store.put(list(zip(ks, payloads(ks), strict=True)))
+                hits = await store.get(list(zip(ks, buffers(8), strict=True)))
+                claimed = [k for k, ok, hit in zip(ks, got, hits, strict=True) if ok and not hit]
+                assert claimed == [], "put reported pages stored that the bucket lacks"
+                assert got[:4] == [True] * 4
+                assert sorted(listener.removed(RemovalReason.CORRUPT)) == sorted(second)
+                # Put again, they are stored again.
+                assert await store.put(list(zip(second, payloads(second), strict=True))) \
+                    == [True] * 4
+                assert await store.get(list(zip(second, buffers(4), strict=True))) == [True] * 4
+            finally:
+                await store.close()
+
+        asyncio.run(body())
+
     @staticmethod
     def _crafted_pack(fingerprint: int, entries: Any, *, manifest: bytes | None = None,
                       body: bytes = b"") -> bytes:
