@@ -168,14 +168,15 @@ def _size(n: int) -> str:
 def format_table(rows: Sequence[Row], *, cuda: bool = False, direct_io: bool = True) -> str:
     """A text table: one line per row, with the ceiling's name and the target."""
     names = ceiling_names(cuda=cuda, direct_io=direct_io)
-    head = (f"{'path':7} {'op':5} {'page':>8} {'pages':>6} {'GB/s':>7} {'ceil GB/s':>9} "
-            f"{'ratio x':>7} {'target x':>8}  ceiling measured as")
+    # Two spaces at least between columns: "GB/s ceil GB/s ratio x" read as one header.
+    head = (f"{'path':7} {'op':5} {'page':>8}  {'pages':>6}  {'GB/s':>7}  {'ceil GB/s':>9}  "
+            f"{'ratio x':>7}  {'target x':>10}  ceiling measured as")
     lines = [head, "-" * len(head)]
     for r in rows:
         t = target_ratio(r, cuda=cuda)
         mark = "-" if t is None else f">={t:.1f} " + ("ok" if r.ratio >= t else "MISS")
-        lines.append(f"{r.path:7} {r.op:5} {_size(r.page_bytes):>8} {r.pages:>6} "
-                     f"{r.gbps:7.2f} {r.ceiling_gbps:9.2f} {r.ratio:7.2f} {mark:>8}  "
+        lines.append(f"{r.path:7} {r.op:5} {_size(r.page_bytes):>8}  {r.pages:>6}  "
+                     f"{r.gbps:7.2f}  {r.ceiling_gbps:9.2f}  {r.ratio:7.2f}  {mark:>10}  "
                      f"{names.get(r.path, '')}")
     return "\n".join(lines)
 

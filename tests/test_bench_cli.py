@@ -258,3 +258,14 @@ def test_replay_and_sweep_tables_name_their_units() -> None:
     assert header == ["policy", "hit ratio", "x LRU", "gap closed", "time s"], header
     title = format_sweep("t", [doc]).splitlines()[0]
     assert "% of the distinct blocks" in title and "hit ratio (× LRU)" in title, title
+
+
+def test_bandwidth_table_columns_stand_apart_with_units() -> None:
+    from kvbm import bandwidth as bw
+
+    rows = [bw.Row.timed(bw.G2_G3, "write", 2 << 20, 10, seconds=2.0, ceiling_seconds=1.0)]
+    header = bw.format_table(rows).splitlines()[0]
+    # two spaces at least between headers: "GB/s ceil GB/s ratio x" read as one column
+    assert re.split(r"\s{2,}", header.strip()) == [
+        "path", "op", "page", "pages", "GB/s", "ceil GB/s", "ratio x", "target x",
+        "ceiling measured as"], header
