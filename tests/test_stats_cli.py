@@ -135,6 +135,16 @@ def test_url_table_names_the_hardware(served, capsys):
     assert "DISK" in rows
 
 
+def test_url_table_columns_stand_apart(served, capsys):
+    # Two spaces at least between headers: "hit blocks used pages pages moved" read as one.
+    _, url = served
+    rc, out, _ = stats(capsys, "--url", url)
+    assert rc == 0
+    header = re.split(r"\s{2,}", out.splitlines()[1].strip())
+    assert header == ["tier", "hit blocks", "used pages", "pages moved", "bytes moved",
+                      "in flight", "breaker", "load p50/p99 ms", "store p50/p99 ms"], header
+
+
 def test_url_latency_quantiles_after_a_disk_round_trip(served, capsys):
     mgr, url = served
     run(mgr, toks(3))

@@ -183,17 +183,18 @@ def _health(row: dict[str, Any]) -> str:
 def table(doc: dict[str, Any], source: str) -> str:
     tiers = doc["tiers"]
     w = max([len("tier"), *(len(r["display"]) for r in tiers.values())])
-    head = (f"{'tier':<{w}} {'hit blocks':>10} {'used pages':>10} {'pages moved':>11} "
-            f"{'bytes moved':>11} {'in flight':>9} {'breaker':>9} {'load p50/p99 ms':>16} "
+    # Two spaces at least between columns: multi-word headers must not run together.
+    head = (f"{'tier':<{w}}  {'hit blocks':>10}  {'used pages':>10}  {'pages moved':>11}  "
+            f"{'bytes moved':>11}  {'in flight':>9}  {'breaker':>9}  {'load p50/p99 ms':>16}  "
             f"{'store p50/p99 ms':>16}")
     lines = [f"kvbm metrics at {source}: {doc['lookups']:.0f} lookups, "
              f"{doc['hit_blocks']:.0f} of {doc['query_blocks']:.0f} blocks hit "
              f"({doc['hit_ratio']:.1%})", head]
     for r in tiers.values():
-        lines.append(f"{r['display']:<{w}} {_num(r['hit_blocks']):>10} "
-                     f"{_num(r['used_pages']):>10} {_num(r['pages_moved']):>11} "
-                     f"{_bytes(r['bytes_moved']):>11} {_num(r['inflight_pages']):>9} "
-                     f"{_health(r):>9} {_ms(r, 'load'):>16} {_ms(r, 'store'):>16}")
+        lines.append(f"{r['display']:<{w}}  {_num(r['hit_blocks']):>10}  "
+                     f"{_num(r['used_pages']):>10}  {_num(r['pages_moved']):>11}  "
+                     f"{_bytes(r['bytes_moved']):>11}  {_num(r['inflight_pages']):>9}  "
+                     f"{_health(r):>9}  {_ms(r, 'load'):>16}  {_ms(r, 'store'):>16}")
     return "\n".join(lines)
 
 
