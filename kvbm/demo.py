@@ -92,6 +92,8 @@ def _hit_table(mgr: BlockManager) -> str:
 def run_demo(*, requests: int = 3000, seed: int = 7, out_dir: str | Path = ".kvbm") -> int:
     if type(requests) is not int or requests < 1:
         raise InvalidArgumentError(f"--requests must be a positive integer, got {requests!r}")
+    if type(seed) is not int or seed < 0:
+        raise InvalidArgumentError(f"--seed must be an integer >= 0, got {seed!r}")
     torch = require("torch", "engine", "kvbm demo")
     require("lmdb", "disk", "kvbm demo (its disk tier)")
 

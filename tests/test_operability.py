@@ -27,6 +27,7 @@ def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
 @pytest.mark.parametrize("argv, message", [
     (["demo", "--requests", "0"], "--requests"),
     (["demo", "--requests", "-5"], "--requests"),
+    (["demo", "--requests", "1", "--seed", "-1"], "--seed"),
 ])
 def test_demo_refuses_bad_arguments_with_status_2(argv: list[str], message: str,
                                                   tmp_path: Path,
