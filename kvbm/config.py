@@ -24,7 +24,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -262,13 +262,34 @@ class ManagerConfig:
         # TypeError: a PathLike that gives bytes
         except (OSError, ValueError, TypeError) as e:
             raise ConfigError(f"cannot read config {path!r}: {e}") from None
-        return cls.from_mapping(_merge(data, env_overrides(cls, os.environ if env is None
-                                                            else env)))
+        env = os.environ if env is None else env
+        with _naming_env_origin(cls, env):
+            return cls.from_mapping(_merge(data, env_overrides(cls, env)))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ManagerConfig:
         """Build from ``KVBM_*`` variables alone."""
-        return cls.from_mapping(env_overrides(cls, os.environ if env is None else env))
+        env = os.environ if env is None else env
+        with _naming_env_origin(cls, env):
+            return cls.from_mapping(env_overrides(cls, env))
+
+
+@contextlib.contextmanager
+def _naming_env_origin(cls: type[Any], env: Mapping[str, str]) -> Iterator[None]:
+    """A bad value that came from a ``KVBM_*`` variable is reported with the variable's
+    name: the user would otherwise look for ``config.device.num_blocks`` in a TOML file."""
+    try:
+        yield
+    except ConfigError as e:
+        msg = str(e)
+        if isinstance(env, Mapping):
+            for var, (path, section, _) in env_variables(cls).items():
+                where = "config." + ".".join(path)
+                if (not section and var in env
+                        and (msg.startswith(where + " ") or msg.startswith(where + ":"))):
+                    raise ConfigError(f"{msg} (from environment variable {var}="
+                                      f"{env[var]!r})") from None
+        raise
 
 
 T = TypeVar("T")
@@ -368,7 +389,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         elif isinstance(value, str):
             with contextlib.suppress(ValueError):
                 number = float(value)
-        if number is not None and not math.isnan(number):
+        if number is not None and math.isnan(number):
+            raise ConfigError(f"{where} must be a number, got NaN")
+        if number is not None:
             return number
     elif tp is str:
         if isinstance(value, str):

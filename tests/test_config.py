@@ -281,3 +281,19 @@ def test_admission_none_by_name_admits_everything(name):
     assert cfg.host is not None and cfg.host.admission is None
     with BlockManager(TINY, cfg) as mgr:
         assert mgr.stats().tiers
+
+
+@pytest.mark.parametrize(("var", "value"), [("KVBM_DEVICE_NUM_BLOCKS", "abc"),
+                                            ("KVBM_HOST_PIN_MEMORY", "maybe"),
+                                            ("KVBM_OFFLOAD_LOAD_TIMEOUT_S", "soon")])
+def test_a_bad_environment_value_names_its_variable(var, value):
+    env = {"KVBM_DEVICE_NUM_BLOCKS": "8", "KVBM_HOST_NUM_BLOCKS": "8", var: value}
+    with pytest.raises(ConfigError, match=var):
+        ManagerConfig.from_env(env)
+
+
+def test_nan_is_refused_as_not_a_number(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text("[device]\nnum_blocks = 8\n[offload]\nload_timeout_s = nan\n")
+    with pytest.raises(ConfigError, match="must be a number, got NaN"):
+        ManagerConfig.from_toml(p, env={})
