@@ -90,6 +90,7 @@ from kvbm.storage.resilience import (
     BreakerConfig,
     BreakerState,
     CircuitBreaker,
+    DeadlineRunner,
     FaultKind,
     RetryPolicy,
     call_with_retry,
@@ -557,9 +558,14 @@ class PackedObjectStore(PageStore):
         self._closed = False
         self._degraded = False
         self._check_lock = threading.Lock()  # one bucket check at a time
+        # Every request runs here, so that the retry policy's deadline bounds it (see
+        # storage/resilience.py): the transfer threads plus the rebuild's and a check's.
+        self._requests = DeadlineRunner(config.max_workers + 2,
+                                        name=f"kvbm-{type(self).__name__}-request")
         # Before anything is created: a tier that refuses to open leaves nothing behind.
         problem, _ = self._check_bucket()
         if problem is not None and not config.start_degraded:
+            self._requests.close()
             backend.close()
             raise TierUnavailableError(
                 f"{type(self).__name__} cannot use {backend.location} (prefix "
@@ -570,6 +576,7 @@ class PackedObjectStore(PageStore):
         try:
             self._index = PackIndex(path, location=location, map_size=config.index_map_bytes)
         except BaseException:
+            self._requests.close()
             backend.close()
             raise
         self._pool = ThreadPoolExecutor(config.max_workers,
@@ -623,7 +630,7 @@ class PackedObjectStore(PageStore):
     def _call(self, fn: Callable[[], T], what: str) -> T:
         return call_with_retry(fn, policy=self.config.retry, breaker=self.breaker,
                                classify=self._backend.classify, what=what,
-                               on_retry=self._count_retry)
+                               on_retry=self._count_retry, runner=self._requests)
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
@@ -663,7 +670,8 @@ class PackedObjectStore(PageStore):
         try:
             call_with_retry(lambda: backend.check(self._pack_prefix), policy=self.config.retry,
                             breaker=self.breaker, classify=classify,
-                            what=f"check {backend.location}", on_retry=self._count_retry)
+                            what=f"check {backend.location}", on_retry=self._count_retry,
+                            runner=self._requests)
         except TierUnavailableError as e:
             return f"it does not answer ({e})", False
         except Exception as e:
@@ -1284,6 +1292,7 @@ class PackedObjectStore(PageStore):
             return
         self._closed = True
         await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+        self._requests.close()
         self._index.close()
         self._backend.close()
 

@@ -10,6 +10,11 @@ Three mechanisms do that together:
   and every call is refused at once (the tier reports misses) until a cool-down has passed.
   Then one probe is let through (*half-open*): its success closes the breaker again, its
   failure re-opens it for a longer cool-down.
+
+A client's timeouts bound each wait for a byte, not a whole answer: a server that trickles
+its reply (a byte before each read times out) would hold an attempt forever. So attempts
+run on a :class:`DeadlineRunner`, which stops waiting for one once the call's deadline has
+passed (the attempt's thread is left to finish on its own).
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ from __future__ import annotations
 import enum
 import logging
 import math
+import queue
 import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -92,7 +100,9 @@ class RetryPolicy:
 
     The n-th retry (n = 1, 2, ...) sleeps a uniform random time in
     ``[0, min(max_delay_s, base_delay_s * multiplier ** (n - 1))]`` ("full jitter", which
-    spreads retrying clients best). ``deadline_s`` bounds one whole call, sleeps included.
+    spreads retrying clients best). ``deadline_s`` bounds one whole call, sleeps included:
+    an attempt still running when it passes is given up (a timeout), so it must leave room
+    for the largest transfer (a pack upload) at the slowest rate that is still acceptable.
     """
 
     max_attempts: int = 3
@@ -237,19 +247,62 @@ class CircuitBreaker:
         self.record_success()
 
 
+class DeadlineRunner:
+    """Runs calls on a few daemon threads of its own and waits for each at most a given
+    time; past it the caller gets a ``TimeoutError`` and the call is left to finish (or
+    not) on its thread. The threads are daemons: one stuck on a server that never finishes
+    its answer does not hold up the interpreter's exit. While all of them are stuck, calls
+    wait in the queue and time out there (and never run)."""
+
+    def __init__(self, threads: int, *, name: str = "kvbm-request") -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = \
+            queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True)
+                         for i in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def call(self, fn: Callable[[], T], timeout_s: float) -> T:
+        fut: Future[T] = Future()
+        self._queue.put((fut, fn))
+        try:
+            return fut.result(timeout=max(0.0, timeout_s))
+        except FutureTimeout:
+            fut.cancel()  # still queued: it never runs
+            raise TimeoutError(f"no complete answer within {timeout_s:.1f} s") from None
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fut, fn = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as e:  # handed to the waiting caller
+                fut.set_exception(e)
+
+    def close(self) -> None:
+        """Let the threads end once the calls they run are done (does not wait)."""
+        for _ in self._threads:
+            self._queue.put(None)
+
+
 def call_with_retry(fn: Callable[[], T], *, policy: RetryPolicy, breaker: CircuitBreaker,
                     classify: Callable[[BaseException], FaultKind],
                     what: str = "request",
                     sleep: Callable[[float], None] = time.sleep,
                     clock: Callable[[], float] = time.monotonic,
                     rng: random.Random | None = None,
-                    on_retry: Callable[[BaseException], None] | None = None) -> T:
+                    on_retry: Callable[[BaseException], None] | None = None,
+                    runner: DeadlineRunner | None = None) -> T:
     """Run ``fn`` under the breaker, retrying transient failures.
 
     Raises :class:`TierUnavailableError` when the breaker refuses the call (also between
     retries, so an opening breaker cuts a retry loop short) or when the retries are spent;
     re-raises the original exception for ``MISSING``, ``EXISTS`` and ``PERMANENT`` faults,
-    which the caller handles (the first two also count as a healthy answer).
+    which the caller handles (the first two also count as a healthy answer). With a
+    ``runner``, each attempt runs there and is given up (``TimeoutError``, classified by
+    ``classify``) once ``policy.deadline_s`` has passed since the call began.
     """
     start = clock()
     attempt = 0
@@ -258,7 +311,10 @@ def call_with_retry(fn: Callable[[], T], *, policy: RetryPolicy, breaker: Circui
             raise TierUnavailableError(f"{what}: circuit breaker {breaker.name} is open")
         attempt += 1
         try:
-            result = fn()
+            if runner is None:
+                result = fn()
+            else:
+                result = runner.call(fn, policy.deadline_s - (clock() - start))
         except Exception as exc:
             kind = classify(exc)
             if kind in (FaultKind.MISSING, FaultKind.EXISTS):

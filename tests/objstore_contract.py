@@ -140,7 +140,7 @@ class ObjectStoreTests(abc.ABC):
     # -- helpers ---------------------------------------------------------------------------
     @pytest.fixture
     def proxy(self) -> Iterator[FaultProxy]:
-        p = FaultProxy(self.server_port(), hang_s=1.5)
+        p = FaultProxy(self.server_port(), hang_s=1.5, trickle_max_s=120.0)
         try:
             yield p
         finally:
@@ -386,6 +386,38 @@ class ObjectStoreTests(abc.ABC):
                 assert await store.get(list(zip(ks, buffers(2), strict=True))) == [True] * 2
             finally:
                 await store.close()
+
+        asyncio.run(body())
+
+    def test_a_server_that_trickles_its_answers_is_cut_off_at_the_deadline(
+            self, proxy: FaultProxy) -> None:
+        # Every read of the client gets a byte before its read timeout, and the answer never
+        # ends: only the retry policy's deadline bounds the call.
+        slow = self.fast(read_timeout_s=1.0, retry=RetryPolicy(
+            max_attempts=2, base_delay_s=0.01, max_delay_s=0.02, deadline_s=1.5))
+
+        async def body() -> None:
+            store = self.store_for(LAYOUT, None, endpoint=proxy.endpoint, **slow)
+            try:
+                ks = keys(2)
+                assert await store.put(list(zip(ks, payloads(ks), strict=True))) == [True] * 2
+                proxy.inject(Fault.TRICKLE, methods=("GET",), match=PACK_SUFFIX)
+                got = store.get(list(zip(ks, buffers(2), strict=True)))
+                assert await asyncio.wait_for(got, 30) == [False] * 2
+                assert store.stats().errors == 2 and store.stats().corrupt == 0
+                proxy.clear()
+                bufs = buffers(2)
+                assert await store.get(list(zip(ks, bufs, strict=True))) == [True] * 2
+                assert all(np.array_equal(b, p) for b, p in zip(bufs, payloads(ks),
+                                                                strict=True))
+            finally:
+                await store.close()
+            # The bucket check of an open, too.
+            proxy.inject(Fault.TRICKLE, methods=("GET",))
+            opening = asyncio.to_thread(self.store_for, LAYOUT, None, endpoint=proxy.endpoint,
+                                        index="index-2", **slow)
+            with pytest.raises(TierUnavailableError, match="does not answer"):
+                await asyncio.wait_for(opening, 30)
 
         asyncio.run(body())
 

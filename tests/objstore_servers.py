@@ -38,6 +38,9 @@ class Fault(enum.Enum):
     TRUNCATE = "truncate"  # forward, then send the full Content-Length but half the body
     CORRUPT = "corrupt"  # forward, flip one byte in the middle of the body
     RESET = "reset"  # drop the connection without answering
+    #: forward, then send the full Content-Length but the body one byte every `trickle_s`
+    #: (each read of the client gets something before its timeout; the whole never ends)
+    TRICKLE = "trickle"
 
 
 class FaultProxy:
@@ -49,9 +52,12 @@ class FaultProxy:
     on its own, such as google-cloud-storage's background bucket-metadata fetch.)
     """
 
-    def __init__(self, upstream_port: int, *, hang_s: float = 2.0) -> None:
+    def __init__(self, upstream_port: int, *, hang_s: float = 2.0, trickle_s: float = 0.1,
+                 trickle_max_s: float = 10.0) -> None:
         self.upstream_port = upstream_port
         self.hang_s = hang_s
+        self.trickle_s = trickle_s
+        self.trickle_max_s = trickle_max_s
         self._lock = threading.Lock()
         self._fault = Fault.PASS
         self._remaining = 0
@@ -154,6 +160,9 @@ class FaultProxy:
         if fault is Fault.TRUNCATE:
             h.send_header("Connection", "close")
         h.end_headers()
+        if fault is Fault.TRICKLE:
+            self._trickle(h, data)
+            return
         if h.command != "HEAD":
             if fault is Fault.TRUNCATE:
                 h.wfile.write(data[: len(data) // 2])
@@ -163,6 +172,18 @@ class FaultProxy:
                     h.connection.shutdown(socket.SHUT_RDWR)
                 return
             h.wfile.write(data)
+
+    def _trickle(self, h: BaseHTTPRequestHandler, data: bytes) -> None:
+        h.close_connection = True
+        deadline = time.monotonic() + self.trickle_max_s
+        with contextlib.suppress(OSError):
+            for i in range(len(data)):
+                if time.monotonic() > deadline:
+                    break
+                h.wfile.write(data[i:i + 1])
+                h.wfile.flush()
+                time.sleep(self.trickle_s)
+            h.connection.shutdown(socket.SHUT_RDWR)
 
     def close(self) -> None:
         self._server.shutdown()

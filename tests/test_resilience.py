@@ -14,6 +14,7 @@ from kvbm.storage.resilience import (
     BreakerConfig,
     BreakerState,
     CircuitBreaker,
+    DeadlineRunner,
     FaultKind,
     RetryPolicy,
     call_with_retry,
@@ -259,3 +260,43 @@ def test_backoff_jitter_leaves_the_global_random_state_alone() -> None:
     delays = [p.backoff(n) for n in range(1, 20)]
     assert random.getstate() == state
     assert all(0.0 <= d <= 1.0 for d in delays) and len(set(delays)) > 1
+
+
+def test_an_attempt_that_never_ends_is_given_up_at_the_deadline() -> None:
+    # A client's timeouts bound each wait for a byte; a server that trickles its answer
+    # never trips them. The runner gives the attempt up once the call's deadline passed.
+    runner = DeadlineRunner(1)
+    release = threading.Event()
+    ran: list[str] = []
+
+    def stuck() -> str:
+        release.wait(60)
+        ran.append("stuck")
+        return "late"
+
+    def queued() -> str:
+        ran.append("queued")
+        return "never"
+
+    policy = RetryPolicy(max_attempts=3, base_delay_s=0.0, deadline_s=0.2)
+
+    def classify(exc: BaseException) -> FaultKind:
+        return FaultKind.TRANSIENT if isinstance(exc, TimeoutError) else FaultKind.PERMANENT
+
+    try:
+        for fn in (stuck, queued):  # the second waits behind the stuck one, and times out
+            with pytest.raises(TierUnavailableError, match="TimeoutError"):
+                call_with_retry(fn, policy=policy, breaker=CircuitBreaker(), classify=classify,
+                                runner=runner)
+    finally:
+        release.set()
+        runner.close()
+    fresh = DeadlineRunner(1)
+    try:
+        assert call_with_retry(lambda: "ok", policy=policy, breaker=CircuitBreaker(),
+                               classify=classify, runner=fresh) == "ok"
+    finally:
+        fresh.close()
+    for t in runner._threads:
+        t.join(10)
+    assert ran == ["stuck"]  # a call given up while queued never runs
