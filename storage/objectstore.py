@@ -42,8 +42,8 @@ Pack object ``{prefix}{fingerprint:016x}/{pack_id}.kvpack``::
 * The local index is not the truth: the bucket may have lost packs it lists (lifecycle
   expiry, a new or wiped bucket). A put counts a page the index lists as stored only when
   its pack was seen in the bucket by this process lately (written, read, listed, or checked
-  with one metadata request); a pack found gone loses all its entries, and the put uploads
-  those pages again.
+  with one metadata request), and not before the last outage (circuit breaker opening);
+  a pack found gone loses all its entries, and the put uploads those pages again.
 * Every request goes through :func:`~kvbm.storage.resilience.call_with_retry` (timeouts,
   bounded retries, a circuit breaker). While the breaker is open, ``get`` and ``exists``
   report misses and ``put`` returns ``False`` at once, without touching the network.
@@ -747,9 +747,12 @@ class PackedObjectStore(PageStore):
                 self._seen.pop(p, None)
 
     def _trusted(self, pack_id: bytes, now: float) -> bool:
-        # Called with self._lock held.
+        # Called with self._lock held. What was seen before the last outage the breaker
+        # noticed does not count: the server that came back may not hold it (a restarted
+        # or restored one).
         seen = self._seen.get(pack_id)
-        return seen is not None and now - seen <= self.config.pack_check_interval_s
+        return (seen is not None and now - seen <= self.config.pack_check_interval_s
+                and seen > self.breaker.last_opened)
 
     def _pack_state(self, pack_id: bytes, size: int) -> PackState:
         """Whether a pack the index names is still in the bucket (on a pool thread)."""

@@ -199,6 +199,12 @@ class CircuitBreaker:
             self.rejections += 1
             return False
 
+    @property
+    def last_opened(self) -> float:
+        """The clock's time when the breaker last opened (``-inf`` if it never did)."""
+        with self._lock:
+            return self._opened_at if self.opens else -math.inf
+
     def would_allow(self) -> bool:
         """Like :meth:`allow` but takes no probe slot (for cheap fast-path checks)."""
         with self._lock:
