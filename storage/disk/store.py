@@ -449,7 +449,16 @@ class DiskStore(PageStore):
                           len(todo) - len(slots), len(todo))
                 del todo[len(slots):]
             # Slots come ascending: todo[j] goes to slots[j], and the lists are in slot order.
+            retired = len(self._retired)
             stored = self._write_and_commit(keys, views, parents, todo, slots) if slots else []
+            if len(stored) < len(todo) and len(self._retired) > retired:
+                # Writes to a slab failed and it was retired: once more on other slots.
+                done = set(stored)
+                again = [i for i in todo if i not in done]
+                slots = self._reserve(len(again))
+                del again[len(slots):]
+                if slots:
+                    stored += self._write_and_commit(keys, views, parents, again, slots)
             if len(stored) == n:
                 results = [True] * n
             else:
