@@ -38,29 +38,18 @@ def value_of(seq_hash: int) -> float:
     return float(seq_hash % 1_000_003)
 
 
-class ManagerMachine(RuleBasedStateMachine):
-    @initialize(g1=st.integers(3, 8), g2=st.integers(0, 10), eager=st.booleans(),
-                ev1=st.sampled_from(POLICIES), ev2=st.sampled_from(POLICIES),
-                adm=st.sampled_from([None, "frequency"]))
-    def setup(self, g1, g2, eager, ev1, ev2, adm):
-        host = HostTierConfig(g2, eviction=ev2, admission=adm, eager_offload=eager) if g2 else None
-        self.mgr = BlockManager(LAYOUT, ManagerConfig(
-            device=DeviceTierConfig(g1, device="cpu", eviction=ev1), host=host))
-        self.holds: Counter[int] = Counter()
-        self.requests: list[tuple[list[int], list[int]]] = []  # (ids, seq hashes)
+class _EngineRules:
+    """What an engine does around an onboard, shared by both machines: check the onboarded
+    pages, compute and commit the rest, release requests (whole, or a prefix early)."""
 
-    @rule(fam=st.integers(0, 3), n=st.integers(1, 4))
-    def request(self, fam, n):
+    mgr: BlockManager
+    holds: Counter[int]
+    requests: list[tuple[list[int], list[int]]]  # (ids, seq hashes)
+
+    def _compute_rest(self, m, ids, toks):
         mgr = self.mgr
-        toks = tokens_for(fam, n)
-        m = mgr.match_prefix(toks)
-        try:
-            ids = mgr.onboard(m)
-        except PoolExhaustedError:
-            return
         for b, h in zip(ids, m.hashes.sequence, strict=False):
-            got = mgr.block_view(b)
-            assert bool((got == value_of(h)).all()), "onboarded a wrong page"
+            assert bool((mgr.block_view(b) == value_of(h)).all()), "onboarded a wrong page"
         try:
             new = mgr.allocate(len(m.hashes) - len(ids))
         except PoolExhaustedError:
@@ -91,6 +80,29 @@ class ManagerMachine(RuleBasedStateMachine):
         self.mgr.release(ids[:k])
         self.holds.subtract(ids[:k])
         self.requests[i] = (ids[k:], hashes[k:])
+
+
+class ManagerMachine(_EngineRules, RuleBasedStateMachine):
+    @initialize(g1=st.integers(3, 8), g2=st.integers(0, 10), eager=st.booleans(),
+                ev1=st.sampled_from(POLICIES), ev2=st.sampled_from(POLICIES),
+                adm=st.sampled_from([None, "frequency"]))
+    def setup(self, g1, g2, eager, ev1, ev2, adm):
+        host = HostTierConfig(g2, eviction=ev2, admission=adm, eager_offload=eager) if g2 else None
+        self.mgr = BlockManager(LAYOUT, ManagerConfig(
+            device=DeviceTierConfig(g1, device="cpu", eviction=ev1), host=host))
+        self.holds: Counter[int] = Counter()
+        self.requests: list[tuple[list[int], list[int]]] = []  # (ids, seq hashes)
+
+    @rule(fam=st.integers(0, 3), n=st.integers(1, 4))
+    def request(self, fam, n):
+        mgr = self.mgr
+        toks = tokens_for(fam, n)
+        m = mgr.match_prefix(toks)
+        try:
+            ids = mgr.onboard(m)
+        except PoolExhaustedError:
+            return
+        self._compute_rest(m, ids, toks)
 
     @rule()
     def offload(self):
@@ -146,7 +158,7 @@ def _corrupt_slabs(root: Path, modulus: int, residue: int) -> int:
     return n
 
 
-class TieredManagerMachine(RuleBasedStateMachine):
+class TieredManagerMachine(_EngineRules, RuleBasedStateMachine):
     """G1, G2 and a small real disk tier: requests onboard synchronously or asynchronously
     (polled, waited or cancelled), offloads, flushes, pages removed from the disk behind the
     manager's back, corrupt pages (a failed load is a miss), clears and restarts on the same
@@ -207,37 +219,7 @@ class TieredManagerMachine(RuleBasedStateMachine):
         except PoolExhaustedError:
             return
         assert len(ids) <= m.num_blocks
-        for b, h_ in zip(ids, m.hashes.sequence, strict=False):
-            assert bool((mgr.block_view(b) == value_of(h_)).all()), "onboarded a wrong page"
-        try:
-            new = mgr.allocate(len(m.hashes) - len(ids))
-        except PoolExhaustedError:
-            mgr.release(ids)
-            return
-        for i, b in enumerate(new):
-            mgr.block_view(b).fill_(value_of(m.hashes.sequence[len(ids) + i]))
-        final = mgr.commit(new, toks, start_block=len(ids), hashes=m.hashes)
-        all_ids = ids + final
-        self.holds.update(all_ids)
-        self.requests.append((all_ids, list(m.hashes.sequence)))
-
-    @precondition(lambda self: self.requests)
-    @rule(data=st.data())
-    def finish(self, data):
-        i = data.draw(st.integers(0, len(self.requests) - 1))
-        ids, _ = self.requests.pop(i)
-        self.mgr.release(ids)
-        self.holds.subtract(ids)
-
-    @precondition(lambda self: self.requests)
-    @rule(data=st.data())
-    def release_prefix_early(self, data):
-        i = data.draw(st.integers(0, len(self.requests) - 1))
-        ids, hashes = self.requests[i]
-        k = data.draw(st.integers(0, len(ids)))
-        self.mgr.release(ids[:k])
-        self.holds.subtract(ids[:k])
-        self.requests[i] = (ids[k:], hashes[k:])
+        self._compute_rest(m, ids, toks)
 
     @rule()
     def offload(self):
