@@ -91,6 +91,20 @@ class TierStats:
     pages_recovered: int = 0
 
 
+def check_store_args(layout: object, listener: object, config: object = None,
+                     config_type: type | None = None) -> None:
+    """The arguments every store's constructor takes, checked before anything is opened:
+    :class:`InvalidArgumentError` for the wrong kind of thing."""
+    if not isinstance(layout, KVLayout):
+        raise InvalidArgumentError(f"layout must be a KVLayout, got {type(layout).__name__}")
+    if config_type is not None and not isinstance(config, config_type):
+        raise InvalidArgumentError(f"config must be a {config_type.__name__}, got "
+                                   f"{type(config).__name__}")
+    if listener is not None and not callable(getattr(listener, "on_removed", None)):
+        raise InvalidArgumentError(f"listener must have an on_removed method, got "
+                                   f"{type(listener).__name__}")
+
+
 class PageStore(abc.ABC):
     """An asynchronous, batched store of verified pages."""
 
@@ -98,6 +112,7 @@ class PageStore(abc.ABC):
     capabilities: Capability = Capability.NONE
 
     def __init__(self, layout: KVLayout, *, listener: TierListener | None = None) -> None:
+        check_store_args(layout, listener)
         self.layout = layout
         self.page_bytes = layout.bytes_per_block
         self.fingerprint = layout.fingerprint

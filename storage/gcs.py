@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 
 from kvbm.errors import ConfigError, TierUnavailableError
 from kvbm.layout import KVLayout
-from kvbm.storage.base import TierListener
+from kvbm.storage.base import TierListener, check_store_args
 from kvbm.storage.objectstore import ObjectBackend, ObjectTierConfig, PackedObjectStore
 from kvbm.storage.resilience import FaultKind, check_bool
 
@@ -259,4 +259,5 @@ class GCSStore(PackedObjectStore):
 
     def __init__(self, layout: KVLayout, config: GCSTierConfig, *,
                  listener: TierListener | None = None) -> None:
+        check_store_args(layout, listener, config, GCSTierConfig)  # before any client exists
         super().__init__(layout, GCSBackend(config), config, listener=listener)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from kvbm.errors import ConfigError
 from kvbm.layout import KVLayout
-from kvbm.storage.base import TierListener
+from kvbm.storage.base import TierListener, check_store_args
 from kvbm.storage.objectstore import ObjectBackend, ObjectTierConfig, PackedObjectStore
 from kvbm.storage.resilience import FaultKind
 
@@ -223,6 +223,7 @@ class S3Store(PackedObjectStore):
 
     def __init__(self, layout: KVLayout, config: S3TierConfig, *,
                  listener: TierListener | None = None, client: Any = None) -> None:
+        check_store_args(layout, listener, config, S3TierConfig)  # before any client exists
         super().__init__(layout, S3Backend(config, client), config, listener=listener)
 
 

@@ -958,6 +958,22 @@ class ObjectStoreTests(abc.ABC):
 
         asyncio.run(body())
 
+    def test_bad_constructor_arguments(self) -> None:
+        store = self.store_for(LAYOUT, None)
+        asyncio.run(store.close())
+        cls: Any = type(store)
+        good = self.config()
+
+        class NoListener:
+            pass
+
+        for args, kw in [((None, good), {}), (("layout", good), {}), ((LAYOUT, None), {}),
+                         ((LAYOUT, {"bucket": "b"}), {}),
+                         ((LAYOUT, good), {"listener": NoListener()}),
+                         ((LAYOUT, good), {"listener": 5})]:
+            with pytest.raises(InvalidArgumentError):
+                cls(*args, **kw)
+
     def test_malformed_batches_are_refused_before_anything_changes(self) -> None:
         async def body() -> None:
             store = self.store_for(LAYOUT, None)
