@@ -10,34 +10,15 @@ import time
 import urllib.error
 import urllib.request
 
-import numpy as np
 import pytest
+from engine_flow import LAYOUT, run, toks
 
 from kvbm import BlockManager, DeviceTierConfig, HostTierConfig, ManagerStats, Medium, TierUsage
 from kvbm.config import ManagerConfig
 from kvbm.errors import InvalidArgumentError, MissingDependencyError
-from kvbm.layout import KVLayout
 from kvbm.medium import display_name
 from kvbm.offload import LATENCY_BUCKETS, LatencyHistogram, TierQueueStats
 from kvbm.storage.disk import DiskTierConfig
-
-BS = 4
-LAYOUT = KVLayout(2, 2, 4, BS, "float32")
-
-
-def toks(n_blocks: int, base: int = 0) -> np.ndarray:
-    return np.arange(base, base + n_blocks * BS, dtype=np.uint32)
-
-
-def run(mgr: BlockManager, tokens: np.ndarray) -> None:
-    """One request: match, onboard, compute the rest, commit, release."""
-    m = mgr.match_prefix(tokens)
-    ids = mgr.onboard(m)
-    new = mgr.allocate(len(m.hashes) - len(ids))
-    for b in new:
-        mgr.block_view(b).fill_(1.0)
-    ids += mgr.commit(new, tokens, start_block=len(ids), hashes=m.hashes)
-    mgr.release(ids)
 
 
 def settle(mgr: BlockManager) -> None:

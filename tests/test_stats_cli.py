@@ -15,36 +15,19 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from kvbm import BlockManager, DeviceTierConfig, HostTierConfig, Medium
 from kvbm.cli import main
 from kvbm.config import ManagerConfig
-from kvbm.layout import KVLayout
 from kvbm.storage.disk import DiskTierConfig
 
 pytest.importorskip("prometheus_client")
 
+from engine_flow import LAYOUT, run, toks
+
 from kvbm.cli.stats import parse, quantile, summarize, table
 from kvbm.metrics import start_metrics_server
-
-BS = 4
-LAYOUT = KVLayout(2, 2, 4, BS, "float32")
-
-
-def toks(n_blocks: int, base: int = 0) -> np.ndarray:
-    return np.arange(base, base + n_blocks * BS, dtype=np.uint32)
-
-
-def run(mgr: BlockManager, tokens: np.ndarray) -> None:
-    m = mgr.match_prefix(tokens)
-    ids = mgr.onboard(m)
-    new = mgr.allocate(len(m.hashes) - len(ids))
-    for b in new:
-        mgr.block_view(b).fill_(1.0)
-    ids += mgr.commit(new, tokens, start_block=len(ids), hashes=m.hashes)
-    mgr.release(ids)
 
 
 def config(tmp_path: Path) -> ManagerConfig:
