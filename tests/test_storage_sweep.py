@@ -10,12 +10,15 @@ in-process, and each one that could hang runs against a deadline in a child proc
 from __future__ import annotations
 
 import asyncio
+import json
 import mmap
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ from kvbm.testing import TEST_LAYOUT, make_keys, page_payload
 
 LAYOUT = TEST_LAYOUT
 PAGE = LAYOUT.bytes_per_block
-SLAB = 256 << 10  # 15 slots of 16 KiB pages: a few pages fill a slab
+SLAB = 256 << 10  # 16 slots of 16 KiB pages: a few pages fill a slab
 
 
 def cfg(root: Path, **kw: Any) -> DiskTierConfig:
@@ -86,6 +89,65 @@ def test_a_slab_that_cannot_be_written_is_retired_not_retried_forever(tmp_path: 
 
     asyncio.run(body())
     assert (slab / "keep").read_text() == "not ours"
+
+
+_REBUILD_AS = textwrap.dedent("""
+    import asyncio, json, sys
+    import numpy as np
+    from kvbm.storage.disk import DiskStore, DiskTierConfig
+    from kvbm.testing import TEST_LAYOUT, make_keys, page_payload
+    PAGE = TEST_LAYOUT.bytes_per_block
+
+    async def main(root, keys):
+        store = await DiskStore.open(TEST_LAYOUT, DiskTierConfig(root, 4 << 20,
+                                                                 slab_bytes=256 << 10))
+        bufs = [np.zeros(PAGE, np.uint8) for _ in keys]
+        hits = await store.get(list(zip(keys, bufs)))
+        assert all(np.array_equal(b, page_payload(k, PAGE))
+                   for k, h, b in zip(keys, hits, bufs) if h)
+        fresh = make_keys(3, start=500)
+        stored = await store.put([(k, page_payload(k, PAGE)) for k in fresh])
+        print(json.dumps({"served": sum(hits), "stored": sum(stored),
+                          "rebuilds": store.stats().index_rebuilds}))
+        await store.close()
+
+    asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
+""")
+
+
+@pytest.fixture
+def shared_dir(tmp_path: Path) -> Iterator[Path]:
+    """A directory another user can reach (pytest's tmp_path lies under a 0700 one)."""
+    if os.geteuid() != 0:
+        yield tmp_path
+        return
+    path = Path(tempfile.mkdtemp(prefix="kvbm-sweep-"))
+    try:
+        path.chmod(0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_slab_that_cannot_be_read_costs_its_pages_not_the_store(shared_dir: Path) -> None:
+    # The index is rebuilt from the slab headers; one slab file cannot be read (its
+    # permissions, say, after a restore). Before, the whole open failed.
+    root = shared_dir / "store"
+    ks = make_store(root, 40)  # slabs of 16 pages: 16 + 16 + 8
+    shutil.rmtree(root / "index")
+    (root / "slabs" / "000000.slab").chmod(0)
+    argv = [sys.executable, "-c", _REBUILD_AS, str(root), json.dumps(ks)]
+    if os.geteuid() == 0:  # root reads anything: open it as nobody
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("no setpriv to drop root's rights with")
+        for p in [root, *root.rglob("*")]:
+            os.chown(p, 65534, 65534)
+        argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"served": 40 - 16, "stored": 3, "rebuilds": 1}
 
 
 # -- the identity file ---------------------------------------------------------------------------

@@ -198,6 +198,8 @@ def rebuild_index(root: Path, geometry: Geometry, layout: KVLayout, reason: str,
     stats.pages_recovered += len(scan.pages)
     stats.corrupt += scan.damaged
     log.warning("disk store %s: the page index %s; %s, and rebuilt it from the headers of "
-                "%d slab files: %d pages recovered, %d damaged headers dropped", root, reason,
+                "%d slab files: %d pages recovered, %d damaged headers dropped%s", root, reason,
                 f"moved it to {aside}" if aside else "nothing to move aside", scan.slabs,
-                len(scan.pages), scan.damaged)
+                len(scan.pages), scan.damaged,
+                f"; slab files {scan.unreadable} could not be read (their pages are lost)"
+                if scan.unreadable else "")

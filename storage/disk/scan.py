@@ -56,6 +56,8 @@ class SlabScan:
     #: Slab files read, and their total size in bytes.
     slabs: int = 0
     slab_bytes: int = 0
+    #: Slab files that could not be read (permissions, I/O errors): their pages are lost.
+    unreadable: list[int] = field(default_factory=list)
 
 
 def slab_ids(slab_dir: Path) -> list[int]:
@@ -78,7 +80,8 @@ def scan_slabs(slab_dir: Path, shape: SlabShape, *, fingerprint: int, page_bytes
 
     ``max_slots`` leaves out slots beyond a capacity; ``stop_at_first`` ends the scan at the
     first intact header of any layout (enough to learn which layout wrote the pages).
-    Raises ``OSError`` where a slab cannot be read.
+    A slab that cannot be read is listed in ``unreadable`` and skipped: one bad file must
+    not cost the others' pages.
     """
     out = SlabScan()
     seen: set[int] = set()
@@ -86,17 +89,21 @@ def scan_slabs(slab_dir: Path, shape: SlabShape, *, fingerprint: int, page_bytes
         first = slab * shape.slab_slots
         if max_slots is not None and first >= max_slots:
             continue
-        fd = os.open(slab_path(slab_dir, slab), os.O_RDONLY)
+        n = shape.slab_slots
+        if max_slots is not None:
+            n = min(n, max_slots - first)
         try:
-            size = os.fstat(fd).st_size
-            out.slabs += 1
-            out.slab_bytes += size
-            n = shape.slab_slots
-            if max_slots is not None:
-                n = min(n, max_slots - first)
-            area = _read(fd, min(size, n * HEADER_SIZE, shape.header_area))
-        finally:
-            os.close(fd)
+            fd = os.open(slab_path(slab_dir, slab), os.O_RDONLY | os.O_NONBLOCK)
+            try:
+                size = os.fstat(fd).st_size
+                area = _read(fd, min(size, n * HEADER_SIZE, shape.header_area))
+            finally:
+                os.close(fd)
+        except OSError:
+            out.unreadable.append(slab)
+            continue
+        out.slabs += 1
+        out.slab_bytes += size
         for i in range(min(n, len(area) // HEADER_SIZE)):
             raw = area[i * HEADER_SIZE:(i + 1) * HEADER_SIZE]
             if raw == _EMPTY:
