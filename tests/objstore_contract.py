@@ -393,8 +393,8 @@ class ObjectStoreTests(abc.ABC):
             self, proxy: FaultProxy) -> None:
         # Every read of the client gets a byte before its read timeout, and the answer never
         # ends: only the retry policy's deadline bounds the call.
-        slow = self.fast(read_timeout_s=1.0, retry=RetryPolicy(
-            max_attempts=2, base_delay_s=0.01, max_delay_s=0.02, deadline_s=1.5))
+        slow = self.fast(read_timeout_s=0.5, retry=RetryPolicy(
+            max_attempts=2, base_delay_s=0.01, max_delay_s=0.02, deadline_s=0.8))
 
         async def body() -> None:
             store = self.store_for(LAYOUT, None, endpoint=proxy.endpoint, **slow)
