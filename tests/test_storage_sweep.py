@@ -264,6 +264,19 @@ def test_a_leftover_probe_that_is_a_directory_is_left_alone(tmp_path: Path) -> N
     assert (probe / "keep").read_text() == "x"
 
 
+@pytest.mark.parametrize("name", ["slabs", "LOCK"])
+def test_an_own_name_of_the_wrong_kind_is_named_in_the_error(tmp_path: Path, name: str) -> None:
+    make_store(tmp_path, 2)
+    path = tmp_path / name
+    shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if name == "slabs":
+        path.write_text("a file where the slab directory belongs")
+    else:
+        path.mkdir()
+    with pytest.raises(StorageError, match=rf"{name}\)"):
+        DiskStore(LAYOUT, cfg(tmp_path))
+
+
 # -- arguments ----------------------------------------------------------------------------------
 def test_a_closed_buffer_is_an_invalid_argument(tmp_path: Path) -> None:
     async def body() -> None:

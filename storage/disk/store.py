@@ -90,7 +90,10 @@ class _Read(enum.Enum):
 def _unwritable(root: Path, e: OSError) -> StorageError:
     """An OS error while opening the store at ``root`` as a :class:`StorageError` that says
     what to do."""
-    return StorageError(f"cannot open the disk store at {root}: {e.strerror or e} "
+    # Which path failed: the directory itself, or one of the store's own names inside it
+    # (a "slabs" that is a file, a "LOCK" that is a directory).
+    where = f" ({e.filename})" if e.filename and str(e.filename) != str(root) else ""
+    return StorageError(f"cannot open the disk store at {root}: {e.strerror or e}{where} "
                         f"({type(e).__name__}); disk.path must be a directory this process "
                         f"can create and write (or an existing kvbm disk store it can write): "
                         f"fix its permissions or mount, or point disk.path elsewhere")
