@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 from kvbm.errors import ConfigError, TierUnavailableError
 from kvbm.layout import KVLayout
 from kvbm.storage.base import TierListener, check_store_args
+from kvbm.storage.confcheck import check_gcs_bucket, check_path, check_text, check_url
 from kvbm.storage.objectstore import ObjectBackend, ObjectTierConfig, PackedObjectStore
 from kvbm.storage.resilience import FaultKind, check_bool
 
@@ -50,15 +51,13 @@ class GCSTierConfig(ObjectTierConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.bucket, str) or not self.bucket:
-            raise ConfigError(f"gcs tier needs a bucket name, got {self.bucket!r}")
-        for name in ("endpoint", "project", "credentials_file"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise ConfigError(f"gcs.{name} must be a string or None, got {value!r}")
+        check_gcs_bucket(self.bucket)
+        check_url("gcs", "endpoint", self.endpoint)
+        check_text("gcs", "project", self.project, optional=True, empty=False)
+        check_path("gcs", "credentials_file", self.credentials_file, optional=True)
         check_bool("gcs", "anonymous", self.anonymous)
         if self.anonymous and self.credentials_file:
-            raise ConfigError("anonymous and credentials_file exclude each other")
+            raise ConfigError("gcs.anonymous and gcs.credentials_file exclude each other")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> GCSTierConfig:

@@ -85,6 +85,7 @@ from kvbm.layout import KVLayout
 from kvbm.medium import Medium
 from kvbm.storage.args import check_items, check_key, check_keys, check_parents
 from kvbm.storage.base import Capability, PageStore, RemovalReason, TierListener, TierStats
+from kvbm.storage.confcheck import check_path, check_text
 from kvbm.storage.page import HEADER_SIZE, make_header, verify_page
 from kvbm.storage.resilience import (
     BreakerConfig,
@@ -170,8 +171,7 @@ class ObjectTierConfig:
 
     def __post_init__(self) -> None:
         o = self.section
-        if not isinstance(self.prefix, str):
-            raise ConfigError(f"{o}.prefix must be a string, got {self.prefix!r}")
+        check_text(o, "prefix", self.prefix)
         if self.prefix.startswith("/"):
             raise ConfigError(f"{o}.prefix must not start with '/', got {self.prefix!r}")
         check_int(o, "pack_bytes", self.pack_bytes, low=1, high=MAX_PACK_BYTES)
@@ -179,6 +179,7 @@ class ObjectTierConfig:
         if self.index_path is not None and not isinstance(self.index_path, str):
             raise ConfigError(f"{o}.index_path must be a path or None, got "
                               f"{self.index_path!r}")
+        check_path(o, "index_path", self.index_path, optional=True)
         # lmdb needs a few pages; 16 TiB of index is ~10**11 pages, past any bucket we serve.
         check_int(o, "index_map_bytes", self.index_map_bytes, low=MiB, high=1 << 44)
         check_int(o, "max_workers", self.max_workers, low=1, high=256)
@@ -567,11 +568,11 @@ class PackedObjectStore(PageStore):
         if problem is not None and not config.start_degraded:
             self._requests.close()
             backend.close()
+            # ``problem`` names the bucket, its endpoint and the fix: said once.
             raise TierUnavailableError(
-                f"{type(self).__name__} cannot use {backend.location} (prefix "
-                f"{config.key_prefix!r}): {problem}. Fix the bucket, endpoint or credentials "
-                f"in the [{config.section}] config, or set start_degraded = true to start "
-                f"without it (the tier then answers misses until the bucket answers)")
+                f"{type(self).__name__} cannot open (prefix {config.key_prefix!r}): "
+                f"{problem}. Or set start_degraded = true in the [{config.section}] config "
+                f"to start without it (the tier then answers misses until the bucket answers)")
         path = Path(config.index_path) if config.index_path else default_index_path(location)
         try:
             self._index = PackIndex(path, location=location, map_size=config.index_map_bytes)
@@ -673,7 +674,8 @@ class PackedObjectStore(PageStore):
                             what=f"check {backend.location}", on_retry=self._count_retry,
                             runner=self._requests)
         except TierUnavailableError as e:
-            return f"it does not answer ({e})", False
+            return (f"the bucket does not answer ({e}): check the [{self.config.section}] "
+                    f"endpoint, and that the server is up"), False
         except Exception as e:
             return backend.explain(e), True
         return None, True

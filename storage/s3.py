@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from kvbm.errors import ConfigError
 from kvbm.layout import KVLayout
 from kvbm.storage.base import TierListener, check_store_args
+from kvbm.storage.confcheck import check_choice, check_s3_bucket, check_text, check_url
 from kvbm.storage.objectstore import ObjectBackend, ObjectTierConfig, PackedObjectStore
 from kvbm.storage.resilience import FaultKind
 
@@ -56,15 +57,12 @@ class S3TierConfig(ObjectTierConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.bucket, str) or not self.bucket:
-            raise ConfigError(f"s3 tier needs a bucket name, got {self.bucket!r}")
-        for name in ("endpoint_url", "region", "profile"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, str):
-                raise ConfigError(f"s3.{name} must be a string or None, got {value!r}")
-        if self.addressing_style not in ("auto", "virtual", "path"):
-            raise ConfigError(f"addressing_style must be auto, virtual or path, got "
-                              f"{self.addressing_style!r}")
+        check_s3_bucket(self.bucket)
+        check_url("s3", "endpoint_url", self.endpoint_url)
+        check_text("s3", "region", self.region, optional=True, empty=False)
+        check_text("s3", "profile", self.profile, optional=True, empty=False)
+        check_choice("s3", "addressing_style", self.addressing_style,
+                     ("auto", "virtual", "path"))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> S3TierConfig:

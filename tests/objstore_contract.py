@@ -655,6 +655,8 @@ class ObjectStoreTests(abc.ABC):
             self.store_for(LAYOUT, None, bucket=name, **self.fast())
         msg = str(err.value)
         assert name in msg and "start_degraded" in msg
+        # Said once: the bucket, its endpoint and the fix are not repeated.
+        assert msg.count(name) == 1 and msg.count("does not exist") == 1, msg
         assert not (self.tmp_path / "index").exists()  # nothing created
 
     def test_missing_bucket_degraded_start(self, caplog: pytest.LogCaptureFixture) -> None:

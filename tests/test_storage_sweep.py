@@ -25,9 +25,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvbm.errors import InvalidArgumentError, StorageError
+from kvbm.config import HostTierConfig
+from kvbm.errors import ConfigError, InvalidArgumentError, StorageError
 from kvbm.storage.disk import DiskStore, DiskTierConfig
 from kvbm.storage.disk.inspect import describe
+from kvbm.storage.gcs import GCSTierConfig
+from kvbm.storage.s3 import S3TierConfig
 from kvbm.testing import TEST_LAYOUT, make_keys, page_payload
 
 LAYOUT = TEST_LAYOUT
@@ -294,3 +297,114 @@ def test_a_closed_buffer_is_an_invalid_argument(tmp_path: Path) -> None:
             await store.close()
 
     asyncio.run(body())
+
+
+# -- configuration that can never work fails at construction ---------------------------------
+def test_a_disk_path_without_a_file_system_form_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"disk\.path"):
+        DiskTierConfig(str(tmp_path / "x\ud800"), capacity_bytes=1 << 20)
+    with pytest.raises(ConfigError, match=r"disk\.path"):
+        DiskTierConfig(tmp_path / "x\ud800", capacity_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("none", ["none", "", " None "])
+def test_disk_admission_none_is_none_as_for_the_host_tier(tmp_path: Path, none: str) -> None:
+    assert DiskTierConfig(tmp_path, capacity_bytes=1 << 20, admission=none).admission is None
+    assert HostTierConfig(num_blocks=4, admission=none).admission is None
+
+
+def test_disk_durability_typo_names_the_key_and_the_closest_value(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"disk\.durability.*did you mean 'power_loss'"):
+        DiskTierConfig(tmp_path, capacity_bytes=1 << 20, durability="power_los")
+
+
+@pytest.mark.parametrize("key, value", [
+    ("endpoint_url", "\ud800"), ("endpoint_url", "not a url"), ("endpoint_url", "ftp://h"),
+    ("endpoint_url", "http://"), ("endpoint_url", "http://h\0"),
+    ("bucket", ""), ("bucket", "Kvbm"), ("bucket", "kv_bm"), ("bucket", "b" * 64),
+    ("bucket", "kv\0bm"), ("bucket", "kv\ud800"), ("bucket", "-kvbm"), ("bucket", "kv bm"),
+    ("prefix", "p\0"), ("prefix", "p\ud800"), ("index_path", "/tmp/i\0"),
+    ("index_path", "/tmp/i\ud800"), ("region", "eu\0"), ("region", "eu\ud800"),
+    ("region", ""), ("profile", "p\ud800"), ("profile", "p\0"),
+])
+def test_s3_config_strings_are_checked_at_construction(key: str, value: str) -> None:
+    kw: dict[str, Any] = {"bucket": "kvbm", key: value}
+    with pytest.raises(ConfigError, match=rf"s3\.{key}"):
+        S3TierConfig(**kw)
+
+
+@pytest.mark.parametrize("key, value", [
+    ("endpoint", "\ud800"), ("endpoint", "not a url"), ("bucket", ""), ("bucket", "Kvbm"),
+    ("bucket", "b" * 223), ("bucket", "kv\0bm"), ("bucket", "kv\ud800"), ("bucket", "kv bm"),
+    ("prefix", "p\0"), ("index_path", "/tmp/i\ud800"), ("project", "p\0"),
+    ("project", "p\ud800"), ("credentials_file", "/k\0"), ("credentials_file", "/k\ud800"),
+])
+def test_gcs_config_strings_are_checked_at_construction(key: str, value: str) -> None:
+    kw: dict[str, Any] = {"bucket": "kvbm", key: value}
+    with pytest.raises(ConfigError, match=rf"gcs\.{key}"):
+        GCSTierConfig(**kw)
+
+
+def test_good_object_tier_configs_still_pass() -> None:
+    S3TierConfig(bucket="b", endpoint_url="http://127.0.0.1:9000", region="eu-west-1",
+                 profile="dev", prefix="kv/", index_path="/tmp/i")
+    S3TierConfig(bucket="my.bucket-1", endpoint_url="https://s3.example.com/")
+    S3TierConfig(bucket="arn:aws:s3:us-west-2:123456789012:accesspoint/kv")
+    GCSTierConfig(bucket="my_bucket.kv-1", endpoint="http://127.0.0.1:9023", project="p")
+
+
+def test_s3_addressing_style_typo_names_the_key_and_the_closest_value() -> None:
+    with pytest.raises(ConfigError, match=r"s3\.addressing_style.*did you mean 'path'"):
+        S3TierConfig(bucket="kvbm", addressing_style="pth")
+
+
+# -- describe() without lmdb -------------------------------------------------------------------
+_DESCRIBE = """
+import json, sys
+# The index probe runs `sys.executable -I -c CODE ...`, which -I keeps from the blocker on
+# PYTHONPATH: point it at an interpreter that lacks lmdb too.
+sys.executable = sys.argv[2]
+from kvbm.storage.disk.inspect import describe
+print(json.dumps(describe(sys.argv[1])))
+"""
+
+#: An "interpreter" without lmdb for the probe child: runs ``-I -c CODE ARGS`` with the blocker.
+_NO_LMDB_PYTHON = """#!{python}
+import sys
+{blocker}
+code, sys.argv = sys.argv[3], ["-c", *sys.argv[4:]]
+exec(compile(code, "<probe>", "exec"), {{"__name__": "__main__"}})
+"""
+
+_BLOCK_LMDB = '''
+import sys
+
+class _Blocked:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "lmdb":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, _Blocked())
+'''
+
+
+def test_describe_without_lmdb_says_the_index_was_not_checked(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    make_store(root, 3)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_BLOCK_LMDB)
+    python = site / "python-without-lmdb"
+    python.write_text(_NO_LMDB_PYTHON.format(python=sys.executable, blocker=_BLOCK_LMDB))
+    python.chmod(0o755)
+    src = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVBM_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(src)])
+    proc = subprocess.run([sys.executable, "-c", _DESCRIBE, str(root), str(python)], env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["index"] == "unchecked"
+    assert "lmdb" in (out["index_problem"] or "")
+    assert out["pages"] == 3 and out["pages_from"] == "slab_headers"

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvbm.errors import ConfigError
+from kvbm.storage.confcheck import check_choice, check_path
 
 #: Same default as every other tier (kvbm.config.DEFAULT_EVICTION); repeated here so that
 #: this module does not import the manager's config.
@@ -49,8 +50,9 @@ class DiskTierConfig:
     io_chunk_bytes: int = 16 << 20
 
     def __post_init__(self) -> None:
-        if not isinstance(self.path, (str, Path)) or not str(self.path) or "\0" in str(self.path):
+        if not isinstance(self.path, (str, Path)):
             raise ConfigError(f"disk.path must be a non-empty path, got {self.path!r}")
+        check_path("disk", "path", self.path)  # opening it would raise UnicodeEncodeError
         for name in ("capacity_bytes", "slab_bytes", "io_threads", "io_chunk_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -60,16 +62,15 @@ class DiskTierConfig:
         if self.admission is not None and not isinstance(self.admission, str):
             raise ConfigError(f"disk.admission must be a policy name or None, "
                               f"got {self.admission!r}")
+        if isinstance(self.admission, str) and self.admission.strip().lower() in ("", "none"):
+            # One spelling of "admit everything", as for host.admission (kvbm.config).
+            object.__setattr__(self, "admission", None)
         if self.direct_io not in (None, True, False):
             raise ConfigError(f"disk.direct_io must be true, false or unset, "
                               f"got {self.direct_io!r}")
         if isinstance(self.durability, str):
-            try:
-                object.__setattr__(self, "durability", Durability(self.durability))
-            except ValueError:
-                raise ConfigError(f"disk.durability must be one of "
-                                  f"{[d.value for d in Durability]}, "
-                                  f"got {self.durability!r}") from None
+            check_choice("disk", "durability", self.durability, [d.value for d in Durability])
+            object.__setattr__(self, "durability", Durability(self.durability))
         if not isinstance(self.durability, Durability):
             raise ConfigError(f"disk.durability must be a Durability, got {self.durability!r}")
 

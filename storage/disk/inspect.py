@@ -38,7 +38,8 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     or ``"slab_headers"`` when the index is damaged or missing: those also count pages
     deleted since their slot was last written), ``damaged_headers`` (counted only when
     scanning headers), ``slabs`` (slab files) and ``slab_file_bytes``, ``index`` (``"ok"``,
-    ``"damaged"`` or ``"missing"``), ``index_problem``, ``index_file_bytes`` and
+    ``"damaged"``, ``"missing"`` or ``"unchecked"``: lmdb is not installed), ``index_problem``
+    (what is wrong, or why it was not checked), ``index_file_bytes`` and
     ``open_by_pid`` (the process holding the store's lock, where ``/proc/locks`` tells).
 
     Raises :class:`StorageError` when ``path`` is not a kvbm disk store of this format.

@@ -85,6 +85,9 @@ class IndexHealth(enum.Enum):
     #: No index (never created, or creation was cut short before lmdb wrote its file).
     MISSING = "missing"
     DAMAGED = "damaged"
+    #: Present but not checked: neither a child process nor lmdb's verifier was available
+    #: (lmdb not installed). The store opens it as it would an OK one.
+    UNCHECKED = "unchecked"
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ class IndexCheck:
     health: IndexHealth
     #: Records in the index (``OK`` only).
     entries: int = 0
-    #: What is wrong (``DAMAGED``), for the log.
+    #: What is wrong (``DAMAGED``), or why it was not checked (``UNCHECKED``).
     problem: str = ""
     #: The size of ``data.mdb`` in bytes (0 when missing).
     size: int = 0
@@ -170,7 +173,8 @@ def _check_here(index_dir: Path, size: int, why: str) -> IndexCheck:
     except ImportError:
         log.warning("disk store: cannot check the page index %s before opening it (%s)",
                     index_dir, why)
-        return IndexCheck(IndexHealth.OK, entries=-1, size=size)
+        return IndexCheck(IndexHealth.UNCHECKED, size=size,
+                          problem=f"not checked: {why}, and lmdb is not installed here")
     try:
         problems = verify(str(index_dir), subdir=True)  # type: ignore[no-untyped-call]
     except Exception as e:
