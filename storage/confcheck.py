@@ -16,10 +16,12 @@ from urllib.parse import urlsplit
 
 from kvbm.errors import ConfigError
 
-# S3's rules for new buckets: 3-63 lowercase letters, digits, dots and hyphens, starting and
-# ending with a letter or digit. The 3-character minimum is not enforced: S3-compatible
-# servers (and tests against them) accept shorter names.
-_S3_BUCKET = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,61}[a-z0-9])?")
+# S3 bucket names: letters, digits, dots, hyphens and underscores, starting and ending with a
+# letter or digit, at most 255 characters. That is wider than S3's rules for new buckets
+# (3-63 lowercase, no underscores) on purpose: older us-east-1 buckets and S3-compatible
+# servers use names outside them, and a name a working server accepts must not be refused
+# here. What can never be a bucket name (spaces, slashes, NUL ...) is.
+_S3_BUCKET = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,253}[A-Za-z0-9])?")
 # GCS: lowercase letters, digits, dashes, underscores and dots; up to 222 characters with
 # dots (each dot-separated part at most 63), up to 63 without.
 _GCS_BUCKET = re.compile(r"[a-z0-9](?:[a-z0-9._-]{0,220}[a-z0-9])?")
@@ -98,9 +100,9 @@ def check_s3_bucket(value: Any) -> None:
     if value.startswith("arn:"):
         return  # an access point or outpost ARN: the service checks those
     if not _S3_BUCKET.fullmatch(value):
-        raise ConfigError(f"s3.bucket must be a bucket name (at most 63 lowercase letters, "
-                          f"digits, dots and hyphens, starting and ending with a letter or "
-                          f"digit) or an access point ARN, got {value!r}")
+        raise ConfigError(f"s3.bucket must be a bucket name (letters, digits, dots, hyphens "
+                          f"and underscores, starting and ending with a letter or digit, at "
+                          f"most 255 characters) or an access point ARN, got {value!r}")
 
 
 def check_gcs_bucket(value: Any) -> None:
