@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -376,8 +377,15 @@ def test_exit_registration_is_weak_and_ends_at_close(tmp_path):
     assert mgr not in exit_flush.managers()
     ref = weakref.ref(mgr)
     del mgr
-    gc.collect()
-    assert ref() is None  # the registry does not keep a closed manager alive
+    # The registry must not keep a closed manager alive. Threads that close() stopped may
+    # still be unwinding their last frames on a loaded machine: give them a moment.
+    for _ in range(200):
+        gc.collect()
+        if ref() is None:
+            break
+        time.sleep(0.05)
+    alive = ref()
+    assert alive is None, [type(r).__name__ for r in gc.get_referrers(alive)]
     plain.close()
 
 
