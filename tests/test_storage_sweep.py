@@ -196,21 +196,26 @@ def test_identity_that_is_a_fifo_is_refused_without_hanging(tmp_path: Path) -> N
     assert meta.is_fifo()
 
 
+def assert_repaired_and_served(root: Path, ks: list[int]) -> None:
+    """The store opens, says it repaired its identity file once, and serves every page."""
+
+    async def body() -> None:
+        store = await DiskStore.open(LAYOUT, cfg(root))
+        try:
+            assert store.stats().extra["identity_repairs"] == 1
+            assert await served(store, ks) == [True] * len(ks)
+        finally:
+            await store.close()
+
+    asyncio.run(body())
+
+
 def test_deeply_nested_identity_is_damage_not_a_recursion_error(tmp_path: Path) -> None:
     ks = make_store(tmp_path, 3)
     (tmp_path / "kvbm-disk.json").write_text("[" * 100_000)
     with pytest.raises(StorageError, match="damaged"):
         describe(tmp_path)
-
-    async def body() -> None:
-        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
-        try:
-            assert store.stats().extra["identity_repairs"] == 1
-            assert await served(store, ks) == [True] * 3
-        finally:
-            await store.close()
-
-    asyncio.run(body())
+    assert_repaired_and_served(tmp_path, ks)
 
 
 def test_huge_identity_file_is_damage_and_not_read_whole(tmp_path: Path) -> None:
@@ -219,16 +224,7 @@ def test_huge_identity_file_is_damage_and_not_read_whole(tmp_path: Path) -> None
         f.truncate(1 << 40)  # sparse: a terabyte that reads as zeros
     with pytest.raises(StorageError, match="damaged"):
         describe(tmp_path)
-
-    async def body() -> None:
-        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
-        try:
-            assert store.stats().extra["identity_repairs"] == 1
-            assert await served(store, ks) == [True] * 3
-        finally:
-            await store.close()
-
-    asyncio.run(body())
+    assert_repaired_and_served(tmp_path, ks)
 
 
 def test_lost_identity_file_of_a_store_is_repaired(tmp_path: Path) -> None:
@@ -237,16 +233,7 @@ def test_lost_identity_file_of_a_store_is_repaired(tmp_path: Path) -> None:
     # store" for good.
     ks = make_store(tmp_path, 3)
     (tmp_path / "kvbm-disk.json").unlink()
-
-    async def body() -> None:
-        store = await DiskStore.open(LAYOUT, cfg(tmp_path))
-        try:
-            assert store.stats().extra["identity_repairs"] == 1
-            assert await served(store, ks) == [True] * 3
-        finally:
-            await store.close()
-
-    asyncio.run(body())
+    assert_repaired_and_served(tmp_path, ks)
     assert describe(tmp_path)["pages"] == 3
 
 
