@@ -6,7 +6,7 @@ next to admission oracles that know part of the future, on generated traces.
     python bench/goal_bounds.py --trace FILE [...]   # any Mooncake-format trace: no
                                                      # session oracle (no sessions known)
 
-Replays through the policy-level model of the manager (kvbm/simulate.py: G1 with
+Replays through the policy-level model of the manager (kvbm/lab/simulate.py: G1 with
 ``lineage``, the host tier with the policy, eager offload). For each host-tier size it
 gives LRU, the default policy, each of them behind two admission oracles, and Belady
 (furthest next use over G1 + host capacity, the ceiling), every figure also as a ratio to
@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbm.errors import KvbmError
-from kvbm.policies.base import AdmissionPolicy
-from kvbm.replay import (
+from kvbm.lab.replay import (
     belady,
     default_name,
     distinct_blocks,
@@ -46,8 +45,9 @@ from kvbm.replay import (
     manager_keys,
     parse_fractions,
 )
-from kvbm.simulate import simulate
-from kvbm.workload import FAMILIES, generate
+from kvbm.lab.simulate import simulate
+from kvbm.lab.workload import FAMILIES, generate
+from kvbm.policies.base import AdmissionPolicy
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

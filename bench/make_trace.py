@@ -1,4 +1,4 @@
-"""Write a synthetic request trace in Mooncake's public format (see kvbm/workload.py).
+"""Write a synthetic request trace in Mooncake's public format (see kvbm/lab/workload.py).
 
     python bench/make_trace.py --family chat --requests 12000 --seed 1 --out chat.jsonl
 """
@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from kvbm.workload import FAMILIES, generate, summarize, write
+from kvbm.lab.workload import FAMILIES, generate, summarize, write
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--requests", type=int, default=12000, help="requests to generate")
     ap.add_argument("--seed", type=_meta.seed, default=0, help="seed of the generated trace")
     ap.add_argument("--family", choices=sorted(FAMILIES), default="chat",
-                    help="workload parameter set (see kvbm/workload.py)")
+                    help="workload parameter set (see kvbm/lab/workload.py)")
     ap.add_argument("--block-size", type=int, default=512,
                     help="tokens per trace block: one hash id per this many prompt tokens "
                          "(Mooncake: 512)")

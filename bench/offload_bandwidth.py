@@ -7,13 +7,13 @@ G2->G4 put / G4->G2 get (OffloadEngine + S3Store against a moto server this scri
 a free 127.0.0.1 port). Each figure is printed next to its raw ceiling measured in the same
 run (one large ``copy_``; raw O_DIRECT sequential write+fdatasync / read of the same bytes
 in the same directory; one raw boto3 put / get of an object of the same size), as a ratio,
-and against the issue's target ratio. Method and definitions: kvbm/bandwidth.py.
+and against the issue's target ratio. Method and definitions: kvbm/lab/bandwidth.py.
 
     python bench/offload_bandwidth.py [--json] [--block-size N] [--layout NAME]
                                       [--dir DIR] [--skip-object] [--repeat N]
 
 ``--json`` documents carry ``meta`` (bench/_meta.py) with ``seed`` null: the pages hold fixed
-pseudo-random bytes (kvbm/bandwidth.py), there is no seed to choose.
+pseudo-random bytes (kvbm/lab/bandwidth.py), there is no seed to choose.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from kvbm import bandwidth as bw
+from kvbm.lab import bandwidth as bw
 from kvbm.layout import PRESETS, KVLayout
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)

@@ -5,7 +5,7 @@
         [--write-back] [--json]
     python bench/policy_replay.py --generate [--family rag] --capacity-fraction 0.03
 
-Method (tokens per trace block, G1 sizing, Belady) in kvbm/replay.py; results and the
+Method (tokens per trace block, G1 sizing, Belady) in kvbm/lab/replay.py; results and the
 choice of the default in docs/policies.md. With ``--json``, one JSON document:
 ``{"capacity_fraction", "blocks", "hit_ratio": {name: x, ..., "belady": y}, "default", ...,
 "meta"}`` (``meta``: bench/_meta.py).
@@ -19,8 +19,8 @@ import os
 import sys
 
 from kvbm.errors import KvbmError
-from kvbm.replay import STANDARD, default_name, format_table, generated_trace, load_trace, run
-from kvbm.workload import FAMILIES
+from kvbm.lab.replay import STANDARD, default_name, format_table, generated_trace, load_trace, run
+from kvbm.lab.workload import FAMILIES
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=16,
                     help="tokens each trace block (hash id) stands for in the replay")
     ap.add_argument("--model", action="store_true",
-                    help="replay through the policy-level model (kvbm/simulate.py: the "
+                    help="replay through the policy-level model (kvbm/lab/simulate.py: the "
                          "manager's hit ratios, several times faster) instead of the manager")
     ap.add_argument("--write-back", action="store_true",
                     help="offload to the host tier only when G1 evicts a block (the manager's "

@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from kvbm.replay import format_sweep, parse_fractions
-from kvbm.workload import FAMILIES
+from kvbm.lab.replay import format_sweep, parse_fractions
+from kvbm.lab.workload import FAMILIES
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

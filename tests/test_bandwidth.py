@@ -1,4 +1,4 @@
-"""Smoke tests of the bandwidth measurements (kvbm/bandwidth.py, bench/offload_bandwidth.py):
+"""Smoke tests of the bandwidth measurements (kvbm/lab/bandwidth.py, bench/offload_bandwidth.py):
 tiny page counts, shapes and bookkeeping only, no timing assertions."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvbm import bandwidth as bw
+from kvbm.lab import bandwidth as bw
 from kvbm.layout import PRESETS
 
 SMALL = PRESETS["small"]

@@ -248,7 +248,7 @@ def test_core_ops_json_is_one_document_with_the_run_metadata() -> None:
 
 
 def test_replay_and_sweep_tables_name_their_units() -> None:
-    from kvbm.replay import format_sweep, format_table
+    from kvbm.lab.replay import format_sweep, format_table
 
     doc = {"hit_ratio": {"lru": 0.1, "predictive": 0.12, "belady": 0.2}, "blocks": 1,
            "capacity_fraction": 0.05, "distinct_blocks": 20, "requests": 1, "block_refs": 2,
@@ -261,7 +261,7 @@ def test_replay_and_sweep_tables_name_their_units() -> None:
 
 
 def test_bandwidth_table_columns_stand_apart_with_units() -> None:
-    from kvbm import bandwidth as bw
+    from kvbm.lab import bandwidth as bw
 
     rows = [bw.Row.timed(bw.G2_G3, "write", 2 << 20, 10, seconds=2.0, ceiling_seconds=1.0)]
     header = bw.format_table(rows).splitlines()[0]

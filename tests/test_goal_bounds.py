@@ -13,10 +13,10 @@ from types import ModuleType
 
 import pytest
 
-from kvbm import workload
+from kvbm.lab import workload
+from kvbm.lab.replay import manager_keys
+from kvbm.lab.simulate import simulate
 from kvbm.policies.base import AdmissionPolicy
-from kvbm.replay import manager_keys
-from kvbm.simulate import simulate
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "goal_bounds.py"
 

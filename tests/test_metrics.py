@@ -133,7 +133,7 @@ def test_tier_display_names_of_a_cpu_manager(tmp_path):
 
 
 def test_demo_hit_table_uses_display_names(tmp_path):
-    from kvbm.demo import _hit_table
+    from kvbm.lab.demo import _hit_table
 
     with tiered(tmp_path) as mgr:
         run(mgr, toks(2))

@@ -1,4 +1,4 @@
-"""kvbm.workload and kvbm.replay (bench/make_trace.py, bench/policy_replay.py): trace shape,
+"""kvbm.lab.workload and kvbm.lab.replay (bench/make_trace.py, bench/policy_replay.py): trace shape,
 Belady, and a replay smoke test through the real BlockManager."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from types import ModuleType
 
 import pytest
 
-from kvbm import replay as policy_replay
-from kvbm import workload
 from kvbm.errors import PolicyError
+from kvbm.lab import replay as policy_replay
+from kvbm.lab import workload
 from kvbm.medium import Medium
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
@@ -269,9 +269,9 @@ def test_load_trace_rejects_bad_records_with_their_line(tmp_path: Path, record: 
 @pytest.mark.parametrize("spec", [*policy_replay.STANDARD, "lineage+frequency"])
 def test_simulate_makes_the_managers_calls(small_trace: list[list[int]], spec: str) -> None:
     # The model must give exactly the manager's hit ratio: same keys, same policy calls. If
-    # this fails after a manager change, kvbm/simulate.py has to follow it.
-    from kvbm.replay import manager_keys
-    from kvbm.simulate import simulate
+    # this fails after a manager change, kvbm/lab/simulate.py has to follow it.
+    from kvbm.lab.replay import manager_keys
+    from kvbm.lab.simulate import simulate
     ev, adm = policy_replay.parse_policy(spec)
     keys = manager_keys(small_trace, 4)
     for cap in (60, 400):
@@ -286,7 +286,7 @@ def test_simulate_makes_the_managers_calls(small_trace: list[list[int]], spec: s
 
 def test_manager_keys_are_the_managers_hashes(small_trace: list[list[int]]) -> None:
     from kvbm.hashing import hash_blocks
-    from kvbm.replay import manager_keys
+    from kvbm.lab.replay import manager_keys
     keys = manager_keys([small_trace[0], [], small_trace[1]], 4)
     assert keys[1] == []
     toks = policy_replay.trace_tokens(small_trace[1], 4)

@@ -7,7 +7,7 @@ from typing import Any
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kvbm.demo import run_demo
+    from kvbm.lab.demo import run_demo
 
     return run_demo(requests=args.requests, seed=args.seed, out_dir=args.dir)
 

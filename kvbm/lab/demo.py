@@ -19,13 +19,13 @@ from kvbm.config import DeviceTierConfig, HostTierConfig, ManagerConfig
 from kvbm.deps import require
 from kvbm.errors import InvalidArgumentError, StorageError
 from kvbm.events import BlockRemoved, BlockStored
+from kvbm.lab.replay import distinct_blocks, format_table, run, trace_tokens
+from kvbm.lab.workload import generate
 from kvbm.layout import PRESETS
 from kvbm.manager import BlockManager
 from kvbm.medium import Medium
 from kvbm.metrics import tier_display_names
-from kvbm.replay import distinct_blocks, format_table, run, trace_tokens
 from kvbm.storage.disk import DiskTierConfig
-from kvbm.workload import generate
 
 BLOCK_TOKENS = 16
 #: What the demo writes under ``<dir>/demo``: a folder holding anything else is not ours to
@@ -97,7 +97,7 @@ def run_demo(*, requests: int = 3000, seed: int = 7, out_dir: str | Path = ".kvb
     torch = require("torch", "engine", "kvbm demo")
     require("lmdb", "disk", "kvbm demo (its disk tier)")
 
-    from kvbm.bandwidth import quick_report
+    from kvbm.lab.bandwidth import quick_report
 
     root = _fresh_root(out_dir)
     t0 = time.perf_counter()

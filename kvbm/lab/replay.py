@@ -49,11 +49,11 @@ from kvbm.config import (
 )
 from kvbm.errors import ConfigError, PolicyError
 from kvbm.hashing import hash_blocks
+from kvbm.lab.simulate import simulate
+from kvbm.lab.workload import generate
 from kvbm.layout import KVLayout
 from kvbm.manager import BlockManager
 from kvbm.policies import ADMISSION_POLICIES, EVICTION_POLICIES
-from kvbm.simulate import simulate
-from kvbm.workload import generate
 
 #: Policies replayed when no --policy is given: every eviction policy, plus the configured
 #: default when it is a combination with an admission filter.
@@ -111,7 +111,7 @@ def _hash_id(h: Any) -> int:
 
 
 def generated_trace(requests: int, seed: int, family: str) -> list[list[int]]:
-    """The ``hash_ids`` of a generated trace (kvbm.workload)."""
+    """The ``hash_ids`` of a generated trace (kvbm.lab.workload)."""
     return [r["hash_ids"] for r in generate(requests, seed=seed, family=family)]
 
 
@@ -228,7 +228,7 @@ def run(trace: Sequence[Sequence[int]], fraction: float, policies: Sequence[str]
         eager_offload: bool = True) -> dict[str, Any]:
     """Replay every policy (default: every eviction policy and the configured default; LRU
     always included) and Belady; the ``--json`` document of bench/policy_replay.py. With
-    ``model``, through :mod:`kvbm.simulate` instead of the manager: the same hit ratios,
+    ``model``, through :mod:`kvbm.lab.simulate` instead of the manager: the same hit ratios,
     faster, without per-medium hit counts. ``eager_offload`` off: the host tier receives
     blocks only when G1 evicts them (write-back)."""
     if policies is None:

@@ -1,4 +1,4 @@
-"""A policy-level model of :func:`kvbm.replay.replay`: the same policy calls, without pages.
+"""A policy-level model of :func:`kvbm.lab.replay.replay`: the same policy calls, without pages.
 
 ``replay`` drives the real BlockManager (hashing, index, pools, copies) and takes 15–40 s per
 12,000-request trace; most of that is the manager's per-block work, not the policy's. For
@@ -160,7 +160,7 @@ def simulate(keys: Sequence[Sequence[int]], capacity: int, eviction: str,
              before_request: Callable[[int], None] | None = None,
              eager_offload: bool = True, **params: Any) -> dict[str, Any]:
     """Hit ratio of ``eviction`` (+ ``admission``) as host-tier policy for ``keys`` (a trace
-    from :func:`kvbm.replay.manager_keys`), with G1 as in :func:`kvbm.replay.replay`.
+    from :func:`kvbm.lab.replay.manager_keys`), with G1 as in :func:`kvbm.lab.replay.replay`.
     ``params`` go to the eviction policy (e.g. ``sample=4`` for ``predictive``).
     ``admission`` is a policy name or an instance (bench/goal_bounds.py passes oracles that
     know the trace); ``before_request(i)`` is called before the ``i``-th request of
