@@ -1210,12 +1210,6 @@ class BlockManager:
                                          context=(lt, [(r, r.g2) for r in todo]),
                                          parents=[r.parent_hash for r in todo]))
 
-    def _lower_tier(self, medium: Medium) -> _StoreTier:
-        for lt in self._lower:
-            if lt.medium is medium:
-                return lt
-        raise KeyError(medium)
-
     def _on_stored(self, th: TransferHandle) -> None:
         lt, pages = th.context
         g2 = self._g2

@@ -46,9 +46,6 @@ class ARCPolicy(EvictionPolicy):
     def _size_t1(self) -> int:
         return len(self._t1) + self._pinned_t1
 
-    def _size_t2(self) -> int:
-        return len(self._t2) + len(self._pinned) - self._pinned_t1
-
     def insert(self, key: int, parent: int | None, *, pinned: bool = False) -> None:
         c = max(self.capacity, 1)
         if key in self._b1:

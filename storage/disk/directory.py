@@ -114,9 +114,6 @@ class Geometry:
     def slab_size(self, slab: int) -> int:
         return self.header_area + self.slots_in_slab(slab) * self.slot_bytes
 
-    def slab_count(self) -> int:
-        return -(-self.max_slots // self.slab_slots)
-
     def slots_in_slab(self, slab: int) -> int:
         return min(self.slab_slots, self.max_slots - slab * self.slab_slots)
 
