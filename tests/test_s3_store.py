@@ -18,7 +18,8 @@ from kvbm.testing import PageStoreTests
 
 boto3 = pytest.importorskip("boto3")
 
-from kvbm.storage.s3 import S3Backend, S3Store, S3TierConfig, measure_raw_s3  # noqa: E402
+from kvbm.lab.raw_s3 import measure_raw_s3  # noqa: E402
+from kvbm.storage.s3 import S3Backend, S3Store, S3TierConfig  # noqa: E402
 
 
 class TestS3Store(ObjectStoreTests, PageStoreTests[S3Store]):

@@ -579,7 +579,8 @@ def measure_object(layout: KVLayout, pages: int, endpoint: str | None, bucket: s
     same size (``measure_raw_s3``). Credentials come from boto3's usual chain. Objects go
     under a fresh prefix and are deleted afterwards; the local index lives in a temporary
     directory. Extra keyword arguments go to :class:`~kvbm.storage.s3.S3TierConfig`."""
-    from kvbm.storage.s3 import S3Store, S3TierConfig, measure_raw_s3
+    from kvbm.lab.raw_s3 import measure_raw_s3
+    from kvbm.storage.s3 import S3Store, S3TierConfig
 
     pb = layout.bytes_per_block
     nbytes = pages * pb
