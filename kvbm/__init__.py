@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored
     from kvbm.hashing import BlockHashes, hash_blocks
     from kvbm.index import MatchResult
-    from kvbm.layout import Arrangement, KVLayout
+    from kvbm.layout import Arrangement, KVKind, KVLayout
     from kvbm.manager import BlockManager
     from kvbm.medium import Medium
     from kvbm.reports import FlushResult, ManagerStats, TierUsage
@@ -39,6 +39,7 @@ __all__ = [
     "DeviceTierConfig",
     "FlushResult",
     "HostTierConfig",
+    "KVKind",
     "KVLayout",
     "ManagerConfig",
     "ManagerStats",
@@ -61,6 +62,7 @@ _EXPORTS = {
     "DeviceTierConfig": "kvbm.config",
     "FlushResult": "kvbm.reports",
     "HostTierConfig": "kvbm.config",
+    "KVKind": "kvbm.layout",
     "KVLayout": "kvbm.layout",
     "ManagerConfig": "kvbm.config",
     "ManagerStats": "kvbm.reports",

@@ -29,11 +29,27 @@ _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16
 class Arrangement(enum.Enum):
     """How the pages of one pool are laid out in memory."""
 
-    #: one buffer ``[num_blocks, num_layers, 2, block_size, heads, head_dim]``; a block is one
-    #: contiguous page (what host, disk and network tiers want).
+    #: one buffer ``[num_blocks, num_layers, kv_planes, block_size, heads, head_dim]``; a
+    #: block is one contiguous page (what host, disk and network tiers want).
     FULLY_CONTIGUOUS = "fully_contiguous"
-    #: one buffer per layer ``[num_blocks, 2, block_size, heads, head_dim]`` (vLLM's way).
+    #: one buffer per layer ``[num_blocks, kv_planes, block_size, heads, head_dim]`` (vLLM's way).
     LAYER_SEPARATE = "layer_separate"
+
+
+class KVKind(enum.Enum):
+    """What the attention layers keep per token."""
+
+    #: separate keys and values: two planes per layer, ``num_kv_heads`` heads of ``head_dim``.
+    MHA = "mha"
+    #: multi-head latent attention (DeepSeek-V2/V3/R1): one latent vector per token and layer,
+    #: ``kv_lora_rank + rope_dim`` wide, identical on every tensor-parallel rank. One plane,
+    #: ``num_kv_heads`` is 1 and ``head_dim`` is the latent width.
+    MLA = "mla"
+
+    @property
+    def planes(self) -> int:
+        """KV planes per layer: 2 (K and V) for MHA, 1 (the latent) for MLA."""
+        return 2 if self is KVKind.MHA else 1
 
 
 def normalize_dtype(dtype: Any) -> str:
@@ -60,8 +76,12 @@ def _positive_int(name: str, value: Any) -> int:
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Shape of the KV of one block: ``num_layers x 2 x block_size x num_kv_heads x head_dim``.
+    """Shape of the KV of one block:
+    ``num_layers x kv_planes x block_size x num_kv_heads x head_dim``.
 
+    ``kind`` says what a plane is: :attr:`KVKind.MHA` (the default) keeps K and V, two planes;
+    :attr:`KVKind.MLA` keeps one latent vector per token, one plane, with ``num_kv_heads`` 1
+    and ``head_dim`` the latent width (``kv_lora_rank + rope_dim``, 576 for DeepSeek-V3).
     ``model_id`` takes part in the fingerprint so that two models with equal shapes never
     read each other's pages.
     """
@@ -73,6 +93,7 @@ class KVLayout:
     dtype: str = "bfloat16"
     arrangement: Arrangement = Arrangement.FULLY_CONTIGUOUS
     model_id: str = ""
+    kind: KVKind = KVKind.MHA
     _fingerprint: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +109,19 @@ class KVLayout:
                     f"{[a.value for a in Arrangement]}") from None
         if not isinstance(self.arrangement, Arrangement):
             raise LayoutError(f"arrangement must be an Arrangement, got {self.arrangement!r}")
+        if isinstance(self.kind, str):
+            try:
+                object.__setattr__(self, "kind", KVKind(self.kind))
+            except ValueError:
+                raise LayoutError(f"unknown kind {self.kind!r}; expected one of "
+                                  f"{[k.value for k in KVKind]}") from None
+        if not isinstance(self.kind, KVKind):
+            raise LayoutError(f"kind must be a KVKind, got {self.kind!r}")
+        if self.kind is KVKind.MLA and self.num_kv_heads != 1:
+            # The latent is shared by all heads: more than one "head" would be a copy of it.
+            raise LayoutError(f"an MLA layout keeps one latent vector per token: num_kv_heads "
+                              f"must be 1 (head_dim is the latent width), got "
+                              f"{self.num_kv_heads}")
         if not isinstance(self.model_id, str):
             raise LayoutError(f"model_id must be a str, got {self.model_id!r}")
         try:
@@ -97,6 +131,10 @@ class KVLayout:
                               f"{self.model_id!r}") from None
         fields = [self.num_layers, self.num_kv_heads, self.head_dim, self.block_size,
                   self.dtype, self.model_id]
+        if self.kind is not KVKind.MHA:
+            # Appended only for other kinds, so every MHA fingerprint (and the disk stores
+            # written under it) stays what it was before kinds existed.
+            fields.append(self.kind.value)
         # The arrangement is not part of the fingerprint: a page is always stored contiguous,
         # whatever the device arrangement, so both arrangements can share lower tiers.
         object.__setattr__(self, "_fingerprint",
@@ -107,18 +145,30 @@ class KVLayout:
         return DTYPE_SIZES[self.dtype]
 
     @property
+    def kv_planes(self) -> int:
+        """Planes per layer and block: 2 (K and V) for MHA, 1 (the latent) for MLA."""
+        return self.kind.planes
+
+    @property
+    def replicated_across_tp_ranks(self) -> bool:
+        """Whether every tensor-parallel rank holds the same page (MLA's latent is not
+        sharded by head), so a page need be stored once rather than once per rank."""
+        return self.kind is KVKind.MLA
+
+    @property
     def layer_shape(self) -> tuple[int, int, int, int]:
-        """Shape of one block of one layer: ``(2, block_size, heads, head_dim)``."""
-        return (2, self.block_size, self.num_kv_heads, self.head_dim)
+        """Shape of one block of one layer: ``(kv_planes, block_size, heads, head_dim)``."""
+        return (self.kv_planes, self.block_size, self.num_kv_heads, self.head_dim)
 
     @property
     def block_shape(self) -> tuple[int, int, int, int, int]:
-        """Shape of one whole block, contiguous: ``(layers, 2, block_size, heads, head_dim)``."""
+        """One whole block, contiguous: ``(layers, kv_planes, block_size, heads, head_dim)``."""
         return (self.num_layers, *self.layer_shape)
 
     @property
     def elements_per_block(self) -> int:
-        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim
+        return (self.num_layers * self.kv_planes * self.block_size * self.num_kv_heads
+                * self.head_dim)
 
     @property
     def bytes_per_block(self) -> int:
@@ -130,7 +180,7 @@ class KVLayout:
 
     @property
     def fingerprint(self) -> int:
-        """64-bit identity of the page format (shape, dtype, model id)."""
+        """64-bit identity of the page format (kind, shape, dtype, model id)."""
         return self._fingerprint
 
     def torch_dtype(self) -> Any:
@@ -141,14 +191,15 @@ class KVLayout:
     def to_dict(self) -> dict[str, Any]:
         return {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads,
                 "head_dim": self.head_dim, "block_size": self.block_size, "dtype": self.dtype,
-                "arrangement": self.arrangement.value, "model_id": self.model_id}
+                "arrangement": self.arrangement.value, "model_id": self.model_id,
+                "kind": self.kind.value}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> KVLayout:
         if not isinstance(d, Mapping):
             raise LayoutError(f"a layout is a mapping of its fields, got {type(d).__name__}")
         known = {"num_layers", "num_kv_heads", "head_dim", "block_size", "dtype",
-                 "arrangement", "model_id"}
+                 "arrangement", "model_id", "kind"}
         unknown = set(d) - known
         if unknown:
             raise LayoutError(f"unknown layout fields {sorted(unknown, key=repr)}")
@@ -166,4 +217,8 @@ PRESETS: dict[str, KVLayout] = {
     "small": KVLayout(2, 4, 64, 16, "bfloat16", model_id="small"),
     # Metadata-sized pages for policy replays.
     "tiny": KVLayout(1, 1, 4, 16, "float16", model_id="tiny"),
+    # DeepSeek-V3/R1 (MLA): 61 layers, one latent of 512 + 64 (rope) per token, bf16,
+    # 64-token blocks = 4392 KiB pages, the same on every tensor-parallel rank.
+    "deepseek-v3": KVLayout(61, 1, 576, 64, "bfloat16", model_id="deepseek-v3",
+                            kind=KVKind.MLA),
 }

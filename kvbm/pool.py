@@ -256,8 +256,9 @@ class DevicePool:
         return self.allocator.num_slots
 
     def block_view(self, slot: int) -> torch.Tensor | list[torch.Tensor]:
-        """One block's KV: ``[layers, 2, block_size, heads, head_dim]`` when contiguous,
-        else one ``[2, block_size, heads, head_dim]`` view per layer."""
+        """One block's KV: ``[layers, kv_planes, block_size, heads, head_dim]`` when
+        contiguous, else one ``[kv_planes, block_size, heads, head_dim]`` view per layer
+        (``kv_planes`` is 2, K and V, for MHA and 1, the latent, for MLA)."""
         slot = self.allocator.check(slot)  # a negative index would be another block
         if self.buffer is not None:
             return self.buffer[slot]
