@@ -50,6 +50,24 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
                                    formatter_class=HelpFormatter)
 
 
+def read_trace(ap: argparse.ArgumentParser, path: str) -> list[list[int]]:
+    """A Mooncake-format trace's hash ids per request, or a usage error naming ``--trace``
+    (missing, unreadable, malformed or empty)."""
+    from kvbm.errors import KvbmError
+    from kvbm.lab.replay import load_trace
+
+    try:
+        trace = load_trace(path)
+    except OSError as e:
+        ap.error(f"--trace {path}: {e.strerror or e}")
+    except KvbmError as e:
+        ap.error(str(e))
+    if not trace:
+        ap.error(f"--trace {path}: no requests in it (a Mooncake trace has one JSON record "
+                 f"per line)")
+    return trace
+
+
 def _git(*args: str) -> str | None:
     try:
         proc = subprocess.run(["git", "-C", str(HERE), *args], capture_output=True,

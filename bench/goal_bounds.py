@@ -36,12 +36,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kvbm.errors import KvbmError
 from kvbm.lab.replay import (
     belady,
     default_name,
     distinct_blocks,
-    load_trace,
     manager_keys,
     parse_fractions,
 )
@@ -171,15 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.requests < 1 or args.block_size < 1:
         ap.error("--requests and --block-size must be positive")
     if args.trace:
-        try:
-            records = [{"hash_ids": ids} for ids in load_trace(args.trace)]
-        except OSError as e:
-            ap.error(f"--trace {args.trace}: {e.strerror or e}")
-        except KvbmError as e:
-            ap.error(str(e))
-        if not records:
-            ap.error(f"--trace {args.trace}: no requests in it (a Mooncake trace has one "
-                     f"JSON record per line)")
+        records = [{"hash_ids": ids} for ids in _meta.read_trace(ap, args.trace)]
         title = Path(args.trace).stem
         doc = bounds(records, args.capacity_fraction, block_size=args.block_size)
         doc.update(trace=args.trace, meta=_meta.run_meta(None))

@@ -19,7 +19,7 @@ import os
 import sys
 
 from kvbm.errors import KvbmError
-from kvbm.lab.replay import STANDARD, default_name, format_table, generated_trace, load_trace, run
+from kvbm.lab.replay import STANDARD, default_name, format_table, generated_trace, run
 from kvbm.lab.workload import FAMILIES
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
@@ -64,16 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--capacity-fraction must be in (0, 1]")
     if args.block_size <= 0 or args.requests <= 0:
         ap.error("--block-size and --requests must be positive")
-    try:
-        trace = (load_trace(args.trace) if args.trace
-                 else generated_trace(args.requests, args.seed, args.family))
-    except OSError as e:
-        ap.error(f"--trace {args.trace}: {e.strerror or e}")
-    except KvbmError as e:
-        ap.error(str(e))
-    if not trace:
-        ap.error(f"--trace {args.trace}: no requests in it (a Mooncake trace has one JSON "
-                 f"record per line)")
+    if args.trace:
+        trace = _meta.read_trace(ap, args.trace)
+    else:
+        try:
+            trace = generated_trace(args.requests, args.seed, args.family)
+        except KvbmError as e:
+            ap.error(str(e))
     try:
         policies = args.policy or list(dict.fromkeys([*STANDARD, default_name()]))
         doc = run(trace, args.capacity_fraction, policies, block_size=args.block_size,
