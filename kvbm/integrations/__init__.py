@@ -1,0 +1,1 @@
+"""Integrations of kvbm into inference engines (vLLM first: :mod:`kvbm.integrations.vllm`)."""
