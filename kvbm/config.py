@@ -190,7 +190,10 @@ class OffloadConfig:
 class ManagerConfig:
     """Everything a :class:`kvbm.BlockManager` needs besides the layout."""
 
-    device: DeviceTierConfig
+    #: G1, kvbm's own device pool. ``None`` when the engine owns its KV memory and its
+    #: prefix cache (vLLM through :mod:`kvbm.integrations.vllm`): kvbm then keeps G2 and
+    #: the tiers below, and moves pages between G2 and the engine's memory through plans.
+    device: DeviceTierConfig | None
     host: HostTierConfig | None = None
     #: G3: local disk (needs a host tier: pages move through G2).
     disk: DiskTierConfig | None = None
@@ -211,7 +214,7 @@ class ManagerConfig:
                           ("gcs", GCSTierConfig), ("offload", OffloadConfig)):
             value = getattr(self, name)
             if not (isinstance(value, cls) or (value is None and name not in
-                                               ("device", "offload"))):
+                                               ("offload",))):
                 raise ConfigError(f"config.{name} must be a {cls.__name__}, got {value!r}")
         if self.salt is not None and not isinstance(self.salt, str):
             raise ConfigError(f"config.salt must be a string, got {self.salt!r}")
@@ -228,6 +231,9 @@ class ManagerConfig:
             check_policy_name("disk.admission", self.disk.admission, "admission")
         if self.s3 is not None and self.gcs is not None:
             raise ConfigError("configure at most one object tier (s3 or gcs)")
+        if self.device is None and self.host is None:
+            raise ConfigError("a manager without its own device tier (device = none: the "
+                              "engine owns G1) needs a host tier (config.host)")
         if self.host is None and (self.disk or self.s3 or self.gcs):
             raise ConfigError("disk and object tiers need a host tier (config.host): pages "
                               "move between them through host memory")

@@ -38,6 +38,7 @@ from kvbm.checks import (
     as_seconds,
     check_hashes,
     check_id_container,
+    check_keys,
     check_match,
     closed_error,
     os_wait,
@@ -221,6 +222,113 @@ class OnboardHandle:
         self.status = OnboardStatus.CANCELLED
 
 
+class StageHandle:
+    """The result of :meth:`BlockManager.stage`: G2 pages of a matched prefix, held for a
+    mover to copy into the engine's memory, some of them still loading from disk or object
+    storage.
+
+    ``poll()``/``wait()`` on the manager's owner thread. When a load fails the prefix ends
+    before that block (``slots`` is then shorter). Once done, ``slots[i]`` is the G2 page of
+    block ``start_block + i`` and ``sequence_hashes[i]`` its hash; each is held until
+    :meth:`release` (the pages cannot be evicted or reused while a mover reads them).
+    """
+
+    def __init__(self, mgr: BlockManager, recs: list[BlockRecord], start_block: int,
+                 slots: list[int], staged: dict[int, int], pending: int) -> None:
+        self._mgr = mgr
+        self._recs = recs
+        self.start_block = start_block
+        self._slots = slots
+        #: position in recs -> G2 staging slot of blocks loaded from below
+        self._staged = staged
+        self._pending = pending
+        self._ok: dict[int, bool] = {}
+        self._cut: int | None = None
+        self._released = False
+        self.status = OnboardStatus.PENDING if pending else OnboardStatus.DONE
+        self.slots: list[int] = [] if pending else list(slots)
+        self.sequence_hashes: list[int] = [] if pending else [r.seq_hash for r in recs]
+        #: blocks that had to be loaded from each lower tier
+        self.loading_from: dict[Medium, int] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks ready in G2 (final once done)."""
+        return len(self.slots)
+
+    def done(self) -> bool:
+        return self.status is not OnboardStatus.PENDING
+
+    def poll(self) -> bool:
+        """Process finished transfers (owner thread); returns :meth:`done`."""
+        if not self.done():
+            self._mgr.poll()
+        return self.done()
+
+    def wait(self, timeout: float | None = None) -> list[int]:
+        """Block until every load finished; on timeout the handle is cancelled (the prefix
+        ends before the first block still loading). Returns ``slots``."""
+        limit = as_seconds(timeout, "timeout")
+        if not self.done() and self._mgr.closed:
+            raise closed_error()
+        deadline = None if limit is None else time.monotonic() + limit
+        while not self.done():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                self.cancel()
+                break
+            self._mgr._drain(block=True, timeout=left)
+        return self.slots
+
+    def cancel(self) -> None:
+        """Give up on the loads still running: the prefix ends before the first of them
+        (their pages are cached in G2 if they arrive)."""
+        if self.status is not OnboardStatus.PENDING:
+            return
+        if self._mgr.closed:
+            raise closed_error()
+        first = min(self._staged)
+        self._cut = first
+        self._mgr._release_stage_tail(self, first)
+        self.slots = self._slots[:first]
+        self.sequence_hashes = [r.seq_hash for r in self._recs[:first]]
+        self.status = OnboardStatus.CANCELLED
+
+    def release(self) -> None:
+        """Drop the holds on the pages (idempotent; cancels loads still running)."""
+        if self._released:
+            return
+        if self._mgr.closed:
+            self._released = True
+            return
+        self.cancel()
+        self._released = True
+        g2 = self._mgr._g2
+        assert g2 is not None
+        for slot in self.slots:
+            self._mgr._release_one(g2, slot)
+        self.slots = []
+
+    def __enter__(self) -> StageHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _check_host_pool(pool: Any, layout: KVLayout, config: ManagerConfig) -> None:
+    """A host pool handed in (a shared-memory one) must be the one the config describes."""
+    if not isinstance(pool, HostPool):
+        raise ConfigError(f"host_pool must be a HostPool, got {type(pool).__name__}")
+    if config.host is None:
+        raise ConfigError("host_pool given but the config has no host tier (config.host)")
+    if pool.layout.fingerprint != layout.fingerprint:
+        raise LayoutError("host_pool was made for another layout")
+    if pool.num_blocks != config.host.num_blocks:
+        raise ConfigError(f"host_pool holds {pool.num_blocks} pages but host.num_blocks is "
+                          f"{config.host.num_blocks}")
+
+
 class _FlushTimeout(Exception):
     """Internal: a flush ran out of time (flush() raises TransferError, close() warns)."""
 
@@ -257,7 +365,8 @@ class BlockManager:
     are shut down).
     """
 
-    def __init__(self, layout: KVLayout, config: ManagerConfig | None = None) -> None:
+    def __init__(self, layout: KVLayout, config: ManagerConfig | None = None, *,
+                 host_pool: HostPool | None = None) -> None:
         if not isinstance(layout, KVLayout):
             raise LayoutError(f"layout must be a KVLayout, got {type(layout).__name__}")
         if config is None:
@@ -273,13 +382,21 @@ class BlockManager:
         self.config = config
         self.block_size = layout.block_size
         self._index = PrefixIndex()
+        if host_pool is not None:
+            _check_host_pool(host_pool, layout, config)
         dev = config.device
-        self._g1 = _MemTier(Medium.GPU, DevicePool(layout, dev.num_blocks, dev.device),
-                            make_eviction(dev.eviction, dev.num_blocks), None)
+        #: G1, or None when the engine owns its KV memory (then only the host-level calls
+        #: - stage, reserve_host, commit_host, release_host - move pages, through plans)
+        self._g1: _MemTier | None = None
+        if dev is not None:
+            self._g1 = _MemTier(Medium.GPU, DevicePool(layout, dev.num_blocks, dev.device),
+                                make_eviction(dev.eviction, dev.num_blocks), None)
         self._g2: _MemTier | None = None
         if config.host is not None:
             h = config.host
-            self._g2 = _MemTier(Medium.CPU_PINNED, HostPool(layout, h.num_blocks, h.pin_memory),
+            pool = host_pool if host_pool is not None else HostPool(layout, h.num_blocks,
+                                                                    h.pin_memory)
+            self._g2 = _MemTier(Medium.CPU_PINNED, pool,
                                 make_eviction(h.eviction, h.num_blocks),
                                 make_admission(h.admission, capacity=h.num_blocks)
                                 if h.admission is not None else None)
@@ -381,7 +498,7 @@ class BlockManager:
             raise closed_error()
         check_match(match)
         self._drain()
-        g1 = self._g1
+        g1 = self._device_tier()
         try:
             recs = self._index.match(match.sequence_hashes)
         except TypeError:  # an unhashable "hash" put into a match's list after the fact
@@ -449,7 +566,7 @@ class BlockManager:
             raise closed_error()
         n = as_count(n, "allocate: n")
         self._drain()
-        g1 = self._g1
+        g1 = self._device_tier()
         if n > g1.alloc.num_free + g1.evictable():
             raise PoolExhaustedError(f"{n} blocks requested; G1 has {g1.alloc.num_free} free and "
                                      f"{g1.evictable()} evictable")
@@ -477,7 +594,7 @@ class BlockManager:
             hashes = hash_blocks(tokens, self.block_size, lora_name=lora_name,
                                  mm_hashes=mm_hashes, salt=self.config.salt)
         self._drain()
-        g1 = self._g1
+        g1 = self._device_tier()
         ids = [g1.alloc.check(b) for b in block_ids]
         if len(set(ids)) != len(ids):
             raise BlockStateError(f"duplicate block ids in commit: {list(block_ids)}")
@@ -553,7 +670,7 @@ class BlockManager:
             raise closed_error()
         block_ids = check_id_container(block_ids, "block_ids", ordered=False)
         self._drain()
-        g1 = self._g1
+        g1 = self._device_tier()
         alloc = g1.alloc
         check, refcount = alloc.check, alloc.refcount
         ids = [check(b) for b in block_ids]
@@ -600,7 +717,7 @@ class BlockManager:
         if self._g2 is None:
             raise ConfigError("offload needs a host tier (config.host)")
         self._drain()
-        g1 = self._g1
+        g1 = self._device_tier()
         if block_ids is None:
             recs = [r for r in g1.owner if r is not None]
         else:
@@ -648,12 +765,259 @@ class BlockManager:
         self._emit(AllBlocksCleared())
         return n
 
+    # ------------------------------------------------- host-level API (engine-owned G1) --
+    def stage(self, match: MatchResult, start_block: int = 0) -> StageHandle:
+        """Hold the G2 pages of the matched blocks from ``start_block`` on, loading into G2
+        (through the offload engine, in the background) those only disk or object storage
+        holds. For an engine that owns G1: a mover copies the pages into the engine's memory
+        (see :mod:`kvbm.core.plans`), then :meth:`StageHandle.release` gives them back.
+
+        No I/O on the calling thread. Without room in G2 for the loads, the prefix ends
+        before the first block to load (a miss, not an error).
+        """
+        if self._closed:
+            raise closed_error()
+        check_match(match)
+        start_block = as_count(start_block, "start_block")
+        g2 = self._g2
+        if g2 is None:
+            raise ConfigError("stage needs a host tier (config.host)")
+        self._drain()
+        try:
+            recs = self._index.match(match.sequence_hashes)[start_block:]
+        except TypeError:
+            raise InvalidKeyError("match.sequence_hashes holds something that is not a block "
+                                  "hash") from None
+        staged_recs = [r for r in recs if r.g2 < 0]
+        if staged_recs and not self._has_room(g2, len(staged_recs), recs):
+            recs = recs[: recs.index(staged_recs[0])]
+            staged_recs = []
+            self._staging_misses += 1
+        for r in recs:
+            if r.g2 >= 0:
+                self._hold(g2, r)
+        taken = self._take(g2, len(staged_recs)) if staged_recs else []
+        # Evictions made while taking pages may have dropped blocks of the prefix (lineage):
+        # the prefix ends before the first such block.
+        alive = len(recs)
+        for i, r in enumerate(recs):
+            if r.mask == 0:
+                alive = i
+                break
+        slots: list[int] = []
+        staged: dict[int, int] = {}
+        loads: dict[Medium, list[tuple[int, BlockRecord, int]]] = {}
+        it = iter(taken)
+        for i, r in enumerate(recs):
+            if r.g2 >= 0:
+                slots.append(r.g2)
+                continue
+            s = next(it)
+            if i >= alive:
+                g2.alloc.free([s])
+                slots.append(-1)
+                continue
+            staged[i] = s
+            slots.append(s)
+            src = Medium.DISK if r.mask & Medium.DISK.bit else Medium.OBJECT
+            loads.setdefault(src, []).append((i, r, s))
+        if alive < len(recs):
+            for i in range(alive, len(recs)):
+                if i not in staged and slots[i] >= 0 and recs[i].g2 == slots[i]:
+                    self._release_one(g2, slots[i])
+            recs, slots = recs[:alive], slots[:alive]
+        handle = StageHandle(self, recs, start_block, slots, staged, len(loads))
+        if not loads:
+            self._touch(recs)
+            return handle
+        engine, pool = self._engine, self._host_pool()
+        assert engine is not None and pool is not None
+        for medium, items in loads.items():
+            handle.loading_from[medium] = len(items)
+            engine.submit(TransferHandle(
+                TransferKind.LOAD, medium, [r.seq_hash for _, r, _ in items],
+                [pool.page(a) for _, _, a in items],
+                context=(handle, medium, [i for i, _, _ in items])))
+        return handle
+
+    def reserve_host(self, seq_hashes: Sequence[int]) -> list[int]:
+        """G2 pages for a mover to write blocks into (engine-owned G1), one per hash, for
+        as long a prefix of ``seq_hashes`` as G2's admission and room allow (evicting by
+        its policy). Each page is held until :meth:`commit_host` or :meth:`release_host`."""
+        if self._closed:
+            raise closed_error()
+        hashes = list(check_id_container(seq_hashes, "seq_hashes", ordered=True))
+        check_keys(hashes, "seq_hashes")
+        g2 = self._g2
+        if g2 is None:
+            raise ConfigError("reserve_host needs a host tier (config.host)")
+        self._drain()
+        n = len(hashes)
+        if g2.admission is not None:
+            admit = g2.admission.admit
+            for i, h in enumerate(hashes):
+                if not admit(h):
+                    g2.rejected += n - i
+                    n = i
+                    break
+        room = g2.alloc.num_free + g2.evictable()
+        if n > room:
+            g2.skipped += n - room
+            n = room
+        return self._take(g2, n) if n > 0 else []
+
+    def commit_host(self, slots: Sequence[int], token_ids: Any, *, start_block: int = 0,
+                    hashes: BlockHashes | None = None, lora_name: str | None = None
+                    ) -> list[bool]:
+        """Register G2 pages a mover has written (reserved with :meth:`reserve_host`):
+        ``slots[i]`` holds block ``start_block + i`` of ``token_ids``. The pages become
+        cached blocks of G2 (stored down to the lower tiers as configured). A block whose
+        parent is no longer cached cannot be matched, so it and the rest are given back.
+        Returns, per page, whether it was kept as the block's G2 copy (a block already in
+        G2 keeps its page; the new one is freed)."""
+        if self._closed:
+            raise closed_error()
+        slots = check_id_container(slots, "slots", ordered=True)
+        start_block = as_count(start_block, "start_block")
+        check_lora_name(lora_name)
+        tokens = as_token_array(token_ids)
+        if hashes is None:
+            hashes = hash_blocks(tokens, self.block_size, lora_name=lora_name,
+                                 salt=self.config.salt)
+        else:
+            check_hashes(hashes)
+        g2 = self._g2
+        if g2 is None:
+            raise ConfigError("commit_host needs a host tier (config.host)")
+        self._drain()
+        ids = [g2.alloc.check(s) for s in slots]
+        if len(set(ids)) != len(ids):
+            raise BlockStateError(f"duplicate slots in commit_host: {list(slots)}")
+        for s in ids:
+            if g2.alloc.refcount(s) != 1 or g2.owner[s] is not None:
+                raise BlockStateError(f"G2 page {s} is not a page reserved with reserve_host")
+        end = start_block + len(ids)
+        if end > len(hashes) or end * self.block_size > tokens.size:
+            raise BlockStateError(
+                f"commit_host of blocks [{start_block}, {end}) but the tokens hold "
+                f"{min(len(hashes), tokens.size // self.block_size)} full blocks")
+        parent: BlockRecord | None = None
+        if start_block > 0:
+            parent = self._index.get(hashes.sequence[start_block - 1])
+        kept: list[bool] = []
+        placed: list[BlockRecord] = []
+        relinked: list[BlockRecord] = []
+        recs: list[BlockRecord] = []
+        bs4 = self.block_size * 4
+        tok_bytes = tokens[: end * self.block_size].tobytes()
+        for i, s in enumerate(ids):
+            pos = start_block + i
+            if pos > 0 and parent is None:  # lineage broken: nothing below can be matched
+                g2.alloc.free([s])
+                kept.append(False)
+                continue
+            h = hashes.sequence[pos]
+            rec = self._index.get(h)
+            if rec is None:
+                rec = BlockRecord(h, hashes.local[pos], parent,
+                                  tok_bytes[pos * bs4: (pos + 1) * bs4], lora_name)
+                if self._orphans and h in self._orphans:
+                    rec.mask = self._orphans.pop(h)
+                    relinked.append(rec)
+                self._index.insert(rec)
+            if rec.g2 >= 0:
+                g2.alloc.free([s])
+                kept.append(False)
+                self._deduplicated += 1
+            else:
+                self._place(g2, rec, s, pinned=False)
+                placed.append(rec)
+                kept.append(True)
+            recs.append(rec)
+            parent = rec
+        self._committed += len(placed)
+        self._offloaded += len(placed)
+        self._emit_stored(placed, Medium.CPU_PINNED)
+        self._emit_relinked(relinked)
+        self._touch(recs)
+        self._store_down(placed)
+        return kept
+
+    def release_host(self, slots: Iterable[int]) -> None:
+        """Give back G2 pages reserved with :meth:`reserve_host` and not committed (a save
+        that failed). Validates everything first."""
+        if self._closed:
+            raise closed_error()
+        slots = check_id_container(slots, "slots", ordered=False)
+        g2 = self._g2
+        if g2 is None:
+            raise ConfigError("release_host needs a host tier (config.host)")
+        self._drain()
+        ids = [g2.alloc.check(s) for s in slots]
+        if len(set(ids)) != len(ids):
+            raise BlockStateError(f"duplicate slots in release_host: {list(slots)}")
+        for s in ids:
+            if g2.alloc.refcount(s) != 1 or g2.owner[s] is not None:
+                raise BlockStateError(f"G2 page {s} is not a page reserved with reserve_host")
+        g2.alloc.free(ids)
+
+    def _device_tier(self) -> _MemTier:
+        """G1, for the calls that use kvbm's own device pool."""
+        if self._g1 is None:
+            raise ConfigError("this manager has no device tier of its own (device = none: the "
+                              "engine owns G1); use stage/reserve_host/commit_host/"
+                              "release_host and a mover")
+        return self._g1
+
+    def _release_stage_tail(self, h: StageHandle, cut: int) -> None:
+        """Give back the holds of ``h`` from ``cut`` on that are ready (staged pages are
+        dealt with when their load finishes)."""
+        g2 = self._g2
+        assert g2 is not None
+        for i in range(cut, len(h._recs)):
+            if i not in h._staged:
+                self._release_one(g2, h._slots[i])
+
+    def _finish_stage(self, h: StageHandle) -> None:
+        """All loads of a stage finished: cache what arrived, cut at the first block that did
+        not, give back what follows."""
+        g2 = self._g2
+        assert g2 is not None
+        recs, staged = h._recs, h._staged
+        cancelled = h._cut is not None
+        cut = h._cut if h._cut is not None else len(recs)
+        arrived: list[BlockRecord] = []
+        for i in sorted(staged):
+            s = staged[i]
+            rec = recs[i]
+            ok = h._ok.get(i, False) and self._index.get(rec.seq_hash) is rec
+            keep = ok and i < cut and not cancelled
+            if ok and rec.g2 < 0:
+                self._place(g2, rec, s, pinned=keep)
+                arrived.append(rec)
+            else:
+                g2.alloc.free([s])
+                if ok and keep:  # a G2 copy appeared meanwhile: hold that one instead
+                    self._hold(g2, rec)
+                    h._slots[i] = rec.g2
+            if not ok:
+                cut = min(cut, i)
+        self._emit_stored(arrived, Medium.CPU_PINNED)
+        if not cancelled:
+            self._release_stage_tail(h, cut)
+            h.slots = h._slots[:cut]
+            h.sequence_hashes = [r.seq_hash for r in recs[:cut]]
+            h.status = OnboardStatus.DONE
+        self._touch(recs[:cut])
+        self._store_down(arrived)
+
     # ------------------------------------------------------------------------- data access --
     def block_view(self, block_id: int) -> torch.Tensor | list[torch.Tensor]:
         """The engine's view of one G1 block's KV (see :meth:`DevicePool.block_view`)."""
         if self._closed:
             raise closed_error()
-        return self._g1.pool.block_view(self._g1.alloc.check(block_id))
+        g1 = self._device_tier()
+        return g1.pool.block_view(g1.alloc.check(block_id))
 
     @property
     def closed(self) -> bool:
@@ -665,7 +1029,7 @@ class BlockManager:
         """The G1 tensors, one per layer (views into one buffer when fully contiguous)."""
         if self._closed:
             raise closed_error()
-        pool = self._g1.pool
+        pool = self._device_tier().pool
         assert isinstance(pool, DevicePool)
         return pool.layers
 
@@ -673,7 +1037,7 @@ class BlockManager:
     def device_pool(self) -> DevicePool:
         if self._closed:
             raise closed_error()
-        pool = self._g1.pool
+        pool = self._device_tier().pool
         assert isinstance(pool, DevicePool)
         return pool
 
@@ -819,7 +1183,7 @@ class BlockManager:
     def _offload(self, recs: Sequence[BlockRecord], evicting: BlockRecord | None = None) -> int:
         """Copy G1-resident ``recs`` without a G2 copy down to G2 (admission and room
         permitting). ``evicting`` is a G1 victim being written back (it is not evictable)."""
-        g1, g2 = self._g1, self._g2
+        g1, g2 = self._device_tier(), self._g2
         assert g2 is not None
         todo = [r for r in recs if r.g2 < 0 and r.g1 >= 0]
         if g2.admission is not None:
@@ -873,7 +1237,7 @@ class BlockManager:
         for r in reversed(recs):
             r.last_access = tick
             r.frequency += 1
-            if r.g1 >= 0:
+            if g1 is not None and r.g1 >= 0:
                 g1.policy.access(r.seq_hash)
             if g2 is not None and r.g2 >= 0:
                 g2.policy.access(r.seq_hash)
@@ -1010,9 +1374,10 @@ class BlockManager:
         for lt in self._lower:
             every |= lt.bit
         backlog: list[BlockRecord] = []
-        if not host.eager_offload:
-            backlog = self._parents_first([r for r in self._g1.owner if r is not None
-                                           and r.g2 < 0 and r.mask & every != every])
+        if not host.eager_offload and self._g1 is not None:
+            backlog = self._parents_first([r for r in self._device_tier().owner
+                                           if r is not None and r.g2 < 0
+                                           and r.mask & every != every])
         tried: set[int] = set()  # each page is offered to the tiers once per flush
         to_host = 0
         complete = True
@@ -1280,12 +1645,15 @@ class BlockManager:
             self._onboarded[medium] += len(positions)
         handle._pending -= 1
         if handle._pending == 0:
-            self._finish_onboard(handle)
+            if isinstance(handle, StageHandle):
+                self._finish_stage(handle)
+            else:
+                self._finish_onboard(handle)
 
     def _finish_onboard(self, h: OnboardHandle) -> None:
         """All loads of an onboard finished: keep what arrived in G2, cut the prefix at the
         first block that did not arrive, copy the rest up to G1, give back what follows."""
-        g1, g2 = self._g1, self._g2
+        g1, g2 = self._device_tier(), self._g2
         assert g2 is not None
         recs, staged = h._recs, h._staged
         cancelled = h._cut is not None
@@ -1335,7 +1703,7 @@ class BlockManager:
         ready (not staged: staged pages are dealt with when their load finishes)."""
         for i in range(cut, len(h._recs)):
             if i not in h._staged:
-                self._release_one(self._g1, h._g1[i])
+                self._release_one(self._device_tier(), h._g1[i])
 
     def _has_room(self, tier: _MemTier, need: int, will_hold: Sequence[BlockRecord]) -> bool:
         """Whether ``need`` pages can be taken in ``tier`` after pinning ``will_hold``."""

@@ -145,7 +145,8 @@ class PlanResult:
 
 def encode_plans(plans: Iterable[TransferPlan]) -> bytes:
     """The wire form of a list of plans (msgpack)."""
-    return msgpack.packb([WIRE_VERSION, [p.to_plain() for p in plans]])
+    out: bytes = msgpack.packb([WIRE_VERSION, [p.to_plain() for p in plans]])
+    return out
 
 
 def decode_plans(data: bytes) -> list[TransferPlan]:
@@ -156,7 +157,8 @@ def decode_plans(data: bytes) -> list[TransferPlan]:
 
 
 def encode_results(results: Iterable[PlanResult]) -> bytes:
-    return msgpack.packb([WIRE_VERSION, [r.to_plain() for r in results]])
+    out: bytes = msgpack.packb([WIRE_VERSION, [r.to_plain() for r in results]])
+    return out
 
 
 def decode_results(data: bytes) -> list[PlanResult]:
