@@ -286,11 +286,18 @@ class HostPool:
         # Raw bytes first: numpy has no bfloat16, and the disk/object tiers want bytes anyway.
         with allocation_errors("host tier", num_blocks, page, "host.num_blocks"):
             if self.pinned:  # cudaHostAlloc memory is page-aligned already
-                self.raw = torch.zeros((num_blocks, page), dtype=torch.uint8, pin_memory=True)
+                raw = torch.zeros((num_blocks, page), dtype=torch.uint8, pin_memory=True)
             else:
-                self.raw = page_aligned_bytes(num_blocks * page).view(num_blocks, page)
-        self.buffer = self.raw.view(layout.torch_dtype()).view(num_blocks, *layout.block_shape)
-        self._np = self.raw.numpy()
+                raw = page_aligned_bytes(num_blocks * page).view(num_blocks, page)
+        self._adopt(raw)
+
+    def _adopt(self, raw: torch.Tensor) -> None:
+        """Take ``raw`` (``[num_blocks, page]`` uint8 on the CPU) as the pages and derive
+        their views; the shared-memory pool (:mod:`kvbm.memory.shm`) maps its own."""
+        layout = self.layout
+        self.raw = raw
+        self.buffer = raw.view(layout.torch_dtype()).view(raw.shape[0], *layout.block_shape)
+        self._np = raw.numpy()
         # Pages are slices of one flat view: a slice is a single object, where indexing the
         # array made an ndarray and a memoryview of it per page (GC pressure in transfers).
         self._flat = self._np.reshape(-1).data
