@@ -6,15 +6,26 @@ batches of 64 (allocator alone and through ``BlockManager.allocate/release``), a
 throughput. Each figure is printed next to its target and next to a reference measured in
 the same run (the floor Python itself imposes on that kind of work), as a ratio.
 
-    python bench/core_ops.py [--json] [--repeat N] [--seed S]
+Then the scale of the prefix index ("index scale"): for each size in ``--index-sizes``, a
+fresh process builds an index of that many blocks (chains of 1,000, as on a disk tier: no
+tokens kept) and reports its resident memory per block (RSS delta) and the latency of a
+1,000-block prefix match (median and p99 over 200 full hits and 200 full misses, hashes
+given as a list), as ratios to the targets (200 bytes, 200 us; <= 1 meets them): the
+compact index (``kvbm.core.compact_index``) at every size, the object index of the block
+manager today (``kvbm.index.PrefixIndex`` of ``BlockRecord``, built as the manager builds
+them, tokens included) up to 1 M blocks.
+
+    python bench/core_ops.py [--json] [--repeat N] [--seed S] [--index-sizes SIZES]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -24,7 +35,10 @@ import numpy as np
 import xxhash
 
 from kvbm import BlockManager, DeviceTierConfig, HostTierConfig, KVLayout, ManagerConfig
+from kvbm.core.compact_index import CompactIndex
 from kvbm.hashing import _accel, hash_blocks
+from kvbm.index import BlockRecord, PrefixIndex
+from kvbm.medium import Medium
 from kvbm.pool import SlotAllocator
 
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
@@ -148,6 +162,150 @@ def bench_commit(repeat: int, seed: int) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------ index scale --
+INDEX_SIZES = {"10k": 10_000, "1M": 1_000_000, "10M": 10_000_000}
+#: The object index is measured up to this size (1 M blocks already cost about 1 GB).
+OBJECT_INDEX_MAX = 1_000_000
+CHAIN = 1000  # blocks per indexed chain, and per matched prompt
+QUERIES = 200  # prompts timed per kind (hit, miss)
+BYTES_TARGET, MATCH_US_TARGET = 200.0, 200.0
+
+
+def index_sizes(text: str) -> list[int]:
+    """``--index-sizes``: a comma-separated list of 10k, 1M and 10M, or ``none``."""
+    if text.strip().lower() == "none":
+        return []
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in names if t not in INDEX_SIZES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"sizes are a comma-separated list of "
+                                         f"{', '.join(INDEX_SIZES)} (or none), got {text!r}")
+    return sorted({INDEX_SIZES[t] for t in names})
+
+
+def _rss() -> int:
+    """Resident bytes of this process now (Linux /proc; 0 where it cannot be read)."""
+    try:
+        with open("/proc/self/statm") as fp:
+            return int(fp.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _chain(seed: int, c: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sequence and local hashes of chain ``c``: regenerated on demand, so that the inputs
+    held while measuring are one chain, not the whole index."""
+    rng = np.random.default_rng([seed, c])
+    return (rng.integers(0, 1 << 64, CHAIN, dtype=np.uint64),
+            rng.integers(0, 1 << 64, CHAIN, dtype=np.uint64))
+
+
+def _build_compact(n: int, seed: int) -> tuple[Any, Callable[[list[int]], int]]:
+    ix = CompactIndex()
+    for c in range(n // CHAIN):
+        seq, local = _chain(seed, c)
+        ix.insert_chain(seq, local, None, Medium.DISK.bit)
+    return ix, ix.match
+
+
+def _build_objects(n: int, seed: int) -> tuple[Any, Callable[[list[int]], int]]:
+    """As ``BlockManager.commit`` builds them: one record per block, its tokens' bytes
+    sliced from the request's, Python ints for the hashes, a set of children per parent."""
+    ix = PrefixIndex()
+    bit = Medium.DISK.bit
+    for c in range(n // CHAIN):
+        seq, local = (a.tolist() for a in _chain(seed, c))
+        tok = np.random.default_rng([seed, c, 1]).integers(
+            0, 2**31, CHAIN * BS, dtype=np.uint32).tobytes()
+        parent = None
+        for i in range(CHAIN):
+            rec = BlockRecord(seq[i], local[i], parent, tok[i * BS * 4:(i + 1) * BS * 4], None)
+            rec.mask = bit
+            ix.insert(rec)
+            parent = rec
+    return ix, lambda q: len(ix.match(q))
+
+
+def _latencies(match: Callable[[list[int]], int], queries: list[list[int]],
+               expect: int) -> tuple[float, float]:
+    """Median and p99 of one match per query, in us."""
+    times = []
+    for q in queries:
+        t = time.perf_counter()
+        got = match(q)
+        times.append(time.perf_counter() - t)
+        assert got == expect, (got, expect)
+    times.sort()
+    return (statistics.median(times) * 1e6,
+            times[min(len(times) - 1, round(0.99 * (len(times) - 1)))] * 1e6)
+
+
+def index_child(kind: str, n: int, seed: int) -> dict[str, Any]:
+    """One measurement, in a fresh process (run by :func:`bench_index_scale`)."""
+    build = _build_compact if kind == "compact" else _build_objects
+    # A small index first, dropped: one-time costs (lazy imports, first-call caches) are not
+    # the index's, and would weigh on the small sizes.
+    warm = build(CHAIN, seed + 7)
+    del warm
+    gc.collect()
+    before = _rss()
+    t = time.perf_counter()
+    ix, match = build(n, seed)
+    built = time.perf_counter() - t
+    gc.collect()
+    grown = _rss() - before
+    chains = n // CHAIN
+    hits = [_chain(seed, c % chains)[0].tolist() for c in range(min(QUERIES, chains))]
+    hits = (hits * (QUERIES // len(hits) + 1))[:QUERIES]
+    misses = [_chain(seed + 1, c)[0].tolist() for c in range(QUERIES)]
+    hit = _latencies(match, hits, CHAIN)
+    miss = _latencies(match, misses, 0)
+    arrays = ix.memory_bytes() if kind == "compact" else None
+    return {"index": kind, "blocks": len(ix), "bytes_per_block": grown / n,
+            "array_bytes_per_block": None if arrays is None else arrays / n,
+            "build_s": built, "hit_us_median": hit[0], "hit_us_p99": hit[1],
+            "miss_us_median": miss[0], "miss_us_p99": miss[1]}
+
+
+def bench_index_scale(sizes: list[int], seed: int) -> list[dict[str, Any]]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    rows = []
+    for n in sizes:
+        for kind in ("compact", "PrefixIndex"):
+            if kind == "PrefixIndex" and n > OBJECT_INDEX_MAX:
+                continue
+            code = (f"import sys, json; sys.path.insert(0, {here!r}); import core_ops; "
+                    f"print(json.dumps(core_ops.index_child({kind!r}, {n}, {seed})))")
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                  text=True, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"index scale ({kind}, {n} blocks) failed:\n{proc.stderr}")
+            row = json.loads(proc.stdout)
+            worst = max(row["hit_us_median"], row["miss_us_median"])
+            row.update(bytes_target=BYTES_TARGET, match_us_target=MATCH_US_TARGET,
+                       bytes_x_target=row["bytes_per_block"] / BYTES_TARGET,
+                       match_x_target=worst / MATCH_US_TARGET)
+            rows.append(row)
+    return rows
+
+
+def format_index_scale(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'index scale':12}  {'blocks':>10}  {'RSS B/block':>11}  {'x 200 B':>7}  "
+            f"{'arrays B/block':>14}  {'build s':>7}  {'hit us med':>10}  {'hit us p99':>10}  "
+            f"{'miss us med':>11}  {'miss us p99':>11}  {'x 200 us':>8}")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        arrays = "-" if r["array_bytes_per_block"] is None else f"{r['array_bytes_per_block']:.0f}"
+        out.append(f"{r['index']:12}  {r['blocks']:>10,}  {r['bytes_per_block']:>11.0f}  "
+                   f"{r['bytes_x_target']:>7.2f}  {arrays:>14}  {r['build_s']:>7.1f}  "
+                   f"{r['hit_us_median']:>10.0f}  {r['hit_us_p99']:>10.0f}  "
+                   f"{r['miss_us_median']:>11.0f}  {r['miss_us_p99']:>11.0f}  "
+                   f"{r['match_x_target']:>8.2f}")
+    out.append("x 200 B: RSS bytes per block / 200; x 200 us: the slower median (hit, miss) / "
+               "200 (<= 1 meets the target)")
+    return "\n".join(out)
+
+
 #: Per unit: how values print, the column unit, and whether lower is better.
 _UNITS = {"blocks/s": (1e-6, "{:,.3f}", "M blocks/s", False), "us": (1.0, "{:,.0f}", "us", True)}
 
@@ -195,7 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="timed runs per figure: the best is kept for a throughput, the median "
                          "of 20x as many for a latency")
     ap.add_argument("--seed", type=_meta.seed, default=0,
-                    help="seed of the random tokens (each section adds its offset, 0 to 2)")
+                    help="seed of the random tokens (each section adds its offset, 0 to 3)")
+    ap.add_argument("--index-sizes", type=index_sizes, default="10k,1M,10M",
+                    help="indexed blocks of the index scale report: a comma-separated list "
+                         "of 10k, 1M, 10M (10M: about 15 s and 1.7 GB at its peak), or none")
     return ap
 
 
@@ -207,16 +368,20 @@ def main(argv: list[str] | None = None) -> int:
     rows = [bench_hash(args.repeat, args.seed), *bench_match(args.repeat, args.seed),
             *bench_alloc(args.repeat), *bench_commit(args.repeat, args.seed)]
     compare(rows)
+    scale = bench_index_scale(args.index_sizes, args.seed + 3)
     meta = {**_meta.run_meta(args.seed), "native_hashing": _accel is not None,
             "repeat": args.repeat}
     if args.json:
-        print(json.dumps({"meta": meta, "rows": rows}))
+        print(json.dumps({"meta": meta, "rows": rows, "index_scale": scale}))
         return 0
     m = meta["machine"]
     print(f"kvbm {meta['kvbm_version']} ({(meta['git_commit'] or 'no git')[:12]}); "
           f"{m['cpu']}, {m['cores']} cores; native hashing: {meta['native_hashing']}; "
           f"seed {args.seed}")
     print(format_rows(rows))
+    if scale:
+        print()
+        print(format_index_scale(scale))
     return 0
 
 
