@@ -1,0 +1,188 @@
+"""``KvbmConnector``: vLLM's KV connector interface (``KVConnectorBase_V1``) over kvbm.
+
+A thin adapter: the scheduler role delegates to :class:`SchedulerSide` (control plane), the
+worker role to :class:`WorkerSide` (data plane). What crosses between them travels inside
+vLLM's metadata objects as msgpack bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_events import AllBlocksCleared as VllmAllBlocksCleared
+from vllm.distributed.kv_events import BlockRemoved as VllmBlockRemoved
+from vllm.distributed.kv_events import BlockStored as VllmBlockStored
+from vllm.distributed.kv_events import KVCacheEvent
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvbm.integrations.vllm.config import settings_from_vllm
+from kvbm.integrations.vllm.scheduler import SchedulerSide
+from kvbm.integrations.vllm.worker import WorkerSide
+from kvbm.medium import Medium
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+_SOURCE = {Medium.CPU_PINNED: CacheHitSource.HOST, Medium.DISK: CacheHitSource.DISK,
+           Medium.OBJECT: CacheHitSource.EXTERNAL_UNSPECIFIED}
+
+
+class KvbmMetadata(KVConnectorMetadata):
+    """Scheduler -> workers, one per step: a msgpack payload (see ``wire.StepPlan``)."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+
+
+class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
+    """Workers -> scheduler, one per step: every worker's msgpack report."""
+
+    def __init__(self, reports: list[bytes]) -> None:
+        self.reports = reports
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if isinstance(other, KvbmWorkerMetadata):
+            return KvbmWorkerMetadata(self.reports + other.reports)
+        return self
+
+
+class KvbmConnector(KVConnectorBase_V1):
+    """kvbm as vLLM's KV connector: host memory, disk and object storage below vLLM's GPU
+    prefix cache. See :mod:`kvbm.integrations.vllm`."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole,
+                 kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        self._settings = settings_from_vllm(vllm_config)
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            log.warning("kvbm: kv_load_failure_policy is %r; set it to 'recompute' so that "
+                        "a block kvbm could not load (corrupt page, tier down) is recomputed "
+                        "instead of failing the request",
+                        self._kv_transfer_config.kv_load_failure_policy)
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            events = vllm_config.kv_events_config
+            keep = bool(events is not None and events.enable_kv_cache_events)
+            self._scheduler = SchedulerSide(self._settings, keep_events=keep)
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            self._worker = WorkerSide(self._settings, get_tensor_model_parallel_rank())
+
+    # ------------------------------------------------------------------------ accessors --
+    @property
+    def scheduler_side(self) -> SchedulerSide:
+        assert self._scheduler is not None, "not the scheduler role"
+        return self._scheduler
+
+    @property
+    def worker_side(self) -> WorkerSide:
+        assert self._worker is not None, "not the worker role"
+        return self._worker
+
+    # ---------------------------------------------------------------------- worker side --
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.worker_side.register(kv_caches)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if isinstance(connector_metadata, KvbmMetadata) and self._worker is not None:
+            self._worker.bind(connector_metadata.payload)
+
+    def clear_connector_metadata(self) -> None:
+        super().clear_connector_metadata()
+        if self._worker is not None:
+            self._worker.clear()
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        self.worker_side.start_load()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        # Loads are complete when start_load_kv returns (CPU copies; on CUDA the mover
+        # orders the engine's stream after its copies).
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
+                      **kwargs: Any) -> None:
+        # Saves run in wait_for_save, once every layer of the step is computed.
+        return
+
+    def wait_for_save(self) -> None:
+        self.worker_side.wait_for_save()
+
+    def get_finished(self, finished_req_ids: set[str]
+                     ) -> tuple[set[str] | None, set[str] | None]:
+        return self.worker_side.finished()
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self.worker_side.load_errors()
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        report = self.worker_side.report()
+        return None if report is None else KvbmWorkerMetadata([report])
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.close()
+        if self._scheduler is not None:
+            self._scheduler.close()
+
+    # ------------------------------------------------------------------- scheduler side --
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
+                                   ) -> tuple[int | None, bool]:
+        return self.scheduler_side.num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any,
+                                 num_external_tokens: int) -> None:
+        ids = blocks.get_block_ids()
+        self.scheduler_side.after_alloc(request, list(ids[0]) if ids else [],
+                                        num_external_tokens)
+
+    def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int
+                                       ) -> dict[CacheHitSource, int]:
+        if num_external_tokens == 0:
+            return {}
+        return {CacheHitSource.HOST: num_external_tokens}
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        return KvbmMetadata(self.scheduler_side.build_step(scheduler_output))
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        if isinstance(meta, KvbmWorkerMetadata):
+            self.scheduler_side.on_worker_reports(meta.reports)
+
+    def request_finished(self, request: Any, block_ids: list[int]
+                         ) -> tuple[bool, dict[str, Any] | None]:
+        return self.scheduler_side.request_finished(request, block_ids), None
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        return [_to_vllm(e) for e in self.scheduler_side.take_events()]
+
+    def reset_cache(self) -> bool | None:
+        return self.scheduler_side.reset()
+
+
+def _to_vllm(e: KVEvent) -> KVCacheEvent:
+    if isinstance(e, BlockStored):
+        return VllmBlockStored(block_hashes=list(e.block_hashes),
+                               parent_block_hash=e.parent_block_hash,
+                               token_ids=list(e.token_ids), block_size=e.block_size,
+                               lora_id=e.lora_id, medium=e.medium.value,
+                               lora_name=e.lora_name)
+    if isinstance(e, BlockRemoved):
+        return VllmBlockRemoved(block_hashes=list(e.block_hashes), medium=e.medium.value)
+    assert isinstance(e, AllBlocksCleared)
+    return VllmAllBlocksCleared()

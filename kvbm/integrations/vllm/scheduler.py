@@ -1,0 +1,375 @@
+"""The connector's scheduler side: kvbm's control plane inside vLLM's scheduler process.
+
+It owns the block manager (G2 in shared memory, G3/G4 below it; G1 is vLLM's), answers
+vLLM's prefix queries from the index alone, and turns vLLM's scheduling decisions into
+transfer plans for the workers: LOAD (G2 -> vLLM's blocks) for prefix hits, SAVE (vLLM's
+blocks -> G2) for newly computed full blocks. Hits only on disk or in object storage are
+first staged into G2 by the offload engine in the background (vLLM's asynchronous load);
+the scheduler never waits on a disk or a bucket. Saved pages become cached blocks only
+once every worker reported its copy done and each page carries the block's tag.
+
+Duck-typed on vLLM's request and scheduler-output objects (attributes only), so that it can
+be driven without vLLM in tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvbm.core.plans import BlockCopy, CopyStatus, Direction, PlanResult, TransferPlan
+from kvbm.events import KVEvent
+from kvbm.hashing import BlockHashes, hash_blocks
+from kvbm.integrations.vllm.config import ConnectorSettings
+from kvbm.integrations.vllm.stats import ConnectorCounters
+from kvbm.integrations.vllm.wire import PoolInfo, StepPlan, WorkerReport
+from kvbm.layout import KVKind
+from kvbm.manager import BlockManager, StageHandle
+from kvbm.medium import Medium
+
+log = logging.getLogger(__name__)
+
+_LOWER = (Medium.DISK, Medium.OBJECT)
+
+
+@dataclass
+class _Load:
+    handle: StageHandle
+    start: int
+    #: vLLM's block ids of blocks start .. start + len(g1) - 1
+    g1: list[int]
+    is_async: bool
+    deadline: float
+
+
+@dataclass
+class _Req:
+    request: Any
+    block_ids: list[int] = field(default_factory=list)
+    #: blocks [0, saved) are cached in kvbm or have a save planned
+    saved: int = 0
+    load: _Load | None = None
+
+
+@dataclass
+class _Run:
+    start: int
+    slots: list[int]
+    hashes: BlockHashes
+    tokens: np.ndarray
+
+
+@dataclass
+class _Job:
+    plan: TransferPlan
+    handle: StageHandle | None = None
+    runs: list[_Run] = field(default_factory=list)
+    statuses: dict[int, tuple[CopyStatus, ...]] = field(default_factory=dict)
+
+
+class SchedulerSide:
+    """See the module docstring. One per vLLM engine (its scheduler process)."""
+
+    def __init__(self, settings: ConnectorSettings, *, keep_events: bool = True) -> None:
+        from kvbm.memory.shm import SharedHostPool
+
+        self.settings = settings
+        layout = settings.layout
+        self.block_size = layout.block_size
+        host = settings.config.host
+        assert host is not None
+        # MHA: each rank writes its heads and its own tag column; MLA: rank 0 alone writes.
+        self._writers = 1 if layout.kind is KVKind.MLA else settings.world_size
+        self.pool = SharedHostPool.create(layout, host.num_blocks, tag_columns=self._writers,
+                                          prefix="kvbm-vllm", pin_memory=host.pin_memory)
+        try:
+            self.mgr = BlockManager(layout, settings.config, host_pool=self.pool)
+        except BaseException:
+            self.pool.close()
+            raise
+        self._pool_info = PoolInfo(self.pool.name, layout.to_dict(), host.num_blocks,
+                                   self._writers)
+        self._keep_events = keep_events
+        self._reqs: dict[str, _Req] = {}
+        self._matches: dict[str, tuple[Any, int, int, bool]] = {}
+        self._jobs: dict[int, _Job] = {}
+        self._final: list[tuple[str, TransferPlan | None]] = []
+        self._saving: set[int] = set()
+        self._plan_ids = itertools.count(1)
+        self._step = 0
+        self.counters = ConnectorCounters()
+
+    # ------------------------------------------------------------------ vLLM's questions --
+    def num_new_matched_tokens(self, request: Any, num_computed_tokens: int
+                               ) -> tuple[int, bool]:
+        """Tokens kvbm can provide beyond vLLM's own hit, and whether loading them is
+        asynchronous (some only on disk or in object storage). Index only: no I/O."""
+        bs = self.block_size
+        tokens = request.all_token_ids
+        if num_computed_tokens % bs:
+            return 0, False
+        start = num_computed_tokens // bs
+        # vLLM must compute at least the last token itself.
+        most = (len(tokens) - 1) // bs
+        self.counters.queries += 1
+        if most <= start:
+            return 0, False
+        m = self.mgr.match_prefix(np.asarray(tokens[: most * bs], dtype=np.uint32),
+                                  lora_name=_lora_name(request))
+        n = m.num_blocks
+        if n <= start:
+            return 0, False
+        is_async = any(med in _LOWER for med in m.mediums[start:n])
+        self._matches[request.request_id] = (m, start, n, is_async)
+        return (n - start) * bs, is_async
+
+    def after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int) -> None:
+        """vLLM allocated blocks for ``request``; stage the promised hit in G2."""
+        rid = request.request_id
+        st = self._reqs.get(rid)
+        if st is None:
+            st = self._reqs[rid] = _Req(request)
+        st.request = request
+        st.block_ids = list(block_ids)
+        found = self._matches.pop(rid, None)
+        if num_external_tokens <= 0 or found is None:
+            return
+        m, start, n, is_async = found
+        n = min(n, start + num_external_tokens // self.block_size)
+        if n < m.num_blocks:
+            m = dataclasses.replace(m, num_blocks=n, sequence_hashes=m.sequence_hashes[:n],
+                                    mediums=m.mediums[:n])
+        handle = self.mgr.stage(m, start_block=start)
+        timeout = self.settings.config.offload.load_timeout_s
+        st.load = _Load(handle, start, st.block_ids[start:n], is_async,
+                        time.monotonic() + timeout)
+        # The promised blocks are cached in kvbm already: never save them again.
+        st.saved = max(st.saved, n)
+        self.counters.hit_tokens_by_medium_add(m.mediums[start:n], self.block_size)
+
+    def build_step(self, scheduler_output: Any) -> bytes:
+        """This step's plans for the workers (vLLM's ``build_connector_meta``)."""
+        self._step += 1
+        self.mgr.poll()
+        step = StepPlan(self._step, self._pool_info)
+        self._plan_loads(step)
+        self._plan_saves(step, scheduler_output)
+        for rid, plan in self._final:
+            if plan is not None:
+                step.plans.append(plan)
+            step.send_done.append(rid)
+        self._final = []
+        if not self._keep_events:
+            self.mgr.take_events()
+        return step.encode()
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> bool:
+        """The request ended; save its last full blocks. True: vLLM must keep its blocks
+        until the workers report the save done."""
+        rid = request.request_id
+        self._matches.pop(rid, None)
+        st = self._reqs.pop(rid, None)
+        if st is None:
+            return False
+        if st.load is not None:  # never handed to the workers (aborted while loading)
+            st.load.handle.release()
+            st.load = None
+        st.request = request
+        st.block_ids = list(block_ids)
+        full = min(int(request.num_computed_tokens), len(request.all_token_ids)) \
+            // self.block_size
+        plan = self._save_plan(st, full)
+        if plan is None:
+            return False
+        self._final.append((rid, plan))
+        return True
+
+    def on_worker_reports(self, payloads: list[bytes]) -> None:
+        """Every worker's results of one step (vLLM's ``update_connector_output``)."""
+        for data in payloads:
+            report = WorkerReport.decode(data)
+            for res in report.results:
+                self._on_result(report.rank, res)
+
+    def take_events(self) -> list[KVEvent]:
+        return self.mgr.take_events()
+
+    def reset(self) -> bool:
+        """Drop every cached block (vLLM's ``reset_prefix_cache(reset_connector=True)``)."""
+        if self._jobs or any(r.load is not None for r in self._reqs.values()):
+            return False
+        try:
+            self.mgr.clear()
+        except Exception:  # blocks in use: vLLM retries later
+            return False
+        return True
+
+    def close(self) -> None:
+        for job in self._jobs.values():
+            if job.handle is not None:
+                job.handle.release()
+        self._jobs.clear()
+        try:
+            self.mgr.close()
+        finally:
+            self.pool.close()
+
+    # ---------------------------------------------------------------------- internals --
+    def _plan_loads(self, step: StepPlan) -> None:
+        now = time.monotonic()
+        for rid, st in self._reqs.items():
+            ld = st.load
+            if ld is None:
+                continue
+            h = ld.handle
+            if not h.done():
+                if now < ld.deadline:
+                    continue
+                h.cancel()
+                self.counters.load_timeouts += 1
+            slots = h.slots
+            k = min(len(slots), len(ld.g1))
+            hashes = h.sequence_hashes
+            copies = tuple(BlockCopy(ld.g1[i], slots[i], hashes[i]) for i in range(k))
+            if len(ld.g1) > k:
+                step.load_errors.extend(ld.g1[k:])
+                self.counters.load_errors += len(ld.g1) - k
+            if copies:
+                plan = TransferPlan(next(self._plan_ids), Direction.LOAD, copies, rid)
+                step.plans.append(plan)
+                self._jobs[plan.plan_id] = _Job(plan, handle=h)
+            else:
+                h.release()
+            if ld.is_async:
+                step.recv_done.append(rid)
+            st.load = None
+
+    def _plan_saves(self, step: StepPlan, so: Any) -> None:
+        bs = self.block_size
+        scheduled = so.num_scheduled_tokens
+        for new in so.scheduled_new_reqs:
+            st = self._reqs.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0])
+            done = new.num_computed_tokens + scheduled.get(new.req_id, 0)
+            full = min(done, len(st.request.all_token_ids)) // bs
+            plan = self._save_plan(st, full)
+            if plan is not None:
+                step.plans.append(plan)
+        cached = so.scheduled_cached_reqs
+        resumed: set[str] = getattr(cached, "resumed_req_ids", set())
+        for i, rid in enumerate(cached.req_ids):
+            st = self._reqs.get(rid)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if new_ids is not None:
+                if rid in resumed:
+                    st.block_ids = list(new_ids[0])
+                else:
+                    st.block_ids.extend(new_ids[0])
+            done = cached.num_computed_tokens[i] + scheduled.get(rid, 0)
+            full = min(done, len(st.request.all_token_ids)) // bs
+            plan = self._save_plan(st, full)
+            if plan is not None:
+                step.plans.append(plan)
+
+    def _save_plan(self, st: _Req, full: int) -> TransferPlan | None:
+        """A SAVE plan for blocks [st.saved, full) not cached yet (G2 room permitting)."""
+        full = min(full, len(st.block_ids))
+        if full <= st.saved:
+            return None
+        bs = self.block_size
+        tokens = np.asarray(st.request.all_token_ids[: full * bs], dtype=np.uint32)
+        hashes = hash_blocks(tokens, bs, lora_name=_lora_name(st.request),
+                             salt=self.settings.config.salt)
+        seq = hashes.sequence
+        todo = [i for i in range(st.saved, full)
+                if seq[i] not in self._saving and self.mgr.lookup(seq[i]) is None]
+        st.saved = full
+        runs: list[_Run] = []
+        copies: list[BlockCopy] = []
+        for run in _contiguous(todo):
+            slots = self.mgr.reserve_host([seq[i] for i in run])
+            if len(slots) < len(run):
+                self.counters.skipped_saves += len(run) - len(slots)
+            if not slots:
+                break
+            runs.append(_Run(run[0], slots, hashes, tokens))
+            for i, s in zip(run, slots, strict=False):
+                copies.append(BlockCopy(st.block_ids[i], s, seq[i]))
+                self._saving.add(seq[i])
+            if len(slots) < len(run):
+                break  # G2 is full: what follows could not be matched anyway
+        if not copies:
+            return None
+        plan = TransferPlan(next(self._plan_ids), Direction.SAVE, tuple(copies),
+                            st.request.request_id)
+        self._jobs[plan.plan_id] = _Job(plan, runs=runs)
+        return plan
+
+    def _on_result(self, rank: int, res: PlanResult) -> None:
+        job = self._jobs.get(res.plan_id)
+        if job is None or len(res.statuses) != len(job.plan.copies):
+            log.warning("kvbm: result for unknown plan %d from rank %d ignored",
+                        res.plan_id, rank)
+            return
+        job.statuses[rank] = res.statuses
+        if len(job.statuses) < self.settings.world_size:
+            return
+        del self._jobs[res.plan_id]
+        ok = [all(s[i] is CopyStatus.DONE for s in job.statuses.values())
+              for i in range(len(job.plan.copies))]
+        if job.plan.direction is Direction.LOAD:
+            assert job.handle is not None
+            job.handle.release()
+            self.counters.loaded_blocks += sum(ok)
+            self.counters.load_errors += len(ok) - sum(ok)
+            return
+        self._finish_save(job, ok)
+
+    def _finish_save(self, job: _Job, ok: list[bool]) -> None:
+        tags = self.pool.tags
+        w = self._writers
+        pos = 0
+        for run in job.runs:
+            n = len(run.slots)
+            good = 0
+            for j in range(n):
+                c = job.plan.copies[pos + j]
+                if not ok[pos + j] or not bool((tags[c.g2_slot, :w] == c.seq_hash).all()):
+                    break
+                good += 1
+            for j in range(n):
+                self._saving.discard(job.plan.copies[pos + j].seq_hash)
+            if good:
+                kept = self.mgr.commit_host(run.slots[:good], run.tokens,
+                                            start_block=run.start, hashes=run.hashes,
+                                            lora_name=None)
+                self.counters.saved_blocks += sum(kept)
+            if good < n:
+                self.mgr.release_host(run.slots[good:])
+                self.counters.failed_saves += n - good
+            pos += n
+
+
+def _contiguous(indices: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def _lora_name(request: Any) -> str | None:
+    lora = getattr(request, "lora_request", None)
+    return None if lora is None else str(lora.lora_name)

@@ -1,0 +1,145 @@
+"""The connector's worker side: kvbm's data plane inside each vLLM worker process.
+
+It registers vLLM's KV tensors (a view, never a copy), attaches to the scheduler's shared G2
+pool by the name the step plan carries, and executes the plans: LOAD copies pages into
+vLLM's blocks (before the forward pass when the step needs them), SAVE copies newly computed
+blocks into G2 pages (after the forward pass). A page whose tag is not the block's hash is
+never loaded: the block is reported to vLLM as a load error and recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from kvbm.core.plans import CopyStatus, Direction, PlanResult, TransferPlan
+from kvbm.errors import LayoutError
+from kvbm.integrations.vllm.config import ConnectorSettings
+from kvbm.integrations.vllm.wire import PoolInfo, StepPlan, WorkerReport
+from kvbm.layout import KVLayout
+
+log = logging.getLogger(__name__)
+
+
+class WorkerSide:
+    """See the module docstring. One per vLLM worker (TP rank)."""
+
+    def __init__(self, settings: ConnectorSettings, rank: int) -> None:
+        self.settings = settings
+        self.rank = rank
+        self._kv: Any = None
+        self._kv_caches: dict[str, Any] | None = None
+        self._pool: Any = None
+        self._pool_name: str | None = None
+        self._mover: Any = None
+        self._step: StepPlan | None = None
+        self._results: list[PlanResult] = []
+        self._errors: set[int] = set()
+        self._recving: set[str] = set()
+        self._sending: set[str] = set()
+        self._loaded_step = -1
+
+    def register(self, kv_caches: Mapping[str, Any]) -> None:
+        """vLLM's KV tensors, one per attention layer (``register_kv_caches``)."""
+        from kvbm.memory.engine_kv import EngineKV, TPShard
+
+        self._kv_caches = dict(kv_caches)
+        self._kv = EngineKV(dict(kv_caches), self.settings.layout,
+                            shard=TPShard(self.rank, self.settings.world_size))
+
+    def kv_tensors(self) -> list[Any]:
+        """vLLM's KV tensors as registered (one per layer)."""
+        return [] if self._kv_caches is None else list(self._kv_caches.values())
+
+    def bind(self, payload: bytes) -> None:
+        self._step = StepPlan.decode(payload)
+
+    def clear(self) -> None:
+        self._step = None
+
+    def start_load(self) -> None:
+        """Execute this step's LOAD plans (vLLM's ``start_load_kv``)."""
+        step = self._step
+        if step is None or self._loaded_step == step.step:
+            return
+        self._loaded_step = step.step
+        self._errors.update(step.load_errors)
+        loads = [p for p in step.plans if p.direction is Direction.LOAD]
+        if loads:
+            mover = self._ensure_mover(step.pool)
+            for plan in loads:
+                res = self._run(mover, plan)
+                self._errors.update(c.g1_block for c, s in zip(plan.copies, res.statuses,
+                                                                strict=True)
+                                    if s is not CopyStatus.DONE)
+        self._recving.update(step.recv_done)
+
+    def wait_for_save(self) -> None:
+        """Execute this step's SAVE plans (after the forward pass)."""
+        step = self._step
+        if step is None:
+            return
+        saves = [p for p in step.plans if p.direction is Direction.SAVE]
+        if saves:
+            mover = self._ensure_mover(step.pool)
+            for plan in saves:
+                self._run(mover, plan)
+        self._sending.update(step.send_done)
+
+    def finished(self) -> tuple[set[str] | None, set[str] | None]:
+        sending, recving = self._sending, self._recving
+        self._sending, self._recving = set(), set()
+        return sending or None, recving or None
+
+    def load_errors(self) -> set[int]:
+        out, self._errors = self._errors, set()
+        return out
+
+    def report(self) -> bytes | None:
+        if not self._results:
+            return None
+        out = WorkerReport(self.rank, self._results).encode()
+        self._results = []
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+            self._mover = None
+
+    # ---------------------------------------------------------------------- internals --
+    def _run(self, mover: Any, plan: TransferPlan) -> PlanResult:
+        try:
+            res: PlanResult = (mover.load(plan) if plan.direction is Direction.LOAD
+                               else mover.save(plan))
+        except Exception as e:  # a failed copy must not take the engine down: recompute
+            log.error("kvbm: %s plan %d failed on rank %d: %s", plan.direction.value,
+                      plan.plan_id, self.rank, e)
+            res = PlanResult(plan.plan_id, self.rank,
+                             tuple(CopyStatus.FAILED for _ in plan.copies))
+        if res.rank != self.rank:
+            res = PlanResult(res.plan_id, self.rank, res.statuses)
+        self._results.append(res)
+        return res
+
+    def _ensure_mover(self, info: PoolInfo | None) -> Any:
+        if self._kv is None:
+            raise LayoutError("kvbm: the worker got plans before vLLM registered its KV "
+                              "caches")
+        if info is None:
+            raise LayoutError("kvbm: a step plan without its pool")
+        if self._mover is None or self._pool_name != info.name:
+            from kvbm.memory.mover import BlockMover
+            from kvbm.memory.shm import SharedHostPool
+
+            if self._pool is not None:
+                self._pool.close()
+            layout = KVLayout.from_dict(info.layout)
+            if layout.fingerprint != self.settings.layout.fingerprint:
+                raise LayoutError("kvbm: the scheduler's pool holds another layout")
+            self._pool = SharedHostPool.attach(info.name, layout)
+            self._pool_name = info.name
+            self._mover = BlockMover(self._kv, self._pool)
+        return self._mover
