@@ -131,7 +131,7 @@ class _MemTier:
 class _StoreTier:
     """A tier below host memory: its store runs on the offload engine."""
 
-    __slots__ = ("bit", "failed", "inflight", "medium", "store", "stored")
+    __slots__ = ("bit", "deferred", "failed", "inflight", "medium", "store", "stored")
 
     def __init__(self, store: PageStore) -> None:
         self.store = store
@@ -139,6 +139,8 @@ class _StoreTier:
         self.bit = store.medium.bit
         #: keys with a store transfer under way (not submitted twice)
         self.inflight: set[int] = set()
+        #: G2 pages waiting for room under the tier's in-flight bound (oldest first)
+        self.deferred: dict[int, BlockRecord] = {}
         self.stored = 0  # pages stored (monotonic; flush() reports the difference)
         self.failed = 0  # pages whose store transfer failed or was cancelled
 
@@ -1554,8 +1556,9 @@ class BlockManager:
 
     def _store_down(self, recs: Sequence[BlockRecord]) -> None:
         """Queue G2-resident ``recs`` for every lower tier that lacks them (inclusive tiers).
-        Their G2 pages stay pinned until the store finishes; over the tier's in-flight bound
-        the engine refuses the batch and nothing waits."""
+        Their G2 pages stay pinned until the store finishes. What the tier's in-flight bound
+        has no room for now waits (unpinned: G2 may still evict it) and is submitted as
+        earlier stores finish; nothing blocks."""
         engine, g2 = self._engine, self._g2
         if engine is None or g2 is None or not recs:
             return
@@ -1564,9 +1567,14 @@ class BlockManager:
         for lt in self._lower:
             todo = [r for r in recs if r.g2 >= 0 and not r.mask & lt.bit
                     and r.seq_hash not in lt.inflight]
+            room = max(0, engine.store_room(lt.medium))
+            for r in todo[room:]:
+                lt.deferred[r.seq_hash] = r
+            todo = todo[:room]
             if not todo:
                 continue
             for r in todo:
+                lt.deferred.pop(r.seq_hash, None)
                 self._hold(g2, r)
                 lt.inflight.add(r.seq_hash)
             engine.submit(TransferHandle(TransferKind.STORE, lt.medium,
@@ -1574,6 +1582,21 @@ class BlockManager:
                                          [pool.page(r.g2) for r in todo],
                                          context=(lt, [(r, r.g2) for r in todo]),
                                          parents=[r.parent_hash for r in todo]))
+
+    def _store_deferred(self, lt: _StoreTier) -> None:
+        """Submit the deferred stores of ``lt`` that its in-flight bound has room for now."""
+        if not lt.deferred or self._engine is None:
+            return
+        room = self._engine.store_room(lt.medium)
+        batch: list[BlockRecord] = []
+        for h in list(lt.deferred):
+            if len(batch) >= room:
+                break
+            r = lt.deferred.pop(h)
+            if r.g2 >= 0 and not r.mask & lt.bit and self._index.get(h) is r:
+                batch.append(r)
+        if batch:
+            self._store_down(batch)
 
     def _on_stored(self, th: TransferHandle) -> None:
         lt, pages = th.context
@@ -1601,6 +1624,7 @@ class BlockManager:
                 rec.mask |= lt.bit
                 stored.append(rec)
         self._emit_stored(stored, lt.medium)
+        self._store_deferred(lt)
 
     def _reports_misses(self, medium: Medium) -> bool:
         from kvbm.storage.base import Capability
