@@ -240,7 +240,8 @@ def test_offload_bandwidth_runs_with_the_smallest_pages(tmp_path: Path,
 
 
 def test_core_ops_json_is_one_document_with_the_run_metadata() -> None:
-    proc = _bench([str(BENCH / "core_ops.py"), "--repeat", "1", "--seed", "4", "--json"])
+    proc = _bench([str(BENCH / "core_ops.py"), "--repeat", "1", "--seed", "4", "--json",
+                   "--index-sizes", "10k"])
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)  # one document, nothing else on stdout
     _check_meta(doc["meta"], 4)

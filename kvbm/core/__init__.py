@@ -1,1 +1,1 @@
-"""Transfer plans and (later) the compact index: the core seams between control and data planes."""
+"""The core seams: typed transfer plans (control -> data plane) and the compact index."""
