@@ -236,6 +236,12 @@ class SchedulerSide:
             slots = h.slots
             k = min(len(slots), len(ld.g1))
             hashes = h.sequence_hashes
+            # Pages the offload engine loaded from disk or object storage were written here,
+            # not by a worker: tag them (verified data, by its tier's checksum) so that the
+            # workers' tag check accepts them. A page a worker saved carries the tag already.
+            tags = self.pool.tags
+            for i in range(k):
+                tags[slots[i], : self._writers] = hashes[i]
             copies = tuple(BlockCopy(ld.g1[i], slots[i], hashes[i]) for i in range(k))
             if len(ld.g1) > k:
                 step.load_errors.extend(ld.g1[k:])
