@@ -147,4 +147,7 @@ def run_demo(*, requests: int = 3000, seed: int = 7, out_dir: str | Path = ".kvb
     _, table = quick_report([(n, PRESETS[n]) for n in ("llama3-8b", "small")], root / "bw")
     print(table)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f} s; data under {root}")
+    print("next: kvbm inside vLLM, as its KV connector (kvbm.integrations.vllm.KvbmConnector):"
+          " see docs/vllm.md; a short run with a tiny model: "
+          "python bench/vllm_offload.py --quick")
     return 0

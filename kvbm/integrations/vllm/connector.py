@@ -154,7 +154,13 @@ class KvbmConnector(KVConnectorBase_V1):
                                        ) -> dict[CacheHitSource, int]:
         if num_external_tokens == 0:
             return {}
-        return {CacheHitSource.HOST: num_external_tokens}
+        out: dict[CacheHitSource, int] = {}
+        for medium, n in self.scheduler_side.hit_sources(request.request_id).items():
+            src = _SOURCE[medium]
+            out[src] = out.get(src, 0) + n
+        if sum(out.values()) != num_external_tokens:  # vLLM then reports it unspecified
+            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+        return out
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
         return KvbmMetadata(self.scheduler_side.build_step(scheduler_output))

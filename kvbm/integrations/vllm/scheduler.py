@@ -101,6 +101,7 @@ class SchedulerSide:
         self._jobs: dict[int, _Job] = {}
         self._final: list[tuple[str, TransferPlan | None]] = []
         self._saving: set[int] = set()
+        self._sources: dict[str, dict[Medium, int]] = {}
         self._plan_ids = itertools.count(1)
         self._step = 0
         self.counters = ConnectorCounters()
@@ -152,6 +153,14 @@ class SchedulerSide:
         # The promised blocks are cached in kvbm already: never save them again.
         st.saved = max(st.saved, n)
         self.counters.hit_tokens_by_medium_add(m.mediums[start:n], self.block_size)
+        split: dict[Medium, int] = {}
+        for med in m.mediums[start:n]:
+            split[med] = split.get(med, 0) + self.block_size
+        self._sources[rid] = split
+
+    def hit_sources(self, request_id: str) -> dict[Medium, int]:
+        """Tokens of the last promised hit of ``request_id`` by the tier holding them."""
+        return self._sources.pop(request_id, {})
 
     def build_step(self, scheduler_output: Any) -> bytes:
         """This step's plans for the workers (vLLM's ``build_connector_meta``)."""
@@ -174,6 +183,7 @@ class SchedulerSide:
         until the workers report the save done."""
         rid = request.request_id
         self._matches.pop(rid, None)
+        self._sources.pop(rid, None)
         st = self._reqs.pop(rid, None)
         if st is None:
             return False
