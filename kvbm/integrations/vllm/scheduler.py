@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from kvbm.core.plans import BlockCopy, CopyStatus, Direction, PlanResult, TransferPlan
+from kvbm.errors import InvalidArgumentError
 from kvbm.events import KVEvent
 from kvbm.hashing import BlockHashes, hash_blocks
 from kvbm.integrations.vllm.config import ConnectorSettings
@@ -63,6 +64,7 @@ class _Run:
     slots: list[int]
     hashes: BlockHashes
     tokens: np.ndarray
+    lora_name: str | None = None
 
 
 @dataclass
@@ -201,11 +203,27 @@ class SchedulerSide:
         return True
 
     def on_worker_reports(self, payloads: list[bytes]) -> None:
-        """Every worker's results of one step (vLLM's ``update_connector_output``)."""
+        """Every worker's results of one step (vLLM's ``update_connector_output``). A payload
+        that is not a report of one of the engine's ranks raises
+        :class:`~kvbm.errors.InvalidArgumentError`, once the good ones are applied (losing
+        those would hold their pages forever)."""
+        if not isinstance(payloads, list | tuple):
+            raise InvalidArgumentError(f"worker reports must be a list of bytes, got "
+                                       f"{type(payloads).__name__}")
+        bad: list[str] = []
         for data in payloads:
-            report = WorkerReport.decode(data)
+            try:
+                report = WorkerReport.decode(data)
+                if not 0 <= report.rank < self.settings.world_size:
+                    raise InvalidArgumentError(f"worker report from rank {report.rank}; the "
+                                               f"engine has {self.settings.world_size}")
+            except InvalidArgumentError as e:
+                bad.append(str(e))
+                continue
             for res in report.results:
                 self._on_result(report.rank, res)
+        if bad:
+            raise InvalidArgumentError("; ".join(bad))
 
     def take_events(self) -> list[KVEvent]:
         return self.mgr.take_events()
@@ -256,6 +274,8 @@ class SchedulerSide:
             if len(ld.g1) > k:
                 step.load_errors.extend(ld.g1[k:])
                 self.counters.load_errors += len(ld.g1) - k
+                # vLLM recomputes them: save them then (those still cached are skipped).
+                st.saved = min(st.saved, ld.start + k)
             if copies:
                 plan = TransferPlan(next(self._plan_ids), Direction.LOAD, copies, rid)
                 step.plans.append(plan)
@@ -318,7 +338,7 @@ class SchedulerSide:
                 self.counters.skipped_saves += len(run) - len(slots)
             if not slots:
                 break
-            runs.append(_Run(run[0], slots, hashes, tokens))
+            runs.append(_Run(run[0], slots, hashes, tokens, _lora_name(st.request)))
             for i, s in zip(run, slots, strict=False):
                 copies.append(BlockCopy(st.block_ids[i], s, seq[i]))
                 self._saving.add(seq[i])
@@ -368,7 +388,7 @@ class SchedulerSide:
             if good:
                 kept = self.mgr.commit_host(run.slots[:good], run.tokens,
                                             start_block=run.start, hashes=run.hashes,
-                                            lora_name=None)
+                                            lora_name=run.lora_name)
                 self.counters.saved_blocks += sum(kept)
             if good < n:
                 self.mgr.release_host(run.slots[good:])

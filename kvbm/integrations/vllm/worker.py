@@ -53,6 +53,9 @@ class WorkerSide:
         return [] if self._kv_caches is None else list(self._kv_caches.values())
 
     def bind(self, payload: bytes) -> None:
+        # Unbind first: after a refused payload the last step's saves must not run again
+        # (its blocks may hold other KV by now).
+        self._step = None
         self._step = StepPlan.decode(payload)
 
     def clear(self) -> None:
