@@ -25,7 +25,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -422,6 +422,7 @@ class BlockManager:
         self._deduplicated = 0
         self._offloaded = 0
         self._staging_misses = 0  # onboards cut short: no G2 page to stage a lower-tier load
+        self._fill_hook: Callable[[list[tuple[int, int]]], None] | None = None
         if config.lower_tiers:
             self._open_lower_tiers()
 
@@ -963,6 +964,42 @@ class BlockManager:
                 raise BlockStateError(f"G2 page {s} is not a page reserved with reserve_host")
         g2.alloc.free(ids)
 
+    def set_host_fill_hook(self, hook: Callable[[list[tuple[int, int]]], None] | None
+                           ) -> None:
+        """Call ``hook([(g2_slot, seq_hash), ...])`` on the owner thread whenever pages loaded
+        from disk or object storage (verified by the tier) become G2 copies. An engine that
+        tags pages for its movers (the vLLM connector) tags them there: the only moment the
+        page is known to hold that block."""
+        if hook is not None and not callable(hook):
+            raise InvalidArgumentError(f"hook must be callable or None, got {hook!r}")
+        self._fill_hook = hook
+
+    def _host_filled(self, recs: Sequence[BlockRecord]) -> None:
+        if self._fill_hook is not None and recs:
+            self._fill_hook([(r.g2, r.seq_hash) for r in recs])
+
+    def discard_host(self, seq_hashes: Sequence[int]) -> int:
+        """Drop the G2 copies of these blocks (a mover found them damaged): they leave G2 as
+        an eviction would (copies in lower tiers stay). Blocks not in G2, or whose page is
+        held, are left alone. Returns how many were dropped."""
+        if self._closed:
+            raise closed_error()
+        hashes = list(check_id_container(seq_hashes, "seq_hashes", ordered=False))
+        check_keys(hashes, "seq_hashes")
+        g2 = self._g2
+        if g2 is None:
+            raise ConfigError("discard_host needs a host tier (config.host)")
+        self._drain()
+        n = 0
+        for h in hashes:
+            rec = self._index.get(h)
+            if rec is None or rec.g2 < 0 or g2.alloc.refcount(rec.g2) > 0:
+                continue
+            g2.policy.remove(h)
+            self._evict(g2, rec)
+            n += 1
+        return n
+
     def _device_tier(self) -> _MemTier:
         """G1, for the calls that use kvbm's own device pool."""
         if self._g1 is None:
@@ -1004,6 +1041,7 @@ class BlockManager:
                     h._slots[i] = rec.g2
             if not ok:
                 cut = min(cut, i)
+        self._host_filled(arrived)
         self._emit_stored(arrived, Medium.CPU_PINNED)
         if not cancelled:
             self._release_stage_tail(h, cut)
@@ -1713,6 +1751,7 @@ class BlockManager:
         copy_blocks(g2.pool, src, g1.pool, dst)
         for rec, s1 in zip(up, dst, strict=True):
             self._place(g1, rec, s1, pinned=True)
+        self._host_filled(to_g2)
         self._emit_stored(to_g2, Medium.CPU_PINNED)
         self._emit_stored(up, Medium.GPU)
         if not cancelled:

@@ -488,6 +488,30 @@ def test_a_page_whose_tag_is_not_the_blocks_is_a_load_error(damage):
         assert (c.loaded_blocks, c.load_errors) == (2, 1)
 
 
+def test_a_page_damaged_before_the_plan_is_never_loaded_and_leaves_g2():
+    """Another block's KV and tag in a cached G2 page, before any load is planned: the
+    scheduler must not vouch for it (it once re-tagged every page it planned to load), and
+    the bad copy leaves G2 so that later hits do not fail the same way."""
+    s = settings()
+    with Engine(s) as eng:
+        tokens = toks(3 * BS + 4, 8)
+        hashes = save_prompt(eng, Req("r1", tokens), [0, 1, 2, 3])
+        slot = eng.sched.mgr.lookup(hashes[1]).g2
+        pool = eng.sched.pool
+        pool.buffer[slot] = canonical_page(MHA, 12345)
+        pool.tags[slot, 0] = 12345
+        r2 = Req("r2", [*tokens[:3 * BS], *toks(9, 9)])
+        eng.ranks[0].fill([8, 9, 10, 11], -7.0)
+        assert eng.admit(r2, [8, 9, 10, 11]) == (3 * BS, False)
+        step = eng.prefill(r2, [8, 9, 10, 11], 3 * BS)
+        assert step.ranks[0].errors == {9}
+        assert bool((eng.read(0, 9) == -7).all()), "another block's KV reached G1"
+        assert eng.sched.counters.discarded_pages == 1
+        assert eng.sched.mgr.lookup(hashes[1]) is None
+        r3 = Req("r3", [*tokens[:3 * BS], *toks(9, 10)])
+        assert eng.admit(r3, [12, 13, 14, 15]) == (BS, False)  # block 0 only
+
+
 @dataclass
 class Lora:
     lora_name: str
@@ -811,3 +835,8 @@ def test_manager_config_from_kv_connector_extra_config(tmp_path):
                 {"kvbm_config_file": str(tmp_path / "missing.toml")}, ["kvbm"]):
         with pytest.raises(ConfigError):
             manager_config(bad, env={})
+
+
+def test_kvbm_device_variables_are_refused_inside_vllm():
+    with pytest.raises(ConfigError, match="KVBM_DEVICE"):
+        manager_config({}, env={"KVBM_DEVICE_NUM_BLOCKS": "8"})

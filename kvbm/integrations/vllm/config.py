@@ -86,6 +86,9 @@ def manager_config(extra: Mapping[str, Any], env: Mapping[str, str] | None = Non
                           "KV cache (size it with vLLM's own options)")
     env = os.environ if env is None else env
     data = _merge(data, env_overrides(ManagerConfig, env))
+    if data.get("device") is not None:
+        raise ConfigError("KVBM_DEVICE_* variables do not apply inside vLLM: G1 is vLLM's KV "
+                          "cache (size it with vLLM's own options); unset them")
     data["device"] = None
     data.setdefault("host", {"num_blocks": DEFAULT_HOST_BLOCKS})
     if data["host"] is None:

@@ -23,6 +23,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
+from kvbm.errors import KvbmError
 from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvbm.integrations.vllm.config import settings_from_vllm
 from kvbm.integrations.vllm.scheduler import SchedulerSide
@@ -168,7 +169,10 @@ class KvbmConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: Any) -> None:
         meta = connector_output.kv_connector_worker_meta
         if isinstance(meta, KvbmWorkerMetadata):
-            self.scheduler_side.on_worker_reports(meta.reports)
+            try:
+                self.scheduler_side.on_worker_reports(meta.reports)
+            except KvbmError as e:  # garbage from a worker must not take vLLM down
+                log.error("kvbm: a worker report was refused: %s", e)
 
     def request_finished(self, request: Any, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:

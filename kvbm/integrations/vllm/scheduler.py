@@ -95,6 +95,9 @@ class SchedulerSide:
         except BaseException:
             self.pool.close()
             raise
+        # Pages the offload engine loads from disk or object storage (verified there by their
+        # checksums) are written by no worker: tag them the moment they become G2 copies.
+        self.mgr.set_host_fill_hook(self._tag_filled)
         self._pool_info = PoolInfo(self.pool.name, layout.to_dict(), host.num_blocks,
                                    self._writers)
         self._keep_events = keep_events
@@ -264,12 +267,6 @@ class SchedulerSide:
             slots = h.slots
             k = min(len(slots), len(ld.g1))
             hashes = h.sequence_hashes
-            # Pages the offload engine loaded from disk or object storage were written here,
-            # not by a worker: tag them (verified data, by its tier's checksum) so that the
-            # workers' tag check accepts them. A page a worker saved carries the tag already.
-            tags = self.pool.tags
-            for i in range(k):
-                tags[slots[i], : self._writers] = hashes[i]
             copies = tuple(BlockCopy(ld.g1[i], slots[i], hashes[i]) for i in range(k))
             if len(ld.g1) > k:
                 step.load_errors.extend(ld.g1[k:])
@@ -351,6 +348,11 @@ class SchedulerSide:
         self._jobs[plan.plan_id] = _Job(plan, runs=runs)
         return plan
 
+    def _tag_filled(self, pages: list[tuple[int, int]]) -> None:
+        tags = self.pool.tags
+        for slot, seq_hash in pages:
+            tags[slot, : self._writers] = seq_hash
+
     def _on_result(self, rank: int, res: PlanResult) -> None:
         job = self._jobs.get(res.plan_id)
         if job is None or len(res.statuses) != len(job.plan.copies):
@@ -368,6 +370,12 @@ class SchedulerSide:
             job.handle.release()
             self.counters.loaded_blocks += sum(ok)
             self.counters.load_errors += len(ok) - sum(ok)
+            # A page that failed a worker's tag check is not the block's: drop that G2 copy
+            # (every later hit would fail the same way); copies below stay.
+            bad = [c.seq_hash for i, c in enumerate(job.plan.copies)
+                   if any(s[i] is CopyStatus.MISMATCH for s in job.statuses.values())]
+            if bad:
+                self.counters.discarded_pages += self.mgr.discard_host(bad)
             return
         self._finish_save(job, ok)
 

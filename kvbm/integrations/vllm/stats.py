@@ -28,6 +28,8 @@ class ConnectorCounters:
     skipped_saves: int = 0
     #: saves a worker failed or whose page did not carry the block's tag
     failed_saves: int = 0
+    #: G2 copies dropped because a worker found their tag wrong
+    discarded_pages: int = 0
 
     def hit_tokens_by_medium_add(self, mediums: Iterable[Medium], block_size: int) -> None:
         for m in mediums:
