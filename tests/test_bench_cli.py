@@ -207,6 +207,9 @@ def _bad_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("policy_sweep", ["--generate", "chat:-1"], "chat:-1"),
         ("offload_bandwidth", ["--skip-object", "--layout", "tiny", "--memory-mib", "1",
                                "--disk-mib", "1", "--dir", str(tmp / "file" / "sub")], "--dir"),
+        ("vllm_offload", ["--models", "tiny,nope"], "--models"),
+        ("vllm_offload", ["--repeat", "0"], "--repeat"),
+        ("vllm_offload", ["--quick", "--dir", str(tmp / "file" / "sub")], "--dir"),
     ]
 
 

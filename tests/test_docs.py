@@ -51,7 +51,9 @@ def test_configuration_names_no_variable_that_does_not_exist():
     assert not sorted(named - known)
 
 
-_EXAMPLES = [(md, i, block) for md in [*DOCS, ROOT / "README.md"]
+VLLM = ROOT / "docs" / "vllm.md"
+#: vllm.md's configs are the connector's (no [device]: G1 is vLLM's); tested below.
+_EXAMPLES = [(md, i, block) for md in [*DOCS, ROOT / "README.md"] if md != VLLM
              for i, block in enumerate(fenced_blocks(md.read_text(), "toml"))]
 
 
@@ -78,6 +80,32 @@ def test_configuration_example_runs_without_cuda(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "kvbm.toml").write_text(toml)
     exec(compile(code, "docs/configuration.md", "exec"), {})
+
+
+def test_vllm_example_configs_load_through_the_connector(tmp_path, monkeypatch):
+    """vllm.md's TOML file (kvbm_config_file) and its `vllm serve` JSON load as the
+    connector loads them, and the JSON is a valid KVTransferConfig."""
+    pytest.importorskip("vllm")
+    from vllm.config import KVTransferConfig
+
+    from kvbm.integrations.vllm.config import EXTRA_KEYS, manager_config
+
+    _no_kvbm_env(monkeypatch)
+    text = VLLM.read_text()
+    tomls = fenced_blocks(text, "toml")
+    assert tomls
+    for i, block in enumerate(tomls):
+        p = tmp_path / f"kvbm{i}.toml"
+        p.write_text(block)
+        cfg = manager_config({"kvbm_config_file": str(p)})
+        assert cfg.device is None and cfg.host is not None
+    serve = re.findall(r"--kv-transfer-config '(.*?)'", text, flags=re.S)
+    assert serve
+    for js in serve:
+        kv = KVTransferConfig(**json.loads(js))
+        assert kv.kv_load_failure_policy == "recompute"
+        assert manager_config(kv.kv_connector_extra_config).host is not None
+    assert not [k for k in EXTRA_KEYS if f"`{k}`" not in text]
 
 
 # -- self-contained ------------------------------------------------------------------------
