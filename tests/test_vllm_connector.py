@@ -41,8 +41,9 @@ def _prompts() -> list[list[int]]:
 
 
 def _engine(tmp: Path, name: str, kvbm: dict[str, Any], rounds: list[dict[str, Any]],
-            prompts: list[list[int]]) -> list[dict[str, Any]]:
-    spec = {"model": str(tmp / "model"), "kvbm": kvbm, "rounds": rounds, "prompts": prompts}
+            prompts: list[list[int]], executor: str | None = None) -> list[dict[str, Any]]:
+    spec = {"model": str(tmp / "model"), "kvbm": kvbm, "rounds": rounds, "prompts": prompts,
+            "executor": executor}
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(spec))
     env = dict(os.environ)
@@ -92,7 +93,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory, s3_bucket: str, moto_endpoint
         reset, {**gen, "prompts": [2]},                                    # C, page 2 damaged
         {"op": "alter_g2"}, reset, {**gen, "prompts": [0]},                # the control
     ], prompts)
-    out = {"first": first, "second": second, "third": third}
+    # The worker in a process of its own: the G2 pool is shared memory between the two.
+    fourth = _engine(tmp, "fourth", {"host": {"num_blocks": 32}}, [
+        {**gen, "prompts": [2]}, reset, {**gen, "prompts": [2]},
+        {"op": "alter_g2"}, reset, {**gen, "prompts": [2]},
+    ], prompts, executor="mp")
+    out = {"first": first, "second": second, "third": third, "fourth": fourth}
     print(json.dumps(out))  # shown with -s, or by pytest when a test fails
     return out
 
@@ -161,3 +167,18 @@ def test_control_altered_kv_changes_the_output(runs: dict[str, Any]) -> None:
     assert altered["cached"] == [8 * BS]  # served from the altered G2 pages
     assert altered["counters"]["loaded_blocks"] == 8
     assert altered["outputs"] != cold["outputs"]
+
+
+def test_worker_in_its_own_process_loads_from_the_shared_pool(runs: dict[str, Any]) -> None:
+    cold, warm, altered = runs["fourth"][0], runs["fourth"][2], runs["fourth"][5]
+    assert warm["outputs"] == cold["outputs"]
+    assert warm["cached"] == [4 * BS] and warm["counters"]["loaded_blocks"] == 4
+    # the control: the worker process copies what the scheduler's process altered
+    assert altered["counters"]["loaded_blocks"] == 4
+    assert altered["outputs"] != cold["outputs"]
+
+
+def test_no_shared_memory_file_is_left_behind(runs: dict[str, Any]) -> None:
+    shm = Path("/dev/shm")
+    left = [p.name for p in shm.glob("kvbm-vllm-*")] if shm.is_dir() else []
+    assert left == []
