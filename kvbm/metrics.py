@@ -66,8 +66,9 @@ def _check_manager(manager: Any) -> BlockManager:
 def _tier_labels(manager: BlockManager) -> dict[Medium, dict[str, str]]:
     """Per configured tier, the labels saying what backs it (read once: they never change)."""
     cfg = manager.config
-    out: dict[Medium, dict[str, str]] = {
-        Medium.GPU: {"device": str(manager.device_pool.device)}}
+    out: dict[Medium, dict[str, str]] = {}
+    if cfg.device is not None:  # none: the engine owns G1 (vLLM), kvbm has no device tier
+        out[Medium.GPU] = {"device": str(manager.device_pool.device)}
     host = manager.host_pool
     if host is not None:
         out[Medium.CPU_PINNED] = {"pinned": "true" if host.pinned else "false"}

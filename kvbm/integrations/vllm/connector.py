@@ -26,7 +26,9 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from kvbm.errors import KvbmError
 from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvbm.integrations.vllm.config import settings_from_vllm
+from kvbm.integrations.vllm.prom import KvbmPromMetrics, metrics_endpoint
 from kvbm.integrations.vllm.scheduler import SchedulerSide
+from kvbm.integrations.vllm.stats import KvbmConnectorStats
 from kvbm.integrations.vllm.worker import WorkerSide
 from kvbm.medium import Medium
 
@@ -66,6 +68,7 @@ class KvbmConnector(KVConnectorBase_V1):
                  kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._settings = settings_from_vllm(vllm_config)
+        metrics = metrics_endpoint(self._kv_transfer_config.kv_connector_extra_config or {})
         if self._kv_transfer_config.kv_load_failure_policy != "recompute":
             log.warning("kvbm: kv_load_failure_policy is %r; set it to 'recompute' so that "
                         "a block kvbm could not load (corrupt page, tier down) is recomputed "
@@ -76,7 +79,7 @@ class KvbmConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             events = vllm_config.kv_events_config
             keep = bool(events is not None and events.enable_kv_cache_events)
-            self._scheduler = SchedulerSide(self._settings, keep_events=keep)
+            self._scheduler = SchedulerSide(self._settings, keep_events=keep, metrics=metrics)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -134,6 +137,25 @@ class KvbmConnector(KVConnectorBase_V1):
         report = self.worker_side.report()
         return None if report is None else KvbmWorkerMetadata([report])
 
+    # -------------------------------------------------------------------------- metrics --
+    def get_kv_connector_stats(self) -> KvbmConnectorStats | None:
+        """What this side measured since the last step (workers: copies; scheduler: hits,
+        misses, loads, saves, the tiers' traffic and queues); vLLM adds them up."""
+        if self._worker is not None:
+            return self._worker.meter.take()
+        return None if self._scheduler is None else self._scheduler.take_stats()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None
+                                 ) -> KvbmConnectorStats | None:
+        return KvbmConnectorStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict[Any, Any],
+                           labelnames: list[str], per_engine_labelvalues: dict[int, list[object]]
+                           ) -> KvbmPromMetrics:
+        return KvbmPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.close()
@@ -167,6 +189,9 @@ class KvbmConnector(KVConnectorBase_V1):
         return KvbmMetadata(self.scheduler_side.build_step(scheduler_output))
 
     def update_connector_output(self, connector_output: Any) -> None:
+        stats = getattr(connector_output, "kv_connector_stats", None)
+        if isinstance(stats, KvbmConnectorStats):  # the workers' copies, for kvbm's endpoint
+            self.scheduler_side.meter.absorb(stats)
         meta = connector_output.kv_connector_worker_meta
         if isinstance(meta, KvbmWorkerMetadata):
             try:

@@ -28,7 +28,7 @@ from kvbm.errors import InvalidArgumentError
 from kvbm.events import KVEvent
 from kvbm.hashing import BlockHashes, hash_blocks
 from kvbm.integrations.vllm.config import ConnectorSettings
-from kvbm.integrations.vllm.stats import ConnectorCounters
+from kvbm.integrations.vllm.stats import ConnectorCounters, KvbmConnectorStats, SchedulerMeter
 from kvbm.integrations.vllm.wire import PoolInfo, StepPlan, WorkerReport
 from kvbm.layout import KVKind
 from kvbm.manager import BlockManager, StageHandle
@@ -78,7 +78,10 @@ class _Job:
 class SchedulerSide:
     """See the module docstring. One per vLLM engine (its scheduler process)."""
 
-    def __init__(self, settings: ConnectorSettings, *, keep_events: bool = True) -> None:
+    def __init__(self, settings: ConnectorSettings, *, keep_events: bool = True,
+                 metrics: tuple[str, int] | None = None) -> None:
+        """``metrics``: (host, port) to serve kvbm's Prometheus endpoint on (see
+        :mod:`kvbm.integrations.vllm.prom`)."""
         from kvbm.memory.shm import SharedHostPool
 
         self.settings = settings
@@ -109,7 +112,19 @@ class SchedulerSide:
         self._sources: dict[str, dict[Medium, int]] = {}
         self._plan_ids = itertools.count(1)
         self._step = 0
+        self._asked: dict[str, int] = {}
         self.counters = ConnectorCounters()
+        self.meter = SchedulerMeter()
+        self.metrics_server: Any = None
+        if metrics is not None:
+            from kvbm.integrations.vllm.prom import serve_metrics
+
+            try:
+                self.metrics_server = serve_metrics(self.mgr, self.counters, self.meter,
+                                                    *metrics)
+            except BaseException:
+                self.close()
+                raise
 
     # ------------------------------------------------------------------ vLLM's questions --
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int
@@ -126,6 +141,7 @@ class SchedulerSide:
         self.counters.queries += 1
         if most <= start:
             return 0, False
+        self._asked[request.request_id] = most - start
         m = self.mgr.match_prefix(np.asarray(tokens[: most * bs], dtype=np.uint32),
                                   lora_name=_lora_name(request))
         n = m.num_blocks
@@ -144,6 +160,11 @@ class SchedulerSide:
         st.request = request
         st.block_ids = list(block_ids)
         found = self._matches.pop(rid, None)
+        asked = self._asked.pop(rid, 0)
+        if asked:
+            self.counters.query_tokens += asked * self.block_size
+            held = 0 if found is None else found[2] - found[1]
+            self.counters.miss_tokens += (asked - held) * self.block_size
         if num_external_tokens <= 0 or found is None:
             return
         m, start, n, is_async = found
@@ -188,6 +209,7 @@ class SchedulerSide:
         until the workers report the save done."""
         rid = request.request_id
         self._matches.pop(rid, None)
+        self._asked.pop(rid, None)
         self._sources.pop(rid, None)
         st = self._reqs.pop(rid, None)
         if st is None:
@@ -241,7 +263,17 @@ class SchedulerSide:
             return False
         return True
 
+    def take_stats(self) -> KvbmConnectorStats | None:
+        """What changed since the last call (vLLM's scheduler-side
+        ``get_kv_connector_stats``, once per step)."""
+        gauges = {"pending_loads": sum(1 for r in self._reqs.values() if r.load is not None),
+                  "inflight_plans": len(self._jobs)}
+        return self.meter.take(self.counters, self.mgr.stats(drain=False), gauges)
+
     def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         for job in self._jobs.values():
             if job.handle is not None:
                 job.handle.release()

@@ -10,12 +10,14 @@ never loaded: the block is reported to vLLM as a load error and recomputed.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from kvbm.core.plans import CopyStatus, Direction, PlanResult, TransferPlan
 from kvbm.errors import LayoutError
 from kvbm.integrations.vllm.config import ConnectorSettings
+from kvbm.integrations.vllm.stats import WorkerMeter
 from kvbm.integrations.vllm.wire import PoolInfo, StepPlan, WorkerReport
 from kvbm.layout import KVLayout
 
@@ -39,6 +41,8 @@ class WorkerSide:
         self._recving: set[str] = set()
         self._sending: set[str] = set()
         self._loaded_step = -1
+        #: what this rank copied, for vLLM's get_kv_connector_stats
+        self.meter = WorkerMeter()
 
     def register(self, kv_caches: Mapping[str, Any]) -> None:
         """vLLM's KV tensors, one per attention layer (``register_kv_caches``)."""
@@ -114,6 +118,7 @@ class WorkerSide:
 
     # ---------------------------------------------------------------------- internals --
     def _run(self, mover: Any, plan: TransferPlan) -> PlanResult:
+        t0 = time.perf_counter()
         try:
             res: PlanResult = (mover.load(plan) if plan.direction is Direction.LOAD
                                else mover.save(plan))
@@ -124,8 +129,18 @@ class WorkerSide:
                              tuple(CopyStatus.FAILED for _ in plan.copies))
         if res.rank != self.rank:
             res = PlanResult(res.plan_id, self.rank, res.statuses)
+        self.meter.record(plan.direction, res.statuses, time.perf_counter() - t0,
+                          self._copy_bytes(plan.direction))
         self._results.append(res)
         return res
+
+    def _copy_bytes(self, direction: Direction) -> int:
+        """Bytes one block copy moves on this rank: its heads of a page (MLA: the whole
+        latent, loaded by every rank and saved by rank 0 alone)."""
+        kv, layout = self._kv, self.settings.layout
+        if kv is None or (direction is Direction.SAVE and not kv.writes_pages):
+            return 0
+        return int(layout.bytes_per_block // layout.num_kv_heads * kv.local_heads)
 
     def _ensure_mover(self, info: PoolInfo | None) -> Any:
         if self._kv is None:
