@@ -40,10 +40,20 @@ def _prompts() -> list[list[int]]:
             rng.integers(1, 1000, 4 * BS + 10).tolist()]
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def _engine(tmp: Path, name: str, kvbm: dict[str, Any], rounds: list[dict[str, Any]],
-            prompts: list[list[int]], executor: str | None = None) -> list[dict[str, Any]]:
+            prompts: list[list[int]], executor: str | None = None,
+            events_port: int | None = None) -> list[dict[str, Any]]:
     spec = {"model": str(tmp / "model"), "kvbm": kvbm, "rounds": rounds, "prompts": prompts,
-            "executor": executor}
+            "executor": executor, "events_port": events_port}
     path = tmp / f"{name}.json"
     path.write_text(json.dumps(spec))
     env = dict(os.environ)
@@ -79,7 +89,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, s3_bucket: str, moto_endpoint
         {**gen, "prompts": [0]}, reset, {**gen, "prompts": [0]},           # cold A, A from G2
         {**gen, "prompts": [1]}, {**gen, "prompts": [2]},                  # cold B, cold C
         reset, {**gen, "prompts": [0], "flush": True},                     # A from G2 + G3
-    ], prompts)
+    ], prompts, events_port=_free_port())
     second = _engine(tmp, "second", base, [
         {**gen, "prompts": [0]},                                           # A from G3
         {"op": "corrupt", "prompt": 1, "block": 3, "dirs": [disk["path"]]},
@@ -179,6 +189,16 @@ def test_worker_in_its_own_process_loads_from_the_shared_pool(runs: dict[str, An
 
 
 def test_no_shared_memory_file_is_left_behind(runs: dict[str, Any]) -> None:
-    shm = Path("/dev/shm")
-    left = [p.name for p in shm.glob("kvbm-vllm-*")] if shm.is_dir() else []
-    assert left == []
+    pools = [r["path"] for run in runs.values() for r in run if r["op"] == "pool"]
+    assert len(pools) == 4
+    assert [p for p in pools if Path(p).exists()] == []
+
+
+def test_connector_events_travel_with_vllms_own(runs: dict[str, Any]) -> None:
+    """vLLM's ZMQ publisher carries its GPU events and the connector's lower-tier ones."""
+    events = runs["first"][-2]
+    assert events["op"] == "events"
+    stored = events["stored"]
+    assert stored.get("GPU", 0) > 0, stored  # vLLM's own
+    assert stored.get("CPU_PINNED", 0) >= 8 + 8 + 4, stored  # kvbm's G2 saves of A, B, C
+    assert stored.get("DISK", 0) >= 8, stored  # and their pages on disk

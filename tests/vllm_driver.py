@@ -84,8 +84,46 @@ def main(spec_path: str) -> None:
                           kv_connector_module_path="kvbm.integrations.vllm",
                           kv_role="kv_both", kv_load_failure_policy="recompute",
                           kv_connector_extra_config=extra)
-    llm = LLM(model=spec["model"], load_format="dummy", skip_tokenizer_init=True,
-              enable_prefix_caching=True, block_size=32, dtype="float32",
+    events_seen: dict[str, int] = {}
+    kv_events = None
+    if spec.get("events_port"):
+        # vLLM publishes its own GPU events and the connector's (take_events) on one ZMQ
+        # PUB socket; a subscriber here counts BlockStored events by medium.
+        import threading
+
+        import msgspec
+        import zmq
+        from vllm.config import KVEventsConfig
+        from vllm.distributed.kv_events import BlockStored, KVEventBatch
+
+        endpoint = f"tcp://127.0.0.1:{spec['events_port']}"
+        kv_events = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq",
+                                   endpoint=endpoint, topic="kv")
+        ctx = zmq.Context()
+        sub = ctx.socket(zmq.SUB)
+        sub.bind(endpoint)  # vLLM's PUB connects to a host:port endpoint (binds to "*")
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+
+        def listen() -> None:
+            while True:
+                try:
+                    frames = sub.recv_multipart()
+                except zmq.ZMQError:
+                    return
+                try:
+                    batch = decoder.decode(frames[-1])
+                except Exception as e:  # a frame we cannot read: say so in the result
+                    events_seen[f"undecodable: {e}"] = 1
+                    continue
+                for ev in batch.events:
+                    if isinstance(ev, BlockStored):
+                        key = str(ev.medium)
+                        events_seen[key] = events_seen.get(key, 0) + len(ev.block_hashes)
+
+        threading.Thread(target=listen, daemon=True).start()
+    llm = LLM(model=spec["model"], kv_events_config=kv_events, load_format="dummy",
+              skip_tokenizer_init=True, enable_prefix_caching=True, block_size=32, dtype="float32",
               max_model_len=2048, kv_transfer_config=kv, enforce_eager=True, seed=0,
               gpu_memory_utilization=0.3, kv_cache_memory_bytes=spec.get("g1_bytes", 4 << 20))
     conn = llm.llm_engine.engine_core.engine_core.scheduler.connector
@@ -147,6 +185,12 @@ def main(spec_path: str) -> None:
             out.append({"op": op})
         else:
             raise SystemExit(f"unknown op {op!r}")
+    if kv_events is not None:
+        import time
+
+        time.sleep(1.0)  # the publisher's thread sends the last batches
+        out.append({"op": "events", "stored": events_seen})
+    out.append({"op": "pool", "path": str(sched.pool.path)})
     sched.close()  # flushes what the tiers below G2 still lack (a restart finds it there)
     print("KVBM-RESULT " + json.dumps(out), flush=True)
 
