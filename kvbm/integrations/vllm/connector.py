@@ -114,9 +114,9 @@ class KvbmConnector(KVConnectorBase_V1):
         self.worker_side.start_load()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        # Loads are complete when start_load_kv returns (CPU copies; on CUDA the mover
-        # orders the engine's stream after its copies).
-        return
+        # CPU: the copies are done when start_load_kv returns. CUDA: the engine's stream
+        # waits for this layer's copies only, so attention overlaps the later layers' loads.
+        self.worker_side.wait_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any,
                       **kwargs: Any) -> None:

@@ -37,6 +37,8 @@ class WorkerSide:
         self._mover: Any = None
         self._step: StepPlan | None = None
         self._results: list[PlanResult] = []
+        #: loads started this step, finished before the step's saves and reports
+        self._loading: list[tuple[TransferPlan, Any, float]] = []
         self._errors: set[int] = set()
         self._recving: set[str] = set()
         self._sending: set[str] = set()
@@ -76,14 +78,42 @@ class WorkerSide:
         if loads:
             mover = self._ensure_mover(step.pool)
             for plan in loads:
-                res = self._run(mover, plan)
-                self._errors.update(c.g1_block for c, s in zip(plan.copies, res.statuses,
-                                                                strict=True)
-                                    if s is not CopyStatus.DONE)
+                # Started, not waited for: on CUDA the copies run on the mover's stream and
+                # each layer's attention waits for its own layer only (wait_layer).
+                t0 = time.perf_counter()
+                try:
+                    self._loading.append((plan, mover.start_load(plan), t0))
+                except Exception as e:  # a failed copy must not take the engine down
+                    log.error("kvbm: load plan %d failed on rank %d: %s", plan.plan_id,
+                              self.rank, e)
+                    self._record(plan, self._failed(plan), t0)
         self._recving.update(step.recv_done)
+
+    def wait_layer(self, layer_name: str) -> None:
+        """Before a layer's attention (vLLM's ``wait_for_layer_load``): its KV is in."""
+        if not self._loading or self._kv is None:
+            return
+        try:
+            index = self._kv.layer_index(layer_name)
+        except Exception:  # a layer kvbm does not hold (not an attention layer's cache)
+            return
+        for _, handle, _ in self._loading:
+            handle.wait_layer(index)
+
+    def _finish_loads(self) -> None:
+        loading, self._loading = self._loading, []
+        for plan, handle, t0 in loading:
+            try:
+                res: PlanResult = handle.finish()
+            except Exception as e:
+                log.error("kvbm: load plan %d failed on rank %d: %s", plan.plan_id,
+                          self.rank, e)
+                res = self._failed(plan)
+            self._record(plan, res, t0)
 
     def wait_for_save(self) -> None:
         """Execute this step's SAVE plans (after the forward pass)."""
+        self._finish_loads()
         step = self._step
         if step is None:
             return
@@ -95,15 +125,18 @@ class WorkerSide:
         self._sending.update(step.send_done)
 
     def finished(self) -> tuple[set[str] | None, set[str] | None]:
+        self._finish_loads()
         sending, recving = self._sending, self._recving
         self._sending, self._recving = set(), set()
         return sending or None, recving or None
 
     def load_errors(self) -> set[int]:
+        self._finish_loads()
         out, self._errors = self._errors, set()
         return out
 
     def report(self) -> bytes | None:
+        self._finish_loads()
         if not self._results:
             return None
         out = WorkerReport(self.rank, self._results).encode()
@@ -125,8 +158,17 @@ class WorkerSide:
         except Exception as e:  # a failed copy must not take the engine down: recompute
             log.error("kvbm: %s plan %d failed on rank %d: %s", plan.direction.value,
                       plan.plan_id, self.rank, e)
-            res = PlanResult(plan.plan_id, self.rank,
-                             tuple(CopyStatus.FAILED for _ in plan.copies))
+            res = self._failed(plan)
+        return self._record(plan, res, t0)
+
+    def _failed(self, plan: TransferPlan) -> PlanResult:
+        return PlanResult(plan.plan_id, self.rank, tuple(CopyStatus.FAILED for _ in plan.copies))
+
+    def _record(self, plan: TransferPlan, res: PlanResult, t0: float) -> PlanResult:
+        if plan.direction is Direction.LOAD:
+            self._errors.update(c.g1_block for c, st in zip(plan.copies, res.statuses,
+                                                             strict=True)
+                                if st is not CopyStatus.DONE)
         if res.rank != self.rank:
             res = PlanResult(res.plan_id, self.rank, res.statuses)
         self.meter.record(plan.direction, res.statuses, time.perf_counter() - t0,
