@@ -26,8 +26,8 @@ import numpy as np
 from kvbm.core.plans import BlockCopy, CopyStatus, Direction, PlanResult, TransferPlan
 from kvbm.errors import InvalidArgumentError
 from kvbm.events import KVEvent
-from kvbm.hashing import BlockHashes, hash_blocks
 from kvbm.integrations.vllm.config import ConnectorSettings
+from kvbm.integrations.vllm.saves import SaveJob, SavePlanner, lora_name
 from kvbm.integrations.vllm.stats import ConnectorCounters, KvbmConnectorStats, SchedulerMeter
 from kvbm.integrations.vllm.wire import PoolInfo, StepPlan, WorkerReport
 from kvbm.layout import KVKind
@@ -59,19 +59,10 @@ class _Req:
 
 
 @dataclass
-class _Run:
-    start: int
-    slots: list[int]
-    hashes: BlockHashes
-    tokens: np.ndarray
-    lora_name: str | None = None
-
-
-@dataclass
 class _Job:
     plan: TransferPlan
     handle: StageHandle | None = None
-    runs: list[_Run] = field(default_factory=list)
+    saves: SaveJob | None = None
     statuses: dict[int, tuple[CopyStatus, ...]] = field(default_factory=dict)
 
 
@@ -108,12 +99,13 @@ class SchedulerSide:
         self._matches: dict[str, tuple[Any, int, int, bool]] = {}
         self._jobs: dict[int, _Job] = {}
         self._final: list[tuple[str, TransferPlan | None]] = []
-        self._saving: set[int] = set()
         self._sources: dict[str, dict[Medium, int]] = {}
         self._plan_ids = itertools.count(1)
         self._step = 0
         self._asked: dict[str, int] = {}
         self.counters = ConnectorCounters()
+        self._saves = SavePlanner(self.mgr, self.pool, self._writers, self.counters,
+                                  settings.config.salt)
         self.meter = SchedulerMeter()
         self.metrics_server: Any = None
         if metrics is not None:
@@ -143,7 +135,7 @@ class SchedulerSide:
             return 0, False
         self._asked[request.request_id] = most - start
         m = self.mgr.match_prefix(np.asarray(tokens[: most * bs], dtype=np.uint32),
-                                  lora_name=_lora_name(request))
+                                  lora_name=lora_name(request))
         n = m.num_blocks
         if n <= start:
             return 0, False
@@ -325,9 +317,7 @@ class SchedulerSide:
             st.block_ids = list(new.block_ids[0])
             done = new.num_computed_tokens + scheduled.get(new.req_id, 0)
             full = min(done, len(st.request.all_token_ids)) // bs
-            plan = self._save_plan(st, full)
-            if plan is not None:
-                step.plans.append(plan)
+            self._add_save(step, st, full)
         cached = so.scheduled_cached_reqs
         resumed: set[str] = getattr(cached, "resumed_req_ids", set())
         for i, rid in enumerate(cached.req_ids):
@@ -342,43 +332,24 @@ class SchedulerSide:
                     st.block_ids.extend(new_ids[0])
             done = cached.num_computed_tokens[i] + scheduled.get(rid, 0)
             full = min(done, len(st.request.all_token_ids)) // bs
-            plan = self._save_plan(st, full)
-            if plan is not None:
-                step.plans.append(plan)
+            self._add_save(step, st, full)
+
+    def _add_save(self, step: StepPlan, st: _Req, full: int) -> None:
+        plan = self._save_plan(st, full)
+        if plan is not None:
+            step.plans.append(plan)
 
     def _save_plan(self, st: _Req, full: int) -> TransferPlan | None:
         """A SAVE plan for blocks [st.saved, full) not cached yet (G2 room permitting)."""
         full = min(full, len(st.block_ids))
         if full <= st.saved:
             return None
-        bs = self.block_size
-        tokens = np.asarray(st.request.all_token_ids[: full * bs], dtype=np.uint32)
-        hashes = hash_blocks(tokens, bs, lora_name=_lora_name(st.request),
-                             salt=self.settings.config.salt)
-        seq = hashes.sequence
-        todo = [i for i in range(st.saved, full)
-                if seq[i] not in self._saving and self.mgr.lookup(seq[i]) is None]
+        job = self._saves.plan(next(self._plan_ids), st.request, st.block_ids, st.saved, full)
         st.saved = full
-        runs: list[_Run] = []
-        copies: list[BlockCopy] = []
-        for run in _contiguous(todo):
-            slots = self.mgr.reserve_host([seq[i] for i in run])
-            if len(slots) < len(run):
-                self.counters.skipped_saves += len(run) - len(slots)
-            if not slots:
-                break
-            runs.append(_Run(run[0], slots, hashes, tokens, _lora_name(st.request)))
-            for i, s in zip(run, slots, strict=False):
-                copies.append(BlockCopy(st.block_ids[i], s, seq[i]))
-                self._saving.add(seq[i])
-            if len(slots) < len(run):
-                break  # G2 is full: what follows could not be matched anyway
-        if not copies:
+        if job is None:
             return None
-        plan = TransferPlan(next(self._plan_ids), Direction.SAVE, tuple(copies),
-                            st.request.request_id)
-        self._jobs[plan.plan_id] = _Job(plan, runs=runs)
-        return plan
+        self._jobs[job.plan.plan_id] = _Job(job.plan, saves=job)
+        return job.plan
 
     def _tag_filled(self, pages: list[tuple[int, int]]) -> None:
         tags = self.pool.tags
@@ -409,43 +380,5 @@ class SchedulerSide:
             if bad:
                 self.counters.discarded_pages += self.mgr.discard_host(bad)
             return
-        self._finish_save(job, ok)
-
-    def _finish_save(self, job: _Job, ok: list[bool]) -> None:
-        tags = self.pool.tags
-        w = self._writers
-        pos = 0
-        for run in job.runs:
-            n = len(run.slots)
-            good = 0
-            for j in range(n):
-                c = job.plan.copies[pos + j]
-                if not ok[pos + j] or not bool((tags[c.g2_slot, :w] == c.seq_hash).all()):
-                    break
-                good += 1
-            for j in range(n):
-                self._saving.discard(job.plan.copies[pos + j].seq_hash)
-            if good:
-                kept = self.mgr.commit_host(run.slots[:good], run.tokens,
-                                            start_block=run.start, hashes=run.hashes,
-                                            lora_name=run.lora_name)
-                self.counters.saved_blocks += sum(kept)
-            if good < n:
-                self.mgr.release_host(run.slots[good:])
-                self.counters.failed_saves += n - good
-            pos += n
-
-
-def _contiguous(indices: list[int]) -> list[list[int]]:
-    runs: list[list[int]] = []
-    for i in indices:
-        if runs and runs[-1][-1] == i - 1:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return runs
-
-
-def _lora_name(request: Any) -> str | None:
-    lora = getattr(request, "lora_request", None)
-    return None if lora is None else str(lora.lora_name)
+        assert job.saves is not None
+        self._saves.finish(job.saves, ok)

@@ -1,0 +1,124 @@
+"""The save path of the connector's scheduler side: which newly computed blocks go to G2,
+and their commit once the workers wrote them.
+
+A SAVE plan covers the full blocks of a request that kvbm does not hold yet (nor has a save
+of in flight), in runs of consecutive blocks, each run on G2 pages reserved for it (G2's
+admission and room permitting: what does not fit is skipped, counted, and everything after
+it too, since it could not be matched without its parent). Once every writing worker
+reported, the longest prefix of each run whose copies are DONE and whose pages carry the
+block's tag in every writer's column is committed; the rest is given back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvbm.core.plans import BlockCopy, Direction, TransferPlan
+from kvbm.hashing import BlockHashes, hash_blocks
+from kvbm.integrations.vllm.stats import ConnectorCounters
+from kvbm.manager import BlockManager
+
+
+@dataclass
+class SaveRun:
+    """Consecutive blocks ``start ..`` of one request on reserved G2 pages."""
+
+    start: int
+    slots: list[int]
+    hashes: BlockHashes
+    tokens: np.ndarray
+    lora_name: str | None = None
+
+
+@dataclass
+class SaveJob:
+    plan: TransferPlan
+    runs: list[SaveRun] = field(default_factory=list)
+
+
+class SavePlanner:
+    """Plans saves and commits them (see the module docstring)."""
+
+    def __init__(self, mgr: BlockManager, pool: Any, writers: int, counters: ConnectorCounters,
+                 salt: str | None) -> None:
+        self.mgr = mgr
+        self.pool = pool
+        self.writers = writers
+        self.counters = counters
+        self.salt = salt
+        self.block_size = mgr.block_size
+        #: hashes with a save in flight (not planned twice)
+        self.saving: set[int] = set()
+
+    def plan(self, plan_id: int, request: Any, block_ids: list[int], first: int, full: int
+             ) -> SaveJob | None:
+        """Blocks [first, full) of ``request`` (in vLLM's blocks ``block_ids``)."""
+        bs = self.block_size
+        lora = lora_name(request)
+        tokens = np.asarray(request.all_token_ids[: full * bs], dtype=np.uint32)
+        hashes = hash_blocks(tokens, bs, lora_name=lora, salt=self.salt)
+        seq = hashes.sequence
+        todo = [i for i in range(first, full)
+                if seq[i] not in self.saving and self.mgr.lookup(seq[i]) is None]
+        runs: list[SaveRun] = []
+        copies: list[BlockCopy] = []
+        for run in _contiguous(todo):
+            slots = self.mgr.reserve_host([seq[i] for i in run])
+            if len(slots) < len(run):
+                self.counters.skipped_saves += len(run) - len(slots)
+            if not slots:
+                break
+            runs.append(SaveRun(run[0], slots, hashes, tokens, lora))
+            for i, s in zip(run, slots, strict=False):
+                copies.append(BlockCopy(block_ids[i], s, seq[i]))
+                self.saving.add(seq[i])
+            if len(slots) < len(run):
+                break  # G2 is full: what follows could not be matched anyway
+        if not copies:
+            return None
+        return SaveJob(TransferPlan(plan_id, Direction.SAVE, tuple(copies),
+                                    request.request_id), runs)
+
+    def finish(self, job: SaveJob, ok: list[bool]) -> None:
+        """Every writer reported: ``ok[i]`` says copy ``i`` was DONE on all of them."""
+        tags = self.pool.tags
+        w = self.writers
+        pos = 0
+        for run in job.runs:
+            n = len(run.slots)
+            good = 0
+            for j in range(n):
+                c = job.plan.copies[pos + j]
+                if not ok[pos + j] or not bool((tags[c.g2_slot, :w] == c.seq_hash).all()):
+                    break
+                good += 1
+            for j in range(n):
+                self.saving.discard(job.plan.copies[pos + j].seq_hash)
+            if good:
+                kept = self.mgr.commit_host(run.slots[:good], run.tokens,
+                                            start_block=run.start, hashes=run.hashes,
+                                            lora_name=run.lora_name)
+                self.counters.saved_blocks += sum(kept)
+            if good < n:
+                self.mgr.release_host(run.slots[good:])
+                self.counters.failed_saves += n - good
+            pos += n
+
+
+def _contiguous(indices: list[int]) -> list[list[int]]:
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
+def lora_name(request: Any) -> str | None:
+    """The LoRA adapter a vLLM request runs with (its blocks hash with it)."""
+    lora = getattr(request, "lora_request", None)
+    return None if lora is None else str(lora.lora_name)
