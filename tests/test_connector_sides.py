@@ -235,6 +235,9 @@ class Req:
     all_token_ids: list[int]
     num_computed_tokens: int = 0
     lora_request: Any = None
+    cache_salt: str | None = None
+    mm_features: list[Any] = field(default_factory=list)
+    prompt_embeds: Any = None
 
 
 @dataclass
@@ -840,3 +843,33 @@ def test_manager_config_from_kv_connector_extra_config(tmp_path):
 def test_kvbm_device_variables_are_refused_inside_vllm():
     with pytest.raises(ConfigError, match="KVBM_DEVICE"):
         manager_config({}, env={"KVBM_DEVICE_NUM_BLOCKS": "8"})
+
+
+def test_cache_salts_keep_tenants_apart():
+    """vLLM's per-request cache_salt takes part in kvbm's hashes: another tenant's (or an
+    unsalted) request with the same tokens never gets the KV."""
+    with Engine(settings()) as eng:
+        tokens = toks(3 * BS + 4, 8)
+        eng.admit(Req("r1", tokens, cache_salt="tenant-a"), [0, 1, 2, 3])
+        eng.prefill(Req("r1", tokens, cache_salt="tenant-a"), [0, 1, 2, 3], 0)
+        assert eng.sched.counters.saved_blocks == 3
+        assert eng.admit(Req("r2", tokens, cache_salt="tenant-b"), [4, 5, 6, 7]) == (0, False)
+        assert eng.admit(Req("r3", tokens), [8, 9, 10, 11]) == (0, False)
+        assert eng.admit(Req("r4", tokens, cache_salt="tenant-a"),
+                         [12, 13, 14, 15]) == (3 * BS, False)
+
+
+@pytest.mark.parametrize("extra", [{"mm_features": [object()]}, {"prompt_embeds": object()}])
+def test_requests_whose_kv_is_not_their_tokens_are_neither_served_nor_saved(extra):
+    """Images or prompt embeddings change the KV of the same token ids (placeholders):
+    kvbm's hashes do not cover them, so such requests get no hit and save nothing."""
+    with Engine(settings()) as eng:
+        tokens = toks(3 * BS + 4, 8)
+        save_prompt(eng, Req("r1", tokens), [0, 1, 2, 3])
+        r2 = Req("r2", tokens, **extra)
+        assert eng.admit(r2, [4, 5, 6, 7]) == (0, False)
+        other = Req("r3", toks(3 * BS + 4, 9), **extra)
+        assert eng.admit(other, [8, 9, 10, 11]) == (0, False)
+        step = eng.prefill(other, [8, 9, 10, 11], 0)
+        assert step.plan.plans == []
+        assert eng.sched.counters.saved_blocks == 3  # r1's only

@@ -57,9 +57,12 @@ class SavePlanner:
              ) -> SaveJob | None:
         """Blocks [first, full) of ``request`` (in vLLM's blocks ``block_ids``)."""
         bs = self.block_size
-        lora = lora_name(request)
+        key = hash_key(request, self.salt)
+        if key is None:
+            return None
+        salt, lora = key
         tokens = np.asarray(request.all_token_ids[: full * bs], dtype=np.uint32)
-        hashes = hash_blocks(tokens, bs, lora_name=lora, salt=self.salt)
+        hashes = hash_blocks(tokens, bs, lora_name=lora, salt=salt)
         seq = hashes.sequence
         todo = [i for i in range(first, full)
                 if seq[i] not in self.saving and self.mgr.lookup(seq[i]) is None]
@@ -116,6 +119,20 @@ def _contiguous(indices: list[int]) -> list[list[int]]:
         else:
             runs.append([i])
     return runs
+
+
+def hash_key(request: Any, salt: str | None) -> tuple[str | None, str | None] | None:
+    """``(salt, lora name)`` that ``request``'s blocks hash with, or ``None`` when kvbm must
+    not cache them: its KV depends on more than its token ids (images or other media,
+    prompt embeddings), which kvbm's hashes do not cover, so a hit could be another
+    request's KV. vLLM's per-request ``cache_salt`` (tenant isolation) joins the salt."""
+    if getattr(request, "mm_features", None) or getattr(request, "prompt_embeds", None) \
+            is not None:
+        return None
+    cache_salt = getattr(request, "cache_salt", None)
+    if cache_salt is not None:
+        salt = f"{salt or ''}\x1fcache_salt\x1f{cache_salt}"
+    return salt, lora_name(request)
 
 
 def lora_name(request: Any) -> str | None:

@@ -26,8 +26,9 @@ import numpy as np
 from kvbm.core.plans import BlockCopy, CopyStatus, Direction, PlanResult, TransferPlan
 from kvbm.errors import InvalidArgumentError
 from kvbm.events import KVEvent
+from kvbm.hashing import hash_blocks
 from kvbm.integrations.vllm.config import ConnectorSettings
-from kvbm.integrations.vllm.saves import SaveJob, SavePlanner, lora_name
+from kvbm.integrations.vllm.saves import SaveJob, SavePlanner, hash_key
 from kvbm.integrations.vllm.stats import ConnectorCounters, KvbmConnectorStats, SchedulerMeter
 from kvbm.integrations.vllm.wire import PoolInfo, StepPlan, WorkerReport
 from kvbm.layout import KVKind
@@ -133,9 +134,14 @@ class SchedulerSide:
         self.counters.queries += 1
         if most <= start:
             return 0, False
+        key = hash_key(request, self.settings.config.salt)
+        if key is None:  # KV that depends on more than the tokens: never from kvbm
+            return 0, False
+        salt, lora = key
         self._asked[request.request_id] = most - start
-        m = self.mgr.match_prefix(np.asarray(tokens[: most * bs], dtype=np.uint32),
-                                  lora_name=lora_name(request))
+        arr = np.asarray(tokens[: most * bs], dtype=np.uint32)
+        m = self.mgr.match_hashes(hash_blocks(arr, bs, lora_name=lora, salt=salt),
+                                  lora_name=lora, tokens=arr)
         n = m.num_blocks
         if n <= start:
             return 0, False
