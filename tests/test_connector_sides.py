@@ -873,3 +873,43 @@ def test_requests_whose_kv_is_not_their_tokens_are_neither_served_nor_saved(extr
         step = eng.prefill(other, [8, 9, 10, 11], 0)
         assert step.plan.plans == []
         assert eng.sched.counters.saved_blocks == 3  # r1's only
+
+
+def test_an_object_tier_that_dies_before_a_load_gives_load_errors_not_a_hang(
+        tmp_path, aws_test_env):
+    """The bucket's server dies before a restarted engine's hit is loaded from it: the
+    scheduler still answers from its local index (no I/O), the load fails within the retry
+    deadline, every promised block comes back as a load error (vLLM recomputes) and the
+    request is reported as received once."""
+    import boto3
+
+    from kvbm.storage.resilience import RetryPolicy
+    from kvbm.storage.s3 import S3TierConfig
+    from kvbm.testing.servers import moto_server
+
+    server = moto_server()
+    server.start()
+    try:
+        boto3.client("s3", endpoint_url=server.endpoint).create_bucket(Bucket="down")
+        s3 = S3TierConfig(bucket="down", endpoint_url=server.endpoint,
+                          index_path=str(tmp_path / "s3-index"),
+                          retry=RetryPolicy(max_attempts=2, deadline_s=3.0))
+        cfg = ManagerConfig(device=None, host=HostTierConfig(16), s3=s3)
+        s = ConnectorSettings(MHA, cfg, 1, "engine-test")
+        tokens = toks(3 * BS + 6, 21)
+        with Engine(s) as eng:
+            save_prompt(eng, Req("r1", tokens), [0, 1, 2, 3])
+        with Engine(s) as eng:  # a restart; then the server dies
+            server.kill()
+            r2 = Req("r2", [*tokens[:3 * BS], *toks(8, 22)])
+            eng.ranks[0].fill([8, 9, 10, 11], -7.0)
+            assert eng.admit(r2, [8, 9, 10, 11]) == (3 * BS, True)
+            step, _ = steps_until_received(eng, "r2")
+            assert step.plan.recv_done == ["r2"]
+            assert step.ranks[0].errors == {8, 9, 10}
+            assert bool((eng.read(0, 8) == -7).all())
+            assert eng.sched.counters.load_errors == 3
+            for _ in range(3):  # reported once
+                assert eng.step().ranks[0].recving == set()
+    finally:
+        server.kill()
