@@ -100,6 +100,8 @@ class SchedulerSide:
         self._matches: dict[str, tuple[Any, int, int, bool]] = {}
         self._jobs: dict[int, _Job] = {}
         self._final: list[tuple[str, TransferPlan | None]] = []
+        #: requests aborted while their asynchronous load ran: reported received once
+        self._aborted: list[str] = []
         self._sources: dict[str, dict[Medium, int]] = {}
         self._plan_ids = itertools.count(1)
         self._step = 0
@@ -198,6 +200,8 @@ class SchedulerSide:
                 step.plans.append(plan)
             step.send_done.append(rid)
         self._final = []
+        step.recv_done.extend(self._aborted)
+        self._aborted = []
         if not self._keep_events:
             self.mgr.take_events()
         return step.encode()
@@ -214,7 +218,12 @@ class SchedulerSide:
             return False
         if st.load is not None:  # never handed to the workers (aborted while loading)
             st.load.handle.release()
-            st.load = None
+            is_async, st.load = st.load.is_async, None
+            if is_async:
+                # vLLM keeps the blocks of a request aborted in WAITING_FOR_REMOTE_KVS until
+                # a worker reports it received (and frees them again on a send report).
+                self._aborted.append(rid)
+                return False
         st.request = request
         st.block_ids = list(block_ids)
         full = min(int(request.num_computed_tokens), len(request.all_token_ids)) \
