@@ -75,18 +75,17 @@ class WorkerSide:
         self._loaded_step = step.step
         self._errors.update(step.load_errors)
         loads = [p for p in step.plans if p.direction is Direction.LOAD]
-        if loads:
-            mover = self._ensure_mover(step.pool)
-            for plan in loads:
-                # Started, not waited for: on CUDA the copies run on the mover's stream and
-                # each layer's attention waits for its own layer only (wait_layer).
-                t0 = time.perf_counter()
-                try:
-                    self._loading.append((plan, mover.start_load(plan), t0))
-                except Exception as e:  # a failed copy must not take the engine down
-                    log.error("kvbm: load plan %d failed on rank %d: %s", plan.plan_id,
-                              self.rank, e)
-                    self._record(plan, self._failed(plan), t0)
+        for plan in loads:
+            # Started, not waited for: on CUDA the copies run on the mover's stream and
+            # each layer's attention waits for its own layer only (wait_layer).
+            t0 = time.perf_counter()
+            try:  # (a pool this rank cannot map fails the plan, like a failed copy)
+                mover = self._ensure_mover(step.pool)
+                self._loading.append((plan, mover.start_load(plan), t0))
+            except Exception as e:  # a failed copy must not take the engine down
+                log.error("kvbm: load plan %d failed on rank %d: %s", plan.plan_id,
+                          self.rank, e)
+                self._record(plan, self._failed(plan), t0)
         self._recving.update(step.recv_done)
 
     def wait_layer(self, layer_name: str) -> None:
@@ -118,10 +117,8 @@ class WorkerSide:
         if step is None:
             return
         saves = [p for p in step.plans if p.direction is Direction.SAVE]
-        if saves:
-            mover = self._ensure_mover(step.pool)
-            for plan in saves:
-                self._run(mover, plan)
+        for plan in saves:
+            self._run(step.pool, plan)
         self._sending.update(step.send_done)
 
     def finished(self) -> tuple[set[str] | None, set[str] | None]:
@@ -150,9 +147,10 @@ class WorkerSide:
             self._mover = None
 
     # ---------------------------------------------------------------------- internals --
-    def _run(self, mover: Any, plan: TransferPlan) -> PlanResult:
+    def _run(self, pool: PoolInfo | None, plan: TransferPlan) -> PlanResult:
         t0 = time.perf_counter()
         try:
+            mover = self._ensure_mover(pool)
             res: PlanResult = (mover.load(plan) if plan.direction is Direction.LOAD
                                else mover.save(plan))
         except Exception as e:  # a failed copy must not take the engine down: recompute
