@@ -12,11 +12,18 @@ torch = pytest.importorskip("torch")
 
 from test_connector_sides import (  # noqa: E402
     BS,
+    MHA,
     WAIT_S,
+    CachedReqs,
     Engine,
     Req,
+    SchedOut,
+    canonical_page,
     gate_disk,
+    save_prompt,
     saved_on_disk,
+    seqs,
+    settings,
     toks,
 )
 
@@ -107,3 +114,89 @@ def test_a_worker_that_cannot_attach_the_pool_fails_its_plans_and_still_reports(
         assert eng.sched.counters.failed_saves == 2
         assert g2_idle(eng)
         eng.sched.mgr.check_invariants()
+
+
+# -- KV computed on top of a block that failed to load ------------------------------------------
+def _shared_prefix_requests(eng: Engine) -> tuple[list[int], Req, list[int]]:
+    """r1 saves 3 blocks; returns its hashes, and r2: r1's first 2 blocks, then 2 blocks and
+    a tail of its own (4 full blocks), with r2's hashes."""
+    tokens = toks(3 * BS + 4, 41)
+    h1 = save_prompt(eng, Req("r1", tokens), [0, 1, 2, 3])
+    r2 = Req("r2", [*tokens[:2 * BS], *toks(2 * BS + 5, 42)])
+    return h1, r2, seqs(r2.all_token_ids, eng.s)
+
+
+def _recompute_from(eng: Engine, req: Req, blocks: list[int], first: int) -> None:
+    """vLLM after invalid blocks of a sync load: num_computed_tokens goes back to the first
+    invalid block and the next step computes the rest again."""
+    n = len(req.all_token_ids)
+    so = SchedOut(scheduled_cached_reqs=CachedReqs([req.request_id], [None], [first * BS]),
+                  num_scheduled_tokens={req.request_id: n - first * BS})
+    hashes = seqs(req.all_token_ids, eng.s)
+    eng.step(so, [(blocks[i], hashes[i]) for i in range(first, n // BS)])
+    req.num_computed_tokens = n
+
+
+def assert_saved(eng: Engine, hashes: list[int], in_g2: range) -> None:
+    """Every full block is cached, those of ``in_g2`` in G2, and each G2 page is the
+    block's."""
+    for i, h in enumerate(hashes):
+        rec = eng.sched.mgr.lookup(h)
+        assert rec is not None, f"block {i} not saved after vLLM recomputed it"
+        assert rec.g2 >= 0 or i not in in_g2, f"block {i} not in G2"
+        if rec.g2 >= 0:
+            assert torch.equal(eng.sched.pool.buffer[rec.g2], canonical_page(MHA, h))
+    eng.sched.mgr.flush(timeout=WAIT_S)  # stores to disk hold their pages meanwhile
+    assert g2_idle(eng)
+
+
+def test_blocks_computed_after_a_failed_sync_load_are_not_saved_then(tmp_path):
+    """A sync load whose block 1 fails its tag check: vLLM's forward pass of that step
+    computes blocks 2 and 3 attending to whatever G1 block 1 held, so their KV is not the
+    blocks' (vLLM throws that step's output away and recomputes from block 1). The step's
+    SAVE of blocks 2 and 3 must not become cached blocks under their hashes; once vLLM
+    recomputed them, they are saved. (With block 1 on disk too, dropping its G2 copy keeps
+    it in the index, so the lineage rule does not stop that commit by chance.)"""
+    with Engine(settings(disk=tmp_path / "g3")) as eng:
+        h1, r2, h2 = _shared_prefix_requests(eng)
+        pool, mgr = eng.sched.pool, eng.sched.mgr
+        slot = mgr.lookup(h1[1]).g2
+
+        def strike() -> None:
+            pool.tags[slot, 0] = 0
+
+        blocks = [8, 9, 10, 11, 12]
+        eng.ranks[0].fill(blocks, -7.0)
+        assert eng.admit(r2, blocks) == (2 * BS, False)
+        step = eng.prefill(r2, blocks, 2 * BS, before_workers=strike)
+        assert step.ranks[0].errors == {9}
+        assert [p.direction.value for p in step.plan.plans] == ["load", "save"]
+        assert mgr.lookup(h2[2]) is None, "KV computed on a failed load was cached"
+        assert mgr.lookup(h2[3]) is None
+        assert eng.sched.num_new_matched_tokens(Req("probe", r2.all_token_ids), 0)[0] < 3 * BS
+        _recompute_from(eng, r2, blocks, 1)
+        assert_saved(eng, h2, in_g2=range(2, 4))
+
+
+def test_a_block_cut_from_a_sync_load_is_never_saved_from_g1_garbage():
+    """The prefix kvbm promised shrinks before the load is planned (its G2 copy of block 1
+    dropped, so block 1 left the index): block 1 is a load error, never copied into G1.
+    The same step must not save G1 block 1 (whatever it held) as block 1's page, nor the
+    blocks computed on top of it."""
+    with Engine(settings()) as eng:
+        h1, r2, h2 = _shared_prefix_requests(eng)
+        pool, mgr = eng.sched.pool, eng.sched.mgr
+        blocks = [8, 9, 10, 11, 12]
+        eng.ranks[0].fill(blocks, -7.0)
+        assert eng.sched.num_new_matched_tokens(r2, 0) == (2 * BS, False)
+        assert mgr.discard_host([h1[1]]) == 1  # e.g. a lineage cut before the stage
+        eng.sched.after_alloc(r2, blocks, 2 * BS)
+        step = eng.prefill(r2, blocks, 2 * BS)
+        assert step.ranks[0].errors == {9}
+        for i in (1, 2, 3):
+            rec = mgr.lookup(h2[i])
+            assert rec is None or torch.equal(pool.buffer[rec.g2], canonical_page(MHA, h2[i])), \
+                f"block {i}: G1 garbage saved as its page"
+            assert rec is None, f"block {i} was saved from a step that computed it on garbage"
+        _recompute_from(eng, r2, blocks, 1)
+        assert_saved(eng, h2, in_g2=range(4))

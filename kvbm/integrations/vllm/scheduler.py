@@ -57,6 +57,9 @@ class _Req:
     #: blocks [0, saved) are cached in kvbm or have a save planned
     saved: int = 0
     load: _Load | None = None
+    #: the step whose forward pass ran on blocks of this request that were not loaded:
+    #: nothing it computed is the blocks' KV, so it saves nothing
+    no_save_step: int = -1
 
 
 @dataclass
@@ -65,6 +68,10 @@ class _Job:
     handle: StageHandle | None = None
     saves: SaveJob | None = None
     statuses: dict[int, tuple[CopyStatus, ...]] = field(default_factory=dict)
+    #: the step that planned it
+    step: int = 0
+    #: a SAVE computed on top of blocks that failed to load in its step: never committed
+    tainted: bool = False
 
 
 class SchedulerSide:
@@ -312,10 +319,12 @@ class SchedulerSide:
                 self.counters.load_errors += len(ld.g1) - k
                 # vLLM recomputes them: save them then (those still cached are skipped).
                 st.saved = min(st.saved, ld.start + k)
+                if not ld.is_async:  # this step's forward pass attends to them
+                    st.no_save_step = self._step
             if copies:
                 plan = TransferPlan(next(self._plan_ids), Direction.LOAD, copies, rid)
                 step.plans.append(plan)
-                self._jobs[plan.plan_id] = _Job(plan, handle=h)
+                self._jobs[plan.plan_id] = _Job(plan, handle=h, step=self._step)
             else:
                 h.release()
             if ld.is_async:
@@ -357,13 +366,13 @@ class SchedulerSide:
     def _save_plan(self, st: _Req, full: int) -> TransferPlan | None:
         """A SAVE plan for blocks [st.saved, full) not cached yet (G2 room permitting)."""
         full = min(full, len(st.block_ids))
-        if full <= st.saved:
+        if full <= st.saved or st.no_save_step == self._step:
             return None
         job = self._saves.plan(next(self._plan_ids), st.request, st.block_ids, st.saved, full)
         st.saved = full
         if job is None:
             return None
-        self._jobs[job.plan.plan_id] = _Job(job.plan, saves=job)
+        self._jobs[job.plan.plan_id] = _Job(job.plan, saves=job, step=self._step)
         return job.plan
 
     def _tag_filled(self, pages: list[tuple[int, int]]) -> None:
@@ -394,6 +403,26 @@ class SchedulerSide:
                    if any(s[i] is CopyStatus.MISMATCH for s in job.statuses.values())]
             if bad:
                 self.counters.discarded_pages += self.mgr.discard_host(bad)
+            if not all(ok):
+                self._load_failed(job, ok)
             return
         assert job.saves is not None
-        self._saves.finish(job.saves, ok)
+        self._saves.finish(job.saves, [False] * len(ok) if job.tainted else ok)
+
+    def _load_failed(self, job: _Job, ok: list[bool]) -> None:
+        """vLLM recomputes the blocks of LOAD ``job`` that are not ``ok``. What its step's
+        forward pass computed after them attended to whatever they held: that step's saves of
+        the request are not the blocks' KV (never committed). The blocks are saved once
+        recomputed."""
+        rid = job.plan.request_id
+        for other in self._jobs.values():  # (a rank reports its loads before its saves)
+            if other.saves is not None and other.step == job.step \
+                    and other.plan.request_id == rid:
+                other.tainted = True
+        st = self._reqs.get(rid)
+        if st is not None:
+            where = {b: i for i, b in enumerate(st.block_ids)}
+            bad = [where[c.g1_block] for c, good in zip(job.plan.copies, ok, strict=True)
+                   if not good and c.g1_block in where]
+            if bad:
+                st.saved = min(st.saved, min(bad))
