@@ -16,6 +16,7 @@ from test_connector_sides import (  # noqa: E402
     WAIT_S,
     CachedReqs,
     Engine,
+    NewReq,
     Req,
     SchedOut,
     canonical_page,
@@ -200,3 +201,52 @@ def test_a_block_cut_from_a_sync_load_is_never_saved_from_g1_garbage():
             assert rec is None, f"block {i} was saved from a step that computed it on garbage"
         _recompute_from(eng, r2, blocks, 1)
         assert_saved(eng, h2, in_g2=range(4))
+
+
+@pytest.mark.parametrize("failure", ["mismatch", "cut", "pending"])
+def test_with_async_scheduling_the_next_steps_saves_on_a_failed_load_are_not_kept(tmp_path,
+                                                                                failure):
+    """vLLM 0.32 schedules step N+1 before step N's output arrives (async scheduling, its
+    default). A chunked prefill whose sync load of block 1 failed in step N computes blocks
+    in step N+1 on top of it too, before vLLM learns of the invalid block and rolls back:
+    those saves are not the blocks' KV either (nor is G1 block 1). Once vLLM recomputed
+    from block 1, all is saved. The failures: block 1's tag (a worker's check); block 1 cut
+    from the prefix before the load is planned; block 1's G2 copy gone so that the sync
+    promise would need the disk (it cannot wait: vLLM computes in this step)."""
+    disk = None if failure == "cut" else tmp_path / "g3"
+    with Engine(settings(disk=disk)) as eng:
+        h1, r2, h2 = _shared_prefix_requests(eng)
+        pool, mgr = eng.sched.pool, eng.sched.mgr
+        slot = mgr.lookup(h1[1]).g2
+        blocks = [8, 9, 10, 11, 12]
+        eng.ranks[0].fill(blocks, -7.0)
+        assert eng.sched.num_new_matched_tokens(r2, 0) == (2 * BS, False)
+        if failure != "mismatch":
+            mgr.flush(timeout=WAIT_S)  # (pending: block 1 on disk, so it stays indexed)
+            assert mgr.discard_host([h1[1]]) == 1
+        eng.sched.after_alloc(r2, blocks, 2 * BS)
+
+        def strike() -> None:
+            if failure == "mismatch":
+                pool.tags[slot, 0] = 0
+
+        # step N: blocks 0, 1 promised, block 2 computed (a chunk of BS tokens)
+        so = SchedOut([NewReq("r2", (blocks,), 2 * BS)], num_scheduled_tokens={"r2": BS})
+        n = eng.step(so, [(blocks[2], h2[2])], deliver=False, before_workers=strike)
+        # step N+1, planned before N's reports: the rest of the prompt (block 3 full)
+        rest = len(r2.all_token_ids) - 3 * BS
+        so = SchedOut(scheduled_cached_reqs=CachedReqs(["r2"], [None], [3 * BS]),
+                      num_scheduled_tokens={"r2": rest})
+        n1 = eng.step(so, [(blocks[3], h2[3])], deliver=False)
+        assert n.ranks[0].errors == {9}
+        eng.sched.on_worker_reports(n.reports)
+        eng.sched.on_worker_reports(n1.reports)
+        rec = mgr.lookup(h2[1])
+        assert rec is None or rec.g2 < 0 or torch.equal(pool.buffer[rec.g2],
+                                                        canonical_page(MHA, h2[1])), \
+            "G1 block 1, never loaded, saved as its page"
+        assert mgr.lookup(h2[2]) is None, "block 2 (step N) computed on a failed load kept"
+        assert mgr.lookup(h2[3]) is None, "block 3 (step N+1) computed on a failed load kept"
+        r2.num_computed_tokens = len(r2.all_token_ids)
+        _recompute_from(eng, r2, blocks, 1)
+        assert_saved(eng, h2, in_g2=range(2, 4))

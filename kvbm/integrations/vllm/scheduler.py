@@ -57,9 +57,10 @@ class _Req:
     #: blocks [0, saved) are cached in kvbm or have a save planned
     saved: int = 0
     load: _Load | None = None
-    #: the step whose forward pass ran on blocks of this request that were not loaded:
-    #: nothing it computed is the blocks' KV, so it saves nothing
-    no_save_step: int = -1
+    #: vLLM recomputes from this block (its load failed). Until vLLM schedules the request
+    #: back there, what it computes attends to a block that was not loaded (async scheduling
+    #: plans the next step before it learns of the failure): nothing of it is saved
+    redo: int = -1
 
 
 @dataclass
@@ -306,9 +307,9 @@ class SchedulerSide:
                 continue
             h = ld.handle
             if not h.done():
-                if now < ld.deadline:
+                if ld.is_async and now < ld.deadline:
                     continue
-                h.cancel()
+                h.cancel()  # (a sync promise cannot wait: vLLM computes in this step)
                 self.counters.load_timeouts += 1
             slots = h.slots
             k = min(len(slots), len(ld.g1))
@@ -319,8 +320,7 @@ class SchedulerSide:
                 self.counters.load_errors += len(ld.g1) - k
                 # vLLM recomputes them: save them then (those still cached are skipped).
                 st.saved = min(st.saved, ld.start + k)
-                if not ld.is_async:  # this step's forward pass attends to them
-                    st.no_save_step = self._step
+                st.redo = ld.start + k if st.redo < 0 else min(st.redo, ld.start + k)
             if copies:
                 plan = TransferPlan(next(self._plan_ids), Direction.LOAD, copies, rid)
                 step.plans.append(plan)
@@ -341,7 +341,7 @@ class SchedulerSide:
             st.block_ids = list(new.block_ids[0])
             done = new.num_computed_tokens + scheduled.get(new.req_id, 0)
             full = min(done, len(st.request.all_token_ids)) // bs
-            self._add_save(step, st, full)
+            self._add_save(step, st, full, new.num_computed_tokens)
         cached = so.scheduled_cached_reqs
         resumed: set[str] = getattr(cached, "resumed_req_ids", set())
         for i, rid in enumerate(cached.req_ids):
@@ -356,17 +356,23 @@ class SchedulerSide:
                     st.block_ids.extend(new_ids[0])
             done = cached.num_computed_tokens[i] + scheduled.get(rid, 0)
             full = min(done, len(st.request.all_token_ids)) // bs
-            self._add_save(step, st, full)
+            self._add_save(step, st, full, cached.num_computed_tokens[i])
 
-    def _add_save(self, step: StepPlan, st: _Req, full: int) -> None:
-        plan = self._save_plan(st, full)
+    def _add_save(self, step: StepPlan, st: _Req, full: int, computed: int) -> None:
+        plan = self._save_plan(st, full, computed)
         if plan is not None:
             step.plans.append(plan)
 
-    def _save_plan(self, st: _Req, full: int) -> TransferPlan | None:
-        """A SAVE plan for blocks [st.saved, full) not cached yet (G2 room permitting)."""
+    def _save_plan(self, st: _Req, full: int, computed: int | None = None
+                   ) -> TransferPlan | None:
+        """A SAVE plan for blocks [st.saved, full) not cached yet (G2 room permitting);
+        ``computed``: the tokens vLLM had computed when it scheduled this step."""
+        if st.redo >= 0:
+            if computed is None or computed > st.redo * self.block_size:
+                return None  # vLLM has not gone back to the block that failed to load
+            st.redo = -1
         full = min(full, len(st.block_ids))
-        if full <= st.saved or st.no_save_step == self._step:
+        if full <= st.saved:
             return None
         job = self._saves.plan(next(self._plan_ids), st.request, st.block_ids, st.saved, full)
         st.saved = full
@@ -411,12 +417,12 @@ class SchedulerSide:
 
     def _load_failed(self, job: _Job, ok: list[bool]) -> None:
         """vLLM recomputes the blocks of LOAD ``job`` that are not ``ok``. What its step's
-        forward pass computed after them attended to whatever they held: that step's saves of
-        the request are not the blocks' KV (never committed). The blocks are saved once
-        recomputed."""
+        forward pass (and the next one's, planned before vLLM learnt of it) computed after
+        them attended to whatever they held: those saves of the request are not the blocks'
+        KV and are never committed. The blocks are saved once recomputed."""
         rid = job.plan.request_id
         for other in self._jobs.values():  # (a rank reports its loads before its saves)
-            if other.saves is not None and other.step == job.step \
+            if other.saves is not None and other.step >= job.step \
                     and other.plan.request_id == rid:
                 other.tainted = True
         st = self._reqs.get(rid)
@@ -426,3 +432,4 @@ class SchedulerSide:
                    if not good and c.g1_block in where]
             if bad:
                 st.saved = min(st.saved, min(bad))
+                st.redo = min(bad) if st.redo < 0 else min(st.redo, min(bad))
