@@ -250,3 +250,22 @@ def test_with_async_scheduling_the_next_steps_saves_on_a_failed_load_are_not_kep
         r2.num_computed_tokens = len(r2.all_token_ids)
         _recompute_from(eng, r2, blocks, 1)
         assert_saved(eng, h2, in_g2=range(2, 4))
+
+
+@pytest.mark.xfail(strict=True, reason="design decision: the scheduler side keeps a plan's G2 "
+                   "pages until every rank reported it, with no expiry; a report lost to a "
+                   "refused payload or a worker exception holds them (and refuses reset) for "
+                   "good. A fix: give up on plans some steps older than the last report of "
+                   "every rank (steps are serial per worker, so their copies are over).")
+def test_plans_whose_reports_never_arrive_give_their_pages_back_eventually():
+    with Engine(settings()) as eng:
+        tokens = toks(3 * BS + 4, 51)
+        save_prompt(eng, Req("r1", tokens), [0, 1, 2, 3])
+        r2 = Req("r2", [*tokens[:3 * BS], *toks(BS + 3, 52)])
+        assert eng.admit(r2, [8, 9, 10, 11, 12]) == (3 * BS, False)
+        eng.prefill(r2, [8, 9, 10, 11, 12], 3 * BS, deliver=False)  # the reports are lost
+        assert not g2_idle(eng)
+        for _ in range(20):  # vLLM goes on stepping, every later report arrives
+            eng.step()
+        assert g2_idle(eng)
+        assert eng.sched.reset()
