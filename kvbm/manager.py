@@ -1711,6 +1711,11 @@ class BlockManager:
                 self._finish_stage(handle)
             else:
                 self._finish_onboard(handle)
+        # Loads count against the tier's in-flight bound: stores deferred behind them can
+        # go down now (nothing else may finish soon to submit them).
+        for lt in self._lower:
+            if lt.medium is medium:
+                self._store_deferred(lt)
 
     def _finish_onboard(self, h: OnboardHandle) -> None:
         """All loads of an onboard finished: keep what arrived in G2, cut the prefix at the
