@@ -796,6 +796,9 @@ class BlockManager:
             recs = recs[: recs.index(staged_recs[0])]
             staged_recs = []
             self._staging_misses += 1
+        # The pages held, by position, as they are now: an eviction below may forget a held
+        # block (its unheld parent before start_block left every tier), detaching its page.
+        held = {i: r.g2 for i, r in enumerate(recs) if r.g2 >= 0}
         for r in recs:
             if r.g2 >= 0:
                 self._hold(g2, r)
@@ -812,8 +815,8 @@ class BlockManager:
         loads: dict[Medium, list[tuple[int, BlockRecord, int]]] = {}
         it = iter(taken)
         for i, r in enumerate(recs):
-            if r.g2 >= 0:
-                slots.append(r.g2)
+            if i in held:
+                slots.append(held[i])
                 continue
             s = next(it)
             if i >= alive:
@@ -826,8 +829,8 @@ class BlockManager:
             loads.setdefault(src, []).append((i, r, s))
         if alive < len(recs):
             for i in range(alive, len(recs)):
-                if i not in staged and slots[i] >= 0 and recs[i].g2 == slots[i]:
-                    self._release_one(g2, slots[i])
+                if i in held:  # (a detached page is freed by its last release)
+                    self._release_one(g2, held[i])
             recs, slots = recs[:alive], slots[:alive]
         handle = StageHandle(self, recs, start_block, slots, staged, len(loads))
         if not loads:

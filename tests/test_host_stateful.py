@@ -508,3 +508,33 @@ def test_stores_deferred_behind_loads_go_down_once_the_loads_finish(tmp_path) ->
             break
     assert seen, "the loads always finished before the commit: nothing was deferred"
 
+
+def test_stage_after_start_block_survives_losing_the_unheld_prefix(tmp_path) -> None:
+    """stage(match, start_block) holds only the blocks from ``start_block`` on. Making room
+    for a load may evict a block before it that no other tier holds: the lineage rule then
+    drops the held blocks too. The stage must end the prefix there and give back the pages
+    it held (it raised StopIteration, and leaked the held page)."""
+    cfg = ManagerConfig(
+        device=None, host=HostTierConfig(4, eviction="lru"),
+        disk=DiskTierConfig(tmp_path / "g3", capacity_bytes=1 << 22, slab_bytes=1 << 20))
+    seq = tokens_for(0, 0, 3)
+    with BlockManager(LAYOUT, cfg) as mgr:
+        p, a, _ = _save_now(mgr, seq)
+    with BlockManager(LAYOUT, cfg) as mgr:  # a restart: all three on disk only
+        with mgr.stage(mgr.match_prefix(seq[: 2 * BS])) as h:  # p and a back in G2
+            assert len(h.wait(30)) == 2
+        # p leaves the disk: G2 holds its only copy
+        mgr._engine.run(mgr._lower[0].store.delete([p]))
+        mgr.on_removed(Medium.DISK, [p], RemovalReason.DELETED)
+        held = mgr.reserve_host([1, 2])  # G2 is full: p is the only page it can evict
+        assert len(held) == 2
+        m = mgr.match_prefix(seq)
+        assert m.mediums == [Medium.CPU_PINNED, Medium.CPU_PINNED, Medium.DISK]
+        h = mgr.stage(m, start_block=1)  # holds a, loads b: evicts p, so a and b go
+        assert h.wait(30) == [] and h.sequence_hashes == []
+        h.release()
+        mgr.release_host(held)
+        mgr.check_invariants()
+        alloc = mgr.host_pool.allocator
+        assert all(alloc.refcount(s) == 0 for s in range(alloc.num_slots)), "a page leaked"
+        assert mgr.lookup(a) is None
