@@ -252,11 +252,6 @@ def test_with_async_scheduling_the_next_steps_saves_on_a_failed_load_are_not_kep
         assert_saved(eng, h2, in_g2=range(2, 4))
 
 
-@pytest.mark.xfail(strict=True, reason="design decision: the scheduler side keeps a plan's G2 "
-                   "pages until every rank reported it, with no expiry; a report lost to a "
-                   "refused payload or a worker exception holds them (and refuses reset) for "
-                   "good. A fix: give up on plans some steps older than the last report of "
-                   "every rank (steps are serial per worker, so their copies are over).")
 def test_plans_whose_reports_never_arrive_give_their_pages_back_eventually():
     with Engine(settings()) as eng:
         tokens = toks(3 * BS + 4, 51)

@@ -111,6 +111,15 @@ class SavePlanner:
             pos += n
 
 
+    def abandon(self, job: SaveJob) -> None:
+        """A save whose report was lost: its pages go back, nothing is committed."""
+        for run in job.runs:
+            self.mgr.release_host(run.slots)
+        for c in job.plan.copies:
+            self.saving.discard(c.seq_hash)
+        self.counters.failed_saves += len(job.plan.copies)
+
+
 def _contiguous(indices: list[int]) -> list[list[int]]:
     runs: list[list[int]] = []
     for i in indices:

@@ -114,6 +114,8 @@ class SchedulerSide:
         self._plan_ids = itertools.count(1)
         self._step = 0
         self._asked: dict[str, int] = {}
+        #: the last step each rank reported (see _expire_lost)
+        self._rank_step: dict[int, int] = {}
         self.counters = ConnectorCounters()
         self._saves = SavePlanner(self.mgr, self.pool, self._writers, self.counters,
                                   settings.config.salt)
@@ -206,6 +208,9 @@ class SchedulerSide:
         for rid, plan in self._final:
             if plan is not None:
                 step.plans.append(plan)
+                job = self._jobs.get(plan.plan_id)
+                if job is not None:  # planned at request_finished, sent with this step
+                    job.step = self._step
             step.send_done.append(rid)
         self._final = []
         step.recv_done.extend(self._aborted)
@@ -262,8 +267,31 @@ class SchedulerSide:
                 continue
             for res in report.results:
                 self._on_result(report.rank, res)
+            self._rank_step[report.rank] = max(self._rank_step.get(report.rank, 0),
+                                               report.step)
+        self._expire_lost()
         if bad:
             raise InvalidArgumentError("; ".join(bad))
+
+    def _expire_lost(self) -> None:
+        """Plans of steps every rank has reported past without a result lost their report
+        (a refused payload, a worker exception): give their pages back rather than hold
+        them forever. Steps run one after another on each worker, so their copies are over;
+        a load is counted as failed (vLLM was told nothing: it recomputes nothing, but its
+        blocks were never marked loaded by kvbm either), a save is not committed."""
+        if len(self._rank_step) < self.settings.world_size or not self._jobs:
+            return
+        through = min(self._rank_step.values())
+        for plan_id in [p for p, j in self._jobs.items() if j.step <= through]:
+            job = self._jobs.pop(plan_id)
+            log.warning("kvbm: plan %d of step %d lost its report from %d of %d ranks; its "
+                        "pages are given back", plan_id, job.step,
+                        self.settings.world_size - len(job.statuses), self.settings.world_size)
+            self.counters.lost_reports += 1
+            if job.handle is not None:
+                job.handle.release()
+            if job.saves is not None:
+                self._saves.abandon(job.saves)
 
     def take_events(self) -> list[KVEvent]:
         return self.mgr.take_events()
@@ -271,6 +299,10 @@ class SchedulerSide:
     def reset(self) -> bool:
         """Drop every cached block (vLLM's ``reset_prefix_cache(reset_connector=True)``)."""
         if self._jobs or any(r.load is not None for r in self._reqs.values()):
+            return False
+        # Clearing waits for the stores to disk or the bucket in flight: the scheduler must
+        # not (vLLM asks again later).
+        if any(q.inflight_pages for _, q in self.mgr.stats(drain=False).lower_tiers.values()):
             return False
         try:
             self.mgr.clear()

@@ -66,6 +66,8 @@ class ConnectorCounters:
     failed_saves: int = 0
     #: G2 copies dropped because a worker found their tag wrong
     discarded_pages: int = 0
+    #: plans given up on because a worker's report never came (their pages freed)
+    lost_reports: int = 0
 
     def hit_tokens_by_medium_add(self, mediums: Iterable[Medium], block_size: int) -> None:
         for m in mediums:

@@ -71,23 +71,27 @@ class StepPlan:
 
 @dataclass(frozen=True)
 class WorkerReport:
-    """What one worker did in one step: a result per plan."""
+    """What one worker did in one step: a result per plan. ``step``: the last step plan the
+    worker executed (every plan of it and of earlier steps is in this report or an earlier
+    one: a plan without a result by then lost its report)."""
 
     rank: int
     results: list[PlanResult]
+    step: int = 0
 
     def encode(self) -> bytes:
-        out: bytes = msgpack.packb([_VERSION, self.rank, [r.to_plain() for r in self.results]])
+        out: bytes = msgpack.packb([_VERSION, self.rank, [r.to_plain() for r in self.results],
+                                    self.step])
         return out
 
     @classmethod
     def decode(cls, data: bytes) -> WorkerReport:
         obj = _unpack(data, "worker report")
         try:
-            version, rank, results = obj
+            version, rank, results, step = obj
             if version != _VERSION:
                 raise ValueError(f"version {version}")
-            return cls(int(rank), [PlanResult.from_plain(r) for r in results])
+            return cls(int(rank), [PlanResult.from_plain(r) for r in results], int(step))
         except InvalidArgumentError:
             raise
         except (TypeError, ValueError) as e:

@@ -37,6 +37,7 @@ class WorkerSide:
         self._mover: Any = None
         self._step: StepPlan | None = None
         self._results: list[PlanResult] = []
+        self._last_step = -1
         #: loads started this step, finished before the step's saves and reports
         self._loading: list[tuple[TransferPlan, Any, float]] = []
         self._errors: set[int] = set()
@@ -63,6 +64,7 @@ class WorkerSide:
         # (its blocks may hold other KV by now).
         self._step = None
         self._step = StepPlan.decode(payload)
+        self._last_step = self._step.step
 
     def clear(self) -> None:
         self._step = None
@@ -133,10 +135,12 @@ class WorkerSide:
         return out
 
     def report(self) -> bytes | None:
+        """This step's results, and the step: sent every step once plans arrive, so that
+        the scheduler can tell a lost report from a late one."""
         self._finish_loads()
-        if not self._results:
+        if self._last_step < 0:
             return None
-        out = WorkerReport(self.rank, self._results).encode()
+        out = WorkerReport(self.rank, self._results, self._last_step).encode()
         self._results = []
         return out
 
