@@ -44,6 +44,7 @@ from kvbm.checks import (
     os_wait,
 )
 from kvbm.config import DeviceTierConfig, ManagerConfig
+from kvbm.core.masks import MaskTable
 from kvbm.errors import (
     BlockStateError,
     ConfigError,
@@ -407,7 +408,7 @@ class BlockManager:
         self._inbox: queue.SimpleQueue[TransferHandle | _Removal] = queue.SimpleQueue()
         #: pages of persistent tiers not linked into the index (after a restart, or whose
         #: prefix left every memory tier): seq hash -> residency mask. A match re-links them.
-        self._orphans: dict[int, int] = {}
+        self._orphans = MaskTable()
         self._lower: list[_StoreTier] = []
         self._engine: OffloadEngine | None = None
         self._events: collections.deque[KVEvent] = collections.deque()
@@ -1326,8 +1327,7 @@ class BlockManager:
                 self._engine.add_tier(store)
                 lt = _StoreTier(store)
                 self._lower.append(lt)
-                for k in self._engine.run(store.keys()):
-                    self._orphans[k] = self._orphans.get(k, 0) | lt.bit
+                self._orphans.or_many(self._engine.run(store.keys()), lt.bit)
         except BaseException:
             with contextlib.suppress(TransferError):  # the opening error is the one to see
                 self._engine.shutdown(flush=False)
