@@ -424,6 +424,8 @@ class BlockManager:
         self._offloaded = 0
         self._staging_misses = 0  # onboards cut short: no G2 page to stage a lower-tier load
         self._fill_hook: Callable[[list[tuple[int, int]]], None] | None = None
+        self._check_hook: Callable[[list[tuple[int, int]]], list[bool]] | None = None
+        self._bad_host_pages = 0  # refused by the check hook before a store
         if config.lower_tiers:
             self._open_lower_tiers()
 
@@ -967,6 +969,34 @@ class BlockManager:
             if g2.alloc.refcount(s) != 1 or g2.owner[s] is not None:
                 raise BlockStateError(f"G2 page {s} is not a page reserved with reserve_host")
         g2.alloc.free(ids)
+
+    def set_host_check_hook(self, hook: Callable[[list[tuple[int, int]]], list[bool]] | None
+                            ) -> None:
+        """Ask ``hook([(g2_slot, seq_hash), ...])`` whether each page still holds its block
+        before it is stored to a tier below (an engine whose movers tag pages checks the
+        tags). A page it refuses is not stored, and its G2 copy is dropped: a tier's
+        checksum would otherwise vouch for whatever the page held."""
+        if hook is not None and not callable(hook):
+            raise InvalidArgumentError(f"hook must be callable or None, got {hook!r}")
+        self._check_hook = hook
+
+    def _checked_pages(self, recs: list[BlockRecord]) -> list[BlockRecord]:
+        assert self._check_hook is not None and self._g2 is not None
+        ok = self._check_hook([(r.g2, r.seq_hash) for r in recs])
+        bad = [r for r, good in zip(recs, ok, strict=True) if not good]
+        if not bad:
+            return recs
+        log.error("kvbm: %d G2 page(s) no longer hold their block; not stored below, dropped",
+                  len(bad))
+        self._bad_host_pages += len(bad)
+        g2 = self._g2
+        for r in bad:
+            if r.g2 >= 0 and g2.alloc.refcount(r.g2) == 0 and self._index.get(r.seq_hash) is r:
+                g2.policy.remove(r.seq_hash)
+                self._evict(g2, r)
+        # (an eviction may have taken descendants with it: lineage)
+        return [r for r, good in zip(recs, ok, strict=True)
+                if good and r.g2 >= 0 and self._index.get(r.seq_hash) is r]
 
     def set_host_fill_hook(self, hook: Callable[[list[tuple[int, int]]], None] | None
                            ) -> None:
@@ -1612,6 +1642,8 @@ class BlockManager:
             for r in todo[room:]:
                 lt.deferred[r.seq_hash] = r
             todo = todo[:room]
+            if todo and self._check_hook is not None:
+                todo = self._checked_pages(todo)
             if not todo:
                 continue
             for r in todo:

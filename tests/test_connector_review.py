@@ -264,3 +264,37 @@ def test_plans_whose_reports_never_arrive_give_their_pages_back_eventually():
             eng.step()
         assert g2_idle(eng)
         assert eng.sched.reset()
+
+
+def test_a_page_that_lost_its_tag_is_not_stored_below(tmp_path):
+    """A committed G2 page overwritten before its (deferred) store to disk: the disk's
+    checksum would vouch for whatever it held. It is not stored, and its G2 copy goes."""
+    import asyncio
+    import threading
+
+    from kvbm.config import OffloadConfig
+    from kvbm.storage.disk import DiskStore
+
+    class GatedPutStore(DiskStore):
+        gate: threading.Event
+
+        async def put(self, items, *, parents=None):  # type: ignore[override]
+            await asyncio.get_running_loop().run_in_executor(None, self.gate.wait)
+            return await super().put(items, parents=parents)
+
+    s = settings(disk=tmp_path / "g3", offload=OffloadConfig(max_inflight_pages=1))
+    with Engine(s) as eng:
+        mgr = eng.sched.mgr
+        store = mgr._lower[0].store  # test-only: hold the disk's writes
+        store.__class__ = GatedPutStore
+        store.gate = threading.Event()
+        tokens = toks(3 * BS + 4, 61)
+        hashes = save_prompt(eng, Req("r1", tokens), [0, 1, 2, 3])
+        assert hashes[2] in mgr._lower[0].deferred  # waiting for room below
+        eng.sched.pool.tags[mgr.lookup(hashes[2]).g2, 0] = 12345  # another block's now
+        store.gate.set()
+        mgr.flush(30)
+        on_disk = mgr._engine.run(store.exists(hashes[:3]))
+        assert on_disk == [True, True, False]
+        assert mgr.lookup(hashes[2]) is None  # its G2 copy dropped
+        assert mgr.lookup(hashes[1]) is not None

@@ -101,6 +101,9 @@ class SchedulerSide:
         # Pages the offload engine loads from disk or object storage (verified there by their
         # checksums) are written by no worker: tag them the moment they become G2 copies.
         self.mgr.set_host_fill_hook(self._tag_filled)
+        # And a page goes down to disk or the bucket only while it still carries its tag:
+        # their checksums would vouch for whatever it held.
+        self.mgr.set_host_check_hook(self._tags_hold)
         self._pool_info = PoolInfo(self.pool.name, layout.to_dict(), host.num_blocks,
                                    self._writers)
         self._keep_events = keep_events
@@ -412,6 +415,11 @@ class SchedulerSide:
             return None
         self._jobs[job.plan.plan_id] = _Job(job.plan, saves=job, step=self._step)
         return job.plan
+
+    def _tags_hold(self, pages: list[tuple[int, int]]) -> list[bool]:
+        tags = self.pool.tags
+        w = self._writers
+        return [bool((tags[slot, :w] == seq_hash).all()) for slot, seq_hash in pages]
 
     def _tag_filled(self, pages: list[tuple[int, int]]) -> None:
         tags = self.pool.tags
