@@ -74,6 +74,64 @@ def _corrupt(conn: Any, spec: dict[str, Any], prompts: list[list[int]]) -> int:
     return damaged
 
 
+def _watch(llm: Any, sched: Any) -> dict[str, int]:
+    """Counts, in vLLM's scheduler, what it did: preemptions, prefill chunks that stopped
+    short of the prompt's end (chunked prefill), resumed requests, the largest step; and
+    the promised blocks kvbm's stage() cut (no room in G2 to load them into)."""
+    vsched = llm.llm_engine.engine_core.engine_core.scheduler
+    seen = {"preempted": 0, "partial_prefills": 0, "resumed": 0, "steps": 0,
+            "max_step_tokens": 0, "stage_cut_blocks": 0}
+    preempt, schedule, stage = vsched._preempt_request, vsched.schedule, sched.mgr.stage
+
+    def counted_stage(match: Any, start_block: int = 0) -> Any:
+        handle = stage(match, start_block)
+        # (handle.slots stays empty until its loads are done: the slots it started with)
+        seen["stage_cut_blocks"] += match.num_blocks - start_block - len(handle._slots)
+        return handle
+
+    def counted_preempt(request: Any, *args: Any, **kwargs: Any) -> Any:
+        seen["preempted"] += 1
+        return preempt(request, *args, **kwargs)
+
+    def counted_schedule(*args: Any, **kwargs: Any) -> Any:
+        so = schedule(*args, **kwargs)
+        seen["steps"] += 1
+        seen["max_step_tokens"] = max(seen["max_step_tokens"], so.total_num_scheduled_tokens)
+        seen["resumed"] += len(getattr(so.scheduled_cached_reqs, "resumed_req_ids", ()))
+        seen["resumed"] += sum(1 for r in so.scheduled_new_reqs
+                               if vsched.requests[r.req_id].num_preemptions > 0)
+        for rid in so.num_scheduled_tokens:
+            req = vsched.requests.get(rid)
+            if req is not None and req.is_prefill_chunk:
+                seen["partial_prefills"] += 1
+        return so
+
+    vsched._preempt_request = counted_preempt
+    vsched.schedule = counted_schedule
+    sched.mgr.stage = counted_stage
+    return seen
+
+
+def _idle(llm: Any, sched: Any) -> dict[str, Any]:
+    """What is still held once the engine is idle: G2 pages in use, the connector's plans
+    and requests, vLLM's requests."""
+    from kvbm.medium import Medium
+
+    sched.mgr.flush(timeout=60)
+    sched.mgr.poll()
+    vsched = llm.llm_engine.engine_core.engine_core.scheduler
+    g2 = sched.mgr.stats(drain=False).tiers[Medium.CPU_PINNED]
+    return {"pinned": g2.pinned_blocks, "cached": g2.cached_blocks, "free": g2.free_blocks,
+            "capacity": g2.capacity_blocks, "jobs": len(sched._jobs),
+            "reqs": len(sched._reqs), "final": len(sched._final),
+            "saving": len(sched._saves.saving), "vllm_requests": len(vsched.requests),
+            "vllm_has_requests": bool(vsched.has_requests()),
+            "g1_free": vsched.kv_cache_manager.block_pool.get_num_free_blocks(),
+            "g1_total": vsched.kv_cache_manager.block_pool.num_gpu_blocks,
+            "async_scheduling": bool(llm.llm_engine.vllm_config.scheduler_config
+                                     .async_scheduling)}
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     from vllm import LLM, SamplingParams
@@ -122,12 +180,15 @@ def main(spec_path: str) -> None:
                         events_seen[key] = events_seen.get(key, 0) + len(ev.block_hashes)
 
         threading.Thread(target=listen, daemon=True).start()
+    # "engine_args": more of vLLM's engine arguments (max_num_batched_tokens, ...)
+    engine_args: dict[str, Any] = {"max_model_len": 2048, **spec.get("engine_args", {})}
     llm = LLM(model=spec["model"], kv_events_config=kv_events, load_format="dummy",
               skip_tokenizer_init=True, enable_prefix_caching=True, block_size=32, dtype="float32",
-              max_model_len=2048, kv_transfer_config=kv, enforce_eager=True, seed=0,
-              gpu_memory_utilization=0.3, kv_cache_memory_bytes=spec.get("g1_bytes", 4 << 20))
+              kv_transfer_config=kv, enforce_eager=True, seed=0, gpu_memory_utilization=0.3,
+              kv_cache_memory_bytes=spec.get("g1_bytes", 4 << 20), **engine_args)
     conn = llm.llm_engine.engine_core.engine_core.scheduler.connector
     sched = conn.scheduler_side
+    watch = _watch(llm, sched) if spec.get("watch") else None
     sp = SamplingParams(max_tokens=spec.get("max_tokens", 6), temperature=0.0,
                         detokenize=False)
     prompts: list[list[int]] = spec["prompts"]
@@ -154,8 +215,24 @@ def main(spec_path: str) -> None:
             out.append({"op": op})
         elif op == "generate":
             before = sched.counters.to_dict()
-            res = llm.generate([{"prompt_token_ids": prompts[i]} for i in rnd["prompts"]], sp,
-                               use_tqdm=False)
+            seen = None
+            if watch is not None:
+                watch["max_step_tokens"] = 0  # (the largest step of this round)
+                seen = dict(watch)
+            # "salt": each request gets a cache_salt of its own (nothing shared, nothing hit)
+            salt = rnd.get("salt")
+            reqs = [{"prompt_token_ids": prompts[i]} |
+                    ({"cache_salt": f"{salt}-{i}"} if salt else {}) for i in rnd["prompts"]]
+            if rnd.get("one_by_one"):  # each request alone in the engine
+                res = [llm.generate([r], sp, use_tqdm=False)[0] for r in reqs]
+            else:
+                res = llm.generate(reqs, sp, use_tqdm=False)
+            if rnd.get("drain"):  # step the engine until the connector's saves are done
+                for _ in range(100):
+                    vsched = llm.llm_engine.engine_core.engine_core.scheduler
+                    if not vsched.has_requests() and not sched._jobs and not sched._final:
+                        break
+                    llm.llm_engine.step()
             sched.mgr.poll()
             if rnd.get("flush"):
                 sched.mgr.flush(timeout=60)
@@ -167,7 +244,12 @@ def main(spec_path: str) -> None:
             out.append({"op": op, "outputs": [list(r.outputs[0].token_ids) for r in res],
                         "cached": [r.num_cached_tokens for r in res], "counters": delta,
                         "corrupt": {m.value: s.corrupt for m, (s, _) in
-                                    stats.lower_tiers.items()}})
+                                    stats.lower_tiers.items()},
+                        "staging_misses": stats.staging_misses})
+            if watch is not None and seen is not None:
+                out[-1]["sched"] = {k: watch[k] - seen[k] for k in watch}
+            if rnd.get("drain"):
+                out[-1]["idle"] = _idle(llm, sched)
         elif op == "corrupt":
             out.append({"op": op, "damaged": _corrupt(conn, rnd, prompts)})
         elif op == "drop_g2":
