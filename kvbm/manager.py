@@ -849,6 +849,25 @@ class BlockManager:
                 context=(handle, medium, [i for i, _, _ in items])))
         return handle
 
+    def stageable(self, match: MatchResult, start_block: int = 0) -> int:
+        """How many blocks of ``match`` from ``start_block`` on :meth:`stage` could hold now
+        (no I/O): those in G2, then as far as G2 has room to load the ones only below. An
+        engine promises no more than this (a promise :meth:`stage` then cuts is a load
+        error, not a miss)."""
+        if self._closed:
+            raise closed_error()
+        check_match(match)
+        start_block = as_count(start_block, "start_block")
+        g2 = self._g2
+        if g2 is None:
+            raise ConfigError("stageable needs a host tier (config.host)")
+        self._drain()
+        recs = self._index.match(match.sequence_hashes)[start_block:]
+        below = [i for i, r in enumerate(recs) if r.g2 < 0]
+        if below and not self._has_room(g2, len(below), recs):
+            return below[0]
+        return len(recs)
+
     def reserve_host(self, seq_hashes: Sequence[int]) -> list[int]:
         """G2 pages for a mover to write blocks into (engine-owned G1), one per hash, for
         as long a prefix of ``seq_hashes`` as G2's admission and room allow (evicting by

@@ -160,10 +160,6 @@ def test_nothing_held_once_idle(run: list[dict[str, Any]], i: int) -> None:
 
 
 # -- the defect the stress test shows, without vLLM -------------------------------------------
-@pytest.mark.xfail(strict=True, reason="num_new_matched_tokens promises disk/object hits "
-                   "without asking whether G2 has room to stage them; stage() then cuts the "
-                   "prefix (a staging miss) and every promised block is a load error that "
-                   "vLLM recomputes after waiting for an asynchronous load that never ran")
 def test_a_disk_hit_g2_has_no_room_to_stage_is_not_promised(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     sys.path.insert(0, str(HERE))

@@ -185,7 +185,11 @@ def main(spec_path: str) -> None:
     llm = LLM(model=spec["model"], kv_events_config=kv_events, load_format="dummy",
               skip_tokenizer_init=True, enable_prefix_caching=True, block_size=32, dtype="float32",
               kv_transfer_config=kv, enforce_eager=True, seed=0, gpu_memory_utilization=0.3,
-              kv_cache_memory_bytes=spec.get("g1_bytes", 4 << 20), **engine_args)
+              kv_cache_memory_bytes=spec.get("g1_bytes", 4 << 20),
+              # "mp": the worker in a process of its own (kvbm's data plane apart from the
+              # scheduler's control plane; they meet only in the shared G2 pool)
+              distributed_executor_backend=spec.get("executor"), **engine_args)
+    remote_worker = spec.get("executor") == "mp"
     conn = llm.llm_engine.engine_core.engine_core.scheduler.connector
     sched = conn.scheduler_side
     watch = _watch(llm, sched) if spec.get("watch") else None
@@ -207,11 +211,12 @@ def main(spec_path: str) -> None:
             # the next request may get the same blocks: scribble over every block, so that
             # only KV that kvbm really loads can make the output right.
             llm.reset_prefix_cache()
-            import torch
-            from vllm.distributed.kv_transfer import get_kv_transfer_group
+            if not remote_worker:  # (a worker in another process cannot be reached here)
+                import torch
+                from vllm.distributed.kv_transfer import get_kv_transfer_group
 
-            for t in get_kv_transfer_group().worker_side.kv_tensors():
-                t.copy_(torch.randn_like(t) * 3)
+                for t in get_kv_transfer_group().worker_side.kv_tensors():
+                    t.copy_(torch.randn_like(t) * 3)
             out.append({"op": op})
         elif op == "generate":
             before = sched.counters.to_dict()

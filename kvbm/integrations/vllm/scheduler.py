@@ -157,7 +157,9 @@ class SchedulerSide:
         arr = np.asarray(tokens[: most * bs], dtype=np.uint32)
         m = self.mgr.match_hashes(hash_blocks(arr, bs, lora_name=lora, salt=salt),
                                   lora_name=lora, tokens=arr)
-        n = m.num_blocks
+        # Promise no more than G2 can stage now: a disk hit without a page to land in
+        # would be a load error (and a wait for a load that never runs), not a miss.
+        n = start + self.mgr.stageable(m, start) if m.num_blocks > start else m.num_blocks
         if n <= start:
             return 0, False
         is_async = any(med in _LOWER for med in m.mediums[start:n])
