@@ -154,6 +154,25 @@ class _Removal:
     keys: list[int]
 
 
+@dataclass(frozen=True, slots=True)
+class _StoreContext:
+    """What a store transfer carries back to the manager: the tier, and each page's record
+    with the G2 slot it was read from (the record may have moved or gone meanwhile)."""
+
+    tier: _StoreTier
+    pages: list[tuple[BlockRecord, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class _LoadContext:
+    """What a load transfer carries back: the onboard or stage it serves, the tier it reads
+    from and the positions of its blocks in that handle's prefix."""
+
+    handle: OnboardHandle | StageHandle
+    medium: Medium
+    positions: list[int]
+
+
 class OnboardStatus(enum.Enum):
     PENDING = "pending"  # loads from lower tiers under way
     DONE = "done"  # block_ids is final
@@ -563,7 +582,7 @@ class BlockManager:
             engine.submit(TransferHandle(
                 TransferKind.LOAD, medium, [r.seq_hash for _, r, _ in items],
                 [g2pool.page(a) for _, _, a in items],
-                context=(handle, medium, [i for i, _, _ in items])))
+                context=_LoadContext(handle, medium, [i for i, _, _ in items])))
         return handle
 
     def allocate(self, n: int) -> list[int]:
@@ -846,7 +865,7 @@ class BlockManager:
             engine.submit(TransferHandle(
                 TransferKind.LOAD, medium, [r.seq_hash for _, r, _ in items],
                 [pool.page(a) for _, _, a in items],
-                context=(handle, medium, [i for i, _, _ in items])))
+                context=_LoadContext(handle, medium, [i for i, _, _ in items])))
         return handle
 
     def stageable(self, match: MatchResult, start_block: int = 0) -> int:
@@ -1672,7 +1691,7 @@ class BlockManager:
             engine.submit(TransferHandle(TransferKind.STORE, lt.medium,
                                          [r.seq_hash for r in todo],
                                          [pool.page(r.g2) for r in todo],
-                                         context=(lt, [(r, r.g2) for r in todo]),
+                                         context=_StoreContext(lt, [(r, r.g2) for r in todo]),
                                          parents=[r.parent_hash for r in todo]))
 
     def _store_deferred(self, lt: _StoreTier) -> None:
@@ -1691,7 +1710,8 @@ class BlockManager:
             self._store_down(batch)
 
     def _on_stored(self, th: TransferHandle) -> None:
-        lt, pages = th.context
+        ctx: _StoreContext = th.context
+        lt, pages = ctx.tier, ctx.pages
         g2 = self._g2
         assert g2 is not None
         stored: list[BlockRecord] = []
@@ -1745,7 +1765,8 @@ class BlockManager:
                 self._forget(r)
 
     def _on_loaded(self, th: TransferHandle) -> None:
-        handle, medium, positions = th.context
+        lctx: _LoadContext = th.context
+        handle, medium, positions = lctx.handle, lctx.medium, lctx.positions
         for i, ok in zip(positions, th.results, strict=True):
             handle._ok[i] = ok
         if not all(th.results):
