@@ -226,6 +226,8 @@ class EngineKV:
         for name, t in zip(names, tensors, strict=True):
             if t.dtype != dtype:
                 raise LayoutError(f"layer {name!r}: dtype {t.dtype}, the layout's is {dtype}")
+            if t.is_meta:  # no bytes behind it: copies "into" it would report done
+                raise LayoutError(f"layer {name!r}: a meta tensor holds no KV")
             f = _detect(t, layout, h)
             if f in _SAME_SHAPE and kv_format in _SAME_SHAPE:
                 f = kv_format  # one shape, two meanings: the caller says which

@@ -153,8 +153,10 @@ class BlockMover:
         tags = getattr(pool, "tags", None)
         need = len(engine_kv.tag_columns)
         if (not isinstance(tags, np.ndarray) or tags.dtype != np.uint64 or tags.ndim != 2
-                or tags.shape[0] != pool.num_blocks or tags.shape[1] < need):
-            raise InvalidArgumentError(f"the pool needs uint64 tags [num_blocks, >= {need}] "
+                or tags.shape[0] != pool.num_blocks or tags.shape[1] != need):
+            # Exactly: a pool's columns are its writers; a reader checking fewer would take
+            # the heads of a writer whose column it never looked at.
+            raise InvalidArgumentError(f"the pool needs uint64 tags [num_blocks, {need}] "
                                        f"(a SharedHostPool created with tag_columns={need})")
         self.engine_kv, self.pool = engine_kv, pool
         self._cuda = engine_kv.device.type == "cuda"
