@@ -65,3 +65,13 @@ def test_a_load_never_reports_done_for_a_page_it_did_not_copy():
         for li in range(L):
             assert torch.equal(dst_t[li][:, 1], full[li][:, 3])
             assert not dst_t[li][:, 2].any()
+
+
+@pytest.mark.parametrize("shape", [(2, 1, T, 4, D), (1, 4, T, 2 * D)])
+def test_kv_tensors_whose_blocks_alias_each_other_are_refused(shape):
+    """An expanded tensor (stride 0 over blocks): a load of one block would write every
+    block, and report DONE."""
+    full = (2, N, T, 4, D) if len(shape) == 5 else (N, 4, T, 2 * D)
+    layers = [torch.zeros(shape, dtype=torch.bfloat16).expand(full) for _ in range(L)]
+    with pytest.raises(LayoutError, match="overlap"):
+        EngineKV(layers, MHA)

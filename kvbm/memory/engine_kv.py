@@ -228,6 +228,10 @@ class EngineKV:
                 raise LayoutError(f"layer {name!r}: dtype {t.dtype}, the layout's is {dtype}")
             if t.is_meta:  # no bytes behind it: copies "into" it would report done
                 raise LayoutError(f"layer {name!r}: a meta tensor holds no KV")
+            if any(n > 1 and st == 0 for n, st in zip(t.shape, t.stride(), strict=True)):
+                # An expanded tensor: a copy into one block would write the others too.
+                raise LayoutError(f"layer {name!r}: its elements overlap (strides "
+                                  f"{tuple(t.stride())} for shape {tuple(t.shape)})")
             f = _detect(t, layout, h)
             if f in _SAME_SHAPE and kv_format in _SAME_SHAPE:
                 f = kv_format  # one shape, two meanings: the caller says which
