@@ -915,3 +915,18 @@ def test_an_object_tier_that_dies_before_a_load_gives_load_errors_not_a_hang(
                 assert eng.step().ranks[0].recving == set()
     finally:
         server.kill()
+
+
+def test_the_worker_takes_vllms_cpu_packing_rather_than_guessing():
+    """A page must be kvbm's canonical layout whatever the machine (disk and bucket pages
+    are shared): the worker takes the ISA vLLM chose; one kvbm does not know is refused."""
+    from kvbm.errors import LayoutError
+    from kvbm.memory.engine_kv import CpuPacking
+
+    s = settings()
+    tensors = {f"l{i}": torch.zeros(local_shape(s.layout, 1)) for i in range(s.layout.num_layers)}
+    w = WorkerSide(s, 0)
+    w.register(tensors, cpu_isa="vec")
+    assert w._kv.cpu_packing is CpuPacking.VEC
+    with pytest.raises(LayoutError, match="neon"):
+        WorkerSide(s, 0).register(tensors, cpu_isa="neon")

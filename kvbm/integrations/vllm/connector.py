@@ -98,7 +98,11 @@ class KvbmConnector(KVConnectorBase_V1):
 
     # ---------------------------------------------------------------------- worker side --
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        self.worker_side.register(kv_caches)
+        first = next(iter(kv_caches.values()), None)
+        isa = None
+        if first is not None and first.device.type == "cpu":
+            isa = _vllm_cpu_isa(self._vllm_config)
+        self.worker_side.register(kv_caches, cpu_isa=isa)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
@@ -208,6 +212,19 @@ class KvbmConnector(KVConnectorBase_V1):
 
     def reset_cache(self) -> bool | None:
         return self.scheduler_side.reset()
+
+
+def _vllm_cpu_isa(vllm_config: Any) -> str | None:
+    """The ISA vLLM's CPU attention packs this model's KV for, asked of vLLM's own rule:
+    a page must be kvbm's canonical layout whatever the machine (pages on disk or in a
+    bucket are shared), so kvbm reads the packing rather than guessing it."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    except ImportError:  # another vLLM layout: EngineKV repeats the rule itself
+        return None
+    mc, cc = vllm_config.model_config, vllm_config.cache_config
+    isa: str = _get_attn_isa(mc.dtype, cc.block_size, mc.get_head_size(), cc.cache_dtype)
+    return isa
 
 
 def _to_vllm(e: KVEvent) -> KVCacheEvent:

@@ -47,13 +47,17 @@ class WorkerSide:
         #: what this rank copied, for vLLM's get_kv_connector_stats
         self.meter = WorkerMeter()
 
-    def register(self, kv_caches: Mapping[str, Any]) -> None:
-        """vLLM's KV tensors, one per attention layer (``register_kv_caches``)."""
-        from kvbm.memory.engine_kv import EngineKV, TPShard
+    def register(self, kv_caches: Mapping[str, Any], *, cpu_isa: str | None = None) -> None:
+        """vLLM's KV tensors, one per attention layer (``register_kv_caches``). ``cpu_isa``:
+        the ISA vLLM's CPU attention packs KV for (``vec``, ``vec16``, ``amx``), as vLLM
+        itself chose it; without it kvbm repeats vLLM's rule."""
+        from kvbm.memory.engine_kv import CpuPacking, EngineKV, TPShard
 
+        packing = None if cpu_isa is None else CpuPacking.for_vllm_isa(cpu_isa)
         self._kv_caches = dict(kv_caches)
         self._kv = EngineKV(dict(kv_caches), self.settings.layout,
-                            shard=TPShard(self.rank, self.settings.world_size))
+                            shard=TPShard(self.rank, self.settings.world_size),
+                            cpu_packing=packing)
 
     def kv_tensors(self) -> list[Any]:
         """vLLM's KV tensors as registered (one per layer)."""
