@@ -17,6 +17,7 @@ block is written back to G2 when G1 evicts it.
 
 from __future__ import annotations
 
+import abc
 import collections
 import contextlib
 import copy
@@ -179,7 +180,42 @@ class OnboardStatus(enum.Enum):
     CANCELLED = "cancelled"  # cut short by cancel() or a timeout; block_ids is final
 
 
-class OnboardHandle:
+class _LoadWaiter(abc.ABC):
+    """What onboard and stage handles share: loads from lower tiers completed on the
+    manager's owner thread, a wait that cancels on timeout."""
+
+    _mgr: BlockManager
+    status: OnboardStatus
+
+    def done(self) -> bool:
+        return self.status is not OnboardStatus.PENDING
+
+    def poll(self) -> bool:
+        """Process finished transfers (owner thread); returns :meth:`done`. Once the
+        manager is closed, a handle still pending raises :class:`~kvbm.errors.ClosedError`
+        (close() finishes every handle whose transfers it could wait for)."""
+        if not self.done():
+            self._mgr.poll()
+        return self.done()
+
+    @abc.abstractmethod
+    def cancel(self) -> None:
+        """Give up on the loads still running (each handle cuts its own prefix)."""
+
+    def _wait(self, timeout: float | None) -> None:
+        limit = as_seconds(timeout, "timeout")
+        if not self.done() and self._mgr.closed:
+            raise closed_error()
+        deadline = None if limit is None else time.monotonic() + limit
+        while not self.done():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                self.cancel()
+                break
+            self._mgr._drain(block=True, timeout=left)
+
+
+class OnboardHandle(_LoadWaiter):
     """The result of :meth:`BlockManager.onboard_async`: G1 pages of a matched prefix, some
     of them still being loaded from disk or object storage.
 
@@ -203,31 +239,11 @@ class OnboardHandle:
         self.loaded_from: dict[Medium, int] = {}
         self.block_ids: list[int] = [] if pending else list(g1_slots)
 
-    def done(self) -> bool:
-        return self.status is not OnboardStatus.PENDING
-
-    def poll(self) -> bool:
-        """Process finished transfers (owner thread); returns :meth:`done`. Once the
-        manager is closed, a handle still pending raises :class:`~kvbm.errors.ClosedError`
-        (close() finishes every handle whose transfers it could wait for)."""
-        if not self.done():
-            self._mgr.poll()
-        return self.done()
-
     def wait(self, timeout: float | None = None) -> list[int]:
         """Block until every load finished (owner thread); returns ``block_ids``. On timeout
         (seconds, finite and >= 0; ``None``: no limit) the handle is cancelled: the prefix is
         cut before the first block still loading."""
-        limit = as_seconds(timeout, "timeout")
-        if not self.done() and self._mgr.closed:
-            raise closed_error()
-        deadline = None if limit is None else time.monotonic() + limit
-        while not self.done():
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                self.cancel()
-                break
-            self._mgr._drain(block=True, timeout=left)
+        self._wait(timeout)
         return self.block_ids
 
     def cancel(self) -> None:
@@ -244,7 +260,7 @@ class OnboardHandle:
         self.status = OnboardStatus.CANCELLED
 
 
-class StageHandle:
+class StageHandle(_LoadWaiter):
     """The result of :meth:`BlockManager.stage`: G2 pages of a matched prefix, held for a
     mover to copy into the engine's memory, some of them still loading from disk or object
     storage.
@@ -278,28 +294,10 @@ class StageHandle:
         """Blocks ready in G2 (final once done)."""
         return len(self.slots)
 
-    def done(self) -> bool:
-        return self.status is not OnboardStatus.PENDING
-
-    def poll(self) -> bool:
-        """Process finished transfers (owner thread); returns :meth:`done`."""
-        if not self.done():
-            self._mgr.poll()
-        return self.done()
-
     def wait(self, timeout: float | None = None) -> list[int]:
         """Block until every load finished; on timeout the handle is cancelled (the prefix
         ends before the first block still loading). Returns ``slots``."""
-        limit = as_seconds(timeout, "timeout")
-        if not self.done() and self._mgr.closed:
-            raise closed_error()
-        deadline = None if limit is None else time.monotonic() + limit
-        while not self.done():
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                self.cancel()
-                break
-            self._mgr._drain(block=True, timeout=left)
+        self._wait(timeout)
         return self.slots
 
     def cancel(self) -> None:
