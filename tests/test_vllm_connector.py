@@ -17,8 +17,6 @@ what serves the prefix is kvbm; vLLM's ``num_cached_tokens`` and kvbm's counters
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -54,20 +52,9 @@ def _engine(tmp: Path, name: str, kvbm: dict[str, Any], rounds: list[dict[str, A
             events_port: int | None = None) -> list[dict[str, Any]]:
     spec = {"model": str(tmp / "model"), "kvbm": kvbm, "rounds": rounds, "prompts": prompts,
             "executor": executor, "events_port": events_port}
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CACHE_ROOT=str(tmp / "vllm-cache"),
-               TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), TMPDIR=str(tmp),
-               VLLM_RPC_BASE_PATH=str(tmp), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(HERE / "vllm_driver.py"), str(path)],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KVBM-RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise AssertionError(f"engine {name} failed (rc {proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    out: list[dict[str, Any]] = json.loads(lines[-1].removeprefix("KVBM-RESULT "))
-    return out
+    from vllm_driver import run_engine
+
+    return run_engine(tmp, name, spec)
 
 
 @pytest.fixture(scope="module")

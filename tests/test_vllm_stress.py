@@ -28,8 +28,6 @@ when G2 has no room to stage them come back as load errors (xfail).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -53,20 +51,9 @@ def _prompts() -> list[list[int]]:
 
 def _engine(tmp: Path, spec: dict[str, Any]) -> list[dict[str, Any]]:
     """Runs tests/vllm_driver.py on ``spec`` in a process of its own."""
-    path = tmp / "spec.json"
-    path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CACHE_ROOT=str(tmp / "vllm-cache"),
-               TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), TMPDIR=str(tmp),
-               VLLM_RPC_BASE_PATH=str(tmp), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(HERE / "vllm_driver.py"), str(path)],
-                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KVBM-RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise AssertionError(f"engine failed (rc {proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    out: list[dict[str, Any]] = json.loads(lines[-1].removeprefix("KVBM-RESULT "))
-    return out
+    from vllm_driver import run_engine
+
+    return run_engine(tmp, "spec", spec)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,27 @@ def write_model(path: Path, config: dict[str, Any] | None = None) -> Path:
     return path
 
 
+def run_engine(tmp: Path, name: str, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Run this driver on ``spec`` in a process of its own, its caches and sockets under
+    ``tmp``; returns the rounds' results (an AssertionError with the output on failure)."""
+    import subprocess
+
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CACHE_ROOT=str(tmp / "vllm-cache"),
+               TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), TMPDIR=str(tmp),
+               VLLM_RPC_BASE_PATH=str(tmp), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(Path(__file__)), str(path)],
+                          capture_output=True, text=True, env=env, timeout=900, cwd=tmp)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KVBM-RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise AssertionError(f"engine {name} failed (rc {proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    out: list[dict[str, Any]] = json.loads(lines[-1].removeprefix("KVBM-RESULT "))
+    return out
+
+
 def _page_bytes(conn: Any, seq_hash: int) -> bytes:
     """The page of ``seq_hash`` as a tier below G2 holds it (to find it in the files)."""
     mgr = conn.scheduler_side.mgr
