@@ -93,3 +93,8 @@ class TokenTypeError(TokenError, InvalidArgumentError):
 
 class BlockIdTypeError(BlockIdError, InvalidArgumentError):
     """A block id that is not an int: also a ``TypeError`` (and a :class:`BlockIdError`)."""
+
+
+class EventDecodeError(InvalidArgumentError):
+    """Bytes received as a cache event (a ZMQ frame, a msgpack batch, one event in it) are not
+    what the wire format (vLLM's KV events) allows."""

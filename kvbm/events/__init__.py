@@ -6,5 +6,7 @@ them; ``BlockManager.take_events()`` drains the queue.
 """
 
 from kvbm.events.records import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvbm.events.wire import EventBatch, decode_batch, encode_batch
 
-__all__ = ["AllBlocksCleared", "BlockRemoved", "BlockStored", "KVEvent"]
+__all__ = ["AllBlocksCleared", "BlockRemoved", "BlockStored", "EventBatch", "KVEvent",
+           "decode_batch", "encode_batch"]

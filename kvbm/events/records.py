@@ -20,7 +20,19 @@ class BlockStored:
     medium: Medium
     lora_name: str | None = None
     lora_id: int | None = None
+    #: Local hashes (DESIGN.md §4) where the publisher knows them. They do not travel on the
+    #: wire (vLLM's format has no field for them): a subscriber recomputes them from
+    #: ``token_ids``, so a decoded event has ``[]`` here.
     local_hashes: list[int] = field(default_factory=list)
+    # vLLM's optional fields, carried through unchanged and omitted from the wire when None:
+    #: per block, the extra keys of its hash (LoRA name, (mm id, offset) pairs, cache salt)
+    extra_keys: list[list[object] | None] | None = None
+    group_idx: int | None = None  # KV cache group (hybrid models)
+    kv_cache_spec_kind: str | None = None
+    kv_cache_spec_sliding_window: int | None = None
+    locality: str | None = None  # "LOCAL" / "REMOTE" relative to the publisher
+    ownership: str | None = None  # secondary offloading tier that produced the event
+    session_id: str | None = None  # request context that triggered the store
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +41,9 @@ class BlockRemoved:
 
     block_hashes: list[int]
     medium: Medium
+    group_idx: int | None = None
+    locality: str | None = None
+    ownership: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
