@@ -18,7 +18,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "storage")) and _os.path.isfile
     __path__.append(_root)
 
 if TYPE_CHECKING:
-    from kvbm.config import DeviceTierConfig, HostTierConfig, ManagerConfig
+    from kvbm.config import CopyEngine, DeviceTierConfig, HostTierConfig, ManagerConfig
     from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored
     from kvbm.hashing import BlockHashes, hash_blocks
     from kvbm.index import MatchResult
@@ -36,6 +36,7 @@ __all__ = [
     "BlockManager",
     "BlockRemoved",
     "BlockStored",
+    "CopyEngine",
     "DeviceTierConfig",
     "FlushResult",
     "HostTierConfig",
@@ -59,6 +60,7 @@ _EXPORTS = {
     "BlockManager": "kvbm.manager",
     "BlockRemoved": "kvbm.events",
     "BlockStored": "kvbm.events",
+    "CopyEngine": "kvbm.config",
     "DeviceTierConfig": "kvbm.config",
     "FlushResult": "kvbm.reports",
     "HostTierConfig": "kvbm.config",

@@ -69,6 +69,7 @@ from kvbm.hashing import (
 from kvbm.index import BlockRecord, MatchResult, PrefixIndex
 from kvbm.layout import KVLayout
 from kvbm.medium import BEST_MEDIUM, Medium, mediums_of
+from kvbm.memory.local_copy import CopyTicket, LocalCopier, make_copier
 from kvbm.offload import (
     OffloadEngine,
     TierQueueStats,
@@ -78,7 +79,7 @@ from kvbm.offload import (
 )
 from kvbm.policies import make_admission, make_eviction
 from kvbm.policies.base import AdmissionPolicy, EvictionPolicy
-from kvbm.pool import DevicePool, HostPool, SlotAllocator, copy_blocks
+from kvbm.pool import DevicePool, HostPool, SlotAllocator
 from kvbm.reports import FlushResult, ManagerStats, TierUsage
 
 if TYPE_CHECKING:
@@ -162,6 +163,17 @@ class _StoreContext:
 
     tier: _StoreTier
     pages: list[tuple[BlockRecord, int]]
+
+
+@dataclass(frozen=True, slots=True)
+class _LocalCopy:
+    """A G1/G2 copy in flight (standalone mode): the pages it holds until it lands."""
+
+    ticket: CopyTicket
+    #: G1 -> G2: each block with the G2 page it is being copied to (empty for G2 -> G1)
+    offloaded: list[tuple[BlockRecord, int]]
+    g1_holds: list[int]  # G1 pages held as sources
+    g2_holds: list[int]  # G2 pages held (destinations of an offload, sources of an onboard)
 
 
 @dataclass(frozen=True, slots=True)
@@ -408,9 +420,14 @@ class BlockManager:
         #: G1, or None when the engine owns its KV memory (then only the host-level calls
         #: - stage, reserve_host, commit_host, release_host - move pages, through plans)
         self._g1: _MemTier | None = None
+        #: copies between G1 and G2 (standalone mode), and those not landed yet, oldest first
+        self._copier: LocalCopier | None = None
+        self._copies: collections.deque[_LocalCopy] = collections.deque()
         if dev is not None:
-            self._g1 = _MemTier(Medium.GPU, DevicePool(layout, dev.num_blocks, dev.device),
-                                make_eviction(dev.eviction, dev.num_blocks), None)
+            g1_pool = DevicePool(layout, dev.num_blocks, dev.device)
+            self._g1 = _MemTier(Medium.GPU, g1_pool, make_eviction(dev.eviction, dev.num_blocks),
+                                None)
+            self._copier = make_copier(dev.copies, g1_pool.device)
         self._g2: _MemTier | None = None
         if config.host is not None:
             h = config.host
@@ -556,10 +573,12 @@ class BlockManager:
                 self._hold(g2, r)
             s2 = self._take(g2, len(staged)) if staged else []
             s1 = self._take(g1, len(missing))
-            copy_blocks(g2.pool, [r.g2 for r in direct], g1.pool, s1[: len(direct)])
+            if direct:  # the G2 sources stay held until the copy has landed
+                src2 = [r.g2 for r in direct]
+                self._copy(g2, src2, g1, s1[: len(direct)], g2_holds=src2)
             for r, s in zip(direct, s1, strict=False):
-                self._unhold(g2, r)
                 self._place(g1, r, s, pinned=True)
+            self._reap_copies()
             self._onboarded[Medium.CPU_PINNED] += len(direct)
             self._emit_stored(direct, Medium.GPU)
             pos = {id(r): i for i, r in enumerate(recs)}
@@ -1196,7 +1215,8 @@ class BlockManager:
                             dict(self._hits_by_medium), self._committed, self._deduplicated,
                             dict(self._onboarded), self._offloaded, len(self._index),
                             self._events_dropped, tiers, lower, len(self._orphans),
-                            self._staging_misses)
+                            self._staging_misses,
+                            sum(len(c.g1_holds) + len(c.g2_holds) for c in self._copies))
 
     # ---------------------------------------------------------------------------- internals --
     def _hold(self, tier: _MemTier, rec: BlockRecord) -> None:
@@ -1322,16 +1342,83 @@ class BlockManager:
                     g1.alloc.free([s1])
             else:
                 live.append((r, s1, s2))
-        copy_blocks(g1.pool, [x[1] for x in live], g2.pool, [x[2] for x in live])
+        if not live:
+            return 0
         for r, _, s2 in reversed(live):  # tail first: see _touch
-            if r is not evicting:
-                self._unhold(g1, r)
-            self._place(g2, r, s2, pinned=False)
-        placed = [r for r, _, _ in live]
-        self._offloaded += len(placed)
-        self._emit_stored(placed, Medium.CPU_PINNED)
-        self._store_down(placed)
-        return len(placed)
+            # In G2 from now on (matchable, not evictable); what reads G2 from the host -
+            # the tiers below, the events - waits until the copy has landed (_landed).
+            self._place(g2, r, s2, pinned=True)
+        self._copy(g1, [x[1] for x in live], g2, [x[2] for x in live],
+                   order_consumer=evicting is not None,  # its G1 page is reused next
+                   offloaded=[(r, s2) for r, _, s2 in live],
+                   g1_holds=[s1 for r, s1, _ in live if r is not evicting],
+                   g2_holds=[s2 for _, _, s2 in live])
+        self._reap_copies()
+        return len(live)
+
+    def _copy(self, src: _MemTier, src_slots: list[int], dst: _MemTier, dst_slots: list[int],
+              *, order_consumer: bool = True,
+              offloaded: list[tuple[BlockRecord, int]] | None = None,
+              g1_holds: list[int] | None = None, g2_holds: list[int] | None = None) -> None:
+        """Hand a G1/G2 copy to the copier; the holds listed are dropped when it lands."""
+        copier = self._copier
+        assert copier is not None, "G1/G2 copies need kvbm's own G1"
+        ticket = copier.submit(src.pool, src_slots, dst.pool, dst_slots,
+                               order_consumer=order_consumer)
+        self._copies.append(_LocalCopy(ticket, offloaded or [], g1_holds or [], g2_holds or []))
+
+    def _reap_copies(self, *, wait: bool = False) -> None:
+        """Finish the G1/G2 copies that have landed (all of them with ``wait``), oldest
+        first: copies land in the order they were submitted."""
+        copies = self._copies
+        while copies:
+            lc = copies[0]
+            if not wait and not lc.ticket.done():
+                return
+            ok = True
+            try:
+                lc.ticket.wait()
+            except TransferError as e:
+                log.error("%s; the pages it was writing to G2 are dropped", e)
+                ok = False
+            copies.popleft()
+            self._landed(lc, ok)
+
+    def _landed(self, lc: _LocalCopy, ok: bool) -> None:
+        g1, g2 = self._g1, self._g2
+        # Blocks forgotten meanwhile (a lineage cascade) had their G2 page detached: the
+        # hold below frees it.
+        placed = [r for r, s2 in lc.offloaded
+                  if r.g2 == s2 and self._index.get(r.seq_hash) is r]
+        if not ok:
+            assert g2 is not None
+            for r in placed:
+                self._drop_unlanded(g2, r)
+            placed = []
+        if lc.g1_holds:
+            assert g1 is not None
+            for s in lc.g1_holds:
+                self._release_one(g1, s)
+        if lc.g2_holds:
+            assert g2 is not None
+            for s in lc.g2_holds:
+                self._release_one(g2, s)
+        if placed:
+            self._offloaded += len(placed)
+            self._emit_stored(placed, Medium.CPU_PINNED)
+            self._store_down(placed)
+
+    def _drop_unlanded(self, tier: _MemTier, rec: BlockRecord) -> None:
+        """``rec``'s page in ``tier`` never received its data: it stops being that block's
+        copy (the caller's hold on it frees it); nothing was announced for it."""
+        slot = tier.slot(rec)
+        tier.set_slot(rec, -1)
+        tier.owner[slot] = None
+        tier.policy.remove(rec.seq_hash)
+        tier.pinned -= 1
+        rec.mask &= ~tier.bit
+        if rec.mask == 0:
+            self._forget(rec)
 
     def _touch(self, recs: Sequence[BlockRecord]) -> None:
         """A prefix was used: refresh recency/frequency in every tier holding each block.
@@ -1416,6 +1503,8 @@ class BlockManager:
 
     def _drain(self, *, block: bool = False, timeout: float | None = None) -> int:
         """Process the inbox on the owner thread. ``block``: wait for at least one item."""
+        if self._copies:
+            self._reap_copies()
         if self._engine is None:
             return 0
         n = 0
@@ -1474,6 +1563,7 @@ class BlockManager:
     def _flush(self, timeout: float | None) -> FlushResult:
         """:meth:`flush` without the checks; ``complete=False`` when time ran out."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._reap_copies(wait=True)  # offloads still copying: their stores go down now
         self._drain()
         engine, g2, host = self._engine, self._g2, self.config.host
         if engine is None or g2 is None or host is None or not self._lower:
@@ -1508,7 +1598,8 @@ class BlockManager:
                 chunk = [r for r in backlog[i: i + room] if r.g1 >= 0 and r.g2 < 0]
                 i += room
                 tried.update(r.seq_hash for r in chunk)
-                to_host += self._offload(chunk)  # its stores are submitted right away
+                to_host += self._offload(chunk)
+                self._reap_copies(wait=True)  # landed: their stores are submitted
         except _FlushTimeout:
             complete = False
         stored = {lt.medium: lt.stored - before[lt.medium][0] for lt in self._lower}
@@ -1597,6 +1688,9 @@ class BlockManager:
         engine = self._engine
         result = None
         try:
+            self._reap_copies(wait=True)
+            if self._copier is not None:
+                self._copier.close()
             if engine is not None:
                 deadline = time.monotonic() + limit
                 try:
@@ -1826,7 +1920,10 @@ class BlockManager:
                 src.append(rec.g2)
                 dst.append(s1)
                 up.append(rec)
-        copy_blocks(g2.pool, src, g1.pool, dst)
+        if up:  # the G2 sources stay held until the copy has landed
+            for rec in up:
+                self._hold(g2, rec)
+            self._copy(g2, src, g1, dst, g2_holds=list(src))
         for rec, s1 in zip(up, dst, strict=True):
             self._place(g1, rec, s1, pinned=True)
         self._host_filled(to_g2)
@@ -1838,6 +1935,7 @@ class BlockManager:
             h.status = OnboardStatus.DONE
         self._touch(recs[:cut])
         self._store_down(to_g2)  # promotion: a page loaded from G4 also goes to G3
+        self._reap_copies()
 
     def _release_tail(self, h: OnboardHandle, cut: int) -> None:
         """Give back the engine's holds on the blocks of ``h`` from ``cut`` on that are

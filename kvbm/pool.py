@@ -337,13 +337,19 @@ def _runs(src_slots: Sequence[int], dst_slots: Sequence[int]) -> list[list[int]]
 
 
 def copy_blocks(src: DevicePool | HostPool, src_slots: Sequence[int],
-                dst: DevicePool | HostPool, dst_slots: Sequence[int]) -> None:
+                dst: DevicePool | HostPool, dst_slots: Sequence[int], *,
+                sync: bool = True) -> None:
     """Copy whole blocks between pools, batched per layer, whatever the arrangements.
 
     Pages adjacent in both pools are copied as one run with one ``copy_`` (a memcpy, or one
     DMA between pinned host memory and the GPU): a gather (``index_select``) on a CPU tensor
     runs at a small fraction of memcpy speed, and a GPU transfer wants large copies. Many
     tiny runs to or from a GPU go through one gather on each side instead.
+
+    ``sync=False`` (a caller that orders the copy itself, on its own CUDA stream with an
+    event): runs only, queued on the current stream and not waited for. The gather would
+    stage through temporaries that must outlive the copy, and a device-to-host gather has to
+    wait for the device before the host scatters it.
     """
     import torch
 
@@ -364,7 +370,7 @@ def copy_blocks(src: DevicePool | HostPool, src_slots: Sequence[int],
                  for layer in range(src.layout.num_layers)]
     runs = _runs(src_slots, dst_slots)
     copy_bytes = len(src_slots) * src.layout.bytes_per_block / (len(runs) * len(pairs))
-    if not cuda or copy_bytes >= _MIN_RUN_BYTES_CUDA:
+    if not cuda or not sync or copy_bytes >= _MIN_RUN_BYTES_CUDA:
         for s_t, d_t in pairs:
             for s, d, n in runs:
                 d_t[d:d + n].copy_(s_t[s:s + n], non_blocking=cuda)
@@ -377,7 +383,7 @@ def copy_blocks(src: DevicePool | HostPool, src_slots: Sequence[int],
         for s_t, d_t in pairs:
             part = s_t.index_select(0, si).to(dst_dev, non_blocking=to_gpu)
             d_t.index_copy_(0, di, part)
-    if cuda:
+    if cuda and sync:
         # Correctness first: the copy must be complete before either page is reused. The
         # offload engine overlaps copies with compute on its own stream.
         torch.cuda.synchronize(src_dev if src_dev.type == "cuda" else dst_dev)

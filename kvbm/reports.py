@@ -72,6 +72,9 @@ class ManagerStats:
     #: onboards cut short because G2 had no free page to stage a disk/object load into (all
     #: held or in flight to a slow tier): those blocks were a miss instead of an error
     staging_misses: int = 0
+    #: G1/G2 page copies submitted and not landed yet (standalone mode; their pages are held
+    #: meanwhile, and G2 copies reach the tiers below and the events once landed)
+    copies_in_flight: int = 0
 
     @property
     def hit_ratio(self) -> float:
