@@ -88,6 +88,24 @@ def _check_positive(owner: str, name: str, value: int, *, allow_zero: bool = Fal
                           f"got {value}")
 
 
+class CopyEngine(enum.Enum):
+    """Who copies pages between G1 and G2 when kvbm owns G1 (standalone mode).
+
+    The control thread never waits for a device: with ``STREAM`` the copies run on a CUDA
+    side stream and complete through events polled by the manager, and the engine's stream
+    is ordered after a copy only where it reads or rewrites the pages (onboarded blocks, a
+    page freed by write-back).
+    """
+
+    AUTO = "auto"  # STREAM when G1 is on a GPU, INLINE for a CPU G1
+    #: on the calling thread, within the call: a CPU G1 is host memory, the copy a memcpy
+    INLINE = "inline"
+    #: on a copy thread: offloads of committed blocks overlap the engine's own work (CPU
+    #: G1); a copy the engine must see (onboard, write-back) is waited for
+    THREAD = "thread"
+    STREAM = "stream"  # a CUDA side stream with events (needs a CUDA G1)
+
+
 @dataclass(frozen=True)
 class DeviceTierConfig:
     """G1: the pool the engine computes into."""
@@ -96,6 +114,8 @@ class DeviceTierConfig:
     #: ``"auto"`` (cuda when available, else cpu), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     device: str = "auto"
     eviction: str = DEFAULT_EVICTION
+    #: Who copies pages between G1 and G2 (see :class:`CopyEngine`).
+    copies: CopyEngine = CopyEngine.AUTO
 
     def __post_init__(self) -> None:
         _check_positive("device", "num_blocks", self.num_blocks)
@@ -103,6 +123,14 @@ class DeviceTierConfig:
         if not isinstance(dev, str) or not (
                 dev in ("auto", "cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
             raise ConfigError(f"device.device must be auto, cpu, cuda or cuda:N, got {dev!r}")
+        if isinstance(self.copies, str) and self.copies in {c.value for c in CopyEngine}:
+            object.__setattr__(self, "copies", CopyEngine(self.copies))  # frozen: the one fixup
+        if not isinstance(self.copies, CopyEngine):
+            raise ConfigError(f"device.copies must be one of "
+                              f"{[c.value for c in CopyEngine]}, got {self.copies!r}")
+        if self.copies is CopyEngine.STREAM and dev == "cpu":
+            raise ConfigError("device.copies = \"stream\" needs a CUDA device; a CPU G1 copies "
+                              "\"inline\" or on a \"thread\"")
         check_policy_name("device.eviction", self.eviction, "eviction")
         if dev.startswith("cuda"):
             n = _cuda_devices()
