@@ -1,0 +1,10 @@
+"""The router side of cache events: who holds which prefix, and where to send a request.
+
+:class:`KvIndexer` keeps, per worker and medium, the blocks the workers announced;
+:class:`KvRouter` scores workers for a prompt; :class:`Subscriber` feeds an indexer from the
+workers' ZMQ publishers, healing sequence gaps. Nothing here imports torch or lmdb.
+"""
+
+from kvbm.router.indexer import IndexerStats, KvIndexer
+
+__all__ = ["IndexerStats", "KvIndexer"]

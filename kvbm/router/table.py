@@ -1,0 +1,300 @@
+"""The node table under :class:`kvbm.router.KvIndexer`: residency bitmasks per prefix.
+
+The index is a radix tree flattened by its own keys: a node is named by the *sequence hash*
+of its block (DESIGN.md §4), which already encodes the whole prefix, so a child needs no
+pointer to its parent and a prompt is matched by walking its sequence hashes from the root
+until one is missing.
+
+A node is one tuple ``(gpu, cpu_pinned, disk, object, any)`` of worker bitmasks (bit i is
+the worker with index i), not one object per (worker, block). Tuples are interned: the nodes
+of a prefix that a set of workers stored together share one tuple, which keeps the table
+small and lets a prompt walk compare nodes by identity (one dict lookup per block, equal
+consecutive nodes collapsing into one run, in C).
+
+Publishers name blocks by their own hashes, and removals carry only those: each worker keeps
+a map ``publisher hash -> (sequence hash << 4) | media bits``. Not thread-safe: the indexer
+holds its lock around every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from itertools import groupby
+
+from kvbm.medium import MEDIUM_BY_BIT, Medium
+
+N_MEDIA = len(MEDIUM_BY_BIT)
+_ANY = N_MEDIA  # index of the union mask in a node
+_OBJ = Medium.OBJECT.bit.bit_length() - 1
+#: medium -> its index in a node
+MEDIUM_INDEX = {m: i for i, m in enumerate(MEDIUM_BY_BIT)}
+_MASK = (1 << N_MEDIA) - 1
+#: The intern table is forgotten beyond this many residency patterns (nodes keep theirs; the
+#: patterns seen since are shared again). Bounds the patterns that nothing uses any more.
+_INTERN_MAX = 1 << 16
+
+Row = tuple[int, int, int, int, int]
+#: (node, workers still matching, blocks) for a run of equal consecutive nodes of a prompt
+Run = tuple[Row, int, int]
+
+
+class Worker:
+    __slots__ = ("bit", "counts", "dups", "group", "idx", "name", "pubs")
+
+    def __init__(self, name: str, idx: int) -> None:
+        self.name = name
+        self.idx = idx
+        self.bit = 1 << idx
+        #: publisher hash -> (sequence hash << 4) | media bits
+        self.pubs: dict[int, int] = {}
+        #: (sequence hash << 2 | medium index) -> extra publisher hashes of this worker that
+        #: name the same node in that medium (two vLLM hashes for one token prefix, e.g.
+        #: different cache salts): a removal of one of them must not clear the bit
+        self.dups: dict[int, int] = {}
+        self.counts = [0] * N_MEDIA  # publisher hashes resident per medium
+        self.group: str | None = None
+
+
+class NodeTable:
+    """Nodes, workers and object groups; counters of what stores and removals found."""
+
+    def __init__(self) -> None:
+        self.rows: dict[int, Row] = {}
+        self._intern: dict[Row, Row] = {}
+        self.workers: dict[str, Worker] = {}
+        self._by_idx: dict[int, Worker] = {}
+        self._groups: dict[str, int] = {}  # object group -> worker bitmask
+        self._expand: dict[int, int] = {}  # object mask -> mask with its groups, cached
+        self.n = dict.fromkeys(("stored", "removed", "unknown_removals", "conflicts",
+                                "clears"), 0)
+
+    # ----------------------------------------------------------------------- workers --
+    def worker(self, name: str) -> Worker:
+        """The worker named ``name``, made on first use (it takes the lowest free bit)."""
+        w = self.workers.get(name)
+        if w is None:
+            idx = next(i for i in range(len(self._by_idx) + 1) if i not in self._by_idx)
+            w = self.workers[name] = self._by_idx[idx] = Worker(name, idx)
+        return w
+
+    def drop_worker(self, w: Worker) -> None:
+        self.clear(w)
+        self.set_group(w, None)
+        del self.workers[w.name], self._by_idx[w.idx]
+
+    def clear(self, w: Worker) -> None:
+        rows, bit, nbit = self.rows, w.bit, ~w.bit
+        old: Row | None = None
+        new: Row | None = None
+        for v in w.pubs.values():
+            s = v >> 4
+            row = rows.get(s)
+            if row is None or not row[_ANY] & bit:
+                continue  # another publisher hash of this worker for the node: done already
+            if row is not old:
+                old = row
+                new = self._intern_row(tuple(m & nbit for m in row)) if row[_ANY] & nbit \
+                    else None
+            if new is None:
+                del rows[s]
+            else:
+                rows[s] = new
+        w.pubs.clear()
+        w.dups.clear()
+        w.counts = [0] * N_MEDIA
+        self.n["clears"] += 1
+
+    def _intern_row(self, row: tuple[int, ...]) -> Row:
+        t: Row = row  # type: ignore[assignment]
+        out = self._intern.setdefault(t, t)
+        if len(self._intern) > _INTERN_MAX:
+            self._intern.clear()
+        return out
+
+    def set_group(self, w: Worker, group: str | None) -> None:
+        if w.group is not None:
+            left = self._groups[w.group] & ~w.bit
+            if left:
+                self._groups[w.group] = left
+            else:
+                del self._groups[w.group]
+        w.group = group
+        if group is not None:
+            self._groups[group] = self._groups.get(group, 0) | w.bit
+        self._expand.clear()
+
+    def _expand_obj(self, mask: int) -> int:
+        """``mask`` plus every worker sharing an object group with a worker in it."""
+        out = self._expand.get(mask)
+        if out is None:
+            out, m = mask, mask
+            while m:
+                low = m & -m
+                g = self._by_idx[low.bit_length() - 1].group
+                if g is not None:
+                    out |= self._groups[g]
+                m ^= low
+            if len(self._expand) > 4096:  # bounded: masks churn as residency changes
+                self._expand.clear()
+            self._expand[mask] = out
+        return out
+
+    # ------------------------------------------------------------------------ events --
+    def store(self, w: Worker, hs: list[int], seqs: list[int], medium: Medium) -> None:
+        """``w`` holds the blocks named ``hs`` by its publisher, ``seqs`` here, in ``medium``."""
+        pubs = w.pubs
+        mi = MEDIUM_INDEX[medium]
+        mbit, bit, rows = 1 << mi, w.bit, self.rows
+        if pubs.keys().isdisjoint(hs) and len(set(hs)) == len(hs):
+            # the common case, all new to this worker: one C-level update
+            pubs.update(zip(hs, [s << 4 | mbit for s in seqs], strict=True))
+            new_seqs = seqs
+        else:
+            new_seqs = self._store_known(w, hs, seqs, mbit)
+        get = rows.get
+        template = [0] * (N_MEDIA + 1)
+        template[mi] = template[_ANY] = bit
+        fresh = self._intern_row(tuple(template))
+        # the blocks of one event mostly share their old residency: one transition for all
+        # (a node new to the index is the transition None -> fresh)
+        old: Row | None = None
+        new = fresh
+        for s in new_seqs:
+            row = get(s)
+            if row is old:
+                rows[s] = new
+            elif row is None:
+                rows[s] = fresh
+            elif row[mi] & bit:
+                key = (s << 2) | mi
+                w.dups[key] = w.dups.get(key, 0) + 1
+            else:
+                old = row
+                cells = list(row)
+                cells[mi] |= bit
+                cells[_ANY] |= bit
+                rows[s] = new = self._intern_row(tuple(cells))
+        w.counts[mi] += len(new_seqs)
+        self.n["stored"] += len(new_seqs)
+
+    def _store_known(self, w: Worker, hs: list[int], seqs: list[int], mbit: int
+                     ) -> list[int]:
+        """Record a store of hashes some of which the worker announced before; the sequence
+        hashes that became resident in the medium (not those already there)."""
+        pubs, out = w.pubs, []
+        for h, s in zip(hs, seqs, strict=True):
+            v = pubs.get(h)
+            if v is None:
+                pubs[h] = (s << 4) | mbit
+            elif v >> 4 != s:  # the publisher reused a hash for other tokens: trust the news
+                self.n["conflicts"] += 1
+                for i in range(N_MEDIA):
+                    if v >> i & 1:
+                        self.remove(w, [h], i)
+                pubs[h] = (s << 4) | mbit
+            elif v & mbit:
+                continue  # already resident there: a store is idempotent
+            else:
+                pubs[h] = v | mbit
+            out.append(s)
+        return out
+
+    def remove(self, w: Worker, hashes: Iterable[int], mi: int) -> None:
+        pubs, dups, rows, mbit, bit = w.pubs, w.dups, self.rows, 1 << mi, w.bit
+        removed = unknown = 0
+        old: Row | None = None
+        new: Row | None = None
+        for h in hashes:
+            v = pubs.get(h)
+            if v is None or not v & mbit:
+                unknown += 1
+                continue
+            removed += 1
+            nv = v ^ mbit
+            if nv & _MASK:
+                pubs[h] = nv
+            else:
+                del pubs[h]
+            s = v >> 4
+            if dups:
+                key = (s << 2) | mi
+                n = dups.get(key)
+                if n is not None:
+                    if n > 1:
+                        dups[key] = n - 1
+                    else:
+                        del dups[key]
+                    continue
+            row = rows[s]
+            if row is not old:
+                old = row
+                cells = list(row)
+                cells[mi] &= ~bit
+                if not (cells[0] | cells[1] | cells[2] | cells[3]) & bit:
+                    cells[_ANY] &= ~bit
+                new = self._intern_row(tuple(cells)) if cells[_ANY] else None
+            if new is None:
+                del rows[s]
+            else:
+                rows[s] = new
+        w.counts[mi] -= removed
+        self.n["removed"] += removed
+        self.n["unknown_removals"] += unknown
+
+    # ------------------------------------------------------------------------ queries --
+    def runs(self, seqs: Iterable[int]) -> list[Run]:
+        """Walk the prompt: (node, workers still matching, blocks) per run of consecutive
+        nodes with equal residency (within a run the set of matching workers is fixed)."""
+        groups = bool(self._groups)
+        runs: list[Run] = []
+        active = -1
+        # groupby and map run in C: a run of equal nodes costs one lookup and one list
+        # comparison per block, no Python bytecode
+        for row, run in groupby(map(self.rows.get, seqs)):
+            if row is None:
+                break
+            any_ = row[_ANY]
+            if groups and row[_OBJ]:
+                any_ |= self._expand_obj(row[_OBJ])
+            active &= any_
+            if not active:
+                break
+            runs.append((row, active, len(list(run))))
+        return runs
+
+    def tally(self, runs: list[Run]) -> dict[str, dict[Medium, int]]:
+        per_mask: list[dict[int, int]] = [{} for _ in range(N_MEDIA)]
+        groups = bool(self._groups)
+        for row, active, n in runs:
+            taken = 0
+            for i in range(N_MEDIA):
+                m = row[i]
+                if i == _OBJ and groups and m:
+                    m = self._expand_obj(m)
+                m &= active & ~taken
+                if m:
+                    taken |= m
+                    d = per_mask[i]
+                    d[m] = d.get(m, 0) + n
+        out: dict[str, dict[Medium, int]] = {}
+        by_idx = self._by_idx
+        for i, d in enumerate(per_mask):
+            medium = MEDIUM_BY_BIT[i]
+            for m, n in d.items():
+                while m:
+                    low = m & -m
+                    name = by_idx[low.bit_length() - 1].name
+                    per = out.get(name)
+                    if per is None:
+                        per = out[name] = {}
+                    per[medium] = per.get(medium, 0) + n
+                    m ^= low
+        return out
+
+    def blocks(self, w: Worker) -> dict[int, frozenset[Medium]]:
+        return {h: _MEDIA_SETS[v & _MASK] for h, v in w.pubs.items()}
+
+
+_MEDIA_SETS: tuple[frozenset[Medium], ...] = tuple(
+    frozenset(m for i, m in enumerate(MEDIUM_BY_BIT) if mask >> i & 1)
+    for mask in range(1 << N_MEDIA))
