@@ -5,6 +5,17 @@
 workers' ZMQ publishers, healing sequence gaps. Nothing here imports torch or lmdb.
 """
 
+from kvbm.router.config import (
+    CostConfig,
+    RouterConfig,
+    ServiceConfig,
+    SubscriberConfig,
+    TieBreak,
+    WorkerEndpoints,
+)
+from kvbm.router.cost import KvRouter, Selection, WorkerLoad, WorkerScore
 from kvbm.router.indexer import IndexerStats, KvIndexer
 
-__all__ = ["IndexerStats", "KvIndexer"]
+__all__ = ["CostConfig", "IndexerStats", "KvIndexer", "KvRouter", "RouterConfig", "Selection",
+           "ServiceConfig", "SubscriberConfig", "TieBreak", "WorkerEndpoints", "WorkerLoad",
+           "WorkerScore"]
