@@ -214,6 +214,84 @@ class OffloadConfig:
                                   f"{'>= 0' if zero_ok else '> 0'}, got {value!r}")
 
 
+_ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
+
+
+def _check_endpoint(where: str, value: object) -> None:
+    """A ZMQ endpoint as vLLM takes it: ``tcp://HOST:PORT`` (PORT a number or ``*``),
+    ``ipc://PATH`` or ``inproc://NAME``."""
+    if not isinstance(value, str) or not value.startswith(_ENDPOINT_SCHEMES):
+        raise ConfigError(f"{where} must be a ZMQ endpoint (tcp://HOST:PORT, ipc://PATH or "
+                          f"inproc://NAME), got {value!r}")
+    scheme, _, rest = value.partition("://")
+    if scheme == "tcp":
+        host, _, port = rest.rpartition(":")
+        if not host or not (port == "*" or (port.isdigit() and int(port) < 65536)):
+            raise ConfigError(f"{where}: {value!r} needs tcp://HOST:PORT with PORT in "
+                              f"[0, 65535] or *")
+    elif not rest:
+        raise ConfigError(f"{where}: {value!r} names no path")
+
+
+@dataclass(frozen=True)
+class EventsConfig:
+    """Cache events on ZMQ in vLLM 0.32's wire format (:mod:`kvbm.events.publisher`).
+
+    As in vLLM, an endpoint with a wildcard (``tcp://*:5557``, ``tcp://127.0.0.1:*``),
+    ``::``, ``ipc://`` or ``inproc://`` is bound; any other is connected to (a SUB or a
+    proxy that binds), unless ``bind`` says otherwise. The replay endpoint is always bound."""
+
+    enabled: bool = False
+    #: Where the PUB socket binds or connects (vLLM's default).
+    endpoint: str = "tcp://*:5557"
+    #: ``None``: vLLM's rule above; ``True``: bind ``endpoint`` (``tcp://127.0.0.1:5557``
+    #: then listens on loopback only); ``False``: connect to it.
+    bind: bool | None = None
+    #: ROUTER socket answering replay requests; unset: no replay.
+    replay_endpoint: str | None = None
+    topic: str = ""
+    #: Batches kept for replay.
+    buffer_steps: int = 10_000
+    #: Messages queued for one subscriber at most before the publisher stalls (counted).
+    hwm: int = 100_000
+    #: Events waiting for the publisher thread at most; beyond it events are dropped,
+    #: counted, and the whole state is announced again (a resync).
+    max_queue_size: int = 100_000
+    #: Events are collected for this long into one batch, in seconds.
+    batch_interval_s: float = 0.01
+    #: Events in one batch at most.
+    max_batch_events: int = 1024
+    #: Stamped on every batch; also offsets the tcp ports (vLLM's rule for DP ranks).
+    data_parallel_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise ConfigError(f"events.enabled must be true or false, got {self.enabled!r}")
+        _check_endpoint("events.endpoint", self.endpoint)
+        if self.bind is not None and not isinstance(self.bind, bool):
+            raise ConfigError(f"events.bind must be true, false or unset, got {self.bind!r}")
+        if self.replay_endpoint is not None:
+            _check_endpoint("events.replay_endpoint", self.replay_endpoint)
+            if self.replay_endpoint == self.endpoint and not self.endpoint.endswith(
+                    (":*", ":0")):  # a port the system picks differs for each socket
+                raise ConfigError("events.replay_endpoint must differ from events.endpoint")
+        if not isinstance(self.topic, str):
+            raise ConfigError(f"events.topic must be a string, got {self.topic!r}")
+        try:
+            self.topic.encode()
+        except UnicodeEncodeError:
+            raise ConfigError(f"events.topic has no UTF-8 form: {self.topic!r}") from None
+        for name in ("buffer_steps", "hwm", "max_queue_size", "max_batch_events"):
+            _check_positive("events", name, getattr(self, name))
+        _check_positive("events", "data_parallel_rank", self.data_parallel_rank,
+                        allow_zero=True)
+        value = self.batch_interval_s
+        if (isinstance(value, bool) or not isinstance(value, int | float)
+                or not 0 < value <= 60):  # also refuses NaN
+            raise ConfigError(f"events.batch_interval_s must be a number of seconds in "
+                              f"(0, 60], got {value!r}")
+
+
 @dataclass(frozen=True)
 class ManagerConfig:
     """Everything a :class:`kvbm.BlockManager` needs besides the layout."""
@@ -229,6 +307,8 @@ class ManagerConfig:
     s3: S3TierConfig | None = None
     gcs: GCSTierConfig | None = None
     offload: OffloadConfig = OffloadConfig()
+    #: Cache events for routers (off by default).
+    events: EventsConfig = EventsConfig()
     #: Namespace salt for block hashes (model id, tenant): caches with different salts
     #: never match each other.
     salt: str | None = None
@@ -239,10 +319,11 @@ class ManagerConfig:
         _check_positive("config", "max_pending_events", self.max_pending_events)
         for name, cls in (("device", DeviceTierConfig), ("host", HostTierConfig),
                           ("disk", DiskTierConfig), ("s3", S3TierConfig),
-                          ("gcs", GCSTierConfig), ("offload", OffloadConfig)):
+                          ("gcs", GCSTierConfig), ("offload", OffloadConfig),
+                          ("events", EventsConfig)):
             value = getattr(self, name)
             if not (isinstance(value, cls) or (value is None and name not in
-                                               ("offload",))):
+                                               ("offload", "events"))):
                 raise ConfigError(f"config.{name} must be a {cls.__name__}, got {value!r}")
         if self.salt is not None and not isinstance(self.salt, str):
             raise ConfigError(f"config.salt must be a string, got {self.salt!r}")

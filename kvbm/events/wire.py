@@ -41,8 +41,8 @@ from kvbm.medium import Medium
 
 __all__ = [
     "END_SEQ", "EventBatch", "check_event", "decode_batch", "encode_batch", "encode_frames",
-    "encode_replay_end", "encode_replay_reply", "parse_frames", "parse_replay_reply",
-    "parse_replay_request", "replay_request",
+    "encode_replay_end", "encode_replay_reply", "event_to_wire", "pack_batch", "parse_frames",
+    "parse_replay_reply", "parse_replay_request", "replay_request",
 ]
 
 _U64 = 1 << 64
@@ -192,19 +192,35 @@ def _wire_event(e: object) -> dict[str, object]:
 def check_event(e: object) -> None:
     """Raise :class:`~kvbm.errors.InvalidArgumentError` (:class:`~kvbm.errors.InvalidKeyError`
     for hashes) unless ``e`` is an event :func:`encode_batch` can put on the wire."""
-    _wire_event(e)
+    event_to_wire(e)
+
+
+def event_to_wire(e: object) -> dict[str, object]:
+    """``e`` checked and as the map vLLM puts on the wire (plain ints, strings, lists): what
+    a publisher queues, so that the check and the conversion happen once, on the caller's
+    thread, and its own thread only packs. Raises as :func:`check_event`."""
+    out = _wire_event(e)
+    if isinstance(e, BlockStored) and e.extra_keys is not None:
+        try:  # the one field of free-form values: refuse now what msgpack would refuse later
+            msgpack.packb(e.extra_keys, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError) as err:
+            raise InvalidArgumentError(f"BlockStored.extra_keys not encodable: {err}") from None
+    return out
+
+
+def pack_batch(ts: float, wire_events: list[dict[str, object]],
+               data_parallel_rank: int | None) -> bytes:
+    """The msgpack of a batch whose events :func:`event_to_wire` made (not checked again)."""
+    out: bytes = msgpack.packb([float(ts), wire_events, data_parallel_rank], use_bin_type=True)
+    return out
 
 
 def encode_batch(batch: EventBatch) -> bytes:
     """``batch`` as vLLM 0.32's msgpack bytes (what its ``msgspec`` encoder writes)."""
     if not isinstance(batch, EventBatch):
         raise InvalidArgumentError(f"encode_batch needs an EventBatch, got {type(batch).__name__}")
-    body = [float(batch.ts), [_wire_event(e) for e in batch.events], batch.data_parallel_rank]
-    try:
-        out: bytes = msgpack.packb(body, use_bin_type=True)
-    except (TypeError, ValueError, OverflowError) as e:  # extra_keys holding something odd
-        raise InvalidArgumentError(f"event not encodable as msgpack: {e}") from None
-    return out
+    return pack_batch(batch.ts, [event_to_wire(e) for e in batch.events],
+                      batch.data_parallel_rank)
 
 
 # --- decoding --------------------------------------------------------------------------------
