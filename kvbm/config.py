@@ -217,7 +217,7 @@ class OffloadConfig:
 _ENDPOINT_SCHEMES = ("tcp://", "ipc://", "inproc://")
 
 
-def _check_endpoint(where: str, value: object) -> None:
+def check_endpoint(where: str, value: object) -> None:
     """A ZMQ endpoint as vLLM takes it: ``tcp://HOST:PORT`` (PORT a number or ``*``),
     ``ipc://PATH`` or ``inproc://NAME``."""
     if not isinstance(value, str) or not value.startswith(_ENDPOINT_SCHEMES):
@@ -267,11 +267,11 @@ class EventsConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
             raise ConfigError(f"events.enabled must be true or false, got {self.enabled!r}")
-        _check_endpoint("events.endpoint", self.endpoint)
+        check_endpoint("events.endpoint", self.endpoint)
         if self.bind is not None and not isinstance(self.bind, bool):
             raise ConfigError(f"events.bind must be true, false or unset, got {self.bind!r}")
         if self.replay_endpoint is not None:
-            _check_endpoint("events.replay_endpoint", self.replay_endpoint)
+            check_endpoint("events.replay_endpoint", self.replay_endpoint)
             if self.replay_endpoint == self.endpoint and not self.endpoint.endswith(
                     (":*", ":0")):  # a port the system picks differs for each socket
                 raise ConfigError("events.replay_endpoint must differ from events.endpoint")
