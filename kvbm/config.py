@@ -43,6 +43,10 @@ ENV_PREFIX = "KVBM_"
 #: ``KVBM_*`` variables that are not configuration (``env_overrides`` lets them pass):
 #: ``KVBM_XXH3_SCALAR`` makes the native hashing use its portable loop (tests cover both).
 NON_CONFIG_VARIABLES = frozenset({"KVBM_XXH3_SCALAR"})
+#: Prefixes of ``KVBM_*`` variables that another configuration reads (``KVBM_ROUTER_*``:
+#: :mod:`kvbm.router.config`): a class without such fields leaves them alone, so one
+#: environment can serve a whole deployment.
+OTHER_CONFIG_PREFIXES = ("KVBM_ROUTER_",)
 
 
 def _closest(word: str, choices: Iterable[str]) -> str:
@@ -566,7 +570,9 @@ def env_overrides(cls: type[Any], env: Mapping[str, str]) -> dict[str, Any]:
     for var in sorted(v for v in env if isinstance(v, str) and v.startswith(ENV_PREFIX)):
         spec = names.get(var)
         if spec is None:
-            if var in NON_CONFIG_VARIABLES:
+            if var in NON_CONFIG_VARIABLES or any(
+                    var.startswith(p) and not any(n.startswith(p) for n in names)
+                    for p in OTHER_CONFIG_PREFIXES):
                 continue
             fields = [n for n, (_, section, _) in names.items() if not section]
             raise ConfigError(f"environment variable {var} matches no config field"

@@ -190,3 +190,14 @@ def test_bad_env_names_the_variable_and_dup_workers_are_refused() -> None:
         RouterConfig.from_env({"KVBM_ROUTER_WORKERS": "a=tcp://h:1;a=tcp://h:2"})
     with pytest.raises(ConfigError):
         WorkerEndpoints.parse("no-equals-sign")
+
+
+def test_a_manager_config_from_env_leaves_router_variables_to_the_router() -> None:
+    # one environment for a whole deployment: the workers' ManagerConfig must not refuse
+    # the router's variables (nor the router the workers')
+    from kvbm.config import ManagerConfig
+
+    env = {"KVBM_DEVICE_NUM_BLOCKS": "8", "KVBM_HOST_NUM_BLOCKS": "16",
+           "KVBM_ROUTER_SERVICE_PORT": "9000"}
+    assert ManagerConfig.from_env(env).host.num_blocks == 16  # type: ignore[union-attr]
+    assert RouterConfig.from_env(env).service.port == 9000
