@@ -411,3 +411,172 @@ def test_garbage_on_the_subjects_is_counted_and_skipped(server: NatsServer) -> N
         assert st.bad_msgs == 5, st
         assert as_json(idx.worker_blocks("w0")) == work.blocks()
         assert "w@1" not in idx.workers()
+
+
+# ------------------------------------------------------------------------ the bridge --
+def test_bridge_forwards_a_zmq_publisher(server: NatsServer) -> None:
+    """ZmqEventPublisher (what vLLM speaks) -> bridge -> JetStream -> router. The events
+    published before the bridge started come from the replay socket."""
+    pytest.importorskip("zmq")
+    from kvbm.config import EventsConfig
+    from kvbm.events.bridge import EventBridge
+    from kvbm.events.publisher import ZmqEventPublisher
+
+    cfg = config(server)
+    work = Workload(21)
+    zcfg = EventsConfig(enabled=True, endpoint=f"tcp://{HOST}:*",
+                        replay_endpoint=f"tcp://{HOST}:*", batch_interval_s=0.002)
+    idx = KvIndexer(BLOCK_SIZE)
+    with ZmqEventPublisher(zcfg) as zpub:
+        for _ in range(500):  # before the bridge: only the replay socket has them
+            zpub.publish(work.step())
+        assert zpub.flush(10)
+        bridge = EventBridge(zpub.endpoint, cfg, worker="vllm0",
+                             replay_endpoint=zpub.replay_endpoint)
+        bridge.start()
+        try:
+            wait_for(lambda: bridge.stats().replayed > 0, 30, "the replay")
+            for _ in range(2000):
+                zpub.publish(work.step())
+            assert zpub.flush(10)
+            batches = zpub.stats.batches_sent
+            wait_for(lambda: bridge.stats().batches >= batches, 30, "the bridge")
+            assert bridge.publisher.flush(30)
+        finally:
+            bridge.close()
+    st = bridge.stats()
+    assert st.unhealed == 0 and st.bad_msgs == 0 and st.restarts == 0
+    with JetStreamConsumer(cfg, idx.apply, durable="bridged") as consumer:
+        assert consumer.wait_caught_up(30)
+    assert as_json(idx.worker_blocks("vllm0")) == work.blocks()
+
+
+class FakeWorker:
+    """A vLLM-like ZMQ publisher whose sequence numbers the test controls: PUB frames, and a
+    ROUTER replay socket answering from ``buffer`` (vLLM 0.32's reply shape)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import zmq
+
+        from kvbm.events.wire import (
+            encode_frames,
+            encode_replay_end,
+            encode_replay_reply,
+            parse_replay_request,
+        )
+
+        self._frames, self._reply, self._end = encode_frames, encode_replay_reply, \
+            encode_replay_end
+        self._parse = parse_replay_request
+        self.ctx = zmq.Context()
+        self.pub = self.ctx.socket(zmq.PUB)
+        port = self.pub.bind_to_random_port(f"tcp://{HOST}")
+        self.endpoint = f"tcp://{HOST}:{port}"
+        self.router = self.ctx.socket(zmq.ROUTER)
+        rport = self.router.bind_to_random_port(f"tcp://{HOST}")
+        self.replay_endpoint = f"tcp://{HOST}:{rport}"
+        self.buffer: dict[int, bytes] = {}
+        self.lock = threading.Lock()
+        self.running = True
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while self.running:
+            if not self.router.poll(50):
+                continue
+            ident, start = self._parse(self.router.recv_multipart())
+            with self.lock:
+                items = sorted((s, p) for s, p in self.buffer.items() if s >= start)
+            for s, p in items:
+                self.router.send_multipart([ident, *self._reply(b"", s, p)])
+            self.router.send_multipart([ident, *self._end()])
+
+    def send(self, seq: int, events: list[KVEvent], *, live: bool = True,
+             buffered: bool = True) -> None:
+        payload = encode_batch(EventBatch(time.time(), events, 0))
+        if buffered:
+            with self.lock:
+                self.buffer[seq] = payload
+        if live:
+            self.pub.send_multipart(self._frames(b"", seq, payload))
+
+    def close(self) -> None:
+        self.running = False
+        self.thread.join(5)
+        self.pub.close(0)
+        self.router.close(0)
+        self.ctx.term()
+
+
+def test_bridge_heals_holes_restarts_and_says_less_when_it_cannot(server: NatsServer) -> None:
+    pytest.importorskip("zmq")
+    from kvbm.events.bridge import EventBridge
+
+    cfg = config(server)
+    fake = FakeWorker()
+    truth = KvIndexer(BLOCK_SIZE)  # what the stream must say, batch by batch
+    rng = random.Random(5)
+    parent: list[int | None] = [None]
+
+    def events() -> list[KVEvent]:
+        h = rng.getrandbits(64)
+        e = BlockStored([h], parent[0], [rng.getrandbits(20) for _ in range(BLOCK_SIZE)],
+                        BLOCK_SIZE, Medium.GPU)
+        parent[0] = h
+        return [e]
+
+    bridge = EventBridge(fake.endpoint, cfg, worker="fake", replay_endpoint=fake.replay_endpoint,
+                         replay_timeout_s=2.0)
+    bridge.start()
+    try:
+        seq = 0
+        # 0..19 live; the first ones may reach the SUB before it is connected: then the
+        # next one shows a hole, which the replay fills
+        for _ in range(20):
+            ev = events()
+            truth.apply("fake", ev)
+            fake.send(seq, ev)
+            seq += 1
+            time.sleep(0.01)
+        # a hole on the wire (20, 21 only in the replay buffer), then 22
+        for _ in range(3):
+            ev = events()
+            truth.apply("fake", ev)
+            fake.send(seq, ev, live=seq == 22)
+            seq += 1
+        wait_for(lambda: bridge.stats().batches >= 23, 30, "the healed hole")
+        assert bridge.stats().gaps >= 1 and bridge.stats().unhealed == 0
+        # the worker restarts: its seq starts over (its cache is empty)
+        with fake.lock:
+            fake.buffer.clear()
+        truth.apply("fake", [AllBlocksCleared()])
+        parent[0] = None
+        for seq in range(5):
+            ev = events()
+            truth.apply("fake", ev)
+            fake.send(seq, ev)
+            time.sleep(0.01)
+        wait_for(lambda: bridge.stats().restarts == 1, 30, "the restart")
+        # a hole the replay buffer no longer holds: the stream forgets the worker
+        ev = events()
+        fake.send(5, ev, live=False, buffered=False)
+        truth.apply("fake", [AllBlocksCleared()])
+        parent[0] = None
+        ev = events()
+        truth.apply("fake", ev)
+        fake.send(6, ev)
+        wait_for(lambda: bridge.stats().unhealed == 1, 30, "the unhealable hole")
+        fake.pub.send_multipart([b"", b"short"])  # garbage frames: counted, skipped
+        wait_for(lambda: bridge.stats().bad_msgs == 1, 30, "the bad message")
+        assert bridge.publisher.flush(30)
+    finally:
+        bridge.close()
+        fake.close()
+    idx = KvIndexer(BLOCK_SIZE)
+    with JetStreamConsumer(cfg, idx.apply, durable=None) as consumer:
+        assert consumer.wait_caught_up(30)
+    assert idx.worker_blocks("fake") == truth.worker_blocks("fake")
+    assert len(truth.worker_blocks("fake")) == 1
