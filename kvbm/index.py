@@ -4,12 +4,17 @@ One index serves every tier. A record is in the index exactly while at least one
 a copy of its block (``mask != 0``) *and* its parent is in the index: a block reachable only
 through a parent gone from every tier could never be matched again, so it is dropped with
 its parent (the *lineage rule*; :meth:`PrefixIndex.remove_subtree`).
+
+Blocks resident only below host memory with no child record are compacted out of this
+index by the manager, into its compact table of unlinked pages (a few tens of bytes per
+block instead of a record's kilobyte); matches read them there, onboards link them back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvbm.hashing import BlockHashes
 from kvbm.medium import BEST_MEDIUM, Medium
@@ -71,6 +76,8 @@ class MatchResult:
     #: made by the block manager, whose hashes are valid: ``onboard`` need not check them
     #: again (one built by hand, or by ``dataclasses.replace``, is checked)
     _checked: bool = field(default=False, init=False, repr=False, compare=False)
+    #: the query's tokens (u32), for the records that onboard or stage link back
+    _tokens: Any = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_query_blocks(self) -> int:

@@ -92,6 +92,10 @@ log = logging.getLogger(__name__)
 _GPU = Medium.GPU.bit
 _HOST = Medium.CPU_PINNED.bit
 _LOWER = Medium.DISK.bit | Medium.OBJECT.bit
+#: In the table of unlinked pages: a block compacted out of the index (resident only below
+#: host memory, no child in the index) whose BlockStored events still stand. Without it the
+#: page is unlinked and unannounced (after a restart, or its prefix left every tier).
+_ANNOUNCED = 0x80
 
 
 
@@ -443,6 +447,11 @@ class BlockManager:
         #: pages of persistent tiers not linked into the index (after a restart, or whose
         #: prefix left every memory tier): seq hash -> residency mask. A match re-links them.
         self._orphans = MaskTable()
+        self._announced = 0  # entries of _orphans flagged _ANNOUNCED
+        #: records that became resident only below host memory: compacted at the next drain
+        self._compactable: list[BlockRecord] = []
+        #: sequence hashes of the blocks of onboards and stages still loading (not compacted)
+        self._busy: collections.Counter[int] = collections.Counter()
         self._lower: list[_StoreTier] = []
         self._engine: OffloadEngine | None = None
         self._events: collections.deque[KVEvent] = collections.deque()
@@ -497,11 +506,23 @@ class BlockManager:
                tokens: np.ndarray | None) -> MatchResult:
         self._drain()
         recs = self._index.match(hashes.sequence)
+        masks = [r.mask for r in recs]
         if self._orphans and len(recs) < len(hashes):
-            self._relink(recs, hashes, tokens, lora_name)
+            # Compacted blocks are only read here (onboard and stage link them); pages not
+            # announced yet are linked now, which announces them.
+            seq, orphans = hashes.sequence, self._orphans
+            k = len(recs)
+            while k < len(seq):
+                flags = orphans.get(seq[k])
+                if not flags & _ANNOUNCED:
+                    if flags:
+                        recs = self._linked(hashes, len(seq), tokens, lora_name)
+                        masks = [r.mask for r in recs]
+                    break
+                masks.append(flags & _LOWER)
+                k += 1
         # Per-block work stays on ints (Enum hashing is Python-level and slow): count the
         # masks, then map the few distinct ones to media.
-        masks = [r.mask for r in recs]
         best = BEST_MEDIUM
         mediums = [best[m] for m in masks]
         by_medium: dict[Medium, int] = {}
@@ -509,12 +530,14 @@ class BlockManager:
             by_medium[best[mask]] = by_medium.get(best[mask], 0) + c
         self._lookups += 1
         self._query_blocks += len(hashes)
-        self._hit_blocks += len(recs)
+        self._hit_blocks += len(masks)
         for m, c in by_medium.items():
             self._hits_by_medium[m] += c
-        out = MatchResult(len(recs), by_medium, hashes.sequence[: len(recs)], hashes, mediums,
+        out = MatchResult(len(masks), by_medium, hashes.sequence[: len(masks)], hashes, mediums,
                           lora_name)
         object.__setattr__(out, "_checked", True)  # frozen; not an init field on purpose
+        # the tokens, for the records of compacted blocks that onboard or stage link back
+        object.__setattr__(out, "_tokens", tokens)
         return out
 
     def onboard(self, match: MatchResult) -> list[int]:
@@ -539,11 +562,7 @@ class BlockManager:
         check_match(match)
         self._drain()
         g1 = self._device_tier()
-        try:
-            recs = self._index.match(match.sequence_hashes)
-        except TypeError:  # an unhashable "hash" put into a match's list after the fact
-            raise InvalidKeyError("match.sequence_hashes holds something that is not a block "
-                                  "hash") from None
+        recs = self._matched(match)
         missing = [r for r in recs if r.g1 < 0]
         staged = [r for r in missing if r.g2 < 0]
         if staged:
@@ -593,6 +612,7 @@ class BlockManager:
         if not loads:
             self._touch(recs)
             return handle
+        self._busy.update(r.seq_hash for r in recs)
         engine, g2pool = self._engine, self._host_pool()
         assert engine is not None and g2pool is not None
         for medium, items in loads.items():
@@ -652,7 +672,7 @@ class BlockManager:
                 f"{min(len(hashes), tokens.size // self.block_size)} full blocks")
         parent: BlockRecord | None = None
         if start_block > 0:
-            parent = self._index.get(hashes.sequence[start_block - 1])
+            parent = self._parent_of(hashes, start_block, tokens, lora_name)
             if parent is None:
                 raise BlockStateError(
                     f"the parent of block {start_block} ({hashes.sequence[start_block - 1]:#x}) "
@@ -674,10 +694,9 @@ class BlockManager:
             if rec is None:
                 rec = BlockRecord(h, hashes.local[pos], parent,
                                   tok_bytes[pos * bs4: (pos + 1) * bs4], lora_name)
-                if orphans and h in orphans:
-                    # Its page is still in a persistent tier (its parent had left every
-                    # tier, so it was unlinked): the new record owns that copy again.
-                    rec.mask = orphans.pop(h)
+                # Its page may still be in a persistent tier (its parent had left every
+                # tier, so it was unlinked): the new record owns that copy again.
+                if orphans and h in orphans and self._unorphan(rec):
                     relinked.append(rec)
                 self._index.insert(rec)
                 self._place(g1, rec, b, pinned=True)
@@ -799,11 +818,16 @@ class BlockManager:
                     t.policy.remove(rec.seq_hash)
                     t.owner[slot] = None
                     t.alloc.free([slot])
+        n += self._announced
+        if self._announced:  # AllBlocksCleared withdraws their announcements too
+            self._orphans.and_all(_LOWER)
+            self._announced = 0
         for rec in self._index:
             if rec.mask & _LOWER:
                 self._orphans[rec.seq_hash] = rec.mask & _LOWER
             rec.mask, rec.g1, rec.g2, rec.children = 0, -1, -1, None
         self._index = PrefixIndex()
+        self._compactable.clear()
         self._emit(AllBlocksCleared())
         return n
 
@@ -825,11 +849,7 @@ class BlockManager:
         if g2 is None:
             raise ConfigError("stage needs a host tier (config.host)")
         self._drain()
-        try:
-            recs = self._index.match(match.sequence_hashes)[start_block:]
-        except TypeError:
-            raise InvalidKeyError("match.sequence_hashes holds something that is not a block "
-                                  "hash") from None
+        recs = self._matched(match)[start_block:]
         staged_recs = [r for r in recs if r.g2 < 0]
         if staged_recs and not self._has_room(g2, len(staged_recs), recs):
             recs = recs[: recs.index(staged_recs[0])]
@@ -875,6 +895,7 @@ class BlockManager:
         if not loads:
             self._touch(recs)
             return handle
+        self._busy.update(r.seq_hash for r in recs)
         engine, pool = self._engine, self._host_pool()
         assert engine is not None and pool is not None
         for medium, items in loads.items():
@@ -898,7 +919,7 @@ class BlockManager:
         if g2 is None:
             raise ConfigError("stageable needs a host tier (config.host)")
         self._drain()
-        recs = self._index.match(match.sequence_hashes)[start_block:]
+        recs = self._matched(match)[start_block:]
         below = [i for i, r in enumerate(recs) if r.g2 < 0]
         if below and not self._has_room(g2, len(below), recs):
             return below[0]
@@ -967,7 +988,7 @@ class BlockManager:
                 f"{min(len(hashes), tokens.size // self.block_size)} full blocks")
         parent: BlockRecord | None = None
         if start_block > 0:
-            parent = self._index.get(hashes.sequence[start_block - 1])
+            parent = self._parent_of(hashes, start_block, tokens, lora_name)
         kept: list[bool] = []
         placed: list[BlockRecord] = []
         relinked: list[BlockRecord] = []
@@ -985,8 +1006,7 @@ class BlockManager:
             if rec is None:
                 rec = BlockRecord(h, hashes.local[pos], parent,
                                   tok_bytes[pos * bs4: (pos + 1) * bs4], lora_name)
-                if self._orphans and h in self._orphans:
-                    rec.mask = self._orphans.pop(h)
+                if self._orphans and h in self._orphans and self._unorphan(rec):
                     relinked.append(rec)
                 self._index.insert(rec)
             if rec.g2 >= 0:
@@ -1112,6 +1132,7 @@ class BlockManager:
         g2 = self._g2
         assert g2 is not None
         recs, staged = h._recs, h._staged
+        self._unbusy(recs)
         cancelled = h._cut is not None
         cut = h._cut if h._cut is not None else len(recs)
         arrived: list[BlockRecord] = []
@@ -1184,13 +1205,20 @@ class BlockManager:
         return pool
 
     def lookup(self, seq_hash: int) -> BlockRecord | None:
-        """The index record of a block (read-only use), or ``None``."""
+        """The index record of a block (read-only use), or ``None``. A block held only
+        below host memory whose record was compacted away (see :meth:`_compact`) comes back
+        as a snapshot of its residency (``mask``; no parent, no tokens)."""
         if self._closed:
             raise closed_error()
         if isinstance(seq_hash, bool | np.bool_) or not isinstance(seq_hash, int | np.integer) \
                 or not 0 <= seq_hash <= U64:
             raise InvalidKeyError(f"a block hash must be an int in [0, 2**64), got {seq_hash!r}")
-        return self._index.get(int(seq_hash))
+        rec = self._index.get(int(seq_hash))
+        if rec is None and self._orphans.get(int(seq_hash)) & _ANNOUNCED:
+            # compacted (only below host memory): a snapshot of its residency
+            rec = BlockRecord(int(seq_hash), 0, None, b"", None)
+            rec.mask = self._orphans.get(int(seq_hash)) & _LOWER
+        return rec
 
     def stats(self, *, drain: bool = True) -> ManagerStats:
         """A snapshot of the counters. ``drain=False`` skips completing finished transfers
@@ -1213,8 +1241,9 @@ class BlockManager:
                 lower[lt.medium] = (lt.store.stats(), engine.stats(lt.medium))
         return ManagerStats(self._lookups, self._query_blocks, self._hit_blocks,
                             dict(self._hits_by_medium), self._committed, self._deduplicated,
-                            dict(self._onboarded), self._offloaded, len(self._index),
-                            self._events_dropped, tiers, lower, len(self._orphans),
+                            dict(self._onboarded), self._offloaded,
+                            len(self._index) + self._announced, self._events_dropped, tiers,
+                            lower, len(self._orphans) - self._announced,
                             self._staging_misses,
                             sum(len(c.g1_holds) + len(c.g2_holds) for c in self._copies))
 
@@ -1280,10 +1309,14 @@ class BlockManager:
         self._emit(BlockRemoved([rec.seq_hash], tier.medium))
         if rec.mask == 0:
             self._forget(rec)
+        elif not rec.mask & (_GPU | _HOST):
+            self._compactable.append(rec)
 
     def _forget(self, rec: BlockRecord) -> None:
         """Lineage rule: ``rec`` left every tier, so it and its descendants leave the index."""
         removed = self._index.remove_subtree(rec)
+        if rec.parent is not None:  # it may have been the last child keeping a record
+            self._compactable.append(rec.parent)
         by_medium: dict[Medium, list[int]] = {}
         for r in removed:
             for t in self._tiers:
@@ -1419,6 +1452,8 @@ class BlockManager:
         rec.mask &= ~tier.bit
         if rec.mask == 0:
             self._forget(rec)
+        elif not rec.mask & (_GPU | _HOST):
+            self._compactable.append(rec)
 
     def _touch(self, recs: Sequence[BlockRecord]) -> None:
         """A prefix was used: refresh recency/frequency in every tier holding each block.
@@ -1505,6 +1540,8 @@ class BlockManager:
         """Process the inbox on the owner thread. ``block``: wait for at least one item."""
         if self._copies:
             self._reap_copies()
+        if self._compactable:
+            self._compact()
         if self._engine is None:
             return 0
         n = 0
@@ -1839,19 +1876,24 @@ class BlockManager:
     def _on_removed(self, item: _Removal) -> None:
         bit = item.medium.bit
         gone: list[BlockRecord] = []
+        announced: list[int] = []  # compacted blocks whose copy there was announced
         for k in item.keys:
             rec = self._index.get(k)
             if rec is not None and rec.mask & bit:
                 rec.mask &= ~bit
                 gone.append(rec)
             elif k in self._orphans:
-                left = self._orphans[k] & ~bit
-                if left:
+                was = self._orphans[k]
+                left = was & ~bit
+                if was & _ANNOUNCED and was & bit:
+                    announced.append(k)
+                if left & _LOWER:
                     self._orphans[k] = left
                 else:
                     del self._orphans[k]
-        if gone:
-            self._emit(BlockRemoved([r.seq_hash for r in gone], item.medium))
+                    self._announced -= bool(was & _ANNOUNCED)
+        if gone or announced:
+            self._emit(BlockRemoved([r.seq_hash for r in gone] + announced, item.medium))
         for r in gone:
             if r.mask == 0 and self._index.get(r.seq_hash) is r:
                 self._forget(r)
@@ -1890,6 +1932,7 @@ class BlockManager:
         g1, g2 = self._device_tier(), self._g2
         assert g2 is not None
         recs, staged = h._recs, h._staged
+        self._unbusy(recs)
         cancelled = h._cut is not None
         cut = h._cut if h._cut is not None else len(recs)
         to_g2: list[BlockRecord] = []
@@ -1961,24 +2004,98 @@ class BlockManager:
                 f"{tier.evictable()} evictable (some may be about to be pinned)")
 
     def _relink(self, recs: list[BlockRecord], hashes: BlockHashes, tokens: Any,
-                lora_name: str | None) -> None:
+                lora_name: str | None, limit: int | None = None) -> None:
         """Extend a match with unlinked pages of persistent tiers (lineage: only right after
-        a linked parent, or at the start of a sequence)."""
+        a linked parent, or at the start of a sequence), up to ``limit`` blocks."""
         seq, bs = hashes.sequence, self.block_size
+        end = len(seq) if limit is None else min(limit, len(seq))
         tok = None if tokens is None else as_token_array(tokens)
-        k = start = len(recs)
-        while k < len(seq):
-            mask = self._orphans.pop(seq[k], 0)
-            if not mask:
-                break
-            piece = b"" if tok is None else tok[k * bs: (k + 1) * bs].tobytes()
+        k = len(recs)
+        announce: list[BlockRecord] = []
+        while k < end and seq[k] in self._orphans:
+            piece = (b"" if tok is None or tok.size < (k + 1) * bs
+                     else tok[k * bs: (k + 1) * bs].tobytes())
             rec = BlockRecord(seq[k], hashes.local[k], recs[-1] if recs else None, piece,
                               lora_name)
-            rec.mask = mask
+            if self._unorphan(rec):
+                announce.append(rec)
             self._index.insert(rec)
             recs.append(rec)
             k += 1
-        self._emit_relinked(recs[start:])
+        self._emit_relinked(announce)
+
+    def _unorphan(self, rec: BlockRecord) -> bool:
+        """Give ``rec`` the residency of its unlinked pages; whether they must be announced
+        (a compacted block's events still stand)."""
+        mask = self._orphans.pop(rec.seq_hash, 0)
+        rec.mask = mask & _LOWER
+        if mask & _ANNOUNCED:
+            self._announced -= 1
+            return False
+        return True
+
+    def _linked(self, hashes: BlockHashes, n: int, tokens: Any,
+                lora_name: str | None) -> list[BlockRecord]:
+        """Records of the longest cached prefix of the first ``n`` blocks, linking the
+        unlinked and compacted pages of persistent tiers back into the index."""
+        recs = self._index.match(hashes.sequence[:n])
+        if self._orphans and len(recs) < n:
+            self._relink(recs, hashes, tokens, lora_name, n)
+        return recs
+
+    def _matched(self, match: MatchResult) -> list[BlockRecord]:
+        """The records of a match's prefix as cached now (onboard, stage)."""
+        try:
+            recs = self._index.match(match.sequence_hashes)
+        except TypeError:  # an unhashable "hash" put into a match's list after the fact
+            raise InvalidKeyError("match.sequence_hashes holds something that is not a block "
+                                  "hash") from None
+        n = len(match.sequence_hashes)
+        if self._orphans and len(recs) < n and len(match.hashes) >= n:
+            self._relink(recs, match.hashes, getattr(match, "_tokens", None), match.lora_name,
+                         n)
+        return recs
+
+    def _parent_of(self, hashes: BlockHashes, start_block: int, tokens: Any,
+                   lora_name: str | None) -> BlockRecord | None:
+        """The record of block ``start_block - 1``, linked back if it was compacted."""
+        rec = self._index.get(hashes.sequence[start_block - 1])
+        if rec is None and self._orphans:
+            chain = self._linked(hashes, start_block, tokens, lora_name)
+            rec = chain[-1] if len(chain) == start_block else None
+        return rec
+
+    def _unbusy(self, recs: Sequence[BlockRecord]) -> None:
+        busy = self._busy
+        for r in recs:
+            left = busy[r.seq_hash] - 1
+            if left > 0:
+                busy[r.seq_hash] = left
+            else:
+                del busy[r.seq_hash]
+            if not r.mask & (_GPU | _HOST):
+                self._compactable.append(r)
+
+    def _compact(self) -> None:
+        """Records resident only below host memory, with no child in the index, leave the
+        index for the table of unlinked pages (``_ANNOUNCED``: nothing is announced; a
+        match reads them there, onboard and stage link them back). The index then holds a
+        Python record only for blocks of G1 and G2 and their ancestors: a disk or bucket
+        tier of tens of millions of pages costs the table's bytes per page, not a record's.
+        """
+        todo, self._compactable = self._compactable, []
+        index, orphans, busy = self._index, self._orphans, self._busy
+        for leaf in todo:
+            rec: BlockRecord | None = leaf
+            while (rec is not None and rec.mask and not rec.mask & (_GPU | _HOST)
+                   and not rec.children and rec.seq_hash not in busy
+                   and index.get(rec.seq_hash) is rec):
+                parent = rec.parent
+                index.remove_subtree(rec)  # a leaf: itself
+                orphans[rec.seq_hash] = rec.mask | _ANNOUNCED
+                self._announced += 1
+                rec.mask = 0
+                rec = parent
 
     def _emit_relinked(self, recs: Sequence[BlockRecord]) -> None:
         """BlockStored for the persistent-tier copies of ``recs``, linked back into the index
@@ -2016,6 +2133,10 @@ class BlockManager:
                 pinned += refs > 0
             assert pinned == t.pinned, f"{t.medium}: pinned count {t.pinned} != {pinned}"
             assert len(t.policy) == sum(1 for r in t.owner if r is not None)
+        flagged = sum(1 for _, m in self._orphans.items() if m & _ANNOUNCED)
+        assert flagged == self._announced, f"announced count {self._announced} != {flagged}"
+        for _, m in self._orphans.items():
+            assert m & _LOWER and not m & (_GPU | _HOST), f"unlinked mask {m:#x}"
         for rec in self._index:
             assert rec.mask != 0, "indexed block resident nowhere"
             assert bool(rec.mask & _GPU) == (rec.g1 >= 0)

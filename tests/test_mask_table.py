@@ -74,3 +74,16 @@ def test_bad_masks_are_refused() -> None:
     with pytest.raises(ValueError):
         t.or_many([1], 0)
     assert len(t) == 0
+
+
+def test_and_all_clears_a_flag_and_refuses_to_empty_entries() -> None:
+    t = MaskTable()
+    for k in range(100):
+        t[k * 7919] = 0x80 | (1 << (k % 3))
+    t.and_all(0x7F)
+    assert all(m == 1 << (k % 3) for k, m in ((k // 7919, m) for k, m in t.items()))
+    assert len(t) == 100
+    t[5] = 0x80
+    with pytest.raises(ValueError, match="empty"):
+        t.and_all(0x7F)
+    assert t[5] == 0x80  # unchanged

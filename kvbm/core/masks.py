@@ -146,6 +146,15 @@ class MaskTable:
                 self._masks[i] = bit
                 self._len += 1
 
+    def and_all(self, keep: int) -> None:
+        """``self[k] &= keep`` for every key; a mask left 0 would mean an empty slot, so
+        ``keep`` must leave every entry non-zero (clearing a flag bit beside the tiers')."""
+        masks = np.frombuffer(self._masks, dtype=np.uint8)
+        kept = masks & keep
+        if ((masks != 0) & (kept == 0)).any():
+            raise ValueError(f"and_all({keep:#x}) would empty entries")
+        masks[:] = kept
+
     # ------------------------------------------------------------------------ internals --
     def _grow(self, bits: int) -> None:
         old = self.items()
