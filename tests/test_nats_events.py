@@ -580,3 +580,44 @@ def test_bridge_heals_holes_restarts_and_says_less_when_it_cannot(server: NatsSe
         assert consumer.wait_caught_up(30)
     assert idx.worker_blocks("fake") == truth.worker_blocks("fake")
     assert len(truth.worker_blocks("fake")) == 1
+
+
+def test_bridge_command(server: NatsServer) -> None:
+    """``kvbm events bridge`` forwards a publisher's history and stops cleanly on SIGTERM."""
+    pytest.importorskip("zmq")
+    import signal
+
+    from kvbm.config import EventsConfig
+    from kvbm.events.publisher import ZmqEventPublisher
+
+    cfg = config(server)
+    work = Workload(31)
+    zcfg = EventsConfig(enabled=True, endpoint=f"tcp://{HOST}:*",
+                        replay_endpoint=f"tcp://{HOST}:*")
+    idx = KvIndexer(BLOCK_SIZE)
+    with ZmqEventPublisher(zcfg) as zpub:
+        for _ in range(300):
+            zpub.publish(work.step())
+        assert zpub.flush(10)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvbm", "events", "bridge", zpub.endpoint, cfg.url,
+             "--replay", str(zpub.replay_endpoint), "--worker", "cli0", "--timeout", "120"],
+            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            with JetStreamConsumer(cfg, idx.apply, durable=None) as consumer:
+                wait_for(lambda: as_json(idx.worker_blocks("cli0")) == work.blocks(), 60,
+                         "the bridged history")
+                for _ in range(300):
+                    zpub.publish(work.step())
+                assert zpub.flush(10)
+                wait_for(lambda: as_json(idx.worker_blocks("cli0")) == work.blocks(), 60,
+                         "the live events")
+                assert consumer.stats().gaps == 0
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    assert proc.returncode == 0, err
+    assert "0 unhealed" in err and "0 events left unpublished" in err, err

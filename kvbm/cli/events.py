@@ -199,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("events", help="cache events on the wire (tail)",
+    p = sub.add_parser("events", help="cache events on the wire (tail, bridge)",
                        description="Cache events in vLLM's wire format (ZMQ).")
     cmds = p.add_subparsers(dest="events_cmd", metavar="SUBCOMMAND", required=True,
                             parser_class=type(p))
@@ -221,3 +221,6 @@ def register(sub: Any) -> None:
     t.add_argument("--bind", action="store_true",
                    help="bind ENDPOINT (for a publisher that connects) instead of connecting")
     t.set_defaults(fn=_run)
+    from kvbm.cli.events_bridge import register_bridge
+
+    register_bridge(cmds)

@@ -110,22 +110,34 @@ async def connect_until(config: NatsConfig, name: str, stop: asyncio.Event,
 
 
 async def ensure_stream(js: JetStreamContext, config: NatsConfig) -> None:
-    """Create the stream, or bring an existing one's limits to ``config``."""
+    """Create the stream with ``config``'s limits, unless it exists: an existing stream is
+    used as it is (its limits are the operator's, or the first creator's; every process
+    enforcing its own would make them flip), with a warning where they differ."""
     api = require("nats.js.api", "nats", "NATS JetStream events")
     errors = require("nats.js.errors", "nats", "NATS JetStream events")
+    try:
+        info = await js.stream_info(config.stream)
+    except errors.NotFoundError:
+        info = None
+    want = {"max_msgs": config.max_msgs or -1, "max_bytes": config.max_bytes or -1,
+            "max_age": config.max_age_s, "num_replicas": config.replicas}
+    if info is not None:
+        have = {k: getattr(info.config, k, None) for k in want}
+        if have != want:
+            log.warning("nats stream %s exists with limits %s, not the configured %s: kept",
+                        config.stream, have, want)
+        return
     sc = api.StreamConfig(
         name=config.stream, subjects=[f"{config.subject_prefix}.*"],
         retention=api.RetentionPolicy.LIMITS, discard=api.DiscardPolicy.OLD,
-        max_msgs=config.max_msgs or -1, max_bytes=config.max_bytes or -1,
-        max_age=config.max_age_s, num_replicas=config.replicas,
         storage=(api.StorageType.FILE if config.storage is StreamStorage.FILE
                  else api.StorageType.MEMORY),
-        duplicate_window=config.duplicate_window_s)
+        duplicate_window=config.duplicate_window_s, **want)
     try:
         await js.add_stream(sc)
     except errors.BadRequestError:
-        # exists with other settings (limits changed in the configuration): update those
-        await js.update_stream(sc)
+        # made by another process meanwhile (with other settings): theirs stands
+        log.info("nats stream %s was created meanwhile by another process", config.stream)
 
 
 async def bind_pull_consumer(js: JetStreamContext, config: NatsConfig, name: str, *,
