@@ -117,8 +117,9 @@ class WorkerModel:
     vLLM-like (opaque) for GPU and kvbm's for the lower tiers."""
 
     def __init__(self, seed: int, block_size: int = 4, prompts: int = 64,
-                 blocks: int = 8) -> None:
+                 blocks: int = 8, clear_p: float = 0.0005) -> None:
         self.rng = random.Random(seed)
+        self.clear_p = clear_p
         self.bs = block_size
         self.prompts = []
         for _ in range(prompts):
@@ -148,7 +149,7 @@ class WorkerModel:
                 self.held.setdefault(h, set()).add(medium)
             parent = self._pub(seq[k - 1], medium) if k else None
             return [BlockStored(hs, parent, toks[k * self.bs: b * self.bs], self.bs, medium)]
-        if r < 0.98:  # remove the last blocks of that prefix (leaves first)
+        if r < 1 - self.clear_p:  # remove the last blocks of that prefix (leaves first)
             if k == 0:
                 return []
             hs = [self._pub(s, medium) for s in seq[max(0, k - self.rng.randrange(1, 4)):k]]
