@@ -226,10 +226,15 @@ class GCSBackend(ObjectBackend):
     def delete(self, key: str) -> None:
         self._blob(key).delete(timeout=self._timeout, retry=None)
 
-    def list(self, prefix: str) -> list[tuple[str, int]]:
+    def list_versions(self, prefix: str) -> list[tuple[str, int, str]]:
+        # Every write of an object makes a new generation.
         blobs = self._client().list_blobs(self.config.bucket, prefix=prefix,
                                           timeout=self._timeout, retry=None)
-        return [(b.name, int(b.size or 0)) for b in blobs]
+        return [(b.name, int(b.size or 0), f"{b.generation or ''}:{b.crc32c or ''}")
+                for b in blobs]
+
+    def list(self, prefix: str) -> list[tuple[str, int]]:
+        return [(k, n) for k, n, _ in self.list_versions(prefix)]
 
     def classify(self, exc: BaseException) -> FaultKind:
         g = self._gexc

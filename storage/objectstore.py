@@ -3,8 +3,10 @@
 Object stores charge per request and take tens of milliseconds per request, so storing each
 page as its own object would make a put of 1,000 pages 1,000 requests. Instead a ``put``
 packs its pages into *pack objects* of up to ``pack_bytes`` each, uploaded concurrently, and
-a local lmdb index records where each page lives (pack, offset, length). A ``get`` looks the
-pages up and reads them with ranged GETs, one per run of adjacent pages.
+a local lmdb index (storage/objectindex.py) records where each page lives (pack, offset,
+length). A ``get`` looks the pages up and reads them with ranged GETs, one per run of
+adjacent pages. Stores sharing a bucket, prefix and layout find each other's packs while
+they run (storage/objectdiscovery.py: each writer's *head* object lists its newest packs).
 
 Pack object ``{prefix}{fingerprint:016x}/{pack_id}.kvpack``::
 
@@ -33,7 +35,7 @@ Pack object ``{prefix}{fingerprint:016x}/{pack_id}.kvpack``::
   on different machines sharing a bucket and prefix keep separate indexes, so one may delete
   a pack another still points at (identical batches even share a pack name): the other then
   finds the pack gone and drops its pages. That costs misses, never wrong data; give each
-  writer its own prefix where that matters.
+  writer its own prefix where that matters (it then finds no other writer's pages).
 * Every read is verified (page header + xxh3-128 of the payload). A page that fails is read
   once more on its own (a transfer can be damaged in flight); failing again, it is a miss,
   counted ``corrupt``, dropped from the index and reported to the listener. A pack object
@@ -62,7 +64,6 @@ import enum
 import functools
 import logging
 import os
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -71,7 +72,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
-import msgpack
 import xxhash
 
 from kvbm.errors import (
@@ -86,7 +86,19 @@ from kvbm.medium import Medium
 from kvbm.storage.args import check_items, check_key, check_keys, check_parents
 from kvbm.storage.base import Capability, PageStore, RemovalReason, TierListener, TierStats
 from kvbm.storage.confcheck import check_path, check_text
-from kvbm.storage.page import HEADER_SIZE, make_header, verify_page
+from kvbm.storage.objectdiscovery import Discovery, DiscoverySettings, Taken
+from kvbm.storage.objecthead import HEADS_DIR, MAX_HEAD_PACKS
+from kvbm.storage.objectindex import Announced, Location, PackIndex
+from kvbm.storage.objectpack import (
+    MAX_PACK_BYTES,
+    PACK_SUFFIX,
+    BuiltPack,
+    ManifestError,
+    build_pack,
+    parse_manifest,
+)
+from kvbm.storage.objectpack import TRAILER as _TRAILER
+from kvbm.storage.page import HEADER_SIZE, verify_page
 from kvbm.storage.resilience import (
     BreakerConfig,
     BreakerState,
@@ -108,19 +120,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MiB = 1 << 20
-GiB = 1 << 30
-#: The largest object one S3 PutObject may upload (GCS allows more; the pack must also fit in
-#: memory while it is built).
-MAX_PACK_BYTES = 5 * GiB
-PACK_VERSION = 1
-PACK_SUFFIX = ".kvpack"
-_TRAILER = struct.Struct("<8sQQ")
-_TRAILER_MAGIC = b"KVBMPACK"
 #: Bytes read from a pack's end when rebuilding: holds the manifest of ~3,000 pages at once.
 _TAIL_GUESS = 64 * 1024
-#: Index entry: pack id (16 bytes), offset, length (header + payload), pack object size.
-_ENTRY = struct.Struct("<16sQQQ")
-_U64BE = struct.Struct(">Q")
 
 
 #: Breaker states as numbers for ``TierStats.extra["breaker_state"]`` (metrics want a gauge).
@@ -165,6 +166,21 @@ class ObjectTierConfig:
     #: knows (written before this process started), the put checks that the pack is still
     #: there (one metadata request per pack) and uploads its pages again if it is not.
     pack_check_interval_s: float = 3600.0
+    #: Seconds between two looks for the packs that other writers sharing the bucket, the
+    #: prefix and the layout uploaded since the last look (storage/objectdiscovery.py: one
+    #: LIST request when nothing is new); their pages are then served like this writer's
+    #: own. 0: no look on the tier's own (``refresh()`` and ``request_refresh()`` still do).
+    discovery_interval_s: float = 5.0
+    #: Least seconds between two looks the tier starts on its own: a read of a page it does
+    #: not know, or ``request_refresh()`` (a hint from outside), asks for one sooner than
+    #: ``discovery_interval_s``, but not sooner than this after the last.
+    discovery_min_interval_s: float = 1.0
+    #: After uploads, rewrite this writer's head object (the list of its newest packs,
+    #: one small PUT) so that other writers find its pages while running.
+    announce: bool = True
+    #: How many of its newest packs a head lists: a reader that falls further behind than
+    #: this lists every pack of the layout once to catch up.
+    announce_packs: int = 256
 
     #: The config section's name, for error messages.
     section: ClassVar[str] = "object"
@@ -187,11 +203,16 @@ class ObjectTierConfig:
             check_number(o, name, getattr(self, name), low=0.0, high=3600.0, low_open=True)
         check_number(o, "pack_check_interval_s", self.pack_check_interval_s, low=0.0,
                      high=30 * 86_400.0)
+        check_number(o, "discovery_interval_s", self.discovery_interval_s, low=0.0,
+                     high=86_400.0)
+        check_number(o, "discovery_min_interval_s", self.discovery_min_interval_s, low=0.0,
+                     high=3600.0)
+        check_int(o, "announce_packs", self.announce_packs, low=1, high=MAX_HEAD_PACKS)
         if not isinstance(self.retry, RetryPolicy):
             raise ConfigError(f"{o}.retry must be a RetryPolicy, got {self.retry!r}")
         if not isinstance(self.breaker, BreakerConfig):
             raise ConfigError(f"{o}.breaker must be a BreakerConfig, got {self.breaker!r}")
-        for name in ("conditional_writes", "rebuild_if_empty", "start_degraded"):
+        for name in ("conditional_writes", "rebuild_if_empty", "start_degraded", "announce"):
             check_bool(o, name, getattr(self, name))
 
     @property
@@ -251,6 +272,13 @@ class ObjectBackend(abc.ABC):
     def delete(self, key: str) -> None:
         """Remove an object (a missing one is not an error)."""
 
+    def list_versions(self, prefix: str) -> list[tuple[str, int, str]]:
+        """``(key, size, version)`` of every object under ``prefix``, from the listing alone;
+        the version changes whenever the object is written again (S3's ETag, GCS's
+        generation). ``""`` where a backend cannot tell: discovery then reads the object on
+        every look."""
+        return [(k, n, "") for k, n in self.list(prefix)]
+
     @abc.abstractmethod
     def list(self, prefix: str) -> list[tuple[str, int]]:
         """``(key, size)`` of every object under ``prefix``."""
@@ -261,212 +289,6 @@ class ObjectBackend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - most backends have nothing to release
         """Release connections."""
-
-
-# -- the index --------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Location:
-    """Where one page lives: which pack, at which offset, how long (header + payload)."""
-
-    pack_id: bytes
-    offset: int
-    length: int
-    pack_size: int
-
-
-class PackIndex:
-    """Local lmdb index: ``fingerprint||seq_hash -> Location`` and pack membership.
-
-    Sub-databases: ``pages`` (the mapping), ``members`` (``pack_id||seq_hash``, to know when
-    a pack holds no live page and to drop all pages of a lost pack) and ``meta`` (the
-    location the index belongs to). Writes commit synchronously: one commit per pack.
-    """
-
-    def __init__(self, path: Path, *, location: str, map_size: int) -> None:
-        # Imported here: kvbm.config imports this module for ObjectTierConfig, and a core
-        # install (router, hashing) has no lmdb; the s3/gcs extras bring it.
-        import lmdb
-
-        path.mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(str(path), map_size=map_size, max_dbs=3, subdir=True,
-                              sync=True, metasync=True)
-        self._pages = self._env.open_db(b"pages")
-        self._members = self._env.open_db(b"members")
-        meta = self._env.open_db(b"meta")
-        with self._env.begin(write=True, db=meta) as txn:
-            stored = txn.get(b"location")
-            if stored is None:
-                txn.put(b"location", location.encode())
-            elif stored.decode() != location:
-                raise ConfigError(f"object index {path} belongs to {stored.decode()!r}, not "
-                                  f"{location!r}; use another index_path")
-
-    @staticmethod
-    def page_key(fingerprint: int, seq_hash: int) -> bytes:
-        return _U64BE.pack(fingerprint) + _U64BE.pack(seq_hash)
-
-    def lookup(self, fingerprint: int, keys: Iterable[int]) -> list[Location | None]:
-        out: list[Location | None] = []
-        with self._env.begin(db=self._pages) as txn:
-            for k in keys:
-                raw = txn.get(self.page_key(fingerprint, k))
-                out.append(None if raw is None else Location(*_ENTRY.unpack(raw)))
-        return out
-
-    def keys(self, fingerprint: int) -> list[int]:
-        prefix = _U64BE.pack(fingerprint)
-        out: list[int] = []
-        with self._env.begin(db=self._pages) as txn:
-            cur = txn.cursor()
-            if cur.set_range(prefix):
-                for k in cur.iternext(keys=True, values=False):
-                    if k[:8] != prefix:
-                        break
-                    out.append(_U64BE.unpack_from(k, 8)[0])
-        return out
-
-    def has_pack(self, pack_id: bytes) -> bool:
-        with self._env.begin(db=self._members) as txn:
-            cur = txn.cursor()
-            return bool(cur.set_range(pack_id)) and cur.key()[:16] == pack_id
-
-    def add(self, fingerprint: int, entries: Sequence[tuple[int, Location]]) -> list[int]:
-        """Insert entries not yet present (create-only); returns the keys added."""
-        added: list[int] = []
-        with self._env.begin(write=True) as txn:
-            for k, loc in entries:
-                value = _ENTRY.pack(loc.pack_id, loc.offset, loc.length, loc.pack_size)
-                if txn.put(self.page_key(fingerprint, k), value, overwrite=False,
-                           db=self._pages):
-                    txn.put(loc.pack_id + _U64BE.pack(k), b"", db=self._members)
-                    added.append(k)
-        return added
-
-    def remove(self, fingerprint: int, keys: Iterable[int],
-               expect: dict[int, bytes] | None = None) -> tuple[list[int], list[bytes]]:
-        """Remove entries; with ``expect``, only those still in the given pack (so a page
-        re-put elsewhere meanwhile is kept). Returns the keys removed and the packs left
-        without any live page."""
-        removed: list[int] = []
-        touched: set[bytes] = set()
-        with self._env.begin(write=True) as txn:
-            for k in keys:
-                pk = self.page_key(fingerprint, k)
-                raw = txn.get(pk, db=self._pages)
-                if raw is None:
-                    continue
-                pack_id = raw[:16]
-                if expect is not None and expect.get(k) != pack_id:
-                    continue
-                txn.delete(pk, db=self._pages)
-                txn.delete(pack_id + _U64BE.pack(k), db=self._members)
-                removed.append(k)
-                touched.add(pack_id)
-            cur = txn.cursor(db=self._members)
-            empty = [p for p in touched if not (cur.set_range(p) and cur.key()[:16] == p)]
-        return removed, empty
-
-    def pack_members(self, pack_id: bytes) -> list[int]:
-        out: list[int] = []
-        with self._env.begin(db=self._members) as txn:
-            cur = txn.cursor()
-            if cur.set_range(pack_id):
-                for k in cur.iternext(keys=True, values=False):
-                    if k[:16] != pack_id:
-                        break
-                    out.append(_U64BE.unpack_from(k, 16)[0])
-        return out
-
-    def close(self) -> None:
-        self._env.close()
-
-
-# -- pack format ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BuiltPack:
-    pack_id: bytes
-    data: bytearray
-    entries: list[tuple[int, Location]]
-
-
-def build_pack(fingerprint: int, pages: Sequence[tuple[int, memoryview]]) -> BuiltPack:
-    """Lay out ``pages`` (distinct keys) as one pack object, manifest and trailer included."""
-    offsets: list[int] = []
-    pos = 0
-    for _, payload in pages:
-        offsets.append(pos)
-        pos += HEADER_SIZE + payload.nbytes
-    manifest = msgpack.packb([PACK_VERSION, fingerprint,
-                              [[k, off, HEADER_SIZE + p.nbytes]
-                               for (k, p), off in zip(pages, offsets, strict=True)]])
-    size = pos + len(manifest) + _TRAILER.size
-    data = bytearray(size)
-    view = memoryview(data)
-    ids = xxhash.xxh3_128()
-    for (k, payload), off in zip(pages, offsets, strict=True):
-        body = view[off + HEADER_SIZE: off + HEADER_SIZE + payload.nbytes]
-        # Copy first, checksum the copy: a caller that scribbles on its buffer during the
-        # put cannot make the header disagree with the bytes actually uploaded.
-        body[:] = payload
-        header = make_header(fingerprint, k, body)
-        view[off: off + HEADER_SIZE] = header
-        ids.update(header)
-    view[pos: pos + len(manifest)] = manifest
-    view[pos + len(manifest):] = _TRAILER.pack(_TRAILER_MAGIC, len(manifest),
-                                               xxhash.xxh3_64_intdigest(manifest))
-    pack_id = ids.digest()
-    entries = [(k, Location(pack_id, off, HEADER_SIZE + p.nbytes, size))
-               for (k, p), off in zip(pages, offsets, strict=True)]
-    return BuiltPack(pack_id, data, entries)
-
-
-class ManifestError(ValueError):
-    """A pack's trailer or manifest is damaged."""
-
-
-def parse_manifest(tail: bytes, *, pack_size: int) -> tuple[int, list[tuple[int, int, int]]] | int:
-    """Decode a pack's manifest from its last bytes.
-
-    Returns ``(fingerprint, [(seq_hash, offset, length)])``, or the number of tail bytes
-    needed when ``tail`` is too short to hold the whole manifest.
-    """
-    if len(tail) < _TRAILER.size:
-        raise ManifestError("pack shorter than its trailer")
-    magic, mlen, msum = _TRAILER.unpack_from(tail, len(tail) - _TRAILER.size)
-    if magic != _TRAILER_MAGIC or mlen + _TRAILER.size > pack_size:
-        raise ManifestError("bad pack trailer")
-    if mlen + _TRAILER.size > len(tail):
-        return int(mlen + _TRAILER.size)
-    raw = tail[len(tail) - _TRAILER.size - mlen: len(tail) - _TRAILER.size]
-    if xxhash.xxh3_64_intdigest(raw) != msum:
-        raise ManifestError("manifest checksum mismatch")
-    try:
-        version, fingerprint, pages = msgpack.unpackb(raw)
-    except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as e:
-        raise ManifestError(f"undecodable manifest: {e}") from None
-    if version != PACK_VERSION:
-        raise ManifestError(f"unknown pack version {version!r}")
-    # A checksum proves the manifest is what its writer wrote, not that it makes sense (a
-    # buggy or hostile writer of the bucket): every number must fit where the index puts it.
-    pages_end = pack_size - _TRAILER.size - mlen
-    if not _is_u64(fingerprint) or not isinstance(pages, list):
-        raise ManifestError("manifest is not [version, fingerprint, pages]")
-    out: list[tuple[int, int, int]] = []
-    end = 0  # build_pack lays the pages out back to back, the manifest right after them
-    for page in pages:
-        if (not isinstance(page, list) or len(page) != 3 or not all(map(_is_u64, page))
-                or page[1] != end or page[2] == 0):
-            raise ManifestError(f"manifest entry {page!r:.80} is not [key, offset, length] "
-                                f"of the page after the one before")
-        end += page[2]
-        out.append((page[0], page[1], page[2]))
-    if end != pages_end:
-        raise ManifestError(f"the manifest's pages end at {end}, the pack's at {pages_end}")
-    return fingerprint, out
-
-
-def _is_u64(value: object) -> bool:
-    return type(value) is int and 0 <= value < 1 << 64
 
 
 # -- reads ------------------------------------------------------------------------------------
@@ -551,17 +373,27 @@ class PackedObjectStore(PageStore):
         self._pack_prefix = f"{config.key_prefix}{self.fingerprint:016x}/"
         location = f"{backend.location}/{config.key_prefix}"
         self.breaker = CircuitBreaker(config.breaker, name=location)
+        # Discovery's looks in the background must not trip or close the data path's
+        # breaker (nor it theirs): a breaker of their own, consulted with this one.
+        self._discovery_breaker = CircuitBreaker(config.breaker, name=f"{location} (discovery)")
         self._lock = threading.Lock()  # guards _pending, _used, _seen, _degraded, the stats
         for name in ("rejected_open", "retries", "packs_put", "pack_bytes_put", "ranged_gets",
                      "reread", "packs_existing", "packs_deleted", "rebuilt_pages",
-                     "pack_checks", "bucket_checks", "packs_replaced"):
+                     "pack_checks", "bucket_checks", "packs_replaced",
+                     # discovery (storage/objectdiscovery.py)
+                     "announces", "announce_bytes", "announce_failures",
+                     "discovery_refreshes", "discovery_requests", "discovery_bytes",
+                     "discovery_rescans", "discovered_packs", "discovered_pages",
+                     "discovery_gone", "discovery_garbage", "discovery_errors",
+                     "discovery_retries"):
             self._stats.extra[name] = 0
         self._closed = False
         self._degraded = False
         self._check_lock = threading.Lock()  # one bucket check at a time
         # Every request runs here, so that the retry policy's deadline bounds it (see
-        # storage/resilience.py): the transfer threads plus the rebuild's and a check's.
-        self._requests = DeadlineRunner(config.max_workers + 2,
+        # storage/resilience.py): the transfer threads plus the rebuild's, a check's and
+        # discovery's.
+        self._requests = DeadlineRunner(config.max_workers + 3,
                                         name=f"kvbm-{type(self).__name__}-request")
         # Before anything is created: a tier that refuses to open leaves nothing behind.
         problem, _ = self._check_bucket()
@@ -597,6 +429,12 @@ class PackedObjectStore(PageStore):
         self._ready_lock = threading.Lock()
         if problem is not None:
             self._degrade(problem)
+        self._discovery = Discovery(
+            _DiscoveryHost(self), DiscoverySettings(interval_s=config.discovery_interval_s,
+                                    min_interval_s=config.discovery_min_interval_s,
+                                    announce=config.announce),
+            fingerprint=self.fingerprint, writer=self._index.writer_id,
+            heads_prefix=self._pack_prefix + HEADS_DIR, name=f"kvbm-{type(self).__name__}")
 
     # -- small helpers ------------------------------------------------------------------------
     def object_key(self, pack_id: bytes) -> str:
@@ -628,7 +466,13 @@ class PackedObjectStore(PageStore):
             self._stats.extra["breaker_state"] = _BREAKER_CODE[state]
         return self._stats
 
-    def _call(self, fn: Callable[[], T], what: str) -> T:
+    def _call(self, fn: Callable[[], T], what: str, *, discovery: bool = False) -> T:
+        if discovery:  # discovery's looks: their own breaker and retry count
+            return call_with_retry(fn, policy=self.config.retry,
+                                   breaker=self._discovery_breaker,
+                                   classify=self._backend.classify, what=what,
+                                   on_retry=lambda _: self._count(discovery_retries=1),
+                                   runner=self._requests)
         return call_with_retry(fn, policy=self.config.retry, breaker=self.breaker,
                                classify=self._backend.classify, what=what,
                                on_retry=self._count_retry, runner=self._requests)
@@ -880,6 +724,8 @@ class PackedObjectStore(PageStore):
             for lost in await asyncio.gather(*(
                     asyncio.wrap_future(self._pool.submit(self._put_pack, g)) for g in groups)):
                 displaced.update(lost)
+            if self.config.announce:
+                await self._run(self._announce_now)
         for i, fut in enumerate(waits):
             if fut is not None:
                 outcome[i] = await asyncio.wrap_future(fut)
@@ -893,6 +739,20 @@ class PackedObjectStore(PageStore):
             self._notify_removed([k for k in dropped if k not in stored],
                                  RemovalReason.MISSING)
         return outcome
+
+    def _announce_now(self) -> None:
+        """Rewrite this writer's head after a put's uploads (pool thread), one small PUT, so
+        that other writers find the new packs at their next look. A failure leaves the
+        pages stored; discovery's thread tries again later."""
+        def put(key: str, data: bytes) -> None:
+            self._call(lambda: self._backend.put(key, bytearray(data), create_only=False),
+                       what=f"put {key}")
+
+        try:
+            self._discovery.announce(put)
+        except Exception as e:
+            log.warning("cannot write the head %s (tried again later): %r",
+                        self._discovery.own_key, e)
 
     def _split(self, pages: list[tuple[int, memoryview]]) -> list[list[tuple[int, memoryview]]]:
         groups: list[list[tuple[int, memoryview]]] = []
@@ -941,7 +801,14 @@ class PackedObjectStore(PageStore):
                     return []
             self._saw(pack.pack_id)  # before the entries: a put that finds them trusts them
             displaced = self._displace(pack)
-            added = self._index.add(self.fingerprint, pack.entries)
+            # The pack joins this writer's log with its entries (one commit); the head that
+            # tells other writers about it is rewritten at the end of the put.
+            announce = None
+            if self.config.announce:
+                tail = _TRAILER.unpack_from(pack.data, len(pack.data) - _TRAILER.size)[1]
+                announce = Announced(pack.pack_id, len(pack.data), tail + _TRAILER.size)
+            added = self._index.add(self.fingerprint, pack.entries, announce=announce,
+                                    keep=self.config.announce_packs)
             with self._lock:
                 self._used += len(added) * self.page_bytes
             self._count(puts=len(added), put_bytes=len(added) * self.page_bytes,
@@ -1054,6 +921,8 @@ class PackedObjectStore(PageStore):
 
         # Not in the index: a definite miss, unlike a read that fails (see REPORTS_MISSES).
         self._notify_removed(missing, RemovalReason.MISSING)
+        if missing and self.config.discovery_interval_s > 0:
+            self._discovery.request_refresh()  # another writer may hold it: look (soon)
         ranges = plan_ranges(by_pack, max_read_bytes=self.config.max_read_bytes)
         if ranges:
             loop = asyncio.get_running_loop()
@@ -1225,9 +1094,18 @@ class PackedObjectStore(PageStore):
         return n
 
     def _rebuild(self) -> int:
+        taken = self._take(self._unindexed(discovery=False)[0], discovered=False)
+        self._count(rebuilt_pages=taken.pages)
+        log.info("rebuilt object index from the packs under %s: %d page(s)",
+                 self._pack_prefix, taken.pages)
+        return taken.pages
+
+    def _unindexed(self, *, discovery: bool) -> tuple[list[Announced], int]:
+        """List every pack of this layout in the bucket: those the index has no page of, and
+        how many objects the listing named."""
         objects = self._call(lambda: self._backend.list(self._pack_prefix),
-                             what=f"list {self._pack_prefix}")
-        todo: list[tuple[str, bytes, int]] = []
+                             what=f"list {self._pack_prefix}", discovery=discovery)
+        todo: list[Announced] = []
         for key, size in objects:
             name = key[len(self._pack_prefix):]
             if not name.endswith(PACK_SUFFIX) or "/" in name:
@@ -1239,49 +1117,114 @@ class PackedObjectStore(PageStore):
             if len(pack_id) == 16:
                 self._saw(pack_id)  # listed just now: it exists
                 if not self._index.has_pack(pack_id):
-                    todo.append((key, pack_id, size))
-        added = 0
-        # A private pool: this runs on one of the store's own threads, and waiting there
-        # for work queued behind it on the same pool could deadlock.
-        def read(item: tuple[str, bytes, int]) -> list[tuple[int, Location]]:
-            return self._read_manifest(*item)
+                    todo.append(Announced(pack_id, size, min(size, _TAIL_GUESS)))
+        return todo, len(objects)
 
-        with ThreadPoolExecutor(self.config.max_workers) as pool:
-            for entries in pool.map(read, todo):
-                if entries:
-                    added += len(self._index.add(self.fingerprint, entries))
+    def _take(self, packs: list[Announced], *, discovered: bool) -> Taken:
+        """Read the manifests of ``packs``, index their pages, and report the pages added to
+        the listener (its optional ``on_discovered``). ``discovered``: counted as pages of
+        other writers found while running, not as a rebuild."""
+        if not packs:
+            return Taken(0, frozenset())
+        keys: list[int] = []
+        failed: set[bytes] = set()
+        taken = garbage = gone = requests = nbytes = 0
+        # A private pool: this runs on one of the store's own threads (or discovery's), and
+        # waiting there for work queued behind it on the same pool could deadlock.
+        with ThreadPoolExecutor(min(self.config.max_workers, len(packs))) as pool:
+            read = functools.partial(self._read_manifest, discovery=discovered)
+            for p, m in zip(packs, pool.map(read, packs), strict=True):
+                requests += m.requests
+                nbytes += m.nbytes
+                if m.outcome is _Manifest.OK:
+                    self._saw(p.pack_id)
+                    added = self._index.add(self.fingerprint, m.entries)
+                    keys.extend(added)
+                    taken += bool(added)
+                elif m.outcome is _Manifest.FAILED:
+                    failed.add(p.pack_id)
+                elif m.outcome is _Manifest.GARBAGE:
+                    garbage += 1
+                else:
+                    gone += 1
         with self._lock:
-            self._used += added * self.page_bytes
-        self._count(rebuilt_pages=added)
-        log.info("rebuilt object index from %d pack(s) under %s: %d page(s)", len(todo),
-                 self._pack_prefix, added)
-        return added
+            self._used += len(keys) * self.page_bytes
+        if discovered:
+            self._count(discovered_pages=len(keys), discovered_packs=taken,
+                        discovery_garbage=garbage, discovery_gone=gone,
+                        discovery_requests=requests, discovery_bytes=nbytes)
+        if keys:
+            self._notify_discovered(keys)
+        return Taken(len(keys), frozenset(failed))
 
-    def _read_manifest(self, key: str, pack_id: bytes, size: int
-                       ) -> list[tuple[int, Location]]:
-        want = min(size, _TAIL_GUESS)
+    def _notify_discovered(self, keys: list[int]) -> None:
+        hook = getattr(self.listener, "on_discovered", None)
+        if hook is None:
+            return
         try:
-            tail = self._call(lambda: self._backend.read(key, size - want, want, whole=False),
-                              what=f"get {key}")
-            parsed = parse_manifest(tail, pack_size=size)
+            hook(self.medium, keys)
+        except Exception:
+            # The pages are indexed whatever the listener makes of them.
+            log.exception("the listener's on_discovered failed for %d page(s)", len(keys))
+
+    def _read_manifest(self, pack: Announced, *, discovery: bool) -> _ManifestRead:
+        key = self.object_key(pack.pack_id)
+        size = pack.size
+        want = min(size, pack.tail)
+        nbytes = 0
+        requests = 0
+
+        def tail_of(n: int) -> bytes:
+            nonlocal nbytes, requests
+            requests += 1
+            got = self._call(lambda: self._backend.read(key, size - n, n, whole=False),
+                             what=f"get {key}", discovery=discovery)
+            nbytes += len(got)
+            return got
+
+        try:
+            parsed = parse_manifest(tail_of(want), pack_size=size)
             if isinstance(parsed, int):
-                need = parsed
-                tail = self._call(lambda: self._backend.read(key, size - need, need,
-                                                             whole=False), what=f"get {key}")
-                parsed = parse_manifest(tail, pack_size=size)
+                parsed = parse_manifest(tail_of(parsed), pack_size=size)
             if isinstance(parsed, int):
                 raise ManifestError("manifest changed while read")
-        except (ManifestError, TierUnavailableError) as e:
+        except ManifestError as e:
             log.warning("skipping pack %s: %s", key, e)
-            return []
+            return _ManifestRead(_Manifest.GARBAGE, [], requests, nbytes)
+        except TierUnavailableError as e:
+            log.warning("skipping pack %s for now: %s", key, e)
+            return _ManifestRead(_Manifest.FAILED, [], requests, nbytes)
         except Exception as e:
-            log.warning("skipping pack %s: %r", key, e)
-            return []
+            if self._backend.classify(e) is FaultKind.MISSING:
+                return _ManifestRead(_Manifest.GONE, [], requests, nbytes)
+            log.warning("skipping pack %s for now: %r", key, e)
+            return _ManifestRead(_Manifest.FAILED, [], requests, nbytes)
         fingerprint, pages = parsed
         if fingerprint != self.fingerprint:
-            return []
-        return [(k, Location(pack_id, off, ln, size)) for k, off, ln in pages
-                if ln == HEADER_SIZE + self.page_bytes and off + ln <= size]
+            # Filed under this layout's folder, yet another layout's: nobody honest wrote it.
+            log.warning("skipping pack %s: its manifest is of layout %#018x", key, fingerprint)
+            return _ManifestRead(_Manifest.GARBAGE, [], requests, nbytes)
+        entries = [(k, Location(pack.pack_id, off, ln, size)) for k, off, ln in pages
+                   if ln == HEADER_SIZE + self.page_bytes and off + ln <= size]
+        return _ManifestRead(_Manifest.OK, entries, requests, nbytes)
+
+    # -- discovery: other writers' packs, found while running ----------------------------------
+    async def refresh(self) -> int:
+        """Look for packs other writers sharing the bucket, prefix and layout uploaded since
+        the last look, and index their pages (storage/objectdiscovery.py); the first look
+        also lists every pack. Returns how many pages were added. Raises
+        :class:`TierUnavailableError` when the bucket cannot be reached."""
+        self._check_open()
+        if not await self._serving():
+            raise TierUnavailableError(f"{self._backend.location} is not answering now")
+        return await self._run(self._discovery.refresh)
+
+    def request_refresh(self) -> None:
+        """Ask for a look (see :meth:`refresh`) soon, without waiting: at once, or once
+        ``discovery_min_interval_s`` has passed since the last. For hints from outside, such
+        as a router that saw another worker store OBJECT pages. Thread-safe."""
+        self._check_open()
+        self._discovery.request_refresh()
 
     # -- accounting & lifecycle ---------------------------------------------------------------
     @property
@@ -1296,10 +1239,81 @@ class PackedObjectStore(PageStore):
         if self._closed:
             return
         self._closed = True
-        await asyncio.get_running_loop().run_in_executor(None, self._pool.shutdown, True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._pool.shutdown, True)
+        # After the uploads: a head rewrite they made due goes out now. Bounded: a look in
+        # progress stops at its next request.
+        await loop.run_in_executor(None, self._discovery.close,
+                                   2 * self.config.retry.deadline_s)
         self._requests.close()
         self._index.close()
         self._backend.close()
+
+
+class _Manifest(enum.Enum):
+    OK = "ok"
+    GARBAGE = "garbage"  # damaged, or not this layout's: skipped for good (counted)
+    GONE = "gone"  # the pack is not there (deleted since it was listed or announced)
+    FAILED = "failed"  # no answer: try again later
+
+
+@dataclass(frozen=True, slots=True)
+class _ManifestRead:
+    outcome: _Manifest
+    entries: list[tuple[int, Location]]
+    requests: int
+    nbytes: int
+
+
+class _DiscoveryHost:
+    """The store as discovery sees it (storage/objectdiscovery.py: DiscoveryHost)."""
+
+    def __init__(self, store: PackedObjectStore) -> None:
+        self._store = store
+
+    def available(self) -> bool:
+        s = self._store
+        return (not s._degraded and s.breaker.would_allow()
+                and s._discovery_breaker.would_allow())
+
+    def request(self, fn: Callable[[], T], what: str) -> T:
+        return self._store._call(fn, what, discovery=True)
+
+    def list_versions(self, prefix: str) -> list[tuple[str, int, str]]:
+        return self._store._backend.list_versions(prefix)
+
+    def read(self, key: str, offset: int, length: int, whole: bool) -> bytes:
+        backend = self._store._backend
+        try:
+            return backend.read(key, offset, length, whole=whole)
+        except Exception as e:
+            if backend.classify(e) is FaultKind.MISSING:
+                return b""  # deleted since listed
+            raise
+
+    def write(self, key: str, data: bytes) -> None:
+        self._store._backend.put(key, bytearray(data), create_only=False)
+
+    def log(self) -> tuple[int, list[Announced]]:
+        s = self._store
+        return s._index.announced(s.fingerprint)
+
+    def known(self, pack_id: bytes) -> bool:
+        return self._store._index.has_pack(pack_id)
+
+    def unindexed(self) -> list[Announced]:
+        todo, listed = self._store._unindexed(discovery=True)
+        self._store._count(discovery_requests=1 + listed // 1000)  # a LIST answers 1,000
+        return todo
+
+    def take(self, packs: list[Announced]) -> Taken:
+        return self._store._take(packs, discovered=True)
+
+    def caught_up(self) -> None:
+        self._store._ready = True  # no rebuild needed on first use any more
+
+    def count(self, **deltas: int) -> None:
+        self._store._count(**deltas)
 
 
 class _PackGone(Exception):

@@ -178,13 +178,18 @@ class S3Backend(ObjectBackend):
     def delete(self, key: str) -> None:
         self._client.delete_object(Bucket=self.bucket, Key=key)
 
-    def list(self, prefix: str) -> list[tuple[str, int]]:
-        out: list[tuple[str, int]] = []
+    def list_versions(self, prefix: str) -> list[tuple[str, int, str]]:
+        # The ETag of a single-part upload is the MD5 of its bytes: it changes with them.
+        out: list[tuple[str, int, str]] = []
         pages = self._client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
                                                                          Prefix=prefix)
         for page in pages:
-            out.extend((o["Key"], int(o["Size"])) for o in page.get("Contents", ()))
+            out.extend((o["Key"], int(o["Size"]), str(o.get("ETag", "")))
+                       for o in page.get("Contents", ()))
         return out
+
+    def list(self, prefix: str) -> list[tuple[str, int]]:
+        return [(k, n) for k, n, _ in self.list_versions(prefix)]
 
     def classify(self, exc: BaseException) -> FaultKind:
         if isinstance(exc, self._bex.ClientError):

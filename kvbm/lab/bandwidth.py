@@ -585,7 +585,9 @@ def measure_object(layout: KVLayout, pages: int, endpoint: str | None, bucket: s
     pb = layout.bytes_per_block
     nbytes = pages * pb
     index_dir = Path(tempfile.mkdtemp(prefix="kvbm-bandwidth-index-"))
-    kw: dict[str, Any] = {"addressing_style": "path", **s3_config}
+    # A private prefix, cleaned up after: no head object for other writers, no looks.
+    kw: dict[str, Any] = {"addressing_style": "path", "announce": False,
+                          "discovery_interval_s": 0.0, **s3_config}
     if max_workers is not None:
         kw["max_workers"] = max_workers
     if pack_bytes is not None:
