@@ -85,6 +85,8 @@ from kvbm.reports import FlushResult, ManagerStats, TierUsage
 if TYPE_CHECKING:
     import torch
 
+    from kvbm.events.owner_snapshot import OwnerSnapshot
+    from kvbm.events.publisher import ZmqEventPublisher
     from kvbm.storage.base import PageStore, RemovalReason, TierStats
 
 log = logging.getLogger(__name__)
@@ -469,8 +471,18 @@ class BlockManager:
         self._fill_hook: Callable[[list[tuple[int, int]]], None] | None = None
         self._check_hook: Callable[[list[tuple[int, int]]], list[bool]] | None = None
         self._bad_host_pages = 0  # refused by the check hook before a store
+        #: the ZMQ publisher of residency events ([events] enabled), and the snapshots it
+        #: asks for to resync its subscribers (built here, on the owner thread)
+        self._publisher: ZmqEventPublisher | None = None
+        self._snapshots: OwnerSnapshot | None = None
+        if config.events.enabled:
+            self._start_publisher()
         if config.lower_tiers:
-            self._open_lower_tiers()
+            try:
+                self._open_lower_tiers()
+            except BaseException:
+                self._close_publisher()
+                raise
 
     # ------------------------------------------------------------------ engine-facing API --
     def match_prefix(self, tokens: Any, *, lora_name: str | None = None,
@@ -1475,6 +1487,11 @@ class BlockManager:
                 g2.policy.access(r.seq_hash)
 
     def _emit(self, event: KVEvent) -> None:
+        if self._publisher is not None:
+            # Published instead of queued for take_events(): never blocks (the publisher
+            # counts an overflow and resyncs its subscribers from a snapshot).
+            self._publisher.publish([event])
+            return
         if len(self._events) >= self.config.max_pending_events:
             self._events.popleft()
             self._events_dropped += 1
@@ -1492,10 +1509,51 @@ class BlockManager:
             self._emit_run(run, medium)
 
     def _emit_run(self, run: list[BlockRecord], medium: Medium) -> None:
+        self._emit(self._stored_event(run, medium))
+
+    def _stored_event(self, run: list[BlockRecord], medium: Medium) -> BlockStored:
         tokens = np.frombuffer(b"".join(r.tokens for r in run), dtype="<u4").tolist()
-        self._emit(BlockStored([r.seq_hash for r in run], run[0].parent_hash, tokens,
-                               self.block_size, medium, run[0].lora_name, None,
-                               [r.local_hash for r in run]))
+        return BlockStored([r.seq_hash for r in run], run[0].parent_hash, tokens,
+                           self.block_size, medium, run[0].lora_name, None,
+                           [r.local_hash for r in run])
+
+    # ------------------------------------------------------------------------- publisher --
+    def _start_publisher(self) -> None:
+        from kvbm.events.owner_snapshot import OwnerSnapshot
+        from kvbm.events.publisher import ZmqEventPublisher
+
+        self._snapshots = OwnerSnapshot(self._residency_snapshot)
+        self._publisher = ZmqEventPublisher(self.config.events, snapshot=self._snapshots)
+
+    @property
+    def publisher(self) -> ZmqEventPublisher | None:
+        """The residency-event publisher (``[events] enabled``), for its endpoints and
+        counters; ``None`` otherwise (then :meth:`take_events` drains the events)."""
+        return self._publisher
+
+    def _residency_snapshot(self) -> list[BlockStored]:
+        """Every block resident now, per medium, parents first (owner thread): what a
+        publisher re-announces after the ``AllBlocksCleared`` of a resync. Compacted blocks
+        lose their announcement (their tokens are not kept): a match links and announces
+        them again."""
+        if self._announced:
+            self._orphans.and_all(_LOWER)
+            self._announced = 0
+        recs = self._parents_first(list(self._index))
+        out: list[BlockStored] = []
+        for medium in Medium:
+            bit = medium.bit
+            run: list[BlockRecord] = []
+            for r in recs:
+                if not r.mask & bit:
+                    continue
+                if run and r.parent is not run[-1]:
+                    out.append(self._stored_event(run, medium))
+                    run = []
+                run.append(r)
+            if run:
+                out.append(self._stored_event(run, medium))
+        return out
 
     # ------------------------------------------------------------- lower tiers (G3, G4) --
     def _open_lower_tiers(self) -> None:
@@ -1542,6 +1600,9 @@ class BlockManager:
             self._reap_copies()
         if self._compactable:
             self._compact()
+        snaps = self._snapshots
+        if snaps is not None and snaps.wanted:
+            snaps.serve()
         if self._engine is None:
             return 0
         n = 0
@@ -1753,7 +1814,18 @@ class BlockManager:
                     self._engine = None
         finally:
             self._closed = True
+            self._close_publisher()
         return result
+
+    def _close_publisher(self) -> None:
+        """After the close's own events: they go out before the sockets close."""
+        if self._snapshots is not None:
+            self._snapshots.close()
+        if self._publisher is not None:
+            try:
+                self._publisher.close()
+            except Exception as e:  # closing must finish whatever the sockets do
+                log.warning("close: the event publisher: %s", e)
 
     def _close_at_exit(self) -> None:
         """The exit flush (:class:`ExitFlush`): close a manager left open, and say so."""
