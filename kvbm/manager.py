@@ -163,6 +163,15 @@ class _Removal:
 
 
 @dataclass(frozen=True, slots=True)
+class _Discovered:
+    """A shared tier found pages another writer stored (storage/objectdiscovery.py); from
+    a tier's thread."""
+
+    medium: Medium
+    keys: list[int]
+
+
+@dataclass(frozen=True, slots=True)
 class _StoreContext:
     """What a store transfer carries back to the manager: the tier, and each page's record
     with the G2 slot it was read from (the record may have moved or gone meanwhile)."""
@@ -445,7 +454,8 @@ class BlockManager:
                                 if h.admission is not None else None)
         self._tiers = [t for t in (self._g1, self._g2) if t is not None]
         #: finished transfers and tier removals, in the order they happened (any thread)
-        self._inbox: queue.SimpleQueue[TransferHandle | _Removal] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[TransferHandle | _Removal | _Discovered] = \
+            queue.SimpleQueue()
         #: pages of persistent tiers not linked into the index (after a restart, or whose
         #: prefix left every memory tier): seq hash -> residency mask. A match re-links them.
         self._orphans = MaskTable()
@@ -1587,6 +1597,11 @@ class BlockManager:
         """TierListener: a tier dropped pages (called on the tier's threads)."""
         self._inbox.put(_Removal(medium, list(keys)))
 
+    def on_discovered(self, medium: Medium, keys: Sequence[int]) -> None:
+        """TierListener (optional): a tier shared with other writers found pages they
+        stored (called on the tier's threads). They are matched like pages found at open."""
+        self._inbox.put(_Discovered(medium, list(keys)))
+
     def poll(self) -> int:
         """Complete finished background transfers now (owner thread). Every other call does
         it too; an idle engine can call this to get offload events out sooner."""
@@ -1617,6 +1632,8 @@ class BlockManager:
             n += 1
             if isinstance(item, _Removal):
                 self._on_removed(item)
+            elif isinstance(item, _Discovered):
+                self._on_discovered(item)
             elif item.kind is TransferKind.STORE:
                 self._on_stored(item)
             else:
@@ -1944,6 +1961,33 @@ class BlockManager:
 
         return any(lt.medium is medium and lt.store.capabilities & Capability.REPORTS_MISSES
                    for lt in self._lower)
+
+    def _on_discovered(self, item: _Discovered) -> None:
+        """Pages of a lower tier this manager did not store: unlinked (``_orphans``) until a
+        match links them, as at open; a block already indexed gains the tier's residency."""
+        lt = next((t for t in self._lower if t.medium is item.medium), None)
+        if lt is None:
+            return
+        bit, orphans = lt.bit, self._orphans
+        gained: list[BlockRecord] = []
+        unlinked: list[int] = []
+        for k in item.keys:
+            rec = self._index.get(k)
+            if rec is not None:
+                if not rec.mask & bit:
+                    rec.mask |= bit
+                    gained.append(rec)
+                continue
+            was = orphans.get(k)
+            if was & _ANNOUNCED and not was & bit:
+                # Compacted without its tokens, it cannot announce the new copy: it becomes
+                # unannounced, and the match that links it announces every copy.
+                orphans[k] = (was & _LOWER) | bit
+                self._announced -= 1
+            elif not was & bit:
+                unlinked.append(k)
+        orphans.or_many(unlinked, bit)
+        self._emit_stored(gained, lt.medium)
 
     def _on_removed(self, item: _Removal) -> None:
         bit = item.medium.bit

@@ -114,9 +114,6 @@ def _wait_for(what: str, cond: Any, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.xfail(not hasattr(BlockManager, "on_discovered"), strict=True,
-                   reason="the block manager does not take pages a tier discovers yet "
-                          "(TierListener.on_discovered)")
 def test_two_managers_in_two_processes_share_pages_while_running(tmp_path, moto_endpoint,
                                                                  s3_bucket):
     prefix = f"shared/{tmp_path.name}/"
