@@ -201,3 +201,18 @@ def test_a_manager_config_from_env_leaves_router_variables_to_the_router() -> No
            "KVBM_ROUTER_SERVICE_PORT": "9000"}
     assert ManagerConfig.from_env(env).host.num_blocks == 16  # type: ignore[union-attr]
     assert RouterConfig.from_env(env).service.port == 9000
+
+
+def test_the_example_config_of_docs_router_md_loads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "router.md").read_text()
+    blocks = re.findall(r'^```toml title="router.toml"\n(.*?)^```', text, flags=re.M | re.S)
+    assert blocks
+    for block in blocks:
+        path = tmp_path / "router.toml"
+        path.write_text(block)
+        cfg = RouterConfig.from_toml(path, env={})
+        assert cfg.cost.seed == 7 and [w.name for w in cfg.workers] == ["w0", "w1"]
+        assert cfg.workers[1].object_group == "s3-a"

@@ -15,7 +15,7 @@ from typing import NoReturn
 from kvbm.errors import KvbmError
 
 #: Subcommand modules, in the order ``kvbm --help`` lists them.
-_COMMANDS = ("demo", "info", "config", "hash", "stats", "events")
+_COMMANDS = ("demo", "info", "config", "hash", "stats", "events", "router")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -2,7 +2,9 @@
 
 :class:`KvIndexer` keeps, per worker and medium, the blocks the workers announced;
 :class:`KvRouter` scores workers for a prompt; :class:`Subscriber` feeds an indexer from the
-workers' ZMQ publishers, healing sequence gaps. Nothing here imports torch or lmdb.
+workers' ZMQ publishers, healing sequence gaps; :class:`RouterService` serves all three over
+HTTP (``kvbm router``; docs/router.md). Nothing here imports torch or lmdb; pyzmq is imported
+when a subscriber is made.
 """
 
 from kvbm.router.config import (
@@ -15,7 +17,9 @@ from kvbm.router.config import (
 )
 from kvbm.router.cost import KvRouter, Selection, WorkerLoad, WorkerScore
 from kvbm.router.indexer import IndexerStats, KvIndexer
+from kvbm.router.service import RouterService
+from kvbm.router.subscriber import Subscriber, WorkerStatus
 
-__all__ = ["CostConfig", "IndexerStats", "KvIndexer", "KvRouter", "RouterConfig", "Selection",
-           "ServiceConfig", "SubscriberConfig", "TieBreak", "WorkerEndpoints", "WorkerLoad",
-           "WorkerScore"]
+__all__ = ["CostConfig", "IndexerStats", "KvIndexer", "KvRouter", "RouterConfig",
+           "RouterService", "Selection", "ServiceConfig", "Subscriber", "SubscriberConfig",
+           "TieBreak", "WorkerEndpoints", "WorkerLoad", "WorkerScore", "WorkerStatus"]

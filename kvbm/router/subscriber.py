@@ -171,6 +171,12 @@ class Subscriber:
         with self._lock:
             return self._lock.wait_for(done, timeout)
 
+    @property
+    def running(self) -> bool:
+        """The thread runs (started, not closed, not dead)."""
+        t = self._thread
+        return t is not None and t.is_alive() and not self._closed
+
     def start(self) -> None:
         with self._lock:
             if self._closed:
