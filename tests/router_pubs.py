@@ -45,6 +45,8 @@ class ScriptedPublisher:
         self.endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.buffer: dict[int, bytes] = {}
         self.replays: list[int] = []  # start seqs asked for
+        #: frames sent (after the client identity) before each genuine replay answer
+        self.bad_replies: list[list[bytes]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.replay_endpoint: str | None = None
@@ -97,6 +99,8 @@ class ScriptedPublisher:
             with self._lock:
                 self.replays.append(start)
                 items = sorted((s, p) for s, p in self.buffer.items() if s >= start)
+            for frames in self.bad_replies:
+                self.router.send_multipart([ident, *frames])
             for s, p in items:
                 self.router.send_multipart([ident, *encode_replay_reply(self.topic, s, p)])
             self.router.send_multipart([ident, *encode_replay_end()])

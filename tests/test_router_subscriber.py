@@ -214,6 +214,20 @@ def test_garbage_is_counted_and_skipped(pub: ScriptedPublisher, sub: Subscriber,
     assert set(idx.worker_blocks("w")) == {3}  # cleared at the lost batch 2, then 3
 
 
+def test_garbage_on_the_replay_socket_is_counted_and_skipped(pub: ScriptedPublisher,
+                                                             sub: Subscriber,
+                                                             idx: KvIndexer) -> None:
+    pub.bad_replies = [[b"x"], [b"not empty", b"t", (1).to_bytes(8, "big"), b"p"],
+                       [b"", b"t", b"short", b"p"], [b"", b"a", b"b", b"c", b"d"]]
+    for s in range(3):
+        pub.batch(s, [ev(s)], live=False)
+    sub.add_worker("w", pub.endpoint, pub.replay_endpoint)
+    caught_up(sub, "w", 3)
+    assert set(idx.worker_blocks("w")) == {0, 1, 2}
+    c = counters(sub, "w")
+    assert c["bad_messages"] == 4 and c["resyncs"] == 0 and sub.status()["w"].complete
+
+
 def test_events_the_indexer_refuses_are_skipped_one_by_one(pub: ScriptedPublisher,
                                                            sub: Subscriber,
                                                            idx: KvIndexer) -> None:
