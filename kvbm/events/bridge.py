@@ -87,6 +87,7 @@ class EventBridge:
         self.replay_timeout_s = float(replay_timeout_s)
         self.publisher = NatsEventPublisher(config, self.worker)
         self._next: int | None = None  # the vLLM seq expected next
+        self._live_last: int | None = None  # the seq of the last live (not replayed) batch
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -146,8 +147,11 @@ class EventBridge:
 
     # ------------------------------------------------------------------- sequence --
     def _on_live(self, ctx: Any, seq: int, payload: bytes) -> None:
+        last, self._live_last = self._live_last, seq
+        if self._next is not None and seq < self._next and (last is None or seq > last):
+            return  # a live copy of a batch the replay forwarded already
         if self._next is not None and seq < self._next:
-            # vLLM counts from 0 per process: a sequence going back is a new process
+            # vLLM counts from 0 per process: the live sequence going back is a new process
             log.warning("bridge %s: worker restarted (seq %d after %d)", self.worker, seq,
                         self._next - 1)
             self._count("restarts")
@@ -171,7 +175,6 @@ class EventBridge:
             self._next = seq
         if seq == self._next:
             self._forward(seq, payload)
-        # seq < self._next: the replay forwarded it already
 
     def _catch_up(self, ctx: Any, first: int) -> None:
         """Forward what the replay socket holds from ``first`` on (the batches from

@@ -19,7 +19,6 @@ The nats-py side (event loop thread, connections, stream and consumer set-up) is
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import math
 import re
@@ -27,10 +26,10 @@ import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from kvbm.errors import ConfigError, InvalidArgumentError
-from kvbm.events.records import BlockRemoved, BlockStored, KVEvent
-from kvbm.events.wire import EventBatch, encode_batch
+from kvbm.events.wire import pack_batch
 
 HDR_EPOCH = "Kvbm-Epoch"
 HDR_SEQ = "Kvbm-Seq"
@@ -172,12 +171,15 @@ def msg_headers(worker: str, epoch: int, seq: int, source_seq: int | None = None
     return h
 
 
-def batch_payloads(events: list[KVEvent], rank: int | None, limit: int,
+Wire = dict[str, Any]  # an event as vLLM puts it on the wire (kvbm.events.wire.event_to_wire)
+
+
+def batch_payloads(events: list[Wire], rank: int | None, limit: int,
                    ) -> Iterator[tuple[bytes | None, int]]:
-    """``events`` as encoded batches (vLLM's msgpack) of at most ``limit`` bytes each, with
+    """Wire events as packed batches (vLLM's msgpack) of at most ``limit`` bytes each, with
     their event counts; a store or removal too large for one message is split between
     blocks. ``(None, 1)`` stands for one event that cannot fit (one block's worth)."""
-    payload = encode_batch(EventBatch(time.time(), events, rank))
+    payload = pack_batch(time.time(), events, rank)
     if len(payload) <= limit:
         yield payload, len(events)
         return
@@ -194,23 +196,21 @@ def batch_payloads(events: list[KVEvent], rank: int | None, limit: int,
         yield from batch_payloads([part], rank, limit)
 
 
-def split_event(e: KVEvent) -> list[KVEvent] | None:
-    """One event as two, between blocks; ``None`` when it cannot be split."""
-    n = len(e.block_hashes) if isinstance(e, BlockStored | BlockRemoved) else 0
-    if n < 2:
+def split_event(e: Wire) -> list[Wire] | None:
+    """One wire event as two, between blocks; ``None`` when it cannot be split."""
+    hashes = e.get("block_hashes")
+    if not isinstance(hashes, list) or len(hashes) < 2:
         return None
-    k = n // 2
-    if isinstance(e, BlockRemoved):
-        return [dataclasses.replace(e, block_hashes=e.block_hashes[:k]),
-                dataclasses.replace(e, block_hashes=e.block_hashes[k:])]
-    assert isinstance(e, BlockStored)
-    bs, x = e.block_size, e.extra_keys
-    return [dataclasses.replace(e, block_hashes=e.block_hashes[:k], token_ids=e.token_ids[:k * bs],
-                                extra_keys=None if x is None else x[:k], local_hashes=[]),
-            dataclasses.replace(e, block_hashes=e.block_hashes[k:], token_ids=e.token_ids[k * bs:],
-                                parent_block_hash=e.block_hashes[k - 1],
-                                extra_keys=None if x is None else x[k:], local_hashes=[])]
-
+    k = len(hashes) // 2
+    if e.get("type") != "BlockStored":
+        return [{**e, "block_hashes": hashes[:k]}, {**e, "block_hashes": hashes[k:]}]
+    bs, tokens, x = e["block_size"], e["token_ids"], e.get("extra_keys")
+    first = {**e, "block_hashes": hashes[:k], "token_ids": tokens[:k * bs]}
+    second = {**e, "block_hashes": hashes[k:], "token_ids": tokens[k * bs:],
+              "parent_block_hash": hashes[k - 1]}
+    if x is not None:
+        first["extra_keys"], second["extra_keys"] = x[:k], x[k:]
+    return [first, second]
 
 
 def parse_headers(headers: dict[str, str] | None) -> tuple[int, int] | None:

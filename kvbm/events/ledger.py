@@ -108,9 +108,10 @@ class Ledger:
             # or a parent removed since): so does the ledger
             return
         extra = ev.extra_keys
-        tokens = ev.token_ids
+        raw = _tokens_bytes(ev.token_ids)  # one conversion, then a slice per block
+        step = 4 * bs
         for i, h in enumerate(ev.block_hashes):
-            tok = _tokens_bytes(tokens[i * bs:(i + 1) * bs])
+            tok = raw[i * step:(i + 1) * step]
             x = extra[i] if extra is not None and i < len(extra) else None
             b = blocks.get(h)
             if b is None:

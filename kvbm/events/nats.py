@@ -33,6 +33,7 @@ from kvbm.deps import require
 from kvbm.errors import ClosedError, InvalidArgumentError
 from kvbm.events.jetstream import (
     NatsConfig,
+    Wire,
     batch_payloads,
     check_timeout,
     check_worker,
@@ -42,7 +43,7 @@ from kvbm.events.jetstream import (
 from kvbm.events.ledger import Ledger
 from kvbm.events.nats_client import LoopThread, connect_until, ensure_stream
 from kvbm.events.records import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-from kvbm.events.wire import check_event
+from kvbm.events.wire import event_to_wire
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NatsClient
@@ -109,7 +110,7 @@ class NatsEventPublisher:
         self._snapshot = snapshot
         self._ledger: Ledger | None = Ledger() if snapshot is None else None
         # A new epoch is a clean slate: consumers drop what an earlier one announced.
-        self._pending: list[KVEvent] = [AllBlocksCleared()]
+        self._pending: list[Wire] = [event_to_wire(AllBlocksCleared())]
         self._pending_source: int | None = None
         self._resync = False
         self._busy = True  # the opening clear is queued
@@ -134,8 +135,7 @@ class NatsEventPublisher:
         if isinstance(events, BlockStored | BlockRemoved | AllBlocksCleared) or not isinstance(
                 events, Sequence):
             raise InvalidArgumentError("publish takes a sequence of events")
-        for e in events:
-            check_event(e)
+        wire = [event_to_wire(e) for e in events]  # checked and converted once, here
         if source_seq is not None and (type(source_seq) is not int
                                        or not 0 <= source_seq < 1 << 64):
             raise InvalidArgumentError(f"source_seq must be None or an int in [0, 2**64), "
@@ -157,7 +157,7 @@ class NatsEventPublisher:
                 self._pending = []
                 self._resync = True
             else:
-                self._pending.extend(events)
+                self._pending.extend(wire)
             self._busy = True
             # one wake-up per idle period: a publish while the loop is sending is picked up
             # by its next look at the queue (a wake-up per call costs a syscall)
@@ -273,7 +273,7 @@ class NatsEventPublisher:
                     elif not await self._send(js, payload, n, source):
                         return  # closing with the server away: give up the rest
 
-    def _take(self) -> tuple[list[KVEvent], int | None, bool]:
+    def _take(self) -> tuple[list[Wire], int | None, bool]:
         """What to publish next (under the lock): the queue, or ``([], source, True)`` when a
         resync from ``snapshot()`` is due (taken outside the lock)."""
         source, self._pending_source = self._pending_source, None
@@ -283,24 +283,22 @@ class NatsEventPublisher:
             self._last_resync_seq = self._seq
             self._pending = []  # the state announced now includes them
             if self._ledger is not None:
-                return self._ledger.snapshot_events(), source, False
+                return [event_to_wire(e) for e in self._ledger.snapshot_events()], source, False
             return [], source, True
         events, self._pending = self._pending, []
         return events, source, False
 
-    def _take_snapshot(self) -> list[KVEvent]:
+    def _take_snapshot(self) -> list[Wire]:
         assert self._snapshot is not None
         try:
-            events = list(self._snapshot())
-            for e in events:
-                check_event(e)
+            events = [event_to_wire(e) for e in self._snapshot()]
         except Exception as e:  # the owner's bug must not stop the publisher
             log.error("nats publisher %s: snapshot() failed (%s): resync without state",
                       self.worker, e)
             with self._lock:
                 self._n["snapshot_errors"] += 1
             events = []
-        return [AllBlocksCleared(), *events]
+        return [event_to_wire(AllBlocksCleared()), *events]
 
     async def _ensure_stream(self, js: Any) -> None:
         """Create the stream (at start, and when a publish finds none: deleted, or a server
