@@ -35,7 +35,10 @@ class ScriptedPublisher:
     subscriber missed), ``forget`` drops batches from the replay buffer."""
 
     def __init__(self, port: int = 0, replay_port: int = 0, *, topic: bytes = b"",
-                 replay: bool = True) -> None:
+                 replay: bool = True, buffer: dict[int, bytes] | None = None) -> None:
+        # ``buffer``: the replay buffer before the sockets open (a subscriber may connect
+        # and ask for a replay the moment they do)
+        self.buffer: dict[int, bytes] = dict(buffer or {})
         self.ctx = zmq.Context()
         self.topic = topic
         self.pub = self.ctx.socket(zmq.XPUB)
@@ -43,7 +46,6 @@ class ScriptedPublisher:
         self.pub.setsockopt(zmq.SNDHWM, 0)
         self.pub.bind(f"tcp://127.0.0.1:{port or '*'}")
         self.endpoint = self.pub.getsockopt(zmq.LAST_ENDPOINT).decode()
-        self.buffer: dict[int, bytes] = {}
         self.replays: list[int] = []  # start seqs asked for
         #: frames sent (after the client identity) before each genuine replay answer
         self.bad_replies: list[list[bytes]] = []
@@ -76,7 +78,7 @@ class ScriptedPublisher:
         assert msg[:1] == b"\x01", msg
 
     def batch(self, seq: int, events: list[KVEvent], *, live: bool = True) -> bytes:
-        payload = encode_batch(EventBatch(time.time(), events))
+        payload = payload_of(events)
         with self._lock:
             self.buffer[seq] = payload
         if live:
@@ -112,6 +114,10 @@ class ScriptedPublisher:
             self.router.close(linger=0)
         self.pub.close(linger=0)
         self.ctx.term()
+
+
+def payload_of(events: list[KVEvent]) -> bytes:
+    return encode_batch(EventBatch(time.time(), events))
 
 
 class WorkerModel:

@@ -87,8 +87,9 @@ def held(router: Router, worker: str) -> dict[str, int]:
 def test_select_dump_healthz_metrics(pubs: tuple[ScriptedPublisher, ScriptedPublisher],
                                      router: Router) -> None:
     a, _ = pubs
+    a.wait_subscriber()  # from here on a live batch reaches it (or its first replay has it)
     a.batch(0, [BlockStored(SEQ[:4], None, TOKENS[:4 * BS], BS, Medium.GPU),
-                BlockStored(SEQ[:6], None, TOKENS, BS, Medium.DISK)], live=False)
+                BlockStored(SEQ[:6], None, TOKENS, BS, Medium.DISK)])
     wait_until(lambda: held(router, "a").get("DISK") == 6, what="a's blocks")
     assert held(router, "a") == {"GPU": 4, "CPU_PINNED": 0, "DISK": 6, "OBJECT": 0}
     status, sel = router.request("POST", "/select", {"token_ids": TOKENS})
@@ -183,7 +184,8 @@ a = {{ endpoint = "{a.endpoint}", replay = "{a.replay_endpoint}", object_group =
     r = Router("--config", str(cfg), "--worker", f"b={b.endpoint},{b.replay_endpoint}",
                "--object-group", "b=bucket")
     try:
-        a.batch(0, [BlockStored(SEQ, None, TOKENS, BS, Medium.OBJECT)], live=False)
+        a.wait_subscriber()
+        a.batch(0, [BlockStored(SEQ, None, TOKENS, BS, Medium.OBJECT)])
         wait_until(lambda: held(r, "a").get("OBJECT") == 6, what="a's blocks")
         dump = r.request("GET", "/dump")[1]["workers"]
         assert dump["a"]["object_group"] == dump["b"]["object_group"] == "bucket"

@@ -14,7 +14,7 @@ import pytest
 
 zmq = pytest.importorskip("zmq")
 
-from router_pubs import WAIT_S, ScriptedPublisher, WorkerModel, wait_until  # noqa: E402
+from router_pubs import WAIT_S, ScriptedPublisher, WorkerModel, payload_of, wait_until  # noqa: E402
 
 from kvbm.errors import ClosedError, InvalidArgumentError  # noqa: E402
 from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent  # noqa: E402
@@ -150,10 +150,9 @@ def test_a_restarted_publisher_past_the_old_seq_is_recognized(sub: Subscriber,
         old.batch(s, [ev(s)])
     caught_up(sub, "w", 3)
     old.close()
-    new = ScriptedPublisher(port, rport)
+    new = ScriptedPublisher(port, rport,
+                            buffer={s: payload_of([ev(200 + s)]) for s in range(6)})
     try:
-        for s in range(6):
-            new.batch(s, [ev(200 + s)], live=False)
         new.wait_subscriber()
         wait_until(lambda: counters(sub, "w")["restarts"] == 1, what="the restart")
         caught_up(sub, "w", 6)
@@ -176,10 +175,8 @@ def test_a_reconnect_to_the_same_publisher_keeps_the_state(sub: Subscriber,
     port, rport = p.port, p.replay_port
     p.close()
     # the same process, its sockets back (a network blip): same buffer, same bytes
-    q = ScriptedPublisher(port, rport)
+    q = ScriptedPublisher(port, rport, buffer={**buffer, 1: payload_of([ev(1)])})
     try:
-        q.buffer.update(buffer)
-        q.batch(1, [ev(1)], live=False)
         q.wait_subscriber()
         caught_up(sub, "w", 2)
         assert set(idx.worker_blocks("w")) == {0, 1}

@@ -17,8 +17,9 @@ from kvbm.router.config import (
 )
 from kvbm.router.cost import KvRouter, Selection, WorkerLoad, WorkerScore
 from kvbm.router.indexer import IndexerStats, KvIndexer
+from kvbm.router.peer import WorkerStatus
 from kvbm.router.service import RouterService
-from kvbm.router.subscriber import Subscriber, WorkerStatus
+from kvbm.router.subscriber import Subscriber
 
 __all__ = ["CostConfig", "IndexerStats", "KvIndexer", "KvRouter", "RouterConfig",
            "RouterService", "Selection", "ServiceConfig", "Subscriber", "SubscriberConfig",

@@ -8,8 +8,7 @@ from typing import Any
 
 from kvbm.medium import Medium
 from kvbm.router.indexer import IndexerStats
-from kvbm.router.peer import COUNTERS
-from kvbm.router.subscriber import WorkerStatus
+from kvbm.router.peer import COUNTERS, WorkerStatus
 
 _PREFIX = "kvbm_router_"
 

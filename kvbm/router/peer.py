@@ -26,6 +26,7 @@ import enum
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import xxhash
 
@@ -35,6 +36,19 @@ from kvbm.events.wire import END_SEQ, decode_batch, parse_replay_reply
 
 COUNTERS = ("batches", "events", "gaps", "replays", "replayed_batches", "replay_timeouts",
             "resyncs", "restarts", "bad_messages", "skipped_events", "rejected_events")
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """Where the subscriber stands with one worker (counters since it was added)."""
+
+    name: str
+    endpoint: str
+    replay_endpoint: str | None
+    state: str  # connecting, live, replaying
+    next_seq: int | None
+    complete: bool  # nothing lost since the worker's start or its last resync
+    counters: dict[str, int]
 
 
 class PeerState(enum.Enum):

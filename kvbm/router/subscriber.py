@@ -18,7 +18,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from kvbm.deps import require
@@ -27,46 +26,15 @@ from kvbm.events.records import AllBlocksCleared, KVEvent
 from kvbm.events.wire import parse_frames, replay_request
 from kvbm.router.config import SubscriberConfig, check_endpoint
 from kvbm.router.indexer import KvIndexer
-from kvbm.router.peer import COUNTERS, Peer, PeerState
+from kvbm.router.peer import COUNTERS, Peer, PeerState, WorkerStatus
+from kvbm.router.ratelog import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
 #: How often the thread looks at its command queue and replay deadlines, in milliseconds.
 _TICK_MS = 20
-#: One warning per kind and worker per this many seconds; the rest are counted.
-_WARN_EVERY_S = 10.0
 
 OnEvents = Callable[[str, list[KVEvent]], None]
-
-
-@dataclass(frozen=True)
-class WorkerStatus:
-    """Where the subscriber stands with one worker (counters since it was added)."""
-
-    name: str
-    endpoint: str
-    replay_endpoint: str | None
-    state: str  # connecting, live, replaying
-    next_seq: int | None
-    complete: bool  # nothing lost since the worker's start or its last resync
-    counters: dict[str, int]
-
-
-class _RateLimitedLog:
-    def __init__(self) -> None:
-        self._last: dict[tuple[str, str], tuple[float, int]] = {}
-
-    def warn(self, worker: str, kind: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        last, suppressed = self._last.get((worker, kind), (-_WARN_EVERY_S, 0))
-        if now - last < _WARN_EVERY_S:
-            self._last[(worker, kind)] = (last, suppressed + 1)
-            return
-        self._last[(worker, kind)] = (now, 0)
-        if suppressed:
-            msg += " (%d more like it not logged)"
-            args = (*args, suppressed)
-        log.warning(msg, *args)
 
 
 class _Link:
@@ -114,7 +82,7 @@ class Subscriber:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._log = _RateLimitedLog()
+        self._log = RateLimitedLog(log)
 
     # ------------------------------------------------------------------------- API --
     def add_worker(self, name: str, endpoint: str, replay_endpoint: str | None = None) -> None:
