@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kvbm.errors import ConfigError
+from kvbm.events.jetstream import NatsConfig
 from kvbm.storage.disk.config import DiskTierConfig
 from kvbm.storage.gcs import GCSTierConfig
 from kvbm.storage.s3 import S3TierConfig
@@ -267,6 +268,9 @@ class EventsConfig:
     max_batch_events: int = 1024
     #: Stamped on every batch; also offsets the tcp ports (vLLM's rule for DP ranks).
     data_parallel_rank: int = 0
+    #: Publish to NATS JetStream too (``[events.nats]``, ``KVBM_EVENTS_NATS_*``; see
+    #: docs/events-nats.md). Unset: ZMQ only.
+    nats: NatsConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -289,6 +293,8 @@ class EventsConfig:
             _check_positive("events", name, getattr(self, name))
         _check_positive("events", "data_parallel_rank", self.data_parallel_rank,
                         allow_zero=True)
+        if self.nats is not None and not isinstance(self.nats, NatsConfig):
+            raise ConfigError(f"events.nats must be a NatsConfig, got {self.nats!r}")
         value = self.batch_interval_s
         if (isinstance(value, bool) or not isinstance(value, int | float)
                 or not 0 < value <= 60):  # also refuses NaN

@@ -202,6 +202,26 @@ def test_config_refuses_bad_values(kw: dict[str, Any]) -> None:
         NatsConfig(**kw)
 
 
+def test_config_from_toml_and_environment(tmp_path: Path) -> None:
+    from kvbm.config import ManagerConfig
+    from kvbm.events.jetstream import StreamStorage
+
+    p = tmp_path / "kvbm.toml"
+    p.write_text('[device]\nnum_blocks = 4\n[events.nats]\nurl = "nats://10.0.0.2:4222"\n'
+                 'max_age_s = 3600\n')
+    cfg = ManagerConfig.from_toml(p, env={"KVBM_EVENTS_NATS_STORAGE": "memory",
+                                          "KVBM_EVENTS_NATS_DURABLE": "r1"})
+    nats_cfg = cfg.events.nats
+    assert nats_cfg is not None
+    assert (nats_cfg.url, nats_cfg.max_age_s, nats_cfg.storage, nats_cfg.durable) == (
+        "nats://10.0.0.2:4222", 3600.0, StreamStorage.MEMORY, "r1")
+    assert ManagerConfig.from_mapping(cfg.to_dict()) == cfg
+    assert ManagerConfig.from_env({"KVBM_DEVICE_NUM_BLOCKS": "4"}).events.nats is None
+    with pytest.raises(ConfigError, match="subject_prefix"):
+        ManagerConfig.from_env({"KVBM_DEVICE_NUM_BLOCKS": "4",
+                                "KVBM_EVENTS_NATS_SUBJECT_PREFIX": "kvbm.*"})
+
+
 def test_bad_arguments_are_refused_before_anything_is_sent() -> None:
     cfg = NatsConfig(url=f"nats://{HOST}:{free_port()}")  # nobody there: nothing is sent
     for worker in ("", "a.b", "w>", "w 1", 3):
