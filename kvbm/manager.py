@@ -532,17 +532,15 @@ class BlockManager:
         if self._orphans and len(recs) < len(hashes):
             # Compacted blocks are only read here (onboard and stage link them); pages not
             # announced yet are linked now, which announces them.
-            seq, orphans = hashes.sequence, self._orphans
-            k = len(recs)
-            while k < len(seq):
-                flags = orphans.get(seq[k])
-                if not flags & _ANNOUNCED:
-                    if flags:
-                        recs = self._linked(hashes, len(seq), tokens, lora_name)
-                        masks = [r.mask for r in recs]
-                    break
-                masks.append(flags & _LOWER)
-                k += 1
+            seq = hashes.sequence
+            flags = self._orphans.get_many(np.asarray(seq[len(recs):], dtype=np.uint64))
+            announced = (flags & _ANNOUNCED) != 0
+            stop = flags.size if announced.all() else int(announced.argmin())
+            if stop < flags.size and flags[stop]:
+                recs = self._linked(hashes, len(seq), tokens, lora_name)
+                masks = [r.mask for r in recs]
+            else:
+                masks += (flags[:stop] & _LOWER).tolist()
         # Per-block work stays on ints (Enum hashing is Python-level and slow): count the
         # masks, then map the few distinct ones to media.
         best = BEST_MEDIUM
@@ -2137,6 +2135,8 @@ class BlockManager:
                 announce.append(rec)
             self._index.insert(rec)
             recs.append(rec)
+            if not rec.mask & (_GPU | _HOST):  # announced now: compacted again if unused
+                self._compactable.append(rec)
             k += 1
         self._emit_relinked(announce)
 

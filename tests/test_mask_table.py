@@ -87,3 +87,19 @@ def test_and_all_clears_a_flag_and_refuses_to_empty_entries() -> None:
     with pytest.raises(ValueError, match="empty"):
         t.and_all(0x7F)
     assert t[5] == 0x80  # unchanged
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(1, 255)), max_size=300),
+       st.lists(st.integers(0, 2**64 - 1), max_size=50))
+def test_get_many_agrees_with_get(entries, extra) -> None:
+    import numpy as np
+
+    t = MaskTable()
+    for k, m in entries:
+        t[k] = m
+    for k in list(dict(entries))[::3]:
+        del t[k]
+    keys = [k for k, _ in entries] + extra
+    got = t.get_many(np.array(keys, dtype=np.uint64)).tolist()
+    assert got == [t.get(k) for k in keys]

@@ -146,6 +146,28 @@ class MaskTable:
                 self._masks[i] = bit
                 self._len += 1
 
+    def get_many(self, keys: np.ndarray) -> np.ndarray:
+        """The masks of many keys at once (uint8, 0 where absent): the probe loop runs over
+        the whole batch per step, so a 1,000-block prompt costs a few array operations."""
+        keys = np.asarray(keys, dtype=np.uint64)
+        out = np.zeros(keys.size, dtype=np.uint8)
+        if not self._len or not keys.size:
+            return out
+        karr = np.frombuffer(self._keys, dtype=np.uint64)
+        marr = np.frombuffer(self._masks, dtype=np.uint8)
+        cap1 = np.uint64((1 << self._bits) - 1)
+        slots = (keys * np.uint64(_FIB)) >> np.uint64(self._shift)  # wraps mod 2**64
+        pending = np.arange(keys.size)
+        while pending.size:
+            s = slots[pending]
+            m = marr[s]
+            hit = (m != 0) & (karr[s] == keys[pending])
+            out[pending[hit]] = m[hit]
+            more = (m != 0) & ~hit
+            pending = pending[more]
+            slots[pending] = (s[more] + np.uint64(1)) & cap1
+        return out
+
     def and_all(self, keep: int) -> None:
         """``self[k] &= keep`` for every key; a mask left 0 would mean an empty slot, so
         ``keep`` must leave every entry non-zero (clearing a flag bit beside the tiers')."""
