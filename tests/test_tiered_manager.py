@@ -402,7 +402,7 @@ def test_recomputed_blocks_whose_parent_left_the_disk_take_back_their_disk_copie
         # match reaches them anyway)
         for h in (child, grandchild):
             rec = mgr.lookup(h)
-            assert (rec is not None and rec.mask & Medium.DISK.bit
+            assert ((rec is not None and rec.mask & Medium.DISK.bit)
                     or mgr.stats().unlinked_pages == 2)
         stream = mgr.take_events()
         new = mgr.allocate(3)
