@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -143,6 +144,33 @@ def test_replay_from_a_start_seq_then_end_marker(ctx: Any) -> None:
         assert [s for s, _ in replay(ctx, pub.replay_endpoint, 0)] == [3, 4, 5, 6, 7]
         assert replay(ctx, pub.replay_endpoint, 100) == []
         assert pub.stats.replay_requests == 3
+
+
+def test_a_replay_the_buffer_no_longer_reaches_triggers_a_resync(ctx: Any) -> None:
+    """A subscriber that joins late (or fell too far behind) asks for batches the buffer
+    dropped: the publisher re-announces its state so that the subscriber can converge."""
+    state = [stored(100), stored(101)]
+    with ZmqEventPublisher(cfg(buffer_steps=3), snapshot=lambda: state) as pub:
+        assert pub.replay_endpoint is not None
+        for i in range(6):
+            pub.publish([stored(i)])
+            assert pub.flush(10)
+        replay(ctx, pub.replay_endpoint, 4)  # still held: no resync
+        assert pub.flush(10) and pub.stats.resyncs == 0
+        replay(ctx, pub.replay_endpoint, 0)
+        deadline = time.monotonic() + 20
+        while pub.stats.resyncs == 0:
+            assert time.monotonic() < deadline, "no resync after an unreachable replay"
+            time.sleep(0.01)
+        tail = [e for _, b in replay(ctx, pub.replay_endpoint, 0) for e in b.events]
+        assert tail[-3:] == [AllBlocksCleared(), *state]
+    with ZmqEventPublisher(cfg(buffer_steps=3)) as pub:  # nothing to resync from
+        assert pub.replay_endpoint is not None
+        for i in range(6):
+            pub.publish([stored(i)])
+            assert pub.flush(10)
+        replay(ctx, pub.replay_endpoint, 0)
+        assert pub.flush(10) and pub.stats.resyncs == 0
 
 
 def test_garbage_on_the_replay_socket_is_counted_and_ignored(ctx: Any) -> None:

@@ -97,7 +97,8 @@ class ZmqEventPublisher:
             self._close_sockets(0)
             raise
         self._buffer = ReplayBuffer(config.buffer_steps)
-        self._replay = (ReplayServer(self._router, zmq, self._topic, self._buffer)
+        self._replay = (ReplayServer(self._router, zmq, self._topic, self._buffer,
+                                     self._unreachable_replay if snapshot is not None else None)
                         if self._router is not None else None)
         # Shared with the thread, under _cond's lock:
         self._cond = threading.Condition()
@@ -312,6 +313,14 @@ class ZmqEventPublisher:
             self._batches += 1
             self._sent += len(wire)
         return True
+
+    def _unreachable_replay(self) -> None:
+        """A subscriber asked for batches no longer held (it joined late, or fell too far
+        behind): its gap cannot heal by replay, so the whole state is re-announced."""
+        with self._cond:
+            if not self._resync_due:
+                log.info("a replay request starts before the oldest batch held: resync")
+            self._resync_due = True
 
     def _maybe_resync(self) -> None:
         with self._cond:

@@ -4,14 +4,16 @@ A subscriber that sees a gap in the sequence numbers sends ``[b"", start_seq]`` 
 the answer is every buffered batch with ``seq >= start_seq`` as ``[b"", topic, seq, payload]``
 and then the end marker ``[b"", b"", seq -1, b""]`` (vLLM 0.32's shapes). When the buffer no
 longer reaches back to ``start_seq`` the first batch replayed has a later seq than asked for:
-the subscriber sees that the gap cannot be healed this way and waits for (or asks an
-operator for) a resync.
+the subscriber sees that the gap cannot be healed this way and waits for a resync, which
+such a request triggers (``on_unreachable``: the publisher re-announces its whole state
+when it has a snapshot to do it with).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 from itertools import islice
 from typing import Any
 
@@ -47,12 +49,20 @@ class ReplayBuffer:
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def first_seq(self) -> int | None:
+        """The oldest seq still held (``None`` when empty)."""
+        return self._items[0][0] if self._items else None
+
 
 class ReplayServer:
     """Answers replay requests on a bound ROUTER socket; used from one thread only."""
 
-    def __init__(self, sock: Any, zmq: Any, topic: bytes, buffer: ReplayBuffer) -> None:
+    def __init__(self, sock: Any, zmq: Any, topic: bytes, buffer: ReplayBuffer,
+                 on_unreachable: Callable[[], None] | None = None) -> None:
         self._sock = sock
+        #: called when a request starts before the oldest batch held (its gap cannot heal)
+        self._on_unreachable = on_unreachable
         self._zmq = zmq
         self._topic = topic
         self._buffer = buffer
@@ -81,6 +91,9 @@ class ReplayServer:
 
     def _answer(self, ident: bytes, start: int) -> None:
         zmq = self._zmq
+        first = self._buffer.first_seq
+        if first is not None and start < first and self._on_unreachable is not None:
+            self._on_unreachable()
         try:
             # NOBLOCK with ROUTER_MANDATORY: a client that went away or stopped reading is
             # an error here, not a silent drop of part of its replay
