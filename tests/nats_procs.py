@@ -6,9 +6,9 @@ publishes every change through :class:`~kvbm.events.nats.NatsEventPublisher`, ke
 model of what is resident, and at the end (after a flush) writes that model as JSON:
 ``{"blocks": {hash: [medium, ...]}, "stats": {...}}``.
 
-``router``: a :class:`~kvbm.events.nats_consumer.JetStreamConsumer` with a durable name
-feeding a :class:`~kvbm.router.KvIndexer`; once the file ``stop`` names exists it waits to be
-caught up with the stream and writes every worker's blocks as JSON, then exits.
+``router``: ``kvbm router``'s :class:`~kvbm.router.service.RouterService` consuming from
+JetStream with a durable name; once the file ``stop`` names exists it waits to be caught up
+with the stream and writes every worker's blocks (its indexer's) as JSON, then exits.
 
 Both exit on their own after ``deadline_s`` (a test can never hang on them).
 """
@@ -128,18 +128,23 @@ def publisher(args: dict[str, Any]) -> None:
 
 
 def router(args: dict[str, Any]) -> None:
-    from kvbm.events.nats_consumer import JetStreamConsumer
-    from kvbm.router import KvIndexer
+    """``kvbm router``'s service (HTTP on a free port) consuming from JetStream."""
+    from kvbm.router.config import RouterConfig, ServiceConfig
+    from kvbm.router.service import RouterService
 
-    cfg = NatsConfig(**args["config"])
-    idx = KvIndexer(BLOCK_SIZE)
-    consumer = JetStreamConsumer(cfg, idx.apply, durable=args.get("durable"))
+    nats = NatsConfig(**args["config"], durable=args.get("durable"))
+    cfg = RouterConfig(block_size=BLOCK_SIZE, service=ServiceConfig(port=0), nats=nats)
+    service = RouterService(cfg)
+    service.start()
+    consumer = service.jetstream
+    assert consumer is not None
     stop = Path(args["stop"])
     while not stop.exists():
         time.sleep(0.05)
     caught = consumer.wait_caught_up(60)
     stats = consumer.stats()
-    consumer.close()
+    idx = service.indexer
+    service.close()
     out = {w: {str(h): sorted(m.value for m in media)
                for h, media in idx.worker_blocks(w).items()} for w in idx.workers()}
     Path(args["out"]).write_text(json.dumps({"caught_up": caught, "workers": out,

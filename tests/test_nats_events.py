@@ -686,3 +686,61 @@ def test_bridge_live_copies_of_replayed_batches_are_not_a_restart(server: NatsSe
     with JetStreamConsumer(cfg, idx.apply, durable=None) as consumer:
         assert consumer.wait_caught_up(30)
     assert idx.worker_blocks("dup") == truth.worker_blocks("dup")
+
+
+def test_router_command_consumes_jetstream(server: NatsServer) -> None:
+    """``kvbm router --nats URL --durable NAME``: /dump and /metrics show the JetStream
+    consumer and the workers it learned; /select finds a worker's prefix; SIGTERM stops it
+    after a checkpoint, and a restart with the same durable resumes from it."""
+    import signal
+    import urllib.request
+
+    cfg = config(server)
+    with NatsEventPublisher(cfg, "w0") as pub:
+        tokens = list(range(10 * BLOCK_SIZE))
+        pub.publish([BlockStored(list(range(1, 11)), None, tokens, BLOCK_SIZE, Medium.DISK)])
+        work = publish_workload(pub, 41, 500)
+        assert pub.flush(30)
+
+    def start() -> tuple[subprocess.Popen[str], str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kvbm", "router", "--nats", cfg.url, "--durable", "svc",
+             "--port", "0", "--block-size", str(BLOCK_SIZE)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "listening on http://" in line and "durable svc" in line, line
+        return proc, line.split("listening on ")[1].split()[0]
+
+    def get(url: str) -> Any:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = r.read().decode()
+        return json.loads(body) if url.endswith("/dump") else body
+
+    def held(url: str) -> int:
+        blocks = get(url + "/dump")["workers"].get("w0", {}).get("blocks", {})
+        return sum(blocks.values())
+
+    expected = 10 + sum(len(m) for m in work.blocks().values())  # the prompt's 10 + the rest
+    proc, url = start()
+    try:
+        wait_for(lambda: held(url) == expected, 60, "the router's index")
+        dump = get(url + "/dump")
+        assert dump["jetstream"]["durable"] == "svc" and dump["jetstream"]["gaps"] == 0
+        assert dump["workers"]["w0"]["jetstream"]["synced"] is True
+        assert "kvbm_router_jetstream_msgs_total" in get(url + "/metrics")
+        req = urllib.request.Request(url + "/select", method="POST",
+                                     data=json.dumps({"token_ids": tokens}).encode())
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert json.loads(r.read())["worker"] == "w0"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        proc, url = start()  # resumes from the checkpoint taken on the way out
+        wait_for(lambda: held(url) == expected, 60, "the resumed index")
+        assert get(url + "/dump")["jetstream"]["restored_blocks"] > 0
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)

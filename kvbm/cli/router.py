@@ -51,6 +51,19 @@ def _config(args: argparse.Namespace) -> Any:
         changes["block_size"] = args.block_size
     if args.salt is not None:
         changes["salt"] = args.salt
+    if args.nats is not None or args.durable is not None or args.no_durable:
+        from kvbm.events.jetstream import NatsConfig
+
+        if args.nats is None and cfg.nats is None:
+            raise ConfigError("--durable / --no-durable need --nats URL (or [router.nats])")
+        if args.durable is not None and args.no_durable:
+            raise ConfigError("give --durable NAME or --no-durable, not both")
+        nats = cfg.nats or NatsConfig(url=args.nats)
+        if args.nats is not None:
+            nats = dataclasses.replace(nats, url=args.nats)
+        if args.no_durable or args.durable is not None:
+            nats = dataclasses.replace(nats, durable=args.durable)
+        changes["nats"] = nats
     return dataclasses.replace(cfg, **changes)
 
 
@@ -60,14 +73,16 @@ def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = _config(args)
-    if not cfg.workers:
+    if not cfg.workers and cfg.nats is None:
         print("kvbm router: no worker (give --worker NAME=PUB[,REPLAY] or a [router.workers] "
-              "table); serving anyway", file=sys.stderr)
+              "table, or --nats URL); serving anyway", file=sys.stderr)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     with RouterService(cfg) as service:
-        print(f"kvbm router listening on {service.url} ({len(cfg.workers)} worker(s))",
+        nats = "" if cfg.nats is None else (
+            f", JetStream {cfg.nats.url} stream {cfg.nats.stream} durable {cfg.nats.durable}")
+        print(f"kvbm router listening on {service.url} ({len(cfg.workers)} worker(s){nats})",
               flush=True)
         while not stop.wait(0.5):
             pass
@@ -90,6 +105,14 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, help="port to listen on (default 8390; 0: any free)")
     p.add_argument("--block-size", type=int, help="tokens per block (default: the events')")
     p.add_argument("--salt", help="kvbm's namespace salt of the workers (their `salt`)")
+    p.add_argument("--nats", metavar="URL",
+                   help="also consume the workers' events from NATS JetStream at URL "
+                        "(docs/events-nats.md)")
+    p.add_argument("--durable", metavar="NAME",
+                   help="the JetStream durable consumer name: a restart with the same name "
+                        "resumes from its checkpoint (default kvbm-router)")
+    p.add_argument("--no-durable", action="store_true",
+                   help="no durable consumer: read the whole stream at every start")
     p.add_argument("--log-level", default="WARNING",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(fn=_run)

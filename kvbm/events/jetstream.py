@@ -69,8 +69,9 @@ class NatsConfig:
     stream: str = "KVBM_EVENTS"
     #: Subject prefix: a worker publishes on ``<subject_prefix>.<worker>``.
     subject_prefix: str = "kvbm.events"
-    #: Durable consumer name of a router (one per router that must resume after a restart).
-    durable: str = "kvbm-router"
+    #: Durable consumer name of a router (one per router that must resume after a restart);
+    #: ``None``: no durable state, a router reads the whole stream at every start.
+    durable: str | None = "kvbm-router"
     storage: StreamStorage = StreamStorage.FILE
     replicas: int = 1
     #: Stream limits (0: unlimited). When one is reached the oldest messages go; a consumer
@@ -99,6 +100,8 @@ class NatsConfig:
                 raise ConfigError(f"{o}.url must be nats://HOST:PORT[,...], got {self.url!r}")
         for name in ("stream", "durable"):
             value = getattr(self, name)
+            if value is None and name == "durable":
+                continue
             if not isinstance(value, str) or not _TOKEN.fullmatch(value):
                 raise ConfigError(f"{o}.{name} must be 1-128 characters of A-Z a-z 0-9 _ -, "
                                   f"got {value!r}")

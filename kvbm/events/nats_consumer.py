@@ -123,6 +123,11 @@ class JetStreamConsumer:
         self._task = self._loop.submit(self._run())
 
     # ------------------------------------------------------------------ caller side --
+    @property
+    def running(self) -> bool:
+        """True until :meth:`close` (or a failure of its thread, logged)."""
+        return not self._task.done()
+
     def cursors(self) -> dict[str, WorkerCursor]:
         with self._lock:
             return dict(self._cursors)

@@ -25,6 +25,7 @@ from typing import Any
 
 from kvbm.config import _build, _merge, env_overrides
 from kvbm.errors import ConfigError
+from kvbm.events.jetstream import NatsConfig
 from kvbm.medium import Medium
 
 ENV_PREFIX = "KVBM_ROUTER_"
@@ -190,10 +191,15 @@ class RouterConfig:
     subscriber: SubscriberConfig = SubscriberConfig()
     service: ServiceConfig = ServiceConfig()
     workers: tuple[WorkerEndpoints, ...] = ()
+    #: Also consume the workers' events from NATS JetStream (``[router.nats]``,
+    #: ``KVBM_ROUTER_NATS_*``; docs/events-nats.md). Unset: ZMQ only.
+    nats: NatsConfig | None = None
 
     def __post_init__(self) -> None:
         if self.block_size is not None:
             _int("router.block_size", self.block_size, 1, 1 << 20)
+        if self.nats is not None and not isinstance(self.nats, NatsConfig):
+            raise ConfigError(f"router.nats must be a NatsConfig, got {self.nats!r}")
         if self.salt is not None and not isinstance(self.salt, str):
             raise ConfigError(f"router.salt must be a string, got {self.salt!r}")
         for name, cls in (("cost", CostConfig), ("subscriber", SubscriberConfig),

@@ -81,3 +81,29 @@ def prometheus_text(stats: IndexerStats, blocks: Mapping[str, Mapping[Medium, in
             ({"worker": w}, st.counters[key]) for w, st in sorted(status.items())]
         lines.extend(_family(f"{key}_total", "counter", doc, samples))
     return "\n".join(lines) + "\n"
+
+
+#: JetStream consumer counters (``kvbm router`` with ``[router.nats]``): field, help.
+_JS_HELP = {
+    "msgs": "JetStream messages handled",
+    "events": "events applied from JetStream",
+    "duplicates": "JetStream batches seen again (redeliveries, retried publishes), skipped",
+    "gaps": "holes in a worker's JetStream sequence (the worker was cleared, a resync asked)",
+    "resync_requests": "resync requests sent to workers' publishers",
+    "bad_msgs": "JetStream messages that were not events, skipped",
+    "skipped_events": "events of JetStream batches that broke the format, skipped",
+    "rejected_events": "events from JetStream the indexer refused, skipped",
+    "checkpoints": "checkpoints stored (and acknowledged) by the durable consumer",
+}
+
+
+def jetstream_text(stats: Any) -> str:
+    """A :class:`~kvbm.events.nats_consumer.ConsumerStats` in the Prometheus text format."""
+    lines: list[str] = []
+    for key, doc in _JS_HELP.items():
+        lines.extend(_family(f"jetstream_{key}_total", "counter", doc,
+                             [({}, getattr(stats, key))]))
+    lines.extend(_family("jetstream_last_stream_seq", "gauge",
+                         "the last JetStream stream sequence handled",
+                         [({}, stats.last_stream_seq)]))
+    return "\n".join(lines) + "\n"

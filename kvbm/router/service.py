@@ -22,10 +22,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from kvbm.errors import ClosedError, ConfigError, InvalidArgumentError
+from kvbm.events.nats_consumer import JetStreamConsumer
 from kvbm.router.config import RouterConfig
 from kvbm.router.cost import KvRouter, WorkerLoad
 from kvbm.router.indexer import KvIndexer
-from kvbm.router.metrics import prometheus_text
+from kvbm.router.metrics import jetstream_text, prometheus_text
 from kvbm.router.subscriber import Subscriber
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class RouterService:
         self.indexer = KvIndexer(config.block_size, salt=config.salt)
         self.router = KvRouter(self.indexer, config.cost)
         self.subscriber = Subscriber(self.indexer, config.subscriber)
+        #: the JetStream consumer of ``config.nats`` (made by start(): it connects at once)
+        self.jetstream: JetStreamConsumer | None = None
         for w in config.workers:
             self.indexer.add_worker(w.name)
             if w.object_group is not None:
@@ -83,6 +86,8 @@ class RouterService:
         if self._closed:
             raise ClosedError("the router service is closed")
         self.subscriber.start()
+        if self.config.nats is not None and self.jetstream is None:
+            self.jetstream = JetStreamConsumer(self.config.nats, self.indexer.apply)
         if self._thread is None:
             self._thread = threading.Thread(target=self._httpd.serve_forever,
                                             name="kvbm-router-http", daemon=True)
@@ -96,6 +101,8 @@ class RouterService:
             self._httpd.shutdown()
         self._httpd.server_close()
         self.subscriber.close()
+        if self.jetstream is not None:
+            self.jetstream.close()  # checkpoints (durable) before it goes
 
     def __enter__(self) -> RouterService:
         self.start()
@@ -133,8 +140,10 @@ class RouterService:
     def dump(self) -> dict[str, Any]:
         status = self.subscriber.status()
         counts = self.indexer.block_counts()
+        js = self.jetstream
+        cursors = js.cursors() if js is not None else {}
         workers: dict[str, Any] = {}
-        for name in sorted(set(counts) | set(status)):
+        for name in sorted(set(counts) | set(status) | set(cursors)):
             st = status.get(name)
             workers[name] = {
                 "blocks": {m.value: n for m, n in counts.get(name, {}).items()},
@@ -144,19 +153,29 @@ class RouterService:
                     "state": st.state, "next_seq": st.next_seq, "complete": st.complete,
                     **st.counters},
             }
-        return {"block_size": self.indexer.block_size, "workers": workers,
-                "indexer": _asdict(self.indexer.stats())}
+            if js is not None:
+                cur = cursors.get(name)
+                workers[name]["jetstream"] = None if cur is None else _asdict(cur)
+        out = {"block_size": self.indexer.block_size, "workers": workers,
+               "indexer": _asdict(self.indexer.stats())}
+        if js is not None:
+            out["jetstream"] = {"durable": js.durable, **_asdict(js.stats())}
+        return out
 
     def healthy(self) -> bool:
-        return self.subscriber.running and not self._closed
+        return (self.subscriber.running and not self._closed
+                and (self.jetstream is None or self.jetstream.running))
 
     def metrics(self) -> str:
         with self._count_lock:
             errors = dict(self.http_errors)
             selections = self.selections
-        return prometheus_text(self.indexer.stats(), self.indexer.block_counts(),
+        text = prometheus_text(self.indexer.stats(), self.indexer.block_counts(),
                                self.subscriber.status(), self.subscriber.totals(),
                                selections, errors)
+        if self.jetstream is not None:
+            text += jetstream_text(self.jetstream.stats())
+        return text
 
     def count_error(self, status: int) -> None:
         with self._count_lock:
