@@ -744,3 +744,40 @@ def test_router_command_consumes_jetstream(server: NatsServer) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_resync_from_the_owners_snapshot_is_retried_until_it_works(server: NatsServer) -> None:
+    """With ``snapshot=`` (what a BlockManager gives) the publisher keeps no ledger: an
+    overflow's resync asks the owner; a snapshot that fails is retried (the queue goes on
+    meanwhile), an invalid event in it is left out; the router ends equal."""
+    cfg = config(server, max_queue_events=100)
+    owner = Ledger()  # the owner's state, as its snapshot() says it
+    calls = {"n": 0}
+
+    def snapshot() -> list[KVEvent]:
+        calls["n"] += 1
+        if calls["n"] <= 2:
+            raise RuntimeError("the owner thread is busy")
+        return [*owner.snapshot_events()[1:], "not an event"]  # type: ignore[list-item]
+
+    idx = KvIndexer(BLOCK_SIZE)
+    with JetStreamConsumer(cfg, idx.apply, durable="snap") as consumer, \
+            NatsEventPublisher(cfg, "w0", snapshot=snapshot) as pub:
+        work = Workload(51)
+        for _ in range(100):
+            ev = work.step()
+            owner.apply(ev)
+            pub.publish(ev)
+        assert pub.flush(30)
+        server.kill()
+        for _ in range(1000):
+            ev = work.step()
+            owner.apply(ev)
+            pub.publish(ev)
+        assert pub.stats().overflows >= 1
+        server.start()
+        assert pub.flush(60)
+        st = pub.stats()
+        assert calls["n"] >= 3 and st.resyncs >= 1 and st.snapshot_errors >= 3, st
+        assert consumer.wait_caught_up(60)
+        assert as_json(idx.worker_blocks("w0")) == work.blocks()

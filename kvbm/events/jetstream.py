@@ -20,9 +20,11 @@ The nats-py side (event loop thread, connections, stream and consumer set-up) is
 from __future__ import annotations
 
 import enum
+import json
 import math
 import re
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -69,6 +71,9 @@ class NatsConfig:
     stream: str = "KVBM_EVENTS"
     #: Subject prefix: a worker publishes on ``<subject_prefix>.<worker>``.
     subject_prefix: str = "kvbm.events"
+    #: This worker's name in the stream (a publisher's subject token); unset: the host name
+    #: (see :meth:`worker_name`).
+    worker: str | None = None
     #: Durable consumer name of a router (one per router that must resume after a restart);
     #: ``None``: no durable state, a router reads the whole stream at every start.
     durable: str | None = "kvbm-router"
@@ -98,9 +103,9 @@ class NatsConfig:
         for u in self.url.split(","):
             if not re.fullmatch(r"(nats|tls|ws|wss)://[^\s/]+/?", u.strip()):
                 raise ConfigError(f"{o}.url must be nats://HOST:PORT[,...], got {self.url!r}")
-        for name in ("stream", "durable"):
+        for name in ("stream", "durable", "worker"):
             value = getattr(self, name)
-            if value is None and name == "durable":
+            if value is None and name != "stream":
                 continue
             if not isinstance(value, str) or not _TOKEN.fullmatch(value):
                 raise ConfigError(f"{o}.{name} must be 1-128 characters of A-Z a-z 0-9 _ -, "
@@ -127,6 +132,12 @@ class NatsConfig:
     @property
     def checkpoint_bucket(self) -> str:
         return f"{self.stream}_CHECKPOINTS"
+
+    def worker_name(self, data_parallel_rank: int = 0) -> str:
+        """``worker``, or the host name (made a subject token) with ``-dp<rank>`` for a
+        data-parallel rank > 0: what a publisher that embeds kvbm calls itself."""
+        name = self.worker or re.sub(r"[^A-Za-z0-9_-]+", "_", socket.gethostname())[:120]
+        return check_worker(f"{name}-dp{data_parallel_rank}" if data_parallel_rank else name)
 
     def subject(self, worker: str) -> str:
         return f"{self.subject_prefix}.{check_worker(worker)}"
@@ -227,3 +238,65 @@ def parse_headers(headers: dict[str, str] | None) -> tuple[int, int] | None:
     if not (0 <= epoch < 2**63 and 0 <= seq < 2**63):
         return None
     return epoch, seq
+
+
+def resync_request(epoch: int, seq: int) -> bytes:
+    """A consumer's request for a resync: it found a hole before ``(epoch, seq)``."""
+    return json.dumps({"epoch": epoch, "seq": seq}).encode()
+
+
+def parse_resync_request(data: bytes | None) -> tuple[int | None, int | None]:
+    """``(epoch, seq)`` of a resync request; ``None`` for what is missing or malformed."""
+    try:
+        req = json.loads(data or b"{}")
+        epoch, seq = req.get("epoch"), req.get("seq")
+    except (ValueError, AttributeError):
+        return None, None
+    return (epoch if type(epoch) is int else None), (seq if type(seq) is int else None)
+
+
+@dataclass(frozen=True, slots=True)
+class NatsPublisherStats:
+    """Counters since the publisher was made."""
+
+    epoch: int
+    #: the sequence number the next message gets
+    next_seq: int
+    published_msgs: int
+    published_events: int
+    queued_events: int
+    #: times the queue was full (each followed by a resync) and the events it held then
+    overflows: int
+    dropped_events: int
+    resyncs: int
+    resync_requests: int
+    #: publishes sent again after a timeout or a lost connection; copies the server dropped
+    retries: int
+    duplicates: int
+    #: messages the server refused outright (each followed by a resync)
+    refused: int
+    #: snapshot() raised or returned something that is not events
+    snapshot_errors: int
+    connected: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumerStats:
+    """Counters since the consumer was made (``last_stream_seq`` is current)."""
+
+    msgs: int
+    events: int
+    #: batches seen again (redeliveries, retried publishes), skipped
+    duplicates: int
+    #: holes found in a worker's sequence (each clears the worker and asks for a resync)
+    gaps: int
+    resync_requests: int
+    #: messages that were not events (headers, subject or payload), skipped
+    bad_msgs: int
+    #: events a batch held that broke the format, and events the sink refused
+    skipped_events: int
+    rejected_events: int
+    checkpoints: int
+    #: blocks replayed into the sink from the checkpoint at start
+    restored_blocks: int
+    last_stream_seq: int

@@ -1,44 +1,38 @@
-"""Publish one worker's cache events to a NATS JetStream stream (see docs/events-nats.md).
+"""Publish one worker's cache events to a NATS JetStream stream (docs/events-nats.md).
 
-:class:`NatsEventPublisher` is synchronous and never blocks its caller: ``publish()`` appends
-to a bounded queue; a thread of its own (an asyncio loop running nats-py) coalesces what is
-queued into batches (vLLM's msgpack, DESIGN.md §5, split to fit the server's message size)
-and publishes them one at a time on ``<subject_prefix>.<worker>``, waiting for each
-acknowledgement, so the stream holds a worker's batches in order and without holes. A batch
-whose acknowledgement is lost is sent again with the same ``Nats-Msg-Id``: the server drops
-the copy if it already stored the first.
-
-Every epoch (one per publisher object) starts with ``AllBlocksCleared``. A full queue is not
-a silent drop: the queue is emptied and counted, and the next batches are ``AllBlocksCleared``
-and the worker's whole state (a *resync*). The state comes from ``snapshot()`` where the
-owner gives one (as for :class:`~kvbm.events.publisher.ZmqEventPublisher`: called on the
-publisher's thread, it must be safe while the owner keeps changing; events published while
-it runs are sent after it), else from a :class:`~kvbm.events.ledger.Ledger` the publisher
-keeps of everything it was given. Consumers that find a hole in the sequence (the stream's
-limits dropped old messages) ask for the same resync on ``<subject_prefix>.resync.<worker>``.
+:class:`NatsEventPublisher` never blocks its caller: ``publish()`` checks, converts and queues
+(bounded); a thread of its own (nats-py on an asyncio loop) coalesces the queue into batches
+(vLLM's msgpack, split to fit the server's message size) and publishes them one at a time on
+``<subject_prefix>.<worker>``, waiting for each acknowledgement, so that the stream holds the
+worker's batches in order and without holes; a publish whose acknowledgement is lost is sent
+again with the same ``Nats-Msg-Id`` (the server stores it once). Every epoch (one per
+publisher object) starts with ``AllBlocksCleared``. A full queue is dropped, counted and
+followed by ``AllBlocksCleared`` and the worker's whole state (a *resync*), as is a consumer's
+request on ``<subject_prefix>.resync.<worker>``. The state comes from ``snapshot()`` where the
+owner gives one (the contract of :class:`~kvbm.events.publisher.ZmqEventPublisher`'s), else
+from a :class:`~kvbm.events.ledger.Ledger` of the events the publisher was given.
 """
-
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvbm.deps import require
-from kvbm.errors import ClosedError, InvalidArgumentError
+from kvbm.errors import ClosedError, InvalidArgumentError, KvbmError
 from kvbm.events.jetstream import (
     NatsConfig,
+    NatsPublisherStats,
     Wire,
     batch_payloads,
     check_timeout,
     check_worker,
     msg_headers,
     new_epoch,
+    parse_resync_request,
 )
 from kvbm.events.ledger import Ledger
 from kvbm.events.nats_client import LoopThread, connect_until, ensure_stream
@@ -54,31 +48,6 @@ log = logging.getLogger(__name__)
 #: Room left in a message for its headers and the protocol line (NATS counts both).
 _HEADROOM = 1024
 _RETRY_MIN_S, _RETRY_MAX_S = 0.05, 1.0
-
-
-@dataclass(frozen=True, slots=True)
-class NatsPublisherStats:
-    """Counters since the publisher was made."""
-
-    epoch: int
-    #: the sequence number the next message gets
-    next_seq: int
-    published_msgs: int
-    published_events: int
-    queued_events: int
-    #: times the queue was full (each followed by a resync) and the events it held then
-    overflows: int
-    dropped_events: int
-    resyncs: int
-    resync_requests: int
-    #: publishes sent again after a timeout or a lost connection; copies the server dropped
-    retries: int
-    duplicates: int
-    #: messages the server refused outright (each followed by a resync)
-    refused: int
-    #: snapshot() raised or returned something that is not events
-    snapshot_errors: int
-    connected: bool
 
 
 class NatsEventPublisher:
@@ -119,6 +88,7 @@ class NatsEventPublisher:
         self._closed = False
         self._seq = 0
         self._last_resync_seq = 0
+        self._resync_not_before = 0.0
         self._n = dict.fromkeys(("msgs", "events", "overflows", "dropped", "resyncs", "requests",
                                  "retries", "duplicates", "refused", "snapshot_errors"), 0)
         self._nc: NatsClient | None = None
@@ -255,13 +225,23 @@ class NatsEventPublisher:
                 with self._lock:
                     events, source, snap = self._take()
                     if not events and not snap:
-                        self._busy = self._poked = False
+                        # a resync put off (its snapshot failed) keeps flush() waiting
+                        self._busy, self._poked = self._resync, False
                         self._lock.notify_all()
                         if self._closing:
                             return
                         break
                 if snap:
-                    events = self._take_snapshot()
+                    # off the loop: an owner's snapshot may wait for its thread
+                    taken = await asyncio.get_running_loop().run_in_executor(
+                        None, self._take_snapshot)
+                    if taken is None:  # failed: retried in a while, the queue goes on
+                        with self._lock:
+                            self._resync = self._busy = True
+                            self._resync_not_before = time.monotonic() + _RETRY_MAX_S
+                        asyncio.get_running_loop().call_later(_RETRY_MAX_S, self._wake.set)
+                        continue
+                    events = taken
                 for payload, n in batch_payloads(events, self._rank,
                                                  nc.max_payload - _HEADROOM):
                     if payload is None:
@@ -277,7 +257,7 @@ class NatsEventPublisher:
         """What to publish next (under the lock): the queue, or ``([], source, True)`` when a
         resync from ``snapshot()`` is due (taken outside the lock)."""
         source, self._pending_source = self._pending_source, None
-        if self._resync:
+        if self._resync and time.monotonic() >= self._resync_not_before:
             self._resync = False
             self._n["resyncs"] += 1
             self._last_resync_seq = self._seq
@@ -288,17 +268,28 @@ class NatsEventPublisher:
         events, self._pending = self._pending, []
         return events, source, False
 
-    def _take_snapshot(self) -> list[Wire]:
+    def _take_snapshot(self) -> list[Wire] | None:
+        """``AllBlocksCleared`` and the owner's snapshot; ``None`` when ``snapshot()`` failed
+        (an invalid event in it is left out and counted)."""
         assert self._snapshot is not None
         try:
-            events = [event_to_wire(e) for e in self._snapshot()]
-        except Exception as e:  # the owner's bug must not stop the publisher
-            log.error("nats publisher %s: snapshot() failed (%s): resync without state",
-                      self.worker, e)
+            events = list(self._snapshot())
+        except Exception as err:  # the owner's trouble must not stop the publisher
+            log.warning("nats publisher %s: snapshot() failed (%s): the resync is retried",
+                        self.worker, err)
             with self._lock:
                 self._n["snapshot_errors"] += 1
-            events = []
-        return [event_to_wire(AllBlocksCleared()), *events]
+            return None
+        wire = [event_to_wire(AllBlocksCleared())]
+        for ev in events:
+            try:
+                wire.append(event_to_wire(ev))
+            except KvbmError as err:
+                log.warning("nats publisher %s: snapshot() gave an invalid event, left out: "
+                            "%s", self.worker, err)
+                with self._lock:
+                    self._n["snapshot_errors"] += 1
+        return wire
 
     async def _ensure_stream(self, js: Any) -> None:
         """Create the stream (at start, and when a publish finds none: deleted, or a server
@@ -355,16 +346,12 @@ class NatsEventPublisher:
     async def _on_request(self, msg: Msg) -> None:
         """A consumer found a hole in this worker's sequence: re-announce, unless a resync
         it has not seen yet already covers it."""
-        try:
-            req = json.loads(msg.data or b"{}")
-            epoch, seq = req.get("epoch"), req.get("seq")
-        except (ValueError, AttributeError):
-            epoch = seq = None
+        epoch, seq = parse_resync_request(msg.data)
         with self._lock:
             self._n["requests"] += 1
             if epoch is not None and epoch != self.epoch:
                 return  # about an older epoch: ours began with AllBlocksCleared
-            if type(seq) is int and seq < self._last_resync_seq and self._n["resyncs"]:
+            if seq is not None and seq < self._last_resync_seq and self._n["resyncs"]:
                 return  # a later resync is in the stream already
             self._resync = self._busy = self._poked = True
         assert self._wake is not None

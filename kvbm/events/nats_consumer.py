@@ -1,41 +1,27 @@
 """Consume every worker's cache events from JetStream into a sink (a router's indexer).
 
-:class:`JetStreamConsumer` pulls from the stream's ``<subject_prefix>.*`` and calls
-``sink(worker, events)`` in each worker's order, checking the ``Kvbm-Epoch`` /
-``Kvbm-Seq`` headers of every message:
+:class:`JetStreamConsumer` pulls ``<subject_prefix>.*`` and calls ``sink(worker, events)`` in
+each worker's order, judging each message by its ``Kvbm-Epoch`` / ``Kvbm-Seq`` headers
+(:func:`~kvbm.events.checkpoint.advance`): applied, skipped as seen before, or — a hole: the
+stream's limits dropped events, or this consumer started late — the worker is cleared in the
+sink, the message applied, and the worker's publisher asked for a resync on
+``<subject_prefix>.resync.<worker>`` (again every few seconds until one arrives).
 
-- a batch that starts with ``AllBlocksCleared`` is a sync point (every epoch starts with one,
-  and so does every resync): the worker's state is whatever follows;
-- a batch already applied (a redelivery, a retried publish) is skipped;
-- a hole in the sequence, a new epoch seen after its start, or a first message that is not a
-  sync point means events were lost (the stream's limits dropped them, or this consumer
-  started late): the worker is cleared in the sink (a router that under-reports sends a
-  request elsewhere; one that over-reports sends it to a worker without the prefix), what
-  follows is applied, and the worker's publisher is asked for a resync on
-  ``<subject_prefix>.resync.<worker>`` (again every few seconds until one arrives).
-
-With a durable name, the consumer survives a restart: it keeps a
-:class:`~kvbm.events.ledger.Ledger` per worker, checkpoints them (with the cursors and the
-last stream sequence applied) into the object store ``<stream>_CHECKPOINTS`` every
-``checkpoint_interval_s`` / ``checkpoint_every`` messages, and only then acknowledges what the
-checkpoint covers (ack-all). A restarted consumer loads its checkpoint, replays it into the
-sink and resumes after it; without one it replays the whole stream. Without a durable name
-it keeps nothing and reads the stream from its start.
-
-Messages that are not events (no or bad headers, a subject outside the prefix, a payload
-that is not a batch) are counted and skipped; the consumer keeps running.
+With a durable name it survives a restart: it keeps a :class:`~kvbm.events.ledger.Ledger` per
+worker, checkpoints them (:mod:`kvbm.events.checkpoint`) every ``checkpoint_interval_s`` /
+``checkpoint_every`` messages and only then acknowledges what the checkpoint covers; a
+restarted consumer replays its checkpoint into the sink and resumes after it, one without a
+checkpoint replays the stream. Messages that are not events are counted and skipped.
+See docs/events-nats.md.
 """
-
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvbm.deps import require
@@ -43,10 +29,12 @@ from kvbm.errors import ClosedError, EventDecodeError, InvalidArgumentError, Kvb
 from kvbm.events import checkpoint
 from kvbm.events.checkpoint import Checkpoint, Step, WorkerCursor, advance
 from kvbm.events.jetstream import (
+    ConsumerStats,
     NatsConfig,
     check_timeout,
     check_worker,
     parse_headers,
+    resync_request,
 )
 from kvbm.events.ledger import Ledger
 from kvbm.events.nats_client import LoopThread, bind_pull_consumer, connect_until, ensure_stream
@@ -61,28 +49,6 @@ log = logging.getLogger(__name__)
 Sink = Callable[[str, list[KVEvent]], None]
 _FETCH = 256
 _RESYNC_RETRY_S = 3.0
-
-
-@dataclass(frozen=True, slots=True)
-class ConsumerStats:
-    """Counters since the consumer was made (``last_stream_seq`` is current)."""
-
-    msgs: int
-    events: int
-    #: batches seen again (redeliveries, retried publishes), skipped
-    duplicates: int
-    #: holes found in a worker's sequence (each clears the worker and asks for a resync)
-    gaps: int
-    resync_requests: int
-    #: messages that were not events (headers, subject or payload), skipped
-    bad_msgs: int
-    #: events a batch held that broke the format, and events the sink refused
-    skipped_events: int
-    rejected_events: int
-    checkpoints: int
-    #: blocks replayed into the sink from the checkpoint at start
-    restored_blocks: int
-    last_stream_seq: int
 
 
 class JetStreamConsumer:
@@ -339,7 +305,7 @@ class JetStreamConsumer:
                 self._requested[w] = now
                 self._n["requests"] += 1
         for w, cur in due:
-            body = json.dumps({"epoch": cur.epoch, "seq": cur.next_seq - 1}).encode()
+            body = resync_request(cur.epoch, cur.next_seq - 1)
             try:
                 # fire and forget: the answer is the resync, in the stream
                 await self._nc.publish(self.config.resync_subject(w), body)
