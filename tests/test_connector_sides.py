@@ -842,6 +842,14 @@ def test_manager_config_from_kv_connector_extra_config(tmp_path):
             manager_config(bad, env={})
 
 
+def test_kvbm_events_publisher_is_refused_inside_vllm():
+    with pytest.raises(ConfigError, match="vLLM's own publisher"):
+        manager_config({"kvbm": {"events": {"enabled": True}}}, env={})
+    with pytest.raises(ConfigError, match="vLLM's own publisher"):
+        manager_config({}, env={"KVBM_EVENTS_ENABLED": "1"})
+    assert not manager_config({"kvbm": {"events": {"enabled": False}}}, env={}).events.enabled
+
+
 def test_kvbm_device_variables_are_refused_inside_vllm():
     with pytest.raises(ConfigError, match="KVBM_DEVICE"):
         manager_config({}, env={"KVBM_DEVICE_NUM_BLOCKS": "8"})
@@ -859,6 +867,40 @@ def test_cache_salts_keep_tenants_apart():
         assert eng.admit(Req("r3", tokens), [8, 9, 10, 11]) == (0, False)
         assert eng.admit(Req("r4", tokens, cache_salt="tenant-a"),
                          [12, 13, 14, 15]) == (3 * BS, False)
+
+
+def test_events_of_salted_requests_mark_their_first_block_as_vllm_does():
+    """vLLM marks the first block of a cache_salt request with extra_keys [(salt,), ...]
+    so that a router folds the salt into its hash; kvbm's events for those blocks in its
+    tiers say the same, so a router never offers a tenant's blocks to a bare prompt."""
+    import dataclasses
+
+    from kvbm.events import BlockStored
+    from kvbm.router import KvIndexer
+
+    with Engine(settings()) as eng:
+        tokens = toks(3 * BS + 4, 8)
+        eng.sched.take_events()
+        eng.admit(Req("r1", tokens, cache_salt="tenant-a"), [0, 1, 2, 3])
+        eng.prefill(Req("r1", tokens, cache_salt="tenant-a"), [0, 1, 2, 3], 0)
+        stored = [e for e in eng.sched.take_events() if isinstance(e, BlockStored)]
+        roots = [e for e in stored if e.parent_block_hash is None]
+        assert roots
+        for e in stored:
+            keys = eng.sched.extra_keys(list(e.block_hashes), e.parent_block_hash)
+            if e.parent_block_hash is None:
+                assert keys == [("tenant-a",)] + [None] * (len(e.block_hashes) - 1)
+            else:
+                assert keys is None
+        ix = KvIndexer(BS)
+        ix.apply("w", [dataclasses.replace(e, extra_keys=eng.sched.extra_keys(
+            list(e.block_hashes), e.parent_block_hash)) for e in stored])
+        assert ix.find_matches(list(tokens)) == {}  # a bare prompt: not the tenant's KV
+        other = toks(3 * BS + 4, 9)
+        save_prompt(eng, Req("r2", other), [4, 5, 6, 7])
+        for e in eng.sched.take_events():
+            if isinstance(e, BlockStored):
+                assert eng.sched.extra_keys(list(e.block_hashes), e.parent_block_hash) is None
 
 
 @pytest.mark.parametrize("extra", [{"mm_features": [object()]}, {"prompt_embeds": object()}])

@@ -96,6 +96,10 @@ def manager_config(extra: Mapping[str, Any], env: Mapping[str, str] | None = Non
         raise ConfigError("the vLLM connector keeps pages in host memory (G2): the host "
                           "section cannot be dropped")
     config = ManagerConfig.from_mapping(data)
+    if config.events.enabled:
+        raise ConfigError("kvbm's [events] publisher does not apply inside vLLM: kvbm's "
+                          "tier events travel on vLLM's own publisher (enable vLLM's "
+                          "kv_events_config; docs/vllm.md)")
     assert isinstance(config.host, HostTierConfig)
     return config
 

@@ -8,7 +8,7 @@ vLLM's metadata objects as msgpack bytes.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_events import AllBlocksCleared as VllmAllBlocksCleared
@@ -208,7 +208,8 @@ class KvbmConnector(KVConnectorBase_V1):
         return self.scheduler_side.request_finished(request, block_ids), None
 
     def take_events(self) -> Iterable[KVCacheEvent]:
-        return [_to_vllm(e) for e in self.scheduler_side.take_events()]
+        side = self.scheduler_side
+        return [_to_vllm(e, side.extra_keys) for e in side.take_events()]
 
     def reset_cache(self) -> bool | None:
         return self.scheduler_side.reset()
@@ -227,13 +228,17 @@ def _vllm_cpu_isa(vllm_config: Any) -> str | None:
     return isa
 
 
-def _to_vllm(e: KVEvent) -> KVCacheEvent:
+def _to_vllm(e: KVEvent, extra_keys: Callable[[list[int], int | None],
+                                               list[tuple[Any, ...] | None] | None]
+             ) -> KVCacheEvent:
     if isinstance(e, BlockStored):
-        return VllmBlockStored(block_hashes=list(e.block_hashes),
+        hashes: list[int] = list(e.block_hashes)
+        return VllmBlockStored(block_hashes=list[bytes | int](hashes),
                                parent_block_hash=e.parent_block_hash,
                                token_ids=list(e.token_ids), block_size=e.block_size,
                                lora_id=e.lora_id, medium=e.medium.value,
-                               lora_name=e.lora_name)
+                               lora_name=e.lora_name,
+                               extra_keys=extra_keys(hashes, e.parent_block_hash))
     if isinstance(e, BlockRemoved):
         return VllmBlockRemoved(block_hashes=list(e.block_hashes), medium=e.medium.value)
     assert isinstance(e, AllBlocksCleared)

@@ -11,6 +11,7 @@ block's tag in every writer's column is committed; the rest is given back.
 
 from __future__ import annotations
 
+import collections
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,41 @@ class SaveJob:
     runs: list[SaveRun] = field(default_factory=list)
 
 
+class SaltedRoots:
+    """The first block of each request hashed with vLLM's ``cache_salt``, with its salt.
+
+    vLLM's own events mark such a block with ``extra_keys=[(salt,), None, ...]`` so that a
+    router folds the salt into its hash (and never matches the tenant's blocks for a bare
+    prompt); kvbm's events for the same blocks in its tiers must say the same, and kvbm's
+    records do not keep the salt. Only roots need it (a router chains the rest). Bounded,
+    oldest forgotten first: events of a root forgotten here lose the mark, so keep the bound
+    well above the number of distinct salted prefixes that stay cached.
+    """
+
+    def __init__(self, limit: int = 1 << 18) -> None:
+        self._limit = limit
+        self._salts: collections.OrderedDict[int, str] = collections.OrderedDict()
+
+    def note(self, request: Any, first_hash: int) -> None:
+        salt = getattr(request, "cache_salt", None)
+        if salt is None:
+            return
+        self._salts[first_hash] = str(salt)
+        self._salts.move_to_end(first_hash)
+        if len(self._salts) > self._limit:
+            self._salts.popitem(last=False)
+
+    def extra_keys(self, block_hashes: list[int], parent: int | None
+                   ) -> list[tuple[Any, ...] | None] | None:
+        """vLLM's ``extra_keys`` for a BlockStored of ``block_hashes`` under ``parent``."""
+        if parent is not None or not block_hashes:
+            return None
+        salt = self._salts.get(block_hashes[0])
+        if salt is None:
+            return None
+        return [(salt,)] + [None] * (len(block_hashes) - 1)
+
+
 class SavePlanner:
     """Plans saves and commits them (see the module docstring)."""
 
@@ -50,6 +86,7 @@ class SavePlanner:
         self.counters = counters
         self.salt = salt
         self.block_size = mgr.block_size
+        self.roots = SaltedRoots()
         #: hashes with a save in flight (not planned twice)
         self.saving: set[int] = set()
 
@@ -64,6 +101,8 @@ class SavePlanner:
         tokens = np.asarray(request.all_token_ids[: full * bs], dtype=np.uint32)
         hashes = hash_blocks(tokens, bs, lora_name=lora, salt=salt)
         seq = hashes.sequence
+        if seq:
+            self.roots.note(request, seq[0])
         todo = [i for i in range(first, full)
                 if seq[i] not in self.saving and self.mgr.lookup(seq[i]) is None]
         runs: list[SaveRun] = []

@@ -155,8 +155,10 @@ class SchedulerSide:
         salt, lora = key
         self._asked[request.request_id] = most - start
         arr = np.asarray(tokens[: most * bs], dtype=np.uint32)
-        m = self.mgr.match_hashes(hash_blocks(arr, bs, lora_name=lora, salt=salt),
-                                  lora_name=lora, tokens=arr)
+        hashes = hash_blocks(arr, bs, lora_name=lora, salt=salt)
+        if hashes.sequence:
+            self._saves.roots.note(request, hashes.sequence[0])
+        m = self.mgr.match_hashes(hashes, lora_name=lora, tokens=arr)
         # Promise no more than G2 can stage now: a disk hit without a page to land in
         # would be a load error (and a wait for a load that never runs), not a miss.
         n = start + self.mgr.stageable(m, start) if m.num_blocks > start else m.num_blocks
@@ -300,6 +302,11 @@ class SchedulerSide:
 
     def take_events(self) -> list[KVEvent]:
         return self.mgr.take_events()
+
+    def extra_keys(self, block_hashes: list[int], parent: int | None
+                   ) -> list[tuple[Any, ...] | None] | None:
+        """vLLM's ``extra_keys`` for kvbm's BlockStored of salted requests' first blocks."""
+        return self._saves.roots.extra_keys(block_hashes, parent)
 
     def reset(self) -> bool:
         """Drop every cached block (vLLM's ``reset_prefix_cache(reset_connector=True)``)."""
