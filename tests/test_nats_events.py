@@ -781,3 +781,44 @@ def test_resync_from_the_owners_snapshot_is_retried_until_it_works(server: NatsS
         assert calls["n"] >= 3 and st.resyncs >= 1 and st.snapshot_errors >= 3, st
         assert consumer.wait_caught_up(60)
         assert as_json(idx.worker_blocks("w0")) == work.blocks()
+
+
+def test_a_checkpoint_that_does_not_fit_is_ignored(server: NatsServer) -> None:
+    """A checkpoint that does not read back (garbage in its place), or one of a stream that
+    was deleted and made again (its sequence starts over), is ignored: the router replays the
+    stream it finds, and holds nothing of the old one."""
+    import nats
+
+    cfg = config(server)
+
+    def run_router() -> tuple[KvIndexer, Any]:
+        idx = KvIndexer(BLOCK_SIZE)
+        with JetStreamConsumer(cfg, idx.apply, durable="cp") as consumer:
+            assert consumer.wait_caught_up(30)
+        return idx, consumer.stats()
+
+    with NatsEventPublisher(cfg, "w0") as pub:
+        old = publish_workload(pub, 61, 300)
+        assert pub.flush(30)
+    idx, st = run_router()
+    assert as_json(idx.worker_blocks("w0")) == old.blocks() and st.checkpoints >= 1
+
+    async def put(data: bytes | None) -> None:
+        nc = await nats.connect(cfg.url)
+        js = nc.jetstream()
+        if data is None:
+            await js.delete_stream(cfg.stream)
+        else:
+            await (await js.object_store(cfg.checkpoint_bucket)).put("cp", data)
+        await nc.close()
+
+    asyncio.run(put(b"\x93garbage"))
+    idx, st = run_router()
+    assert st.restored_blocks == 0 and as_json(idx.worker_blocks("w0")) == old.blocks()
+    asyncio.run(put(None))  # the stream goes; the checkpoint (just rewritten) stays
+    with NatsEventPublisher(cfg, "w1") as pub:
+        new = publish_workload(pub, 62, 200)
+        assert pub.flush(30)
+    idx, st = run_router()
+    assert st.restored_blocks == 0 and "w0" not in idx.workers()
+    assert as_json(idx.worker_blocks("w1")) == new.blocks()
