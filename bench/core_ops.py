@@ -226,6 +226,32 @@ def _build_objects(n: int, seed: int) -> tuple[Any, Callable[[list[int]], int]]:
     return ix, lambda q: len(ix.match(q))
 
 
+def _build_manager(n: int, seed: int) -> tuple[Any, Callable[[list[int]], int]]:
+    """A block manager holding ``n`` blocks only below host memory, as compaction leaves
+    them (its table of unlinked pages, flagged announced: what it keeps per such block);
+    matched through ``match_hashes``, the public call. Filling the table directly stands in
+    for writing ``n`` pages through a disk tier (hours at 10 M)."""
+    from kvbm import BlockManager, HostTierConfig, KVLayout, ManagerConfig
+    from kvbm.hashing import BlockHashes
+    from kvbm.manager import _ANNOUNCED
+
+    mgr = BlockManager(KVLayout(1, 1, 8, BS, "float16"),
+                       ManagerConfig(device=None, host=HostTierConfig(16)))
+    table = mgr._orphans
+    flags = _ANNOUNCED | Medium.DISK.bit
+    for c in range(n // CHAIN):
+        for h in _chain(seed, c)[0].tolist():
+            table[h] = flags
+    mgr._announced = len(table)
+
+    def match(q: list[int]) -> int:
+        hashes = BlockHashes(q, q)
+        object.__setattr__(hashes, "_computed", True)  # as hash_blocks makes them
+        return mgr.match_hashes(hashes).num_blocks
+
+    return mgr, match
+
+
 def _latencies(match: Callable[[list[int]], int], queries: list[list[int]],
                expect: int) -> tuple[float, float]:
     """Median and p99 of one match per query, in us."""
@@ -242,7 +268,7 @@ def _latencies(match: Callable[[list[int]], int], queries: list[list[int]],
 
 def index_child(kind: str, n: int, seed: int) -> dict[str, Any]:
     """One measurement, in a fresh process (run by :func:`bench_index_scale`)."""
-    build = _build_compact if kind == "compact" else _build_objects
+    build = {"compact": _build_compact, "manager": _build_manager}.get(kind, _build_objects)
     # A small index first, dropped: one-time costs (lazy imports, first-call caches) are not
     # the index's, and would weigh on the small sizes.
     warm = build(CHAIN, seed + 7)
@@ -260,8 +286,10 @@ def index_child(kind: str, n: int, seed: int) -> dict[str, Any]:
     misses = [_chain(seed + 1, c)[0].tolist() for c in range(QUERIES)]
     hit = _latencies(match, hits, CHAIN)
     miss = _latencies(match, misses, 0)
-    arrays = ix.memory_bytes() if kind == "compact" else None
-    return {"index": kind, "blocks": len(ix), "bytes_per_block": grown / n,
+    arrays = (ix.memory_bytes() if kind == "compact" else
+              ix._orphans.nbytes() if kind == "manager" else None)
+    blocks = ix.stats().indexed_blocks if kind == "manager" else len(ix)
+    return {"index": kind, "blocks": blocks, "bytes_per_block": grown / n,
             "array_bytes_per_block": None if arrays is None else arrays / n,
             "build_s": built, "hit_us_median": hit[0], "hit_us_p99": hit[1],
             "miss_us_median": miss[0], "miss_us_p99": miss[1]}
@@ -271,7 +299,7 @@ def bench_index_scale(sizes: list[int], seed: int) -> list[dict[str, Any]]:
     here = os.path.dirname(os.path.abspath(__file__))
     rows = []
     for n in sizes:
-        for kind in ("compact", "PrefixIndex"):
+        for kind in ("manager", "compact", "PrefixIndex"):
             if kind == "PrefixIndex" and n > OBJECT_INDEX_MAX:
                 continue
             code = (f"import sys, json; sys.path.insert(0, {here!r}); import core_ops; "

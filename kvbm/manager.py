@@ -529,10 +529,10 @@ class BlockManager:
         self._drain()
         recs = self._index.match(hashes.sequence)
         masks = [r.mask for r in recs]
-        if self._orphans and len(recs) < len(hashes):
+        seq = hashes.sequence
+        if self._orphans and len(recs) < len(seq) and seq[len(recs)] in self._orphans:
             # Compacted blocks are only read here (onboard and stage link them); pages not
             # announced yet are linked now, which announces them.
-            seq = hashes.sequence
             flags = self._orphans.get_many(np.asarray(seq[len(recs):], dtype=np.uint64))
             announced = (flags & _ANNOUNCED) != 0
             stop = flags.size if announced.all() else int(announced.argmin())
