@@ -34,6 +34,7 @@ from kvbm.events.jetstream import NatsConfig
 from kvbm.storage.disk.config import DiskTierConfig
 from kvbm.storage.gcs import GCSTierConfig
 from kvbm.storage.s3 import S3TierConfig
+from kvbm.transports.config import TransportConfig
 
 #: Default eviction policy of every tier, chosen from bench/policy_replay.py (docs/policies.md).
 DEFAULT_EVICTION = "predictive"
@@ -319,6 +320,9 @@ class ManagerConfig:
     offload: OffloadConfig = OffloadConfig()
     #: Cache events for routers (off by default).
     events: EventsConfig = EventsConfig()
+    #: The transport agent of disaggregated serving (``[transport]``, ``KVBM_TRANSPORT_*``;
+    #: see docs/transports.md). Used only where an agent is started.
+    transport: TransportConfig = dataclasses.field(default_factory=TransportConfig)
     #: Namespace salt for block hashes (model id, tenant): caches with different salts
     #: never match each other.
     salt: str | None = None
@@ -330,10 +334,10 @@ class ManagerConfig:
         for name, cls in (("device", DeviceTierConfig), ("host", HostTierConfig),
                           ("disk", DiskTierConfig), ("s3", S3TierConfig),
                           ("gcs", GCSTierConfig), ("offload", OffloadConfig),
-                          ("events", EventsConfig)):
+                          ("events", EventsConfig), ("transport", TransportConfig)):
             value = getattr(self, name)
             if not (isinstance(value, cls) or (value is None and name not in
-                                               ("offload", "events"))):
+                                               ("offload", "events", "transport"))):
                 raise ConfigError(f"config.{name} must be a {cls.__name__}, got {value!r}")
         if self.salt is not None and not isinstance(self.salt, str):
             raise ConfigError(f"config.salt must be a string, got {self.salt!r}")

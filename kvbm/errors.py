@@ -98,3 +98,27 @@ class BlockIdTypeError(BlockIdError, InvalidArgumentError):
 class EventDecodeError(InvalidArgumentError):
     """Bytes received as a cache event (a ZMQ frame, a msgpack batch, one event in it) are not
     what the wire format (vLLM's KV events) allows."""
+
+
+class TransportError(TransferError, ConnectionError):
+    """A transfer between agents (:mod:`kvbm.transports`) failed on the way: the peer is
+    unreachable, went away, or broke the protocol. Also a :class:`TransferError` and a
+    ``ConnectionError``."""
+
+
+class TransportTimeoutError(TransportError, TimeoutError):
+    """A peer or a transfer did not answer within its timeout."""
+
+
+class AuthenticationError(TransportError, PermissionError):
+    """The control channel's handshake failed: wrong shared secret, or not the peer asked for."""
+
+
+class RemoteAccessError(TransportError, PermissionError):
+    """A peer refused a descriptor: region not registered, not exposed to this agent, not
+    open to this operation, or a range outside it. Nothing was read or written."""
+
+
+class BackendUnavailableError(TransportError):
+    """No transport backend both agents support can carry the transfer (or not the one the
+    caller required)."""
