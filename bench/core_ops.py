@@ -11,7 +11,7 @@ fresh process builds an index of that many blocks (chains of 1,000, as on a disk
 tokens kept) and reports its resident memory per block (RSS delta) and the latency of a
 1,000-block prefix match (median and p99 over 200 full hits and 200 full misses, hashes
 given as a list), as ratios to the targets (200 bytes, 200 us; <= 1 meets them): the
-compact index (``kvbm.core.compact_index``) at every size, the object index of the block
+compact index (``kvbm.lab.compact_index``) at every size, the object index of the block
 manager today (``kvbm.index.PrefixIndex`` of ``BlockRecord``, built as the manager builds
 them, tokens included) up to 1 M blocks.
 
@@ -35,7 +35,7 @@ import numpy as np
 import xxhash
 
 from kvbm import BlockManager, DeviceTierConfig, HostTierConfig, KVLayout, ManagerConfig
-from kvbm.core.compact_index import CompactIndex
+from kvbm.lab.compact_index import CompactIndex
 from kvbm.hashing import _accel, hash_blocks
 from kvbm.index import BlockRecord, PrefixIndex
 from kvbm.medium import Medium

@@ -1,4 +1,4 @@
-"""CompactIndex (kvbm.core.compact_index) against a plain dict model: inserts, chains, lookups,
+"""CompactIndex (kvbm.lab.compact_index) against a plain dict model: inserts, chains, lookups,
 prefix matches, subtree removal (leaves first, iterative), residency and slots, row reuse,
 growth across rehashes, adversarial hashes that share one bucket, and bad input that
 changes nothing."""
@@ -18,8 +18,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from kvbm.core.compact_index import CompactIndex
-from kvbm.core.hash_table import _GOLDEN, BUCKET
+from kvbm.lab.compact_index import CompactIndex
+from kvbm.lab.hash_table import _GOLDEN, BUCKET
 from kvbm.errors import BlockStateError, InvalidArgumentError, InvalidKeyError, UnknownBlockError
 from kvbm.medium import Medium
 

@@ -12,7 +12,7 @@ rather than a kilobyte:
   adapter names). Rows of removed blocks are reused (a free stack): a row number is valid
   only while its block is indexed. Capacity doubles as needed; unused capacity is never
   touched, so it is not resident.
-* **A hash table** from sequence hash to row, :class:`kvbm.core.hash_table.U64Table`
+* **A hash table** from sequence hash to row, :class:`kvbm.lab.hash_table.U64Table`
   (vectorised probing; rebuilt larger, or smaller after mass removals).
 * **Tokens** of a block (for BlockStored events) are kept only while it is resident in G1 or
   G2, in a side dict keyed by row: bounded by those pools, not by the index. A block only in
@@ -30,7 +30,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from kvbm.core.hash_table import U64Table, as_key, as_keys
+from kvbm.lab.hash_table import U64Table, as_key, as_keys
 from kvbm.errors import BlockStateError, InvalidArgumentError, UnknownBlockError
 from kvbm.hashing import check_lora_name
 from kvbm.medium import Medium
