@@ -85,6 +85,7 @@ from kvbm.reports import FlushResult, ManagerStats, TierUsage
 if TYPE_CHECKING:
     import torch
 
+    from kvbm.events.nats import NatsEventPublisher
     from kvbm.events.owner_snapshot import OwnerSnapshot
     from kvbm.events.publisher import ZmqEventPublisher
     from kvbm.storage.base import PageStore, RemovalReason, TierStats
@@ -484,6 +485,7 @@ class BlockManager:
         #: the ZMQ publisher of residency events ([events] enabled), and the snapshots it
         #: asks for to resync its subscribers (built here, on the owner thread)
         self._publisher: ZmqEventPublisher | None = None
+        self._nats: NatsEventPublisher | None = None  # [events.nats]: JetStream as well
         self._snapshots: OwnerSnapshot | None = None
         if config.events.enabled:
             self._start_publisher()
@@ -1499,6 +1501,8 @@ class BlockManager:
             # Published instead of queued for take_events(): never blocks (the publisher
             # counts an overflow and resyncs its subscribers from a snapshot).
             self._publisher.publish([event])
+            if self._nats is not None:
+                self._nats.publish([event])
             return
         if len(self._events) >= self.config.max_pending_events:
             self._events.popleft()
@@ -1530,8 +1534,24 @@ class BlockManager:
         from kvbm.events.owner_snapshot import OwnerSnapshot
         from kvbm.events.publisher import ZmqEventPublisher
 
+        cfg = self.config.events
         self._snapshots = OwnerSnapshot(self._residency_snapshot)
-        self._publisher = ZmqEventPublisher(self.config.events, snapshot=self._snapshots)
+        self._publisher = ZmqEventPublisher(cfg, snapshot=self._snapshots)
+        if cfg.nats is not None:
+            from kvbm.events.nats import NatsEventPublisher
+
+            try:  # one snapshot serves both: a request they share is built once
+                self._nats = NatsEventPublisher(
+                    cfg.nats, cfg.nats.worker_name(cfg.data_parallel_rank),
+                    data_parallel_rank=cfg.data_parallel_rank, snapshot=self._snapshots)
+            except BaseException:
+                self._close_publisher()
+                raise
+
+    @property
+    def nats_publisher(self) -> NatsEventPublisher | None:
+        """The JetStream publisher (``[events.nats]``), or ``None``."""
+        return self._nats
 
     @property
     def publisher(self) -> ZmqEventPublisher | None:
@@ -1836,11 +1856,12 @@ class BlockManager:
         """After the close's own events: they go out before the sockets close."""
         if self._snapshots is not None:
             self._snapshots.close()
-        if self._publisher is not None:
-            try:
-                self._publisher.close()
-            except Exception as e:  # closing must finish whatever the sockets do
-                log.warning("close: the event publisher: %s", e)
+        for pub in (self._publisher, self._nats):
+            if pub is not None:
+                try:
+                    pub.close()
+                except Exception as e:  # closing must finish whatever the sockets do
+                    log.warning("close: the event publisher: %s", e)
 
     def _close_at_exit(self) -> None:
         """The exit flush (:class:`ExitFlush`): close a manager left open, and say so."""

@@ -177,3 +177,41 @@ def test_close_stops_the_publisher_and_refuses_nothing(tmp_path) -> None:
         probe.bind(endpoint)  # the port was released
     finally:
         probe.close(linger=0)
+
+
+def test_the_jetstream_stream_equals_the_managers_residency(tmp_path) -> None:
+    """``[events.nats]``: the same changes go to NATS JetStream; a durable consumer feeding
+    kvbm's router indexer ends with the manager's residency, block by block."""
+    pytest.importorskip("nats")
+    from nats_servers import NatsServer, nats_server_binary
+
+    if nats_server_binary() is None:
+        pytest.skip("nats-server binary not installed (dev extra)")
+    from kvbm.events.jetstream import NatsConfig
+    from kvbm.events.nats_consumer import JetStreamConsumer
+    from kvbm.router import KvIndexer
+
+    server = NatsServer(tmp_path / "js")
+    server.start()
+    try:
+        nats = NatsConfig(url=server.url, worker="w0", timeout_s=2.0,
+                          checkpoint_interval_s=0.2)
+        cfg = ManagerConfig(device=DeviceTierConfig(8, device="cpu"),
+                            host=HostTierConfig(8, admission=None),
+                            disk=DiskTierConfig(tmp_path / "g3", capacity_bytes=40 * 4096,
+                                                slab_bytes=1 << 20),
+                            events=events_cfg(nats=nats))
+        with BlockManager(LAYOUT, cfg) as mgr:
+            workload(mgr, np.random.default_rng(5), 80)
+            mgr.poll()
+            indexed = mgr.stats().indexed_blocks
+            js = mgr.nats_publisher
+            assert js is not None and js.flush(30)
+            idx = KvIndexer(BS)
+            with JetStreamConsumer(nats, idx.apply, durable="t") as consumer:
+                assert consumer.wait_caught_up(60)
+                got = {h: set(ms) for h, ms in idx.worker_blocks("w0").items()}
+            assert got == residency(mgr, set(got))
+            assert len(got) == indexed
+    finally:
+        server.stop()
