@@ -27,7 +27,8 @@ mkdir -p "$out"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" \
     2>&1 | tee -a "$out/device.txt"
 python3 -m pytest -q -m gpu -p no:cacheprovider -rs \
-    tests/test_pool.py tests/test_shm_pool.py tests/test_mover_tp.py 2>&1 | tee "$out/gpu_tests.txt"
+    tests/test_pool.py tests/test_shm_pool.py tests/test_mover_tp.py tests/test_local_copy.py \
+    $(ls tests/test_transport_nvlink.py 2>/dev/null) 2>&1 | tee "$out/gpu_tests.txt"
 [ "${SKIP_BENCH:-0}" = 1 ] && exit 0
 python3 bench/offload_bandwidth.py --skip-object --no-progress --repeat 3 \
     --dir /tmp/kvbm-bw 2>&1 | tee "$out/bandwidth.txt"
