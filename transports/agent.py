@@ -155,7 +155,8 @@ class Agent:
     # -- peers ---------------------------------------------------------------------------------
     def connect(self, host: str, port: int, *, name: str | None = None) -> Peer:
         """Authenticate with the agent at ``host:port`` (that must be ``name`` if given) and
-        fetch its metadata; replaces an earlier connection to the same agent."""
+        fetch its metadata. Connecting again to the same agent refreshes it (transfers in
+        flight go on, unless the agent restarted meanwhile)."""
         self._check_open()
         if not isinstance(host, str) or not host:
             raise InvalidArgumentError(f"host must be a non-empty string, got {host!r}")
@@ -176,12 +177,14 @@ class Agent:
             self._peers[peer.name] = (peer, link)
         if old is not None:
             old[1].close()
-            for b in self.backends.values():
-                b.forget_peer(peer.name)
+            if old[0].info.instance != info.instance:  # it restarted: its connections died
+                for b in self.backends.values():
+                    b.forget_peer(peer.name)
         return peer
 
     def refresh(self, peer: Peer | str) -> Peer:
-        """Fetch the peer's metadata again (regions registered or exposed since)."""
+        """Fetch the peer's metadata again (regions registered or exposed since; after a
+        restart of the peer, its new regions: data connections reopen by themselves)."""
         p, link = self._peer(peer)
         fresh = Peer(p.name, link.metadata())
         with self._lock:

@@ -21,8 +21,8 @@ from typing import NamedTuple
 from kvbm.errors import InvalidArgumentError
 from kvbm.transports.regions import Access, RegionHandle, RemoteRegion
 
-#: Descriptors in one transfer at most (each costs ~20 bytes in the request frame).
-MAX_DESCRIPTORS = 1 << 20
+#: Descriptors in one transfer at most (each costs up to 27 bytes in a request frame).
+MAX_DESCRIPTORS = 1 << 18
 _ID_LIMIT = 1 << 63
 
 

@@ -38,7 +38,7 @@ class Transfer:
     """The backend's view of one transfer (see the module)."""
 
     __slots__ = ("_cancel_fns", "_done_fn", "_lock", "_state", "cancelled", "nbytes", "notify",
-                 "op", "peer", "segments")
+                 "op", "peer", "progress", "segments")
 
     def __init__(self, peer: PeerInfo, op: Op, segments: list[Segment], nbytes: int,
                  notify: bytes | None, done: Callable[[Transfer, BaseException | None], None]
@@ -51,6 +51,10 @@ class Transfer:
         #: Set when the caller cancels: a backend stops at its next step and completes.
         self.cancelled = threading.Event()
         self._cancel_fns: list[Callable[[], None]] = []
+        #: Set by a backend that can move the transfer in the thread that waits for it:
+        #: ``TransferHandle.wait`` calls it once before blocking (no hand-over between
+        #: threads when a caller submits and waits at once). It must not raise.
+        self.progress: Callable[[], None] | None = None
         self._lock = threading.Lock()
         self._state = 0  # 0 running, 1 completed
         self._done_fn = done
@@ -95,13 +99,17 @@ class TransferHandle:
 
     ``wait`` returns the final status (DONE or CANCELLED), raises the transfer's error when
     it FAILED, and raises :class:`TransportTimeoutError` when ``timeout`` passes first (the
-    transfer goes on). ``release`` (also on leaving a ``with`` block) cancels a transfer
-    still pending and waits until no backend touches its memory any more: afterwards the
-    local buffers may be reused. After a cancel, the bytes of the ranges involved are
-    undefined (partly moved) and no notification is sent.
+    transfer goes on). Without a timeout (or one of at least ``transport.io_timeout_s``) it
+    may move the bytes in the calling thread, where the backend allows it. ``release``
+    (also on leaving a ``with`` block) cancels a transfer still pending and waits until no
+    backend touches its memory any more: afterwards the local buffers may be reused. After a
+    cancel, the bytes of the ranges involved are undefined (partly moved) and no
+    notification is sent.
     """
 
     def __init__(self, xfer: Transfer, backend: str, release_timeout: float) -> None:
+        """``release_timeout``: how long ``release`` waits for the backend; a ``wait`` with a
+        shorter timeout never moves bytes in the caller's thread (it could overrun it)."""
         self.transfer = xfer
         #: The backend that carries it (``"tcp"``, ``"ucx"``, ``"nvlink"``).
         self.backend = backend
@@ -139,6 +147,10 @@ class TransferHandle:
                                     or not timeout >= 0):
             raise InvalidArgumentError(f"timeout must be a number >= 0 or None, got "
                                        f"{timeout!r}")
+        progress = self.transfer.progress
+        if (progress is not None and not self._finished.is_set()
+                and (timeout is None or timeout >= self._release_timeout)):
+            progress()
         if not self._finished.wait(timeout):
             raise TransportTimeoutError(f"{self.op.value} of {self.nbytes} bytes with "
                                         f"{self.peer} ({self.backend}) still pending after "
