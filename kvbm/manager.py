@@ -69,7 +69,7 @@ from kvbm.hashing import (
 from kvbm.index import BlockRecord, MatchResult, PrefixIndex
 from kvbm.layout import KVLayout
 from kvbm.medium import BEST_MEDIUM, Medium, mediums_of
-from kvbm.memory.local_copy import CopyTicket, LocalCopier, make_copier
+from kvbm.memory.local_copy import CopyTicket, InlineCopier, LocalCopier, make_copier
 from kvbm.offload import (
     OffloadEngine,
     TierQueueStats,
@@ -444,6 +444,9 @@ class BlockManager:
             self._g1 = _MemTier(Medium.GPU, g1_pool, make_eviction(dev.eviction, dev.num_blocks),
                                 None)
             self._copier = make_copier(dev.copies, g1_pool.device)
+        #: copies that land within submit (a CPU G1): no holds while in flight, no landing
+        #: step - the pages change hands in the same order as ever
+        self._inline_copies = isinstance(self._copier, InlineCopier)
         self._g2: _MemTier | None = None
         if config.host is not None:
             h = config.host
@@ -614,12 +617,18 @@ class BlockManager:
                 self._hold(g2, r)
             s2 = self._take(g2, len(staged)) if staged else []
             s1 = self._take(g1, len(missing))
-            if direct:  # the G2 sources stay held until the copy has landed
-                src2 = [r.g2 for r in direct]
-                self._copy(g2, src2, g1, s1[: len(direct)], g2_holds=src2)
-            for r, s in zip(direct, s1, strict=False):
-                self._place(g1, r, s, pinned=True)
-            self._reap_copies()
+            src2 = [r.g2 for r in direct]
+            if self._inline_copies:
+                self._copier_of().submit(g2.pool, src2, g1.pool, s1[: len(direct)],
+                                         order_consumer=True)
+                for r, s in zip(direct, s1, strict=False):
+                    self._unhold(g2, r)
+                    self._place(g1, r, s, pinned=True)
+            else:  # the G2 sources stay held until the copy has landed
+                if direct:
+                    self._copy(g2, src2, g1, s1[: len(direct)], g2_holds=src2)
+                for r, s in zip(direct, s1, strict=False):
+                    self._place(g1, r, s, pinned=True)
             self._onboarded[Medium.CPU_PINNED] += len(direct)
             self._emit_stored(direct, Medium.GPU)
             pos = {id(r): i for i, r in enumerate(recs)}
@@ -1399,6 +1408,18 @@ class BlockManager:
                 live.append((r, s1, s2))
         if not live:
             return 0
+        if self._inline_copies:  # landed on return: the pages are G2's at once
+            self._copier_of().submit(g1.pool, [x[1] for x in live], g2.pool,
+                                     [x[2] for x in live], order_consumer=True)
+            for r, _, s2 in reversed(live):  # tail first: see _touch
+                if r is not evicting:
+                    self._unhold(g1, r)
+                self._place(g2, r, s2, pinned=False)
+            placed = [r for r, _, _ in live]
+            self._offloaded += len(placed)
+            self._emit_stored(placed, Medium.CPU_PINNED)
+            self._store_down(placed)
+            return len(placed)
         for r, _, s2 in reversed(live):  # tail first: see _touch
             # In G2 from now on (matchable, not evictable); what reads G2 from the host -
             # the tiers below, the events - waits until the copy has landed (_landed).
@@ -1410,6 +1431,11 @@ class BlockManager:
                    g2_holds=[s2 for _, _, s2 in live])
         self._reap_copies()
         return len(live)
+
+    def _copier_of(self) -> LocalCopier:
+        copier = self._copier
+        assert copier is not None, "G1/G2 copies need kvbm's own G1"
+        return copier
 
     def _copy(self, src: _MemTier, src_slots: list[int], dst: _MemTier, dst_slots: list[int],
               *, order_consumer: bool = True,
@@ -2098,7 +2124,9 @@ class BlockManager:
                 src.append(rec.g2)
                 dst.append(s1)
                 up.append(rec)
-        if up:  # the G2 sources stay held until the copy has landed
+        if up and self._inline_copies:
+            self._copier_of().submit(g2.pool, src, g1.pool, dst, order_consumer=True)
+        elif up:  # the G2 sources stay held until the copy has landed
             for rec in up:
                 self._hold(g2, rec)
             self._copy(g2, src, g1, dst, g2_holds=list(src))
