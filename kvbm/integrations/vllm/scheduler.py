@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from kvbm.core.handles import StageHandle
 from kvbm.core.plans import BlockCopy, CopyStatus, Direction, PlanResult, TransferPlan
 from kvbm.errors import InvalidArgumentError
 from kvbm.events import KVEvent
@@ -32,7 +33,7 @@ from kvbm.integrations.vllm.saves import SaveJob, SavePlanner, hash_key
 from kvbm.integrations.vllm.stats import ConnectorCounters, KvbmConnectorStats, SchedulerMeter
 from kvbm.integrations.vllm.wire import PoolInfo, StepPlan, WorkerReport
 from kvbm.layout import KVKind
-from kvbm.manager import BlockManager, StageHandle
+from kvbm.manager import BlockManager
 from kvbm.medium import Medium
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,9 @@ class SchedulerSide:
         self._reqs: dict[str, _Req] = {}
         self._matches: dict[str, tuple[Any, int, int, bool]] = {}
         self._jobs: dict[int, _Job] = {}
-        self._final: list[tuple[str, TransferPlan | None]] = []
+        #: last saves of finished requests: (request id to report sent, or None when the
+        #: request is reported by whoever else keeps its blocks; the plan)
+        self._final: list[tuple[str | None, TransferPlan | None]] = []
         #: requests aborted while their asynchronous load ran: reported received once
         self._aborted: list[str] = []
         self._sources: dict[str, dict[Medium, int]] = {}
@@ -218,7 +221,8 @@ class SchedulerSide:
                 job = self._jobs.get(plan.plan_id)
                 if job is not None:  # planned at request_finished, sent with this step
                     job.step = self._step
-            step.send_done.append(rid)
+            if rid is not None:
+                step.send_done.append(rid)
         self._final = []
         step.recv_done.extend(self._aborted)
         self._aborted = []
@@ -226,9 +230,12 @@ class SchedulerSide:
             self.mgr.take_events()
         return step.encode()
 
-    def request_finished(self, request: Any, block_ids: list[int]) -> bool:
+    def request_finished(self, request: Any, block_ids: list[int], *,
+                         report_sent: bool = True) -> bool:
         """The request ended; save its last full blocks. True: vLLM must keep its blocks
-        until the workers report the save done."""
+        until the workers report the save done. ``report_sent=False``: the workers do not
+        report it for the save (something else holds the blocks longer and reports them:
+        a prefill/decode handoff, whose hold goes to the workers in the same step)."""
         rid = request.request_id
         self._matches.pop(rid, None)
         self._asked.pop(rid, None)
@@ -251,7 +258,7 @@ class SchedulerSide:
         plan = self._save_plan(st, full)
         if plan is None:
             return False
-        self._final.append((rid, plan))
+        self._final.append((rid if report_sent else None, plan))
         return True
 
     def on_worker_reports(self, payloads: list[bytes]) -> None:
