@@ -260,3 +260,11 @@ def test_more_descriptors_than_one_request_frame_holds() -> None:
         a.transfer(peer, Op.READ, descs).wait(60)
         view = buf.reshape(n, 16)
         assert (view[:, :8] == src.reshape(n, 16)[:, :8]).all() and not view[:, 8:].any()
+
+
+def test_the_example_of_the_docs_runs() -> None:
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "transports.md").read_text()
+    code = re.findall(r"^```python\n(.*?)^```", text, flags=re.M | re.S)[0]
+    exec(compile(code, "docs/transports.md", "exec"), {})

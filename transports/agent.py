@@ -33,14 +33,14 @@ from kvbm.errors import (
 from kvbm.transports import stats as _stats
 from kvbm.transports.backend import Backend, Lease, available_backends, choose
 from kvbm.transports.config import KNOWN_BACKENDS, TransportConfig
-from kvbm.transports.control import ProtocolError, encode, recv_frame, send_frame
+from kvbm.transports.control import encode
 from kvbm.transports.descriptors import Op, check_descriptors, total_bytes
 from kvbm.transports.handle import Transfer, TransferHandle, TransferStatus
 from kvbm.transports.inbox import Inbox, Notification
 from kvbm.transports.metadata import PeerInfo, build
 from kvbm.transports.peer import CONTROL, ControlLink, open_connection
 from kvbm.transports.regions import ALL_PEERS, Access, RegionHandle, check_name
-from kvbm.transports.server import Listener, RateLimitedLog
+from kvbm.transports.server import Listener, RateLimitedLog, serve_control
 from kvbm.transports.table import RegionTable, check_meta, exposure_names
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,8 @@ class Agent:
                 raise TransportError(f"agent {name}: no transport backend can run here")
         except BaseException:
             self._listener.close()
+            for b in self.backends.values():
+                b.close()
             raise
         self._listener.start()
         log.info("agent %s listening on %s:%d, backends %s", name, config.host,
@@ -232,8 +234,12 @@ class Agent:
         if require is not None and require not in KNOWN_BACKENDS:
             raise InvalidArgumentError(f"require must be one of {list(KNOWN_BACKENDS)} or None,"
                                        f" got {require!r}")
-        segs = check_descriptors(op, list(descs) if not isinstance(descs, list) else descs,
-                                 is_local=self._table.owns)
+        if not isinstance(descs, list | tuple):
+            if not isinstance(descs, Iterable) or isinstance(descs, str | bytes):
+                raise InvalidArgumentError(f"descs must be a list of descriptors, got "
+                                           f"{type(descs).__name__}")
+            descs = list(descs)
+        segs = check_descriptors(op, descs, is_local=self._table.owns)
         backend = choose(self.backends, p.info, op, segs, require)
         held = self._table.lease_local(segs)
         xfer = Transfer(p.info, op, segs, total_bytes(segs), notify, self._finish)
@@ -254,6 +260,18 @@ class Agent:
     def _finish(self, xfer: Transfer, error: BaseException | None) -> None:
         with self._lock:
             handle, held = self._pending.pop(xfer)
+        status = TransferStatus.FAILED
+        try:
+            status, error = self._conclude(xfer, error, held)
+        except Exception as e:  # never leave a handle pending: its waiters would hang
+            log.exception("agent %s: finishing a transfer failed", self.name)
+            error = TransportError(f"finishing the transfer failed: {e!r}")
+        finally:
+            self.stats.transfer(handle.backend, status, xfer.nbytes)
+            handle._finish(status, error)
+
+    def _conclude(self, xfer: Transfer, error: BaseException | None, held: list[RegionHandle]
+                  ) -> tuple[TransferStatus, BaseException | None]:
         for r in held:
             r.release()
         if error is None and xfer.notify is not None and not xfer.cancelled.is_set():
@@ -263,14 +281,12 @@ class Agent:
                 error = TransportError(f"data moved, but the notification to "
                                        f"{xfer.peer.name} failed: {e}")
         if xfer.cancelled.is_set() and not isinstance(error, RemoteAccessError):
-            status, error = TransferStatus.CANCELLED, None
-        else:
-            status = TransferStatus.DONE if error is None else TransferStatus.FAILED
-        self.stats.transfer(handle.backend, status, xfer.nbytes)
+            return TransferStatus.CANCELLED, None
         if error is not None:
             log.debug("agent %s: %s with %s failed: %s", self.name, xfer.op.value,
                       xfer.peer.name, error)
-        handle._finish(status, error)
+            return TransferStatus.FAILED, error
+        return TransferStatus.DONE, None
 
     # -- notifications -------------------------------------------------------------------------
     def notifications(self) -> list[Notification]:
@@ -283,19 +299,8 @@ class Agent:
 
     # -- serving -------------------------------------------------------------------------------
     def _serve_control(self, sock: socket.socket, peer: str) -> None:
-        while True:
-            frame = recv_frame(sock, self.config.max_frame_bytes, idle=True)
-            t = frame.get("t") if isinstance(frame, dict) else None
-            if t == "meta":
-                send_frame(sock, {"t": "meta", "meta": self.metadata_for(peer)})
-            elif t == "notify" and isinstance(frame.get("msg"), bytes):
-                self._inbox.deliver(Notification(peer, frame["msg"]))
-                send_frame(sock, {"t": "ok"})
-            elif t == "ping":
-                send_frame(sock, {"t": "pong"})
-            else:
-                send_frame(sock, {"t": "error", "error": "unknown request"})
-                raise ProtocolError(f"{peer} sent an unknown control request")
+        serve_control(sock, peer, self.config.max_frame_bytes, self.metadata_for,
+                      lambda data: self._inbox.deliver(Notification(peer, data)))
 
     def resolve(self, peer: str, op: Op, ranges: Iterable[tuple[int, int, int]]) -> Lease:
         """The serving side's check of a peer's request (see backend.BackendHost)."""

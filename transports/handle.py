@@ -118,14 +118,19 @@ class TransferHandle:
         self.nbytes = xfer.nbytes
         self._status = TransferStatus.PENDING
         self._error: BaseException | None = None
-        self._finished = threading.Event()
+        # A lock held until the transfer ends: a cheaper event (a waiter takes and gives it
+        # back; the next waiter then wakes in turn)
+        self._finished = threading.Lock()
+        self._finished.acquire()
+        self._ended = False
         self._release_timeout = release_timeout
 
     # -- called by the agent -----------------------------------------------------------------
     def _finish(self, status: TransferStatus, error: BaseException | None) -> None:
         self._error = error
         self._status = status
-        self._finished.set()
+        self._ended = True
+        self._finished.release()
 
     # -- caller API -----------------------------------------------------------------------------
     @property
@@ -139,7 +144,7 @@ class TransferHandle:
 
     def done(self) -> bool:
         """Whether it has ended (any status but PENDING)."""
-        return self._finished.is_set()
+        return self._ended
 
     def wait(self, timeout: float | None = None) -> TransferStatus:
         if timeout is not None and (isinstance(timeout, bool)
@@ -148,10 +153,10 @@ class TransferHandle:
             raise InvalidArgumentError(f"timeout must be a number >= 0 or None, got "
                                        f"{timeout!r}")
         progress = self.transfer.progress
-        if (progress is not None and not self._finished.is_set()
+        if (progress is not None and not self._ended
                 and (timeout is None or timeout >= self._release_timeout)):
             progress()
-        if not self._finished.wait(timeout):
+        if not self._ended and not self._await(timeout):
             raise TransportTimeoutError(f"{self.op.value} of {self.nbytes} bytes with "
                                         f"{self.peer} ({self.backend}) still pending after "
                                         f"{timeout} s")
@@ -167,9 +172,16 @@ class TransferHandle:
 
     def release(self) -> None:
         """Cancel if pending, then wait (bounded) until the backend has let go. Idempotent."""
-        if not self._finished.is_set():
+        if not self._ended:
             self.transfer.cancel()
-            self._finished.wait(self._release_timeout)
+            self._await(self._release_timeout)
+
+    def _await(self, timeout: float | None) -> bool:
+        if not self._finished.acquire(
+                timeout=-1 if timeout is None else min(timeout, threading.TIMEOUT_MAX)):
+            return False
+        self._finished.release()
+        return True
 
     def __enter__(self) -> TransferHandle:
         return self

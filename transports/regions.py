@@ -220,7 +220,7 @@ class RegionHandle:
     def release(self) -> None:
         with self._cond:
             self._leases -= 1
-            if self._leases <= 0:
+            if self.closed and self._leases <= 0:  # only close() ever waits
                 self._cond.notify_all()
 
     def close(self, timeout: float) -> bool:

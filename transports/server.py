@@ -16,10 +16,18 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from kvbm.errors import AuthenticationError, TransportError
 from kvbm.transports.config import TransportConfig
-from kvbm.transports.control import PeerClosed, server_handshake, set_timeouts
+from kvbm.transports.control import (
+    PeerClosed,
+    ProtocolError,
+    recv_frame,
+    send_frame,
+    server_handshake,
+    set_timeouts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +156,27 @@ class Listener:
             _shutdown(c)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+
+
+def serve_control(sock: socket.socket, peer: str, max_frame: int,
+                  metadata_for: Callable[[str], dict[str, Any]],
+                  deliver: Callable[[bytes], None]) -> None:
+    """Answer one peer's control requests until it goes: ``meta`` (the metadata it may
+    see), ``notify`` (a notification, delivered before the answer), ``ping``. Anything
+    else closes the connection."""
+    while True:
+        frame = recv_frame(sock, max_frame, idle=True)
+        t = frame.get("t") if isinstance(frame, dict) else None
+        if t == "meta":
+            send_frame(sock, {"t": "meta", "meta": metadata_for(peer)})
+        elif t == "notify" and isinstance(frame.get("msg"), bytes):
+            deliver(frame["msg"])
+            send_frame(sock, {"t": "ok"})
+        elif t == "ping":
+            send_frame(sock, {"t": "pong"})
+        else:
+            send_frame(sock, {"t": "error", "error": "unknown request"})
+            raise ProtocolError(f"{peer} sent an unknown control request")
 
 
 def _shutdown(sock: socket.socket) -> None:

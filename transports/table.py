@@ -117,7 +117,10 @@ class RegionTable:
     def lease_local(self, segments: Sequence[Segment]) -> list[RegionHandle]:
         """Lease the local regions of a transfer; :class:`ClosedError` if one is gone."""
         held: list[RegionHandle] = []
-        for r in {id(s.local): s.local for s in segments}.values():
+        first = segments[0].local
+        regions = [first] if all(s.local is first for s in segments) else list(
+            {id(s.local): s.local for s in segments}.values())
+        for r in regions:
             if not r.acquire():
                 Lease([], held).release()
                 raise ClosedError(f"region {r.name or r.id} was deregistered")
