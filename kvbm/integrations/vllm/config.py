@@ -22,7 +22,7 @@ from kvbm.layout import KVKind, KVLayout, normalize_dtype
 
 #: Keys of ``kv_connector_extra_config`` that kvbm reads.
 EXTRA_KEYS = ("kvbm", "kvbm_config_file", "kvbm_model_id", "kvbm_metrics_port",
-              "kvbm_metrics_host")
+              "kvbm_metrics_host", "kvbm_disagg")
 
 #: G2 pages when the configuration names no host tier.
 DEFAULT_HOST_BLOCKS = 1024

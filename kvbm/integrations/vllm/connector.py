@@ -17,6 +17,7 @@ from vllm.distributed.kv_events import BlockStored as VllmBlockStored
 from vllm.distributed.kv_events import KVCacheEvent
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
@@ -26,6 +27,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from kvbm.errors import KvbmError
 from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 from kvbm.integrations.vllm.config import settings_from_vllm
+from kvbm.integrations.vllm.pd_params import DisaggConfig, roles_for
 from kvbm.integrations.vllm.prom import KvbmPromMetrics, metrics_endpoint
 from kvbm.integrations.vllm.scheduler import SchedulerSide
 from kvbm.integrations.vllm.stats import KvbmConnectorStats
@@ -35,6 +37,9 @@ from kvbm.medium import Medium
 if TYPE_CHECKING:
     import torch
 
+    from kvbm.integrations.vllm.disagg import DisaggScheduler
+    from kvbm.integrations.vllm.pd_worker import DisaggWorker
+
 log = logging.getLogger(__name__)
 
 _SOURCE = {Medium.CPU_PINNED: CacheHitSource.HOST, Medium.DISK: CacheHitSource.DISK,
@@ -42,7 +47,17 @@ _SOURCE = {Medium.CPU_PINNED: CacheHitSource.HOST, Medium.DISK: CacheHitSource.D
 
 
 class KvbmMetadata(KVConnectorMetadata):
-    """Scheduler -> workers, one per step: a msgpack payload (see ``wire.StepPlan``)."""
+    """Scheduler -> workers, one per step: a msgpack payload (see ``wire.StepPlan``), and
+    the step's prefill/decode work (``pd_wire.DisaggStep``) when there is some."""
+
+    def __init__(self, payload: bytes, disagg: bytes | None = None) -> None:
+        self.payload = payload
+        self.disagg = disagg
+
+
+class KvbmHandshake(KVConnectorHandshakeMetadata):
+    """Worker -> its scheduler side, once: the worker's transport agent (msgpack,
+    ``pd_wire.Handshake``), for the prefill side's ``kv_transfer_params``."""
 
     def __init__(self, payload: bytes) -> None:
         self.payload = payload
@@ -76,14 +91,32 @@ class KvbmConnector(KVConnectorBase_V1):
                         self._kv_transfer_config.kv_load_failure_policy)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        #: disaggregated prefill/decode (docs/vllm.md), where kv_role or kvbm_disagg asks
+        self._pd: DisaggScheduler | None = None
+        self._pdw: DisaggWorker | None = None
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        pd_config = DisaggConfig.from_mapping(extra.get("kvbm_disagg"))
+        roles = roles_for(self._kv_transfer_config.kv_role, "kvbm_disagg" in extra)
+        if roles.any:
+            self._settings.config.transport.resolve_secret()  # none: refuse at start
+        engine_id = str(self._kv_transfer_config.engine_id)
         if role == KVConnectorRole.SCHEDULER:
             events = vllm_config.kv_events_config
             keep = bool(events is not None and events.enable_kv_cache_events)
             self._scheduler = SchedulerSide(self._settings, keep_events=keep, metrics=metrics)
+            if roles.any:
+                from kvbm.integrations.vllm.disagg import DisaggScheduler
+
+                self._pd = DisaggScheduler(self._settings, pd_config, roles, engine_id)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-            self._worker = WorkerSide(self._settings, get_tensor_model_parallel_rank())
+            rank = get_tensor_model_parallel_rank()
+            self._worker = WorkerSide(self._settings, rank)
+            if roles.any:
+                from kvbm.integrations.vllm.pd_worker import DisaggWorker
+
+                self._pdw = DisaggWorker(self._settings, pd_config, roles, engine_id, rank)
 
     # ------------------------------------------------------------------------ accessors --
     @property
@@ -96,6 +129,16 @@ class KvbmConnector(KVConnectorBase_V1):
         assert self._worker is not None, "not the worker role"
         return self._worker
 
+    @property
+    def disagg(self) -> DisaggScheduler | None:
+        """The scheduler side's prefill/decode half (``None`` when not configured)."""
+        return self._pd
+
+    @property
+    def disagg_worker(self) -> DisaggWorker | None:
+        """The worker side's prefill/decode half (``None`` when not configured)."""
+        return self._pdw
+
     # ---------------------------------------------------------------------- worker side --
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         first = next(iter(kv_caches.values()), None)
@@ -103,11 +146,27 @@ class KvbmConnector(KVConnectorBase_V1):
         if first is not None and first.device.type == "cpu":
             isa = _vllm_cpu_isa(self._vllm_config)
         self.worker_side.register(kv_caches, cpu_isa=isa)
+        if self._pdw is not None:
+            self._pdw.register(self.worker_side.engine_kv, self.worker_side.kv_tensors())
+
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        return None if self._pdw is None else KvbmHandshake(self._pdw.handshake())
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]
+                                    ) -> None:
+        if self._pd is not None:
+            self._pd.set_handshake({rank: m.payload for rank, m in metadata.items()
+                                    if isinstance(m, KvbmHandshake)})
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         super().bind_connector_metadata(connector_metadata)
         if isinstance(connector_metadata, KvbmMetadata) and self._worker is not None:
             self._worker.bind(connector_metadata.payload)
+            if self._pdw is not None:
+                try:
+                    self._pdw.bind(connector_metadata.disagg)
+                except KvbmError as e:  # garbage must not take vLLM down
+                    log.error("kvbm: prefill/decode step refused: %s", e)
 
     def clear_connector_metadata(self) -> None:
         super().clear_connector_metadata()
@@ -132,10 +191,18 @@ class KvbmConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]
                      ) -> tuple[set[str] | None, set[str] | None]:
-        return self.worker_side.finished()
+        sending, recving = self.worker_side.finished()
+        if self._pdw is not None:
+            pd_sending, pd_recving = self._pdw.finished()
+            sending = (sending or set()) | (pd_sending or set()) or None
+            recving = (recving or set()) | (pd_recving or set()) or None
+        return sending, recving
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        return self.worker_side.load_errors()
+        errors = self.worker_side.load_errors()
+        if self._pdw is not None:
+            errors |= self._pdw.load_errors()
+        return errors
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
         report = self.worker_side.report()
@@ -161,6 +228,8 @@ class KvbmConnector(KVConnectorBase_V1):
         return KvbmPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
+        if self._pdw is not None:
+            self._pdw.close()
         if self._worker is not None:
             self._worker.close()
         if self._scheduler is not None:
@@ -169,13 +238,20 @@ class KvbmConnector(KVConnectorBase_V1):
     # ------------------------------------------------------------------- scheduler side --
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int
                                    ) -> tuple[int | None, bool]:
+        if self._pd is not None and self._pd.owns(request):  # KV from a prefill instance
+            return self._pd.num_new_matched_tokens(request, num_computed_tokens)
         return self.scheduler_side.num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Any, blocks: Any,
                                  num_external_tokens: int) -> None:
         ids = blocks.get_block_ids()
-        self.scheduler_side.after_alloc(request, list(ids[0]) if ids else [],
-                                        num_external_tokens)
+        block_ids = list(ids[0]) if ids else []
+        if self._pd is not None and self._pd.owns(request):
+            # The remote tokens are the prefill side's; kvbm saves the blocks once they
+            # are in (computed blocks like any other).
+            self._pd.after_alloc(request, block_ids, num_external_tokens)
+            num_external_tokens = 0
+        self.scheduler_side.after_alloc(request, block_ids, num_external_tokens)
 
     def get_external_cache_hit_sources(self, request: Any, num_external_tokens: int
                                        ) -> dict[CacheHitSource, int]:
@@ -190,9 +266,12 @@ class KvbmConnector(KVConnectorBase_V1):
         return out
 
     def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
-        return KvbmMetadata(self.scheduler_side.build_step(scheduler_output))
+        return KvbmMetadata(self.scheduler_side.build_step(scheduler_output),
+                            None if self._pd is None else self._pd.build_step())
 
     def update_connector_output(self, connector_output: Any) -> None:
+        if self._pd is not None:
+            self._pd.on_sent(getattr(connector_output, "finished_sending", None))
         stats = getattr(connector_output, "kv_connector_stats", None)
         if isinstance(stats, KvbmConnectorStats):  # the workers' copies, for kvbm's endpoint
             self.scheduler_side.meter.absorb(stats)
@@ -205,7 +284,12 @@ class KvbmConnector(KVConnectorBase_V1):
 
     def request_finished(self, request: Any, block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
-        return self.scheduler_side.request_finished(request, block_ids), None
+        params = None if self._pd is None else self._pd.request_finished(request, block_ids)
+        # A handed-off request is reported sent by the workers once the decode side has
+        # its blocks (after its last saves, which run in the same step as the hold).
+        saving = self.scheduler_side.request_finished(request, block_ids,
+                                                      report_sent=params is None)
+        return saving or params is not None, params
 
     def take_events(self) -> Iterable[KVCacheEvent]:
         side = self.scheduler_side

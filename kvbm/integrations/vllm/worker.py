@@ -59,6 +59,12 @@ class WorkerSide:
                             shard=TPShard(self.rank, self.settings.world_size),
                             cpu_packing=packing)
 
+    @property
+    def engine_kv(self) -> Any:
+        """vLLM's KV tensors as kvbm sees them (a :class:`~kvbm.memory.engine_kv.EngineKV`;
+        ``None`` before ``register``)."""
+        return self._kv
+
     def kv_tensors(self) -> list[Any]:
         """vLLM's KV tensors as registered (one per layer)."""
         return [] if self._kv_caches is None else list(self._kv_caches.values())
