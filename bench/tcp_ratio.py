@@ -1,6 +1,7 @@
 """kvbm's tcp backend against a raw socket, same run, two processes on 127.0.0.1.
 
-``python bench/tcp_ratio.py [--json] [--sizes 2M,8M,64M] [--seconds 1.0]``
+``python bench/tcp_ratio.py [--json] [--sizes 2M,8M,64M] [--seconds 2] [--rounds 8]``
+(``KVBM_TRANSPORT_*`` variables set kvbm's side, e.g. ``KVBM_TRANSPORT_PARALLEL_CONNECTIONS``)
 
 For each size and op, the raw figure is one connection, an 11-byte request and
 ``sendall``/``recv_into`` of preallocated buffers (READ: the server sends; WRITE: the client
@@ -26,6 +27,15 @@ import numpy as np
 _REQ = struct.Struct(">cQH")  # op, bytes, padding that follows (before a WRITE's data)
 _SECRET = "tcp-ratio-benchmark-secret"
 _MAX = 64 << 20
+
+
+def _config() -> object:
+    """kvbm's settings: KVBM_TRANSPORT_* variables apply (tcp only, the benchmark's secret)."""
+    import dataclasses
+
+    from kvbm.transports import TransportConfig
+
+    return dataclasses.replace(TransportConfig.from_env(), secret=_SECRET, backends="tcp")
 
 
 def _size(s: str) -> int:
@@ -68,9 +78,9 @@ def serve_raw() -> None:
 
 
 def serve_agent() -> None:
-    from kvbm.transports import ALL_PEERS, Agent, TransportConfig
+    from kvbm.transports import ALL_PEERS, Agent
 
-    agent = Agent("bench-server", TransportConfig(secret=_SECRET, backends="tcp"))
+    agent = Agent("bench-server", _config())  # type: ignore[arg-type]
     agent.register(np.zeros(_MAX, np.uint8), name="buf", expose_to=ALL_PEERS)
     print(agent.address[1], flush=True)
     sys.stdin.read()  # until the parent closes stdin
@@ -97,7 +107,7 @@ def _timed(fn: object, nbytes: int, seconds: float) -> float:
 
 
 def run(sizes: list[int], seconds: float, rounds: int) -> list[dict[str, object]]:
-    from kvbm.transports import Agent, Op, TransportConfig
+    from kvbm.transports import Agent, Op
 
     raw_p, raw_port = _spawn("raw")
     ag_p, ag_port = _spawn("agent")
@@ -108,7 +118,7 @@ def run(sizes: list[int], seconds: float, rounds: int) -> list[dict[str, object]
         buf = memoryview(bytearray(_MAX))
         ack = memoryview(bytearray(1))
         tx = [0]  # bytes sent on the raw socket
-        agent = Agent("bench-client", TransportConfig(secret=_SECRET, backends="tcp"))
+        agent = Agent("bench-client", _config())  # type: ignore[arg-type]
         local = agent.register(np.zeros(_MAX, np.uint8))
         peer = agent.connect("127.0.0.1", ag_port)
         remote = peer.info.region("buf")

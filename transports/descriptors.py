@@ -96,7 +96,7 @@ def check_descriptors(op: object, descs: object, *,
     if len(descs) > MAX_DESCRIPTORS:
         raise InvalidArgumentError(f"{len(descs)} descriptors, at most {MAX_DESCRIPTORS}")
     reading = op is Op.READ
-    need = op.access.value
+    need = 1 if reading else 2  # Access.READ / Access.WRITE, without enum lookups
     out: list[Segment] = []
     last: Segment | None = None
     checked: RegionHandle | None = None  # the last local region found registered and open

@@ -91,6 +91,9 @@ class Transfer:
                 return
             self._state = 1
             self._cancel_fns = []
+        # The backend's progress function refers back to this transfer: drop it, so that the
+        # transfer is freed by reference counting rather than by the garbage collector.
+        self.progress = None
         self._done_fn(self, error)
 
 
