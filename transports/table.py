@@ -131,12 +131,13 @@ class RegionTable:
         """Check a peer's ranges (see the module); raises :class:`RemoteAccessError`."""
         pieces: list[tuple[RegionHandle, int, int]] = []
         regions: dict[int, RegionHandle] = {}
+        need = 1 if op is Op.READ else 2  # Access's values: no enum operations per range
         for rid, off, n in ranges:
             r = self._regions.get(rid)
             acc = r.access_for(peer) if r is not None else None
             if r is None or acc is None or r.closed:
                 self._refuse(peer, f"region {rid} is not registered with {self._owner}")
-            if not acc & op.access or (op is Op.WRITE and not r.writable):
+            if not acc.value & need or (need == 2 and not r.writable):
                 self._refuse(peer, f"region {r.name or rid} is not open to {op.value}")
             if not (0 <= off < r.length and 0 < n <= r.length - off):
                 self._refuse(peer, f"[{off}, {off + n}) is outside region {r.name or rid} "
