@@ -1,0 +1,212 @@
+"""The ``ucx`` backend: bytes move through UCX (ucxx), requests through the agent's
+authenticated connections.
+
+UCX picks its transport: shared memory and cross-memory attach between processes on one
+host, RDMA or its own tcp across hosts (``UCX_TLS`` and ``UCX_NET_DEVICES`` are honoured;
+when the agent listens on a loopback address and ``UCX_NET_DEVICES`` is unset, UCX is held
+to ``lo`` too). There is no UCX listener: per link, each side creates a worker and the two
+exchange worker addresses over an authenticated connection (channel ``ucx``) of the agent's
+listener, then connect endpoints to them. A link is one such connection with its two
+workers; a peer gets up to ``parallel_connections`` links and a transfer of at least
+``split_threshold_bytes`` is split across them, as with tcp (the requesting side:
+:mod:`kvbm.transports.ucx_client`). Progress is blocking, in the thread that moves a
+transfer (:mod:`kvbm.transports.ucx_io`): no thread spins.
+
+On a link, per transfer (descriptor ``i`` travels as a tagged message ``tag | i``)::
+
+    READ   -> {t: r, s: [region, offset, length, ...], tag}
+           <- the server posts its sends, then {t: ok}      or  {t: error, code, error}
+    WRITE  -> {t: w, s: [...], tag}, then the requester sends every range at once
+           <- {t: ok} once all landed                        or  {t: error, code, error}
+
+The serving side checks every range (``Agent.resolve``) before it posts a single operation;
+the ranges of a refused WRITE are received into a 1-byte buffer (UCX drops the rest), so
+nothing outside the checked ranges is ever touched. Requests come only over the
+authenticated connection: a tagged message cannot ask for anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import ipaddress
+import logging
+import os
+import socket
+import sys
+import threading
+from typing import Any, ClassVar
+
+import numpy as np
+
+from kvbm.errors import RemoteAccessError, TransportError
+from kvbm.transports import ucx_io
+from kvbm.transports.backend import Backend, BackendHost
+from kvbm.transports.control import ProtocolError, expect_map, recv_frame, send_frame
+from kvbm.transports.descriptors import MAX_DESCRIPTORS, Op, Segment
+from kvbm.transports.handle import Transfer
+from kvbm.transports.metadata import PeerInfo
+from kvbm.transports.regions import DeviceKind
+from kvbm.transports.ucx_client import CHANNEL, PeerLinks, parts_of
+
+log = logging.getLogger(__name__)
+
+_LIMIT = 1 << 63
+
+
+def _cuda_ready() -> bool:
+    torch = sys.modules.get("torch")  # CUDA regions exist only if torch is loaded
+    return bool(torch is not None and torch.cuda.is_available())
+
+
+def _options(host: str) -> dict[str, str]:
+    if "UCX_NET_DEVICES" in os.environ:
+        return {}
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_loopback:
+            return {"NET_DEVICES": "lo"}
+    return {}
+
+
+def _parse_request(frame: Any) -> tuple[Op, list[tuple[int, int, int]], int]:
+    if not isinstance(frame, dict) or frame.get("t") not in ("r", "w"):
+        raise ProtocolError("not a ucx transfer request")
+    flat, tag = frame.get("s"), frame.get("tag")
+    if (not isinstance(flat, list) or not flat or len(flat) % 3
+            or len(flat) > 3 * MAX_DESCRIPTORS
+            or not all(type(x) is int and 0 <= x < _LIMIT for x in flat)):
+        raise ProtocolError("malformed ranges in a ucx transfer request")
+    if type(tag) is not int or not 0 < tag < _LIMIT or tag & ucx_io.TAG_INDEX_MASK:
+        raise ProtocolError("malformed tag in a ucx transfer request")
+    it = iter(flat)
+    op = Op.READ if frame["t"] == "r" else Op.WRITE
+    return op, list(zip(it, it, it, strict=True)), tag
+
+
+class UcxBackend(Backend):
+    """See the module docstring."""
+
+    name: ClassVar[str] = "ucx"
+    rank: ClassVar[int] = 20
+
+    @classmethod
+    def probe(cls) -> str | None:
+        try:
+            found = importlib.util.find_spec("ucxx") is not None
+        except (ImportError, ValueError):
+            found = False
+        return None if found else "ucx needs ucxx (pip install 'kvtier[ucx]')"
+
+    def __init__(self, host: BackendHost) -> None:
+        super().__init__(host)
+        self._lock = threading.Lock()
+        self._links: dict[str, PeerLinks] = {}
+        self._closed = False
+        host.add_channel(CHANNEL, self._serve)
+        # Load UCX in the background now: the first link would otherwise wait ~1.5 s.
+        threading.Thread(target=self._warm_up, name="kvbm-ucx-load", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        try:
+            self.context()
+        except Exception as e:  # reported again, as a failed transfer, on first use
+            log.warning("ucx: cannot start UCX: %s", e)
+
+    def context(self) -> Any:
+        return ucx_io.context(_options(self.host.config.host))
+
+    def info(self) -> dict[str, Any]:
+        return {"cuda": _cuda_ready()}
+
+    def can_carry(self, peer: PeerInfo, op: Op, segments: list[Segment]) -> str | None:
+        for s in segments:
+            if s.local.device is DeviceKind.CUDA and not _cuda_ready():
+                return "no CUDA here"
+            remote = peer.regions.get(s.remote_id)
+            if (remote is not None and remote.device is DeviceKind.CUDA
+                    and not peer.backends.get(self.name, {}).get("cuda")):
+                return f"{peer.name}'s UCX cannot reach its CUDA memory"
+        return None
+
+    # -- requesting side -----------------------------------------------------------------
+    def submit(self, xfer: Transfer) -> None:
+        cfg = self.host.config
+        with self._lock:
+            if self._closed:
+                raise TransportError("ucx backend is closed")
+            links = self._links.get(xfer.peer.name)
+            if links is None:
+                links = self._links[xfer.peer.name] = PeerLinks(
+                    xfer.peer.name, lambda p: self.host.open_channel(p, CHANNEL),
+                    self.context, cfg)
+        parts = parts_of(xfer, cfg)
+
+        def progress() -> None:  # the waiting thread runs what no background one has taken
+            for p in parts:
+                if p.claim():
+                    links.run(p)
+
+        xfer.progress = progress
+        links.submit(parts)
+
+    def forget_peer(self, peer: str) -> None:
+        with self._lock:
+            links = self._links.pop(peer, None)
+        if links is not None:
+            links.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            peers = list(self._links)
+        for p in peers:
+            self.forget_peer(p)
+
+    # -- serving side ----------------------------------------------------------------------
+    def _serve(self, sock: socket.socket, peer: str) -> None:
+        cfg = self.host.config
+        hello = expect_map(recv_frame(sock, cfg.max_frame_bytes), "hello")
+        w = ucx_io.Worker(self.context())
+        try:
+            w.connect(hello.get("addr"))
+            send_frame(sock, {"t": "hello", "addr": w.address})
+            while True:
+                frame = recv_frame(sock, cfg.max_frame_bytes, idle=True)
+                self._serve_one(sock, peer, w, *_parse_request(frame))
+        finally:
+            w.close()
+
+    def _serve_one(self, sock: socket.socket, peer: str, w: ucx_io.Worker, op: Op,
+                   ranges: list[tuple[int, int, int]], tag: int) -> None:
+        host, timeout = self.host, self.host.config.io_timeout_s
+        try:
+            lease = host.resolve(peer, op, ranges)
+        except RemoteAccessError as e:
+            if op is Op.WRITE:  # take the peer's messages off the wire, touching nothing
+                scratch = np.empty(1, np.uint8)
+                w.drive([w.recv(scratch, tag | i) for i in range(len(ranges))], timeout,
+                        sock=sock, tolerate=ucx_io.truncated)
+            send_frame(sock, {"t": "error", "code": "access", "error": str(e)})
+            return
+        with lease:
+            try:
+                bufs = [ucx_io.buffer(r, off, n, w.cuda) for r, off, n in lease.pieces]
+            except TransportError as e:
+                send_frame(sock, {"t": "error", "code": "unsupported", "error": str(e)})
+                raise  # a WRITE's messages are still coming: this link is done
+            # Counted before the answer: the requester may see its transfer done before
+            # this thread runs again, and its view of our counters must include it.
+            host.count_event("served_requests")
+            host.count_event("served_bytes", sum(n for _, _, n in ranges))
+            if op is Op.READ:
+                # Sends first, answer second: the requester posts its receives on the
+                # answer and finds the data (or UCX's rendezvous requests) already there.
+                reqs = [w.send(b, tag | i) for i, b in enumerate(bufs)]
+                send_frame(sock, {"t": "ok"})
+                w.drive(reqs, timeout, sock=sock)
+            else:
+                w.drive([w.recv(b, tag | i) for i, b in enumerate(bufs)], timeout, sock=sock)
+                send_frame(sock, {"t": "ok"})
+
+
+BACKEND = UcxBackend
