@@ -45,9 +45,10 @@ from kvbm.transports.backend import Backend, BackendHost
 from kvbm.transports.control import ProtocolError, expect_map, recv_frame, send_frame
 from kvbm.transports.descriptors import MAX_DESCRIPTORS, Op, Segment
 from kvbm.transports.handle import Transfer
+from kvbm.transports.links import LinkPool
 from kvbm.transports.metadata import PeerInfo
 from kvbm.transports.regions import DeviceKind
-from kvbm.transports.ucx_client import CHANNEL, PeerLinks, parts_of
+from kvbm.transports.ucx_client import CHANNEL, UcxLink, pool
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ class UcxBackend(Backend):
     def __init__(self, host: BackendHost) -> None:
         super().__init__(host)
         self._lock = threading.Lock()
-        self._links: dict[str, PeerLinks] = {}
+        self._links: dict[str, LinkPool[UcxLink]] = {}
         self._closed = False
         host.add_channel(CHANNEL, self._serve)
         # Load UCX in the background now: the first link would otherwise wait ~1.5 s.
@@ -130,24 +131,15 @@ class UcxBackend(Backend):
 
     # -- requesting side -----------------------------------------------------------------
     def submit(self, xfer: Transfer) -> None:
-        cfg = self.host.config
         with self._lock:
             if self._closed:
                 raise TransportError("ucx backend is closed")
             links = self._links.get(xfer.peer.name)
             if links is None:
-                links = self._links[xfer.peer.name] = PeerLinks(
+                links = self._links[xfer.peer.name] = pool(
                     xfer.peer.name, lambda p: self.host.open_channel(p, CHANNEL),
-                    self.context, cfg)
-        parts = parts_of(xfer, cfg)
-
-        def progress() -> None:  # the waiting thread runs what no background one has taken
-            for p in parts:
-                if p.claim():
-                    links.run(p)
-
-        xfer.progress = progress
-        links.submit(parts)
+                    self.context, self.host.config)
+        links.submit(xfer)
 
     def forget_peer(self, peer: str) -> None:
         with self._lock:
