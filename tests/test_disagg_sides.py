@@ -343,6 +343,14 @@ def test_decode_side_gets_the_prefill_sides_blocks(pair: Any, backend: str, mode
     recent = d.ranks[0].pd.counters.recent[-1] if mode is PdMode.READ else \
         p.ranks[0].pd.counters.recent[-1]
     assert recent.ok and recent.backend == backend
+    # a second, smaller request (WRITE: into a part of the first one's staging buffer)
+    prompt = toks(2 * BS + 3, 2)
+    params = prefill(p, "r2", prompt, [12, 0, 1])
+    decode(d, "d2", prompt, params, [13, 15, 0])
+    d.until("recvd", "d2", p)
+    assert not d.errors
+    for mine, theirs in zip(d.kv([13, 15, 0]), p.kv([12, 0, 1]), strict=True):
+        assert torch.equal(mine, theirs)
 
 
 def test_prefill_hands_off_the_prompt_only(pair: Any) -> None:

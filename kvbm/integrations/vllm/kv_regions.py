@@ -80,8 +80,9 @@ class KvRegions:
     """One worker's KV tensors registered with ``agent`` (see the module)."""
 
     def __init__(self, agent: Agent, kv: EngineKV, tensors: Sequence[torch.Tensor],
-                 expose: Any = None) -> None:
-        """``expose``: the :class:`~kvbm.transports.Access` every peer gets, or ``None``."""
+                 expose: Any = None, spare: int = 4) -> None:
+        """``expose``: the :class:`~kvbm.transports.Access` every peer gets, or ``None``;
+        ``spare``: staging buffers kept for reuse."""
         if len(tensors) != kv.layout.num_layers:
             raise LayoutError(f"{len(tensors)} KV tensors for {kv.layout.num_layers} layers")
         self.agent = agent
@@ -93,6 +94,8 @@ class KvRegions:
         self.block_bytes = sum(len(g.chunks) * g.length for g in self.geometry)
         self._expose = expose
         self._lock = threading.Lock()
+        self._spare: list[torch.Tensor] = []
+        self._max_spare = spare
         self.regions: list[RegionHandle] = []
         self._register()
 
@@ -114,13 +117,29 @@ class KvRegions:
         self.regions = out
 
     # -- staging (WRITE) ------------------------------------------------------------------
-    def staging(self, n: int) -> torch.Tensor:
-        """A staging buffer for ``n`` blocks: per layer and plane, the blocks one after
-        another (on the KV tensors' device)."""
+    def staging(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A staging buffer for ``n`` blocks (per layer and plane, the blocks one after
+        another, on the KV tensors' device): ``(buffer, its first n blocks' bytes)``.
+        Buffers given back are reused (fresh memory faults on the first write)."""
         import torch
 
-        return torch.empty(n * self.block_bytes, dtype=torch.uint8,
-                           device=self.tensors[0].device)
+        need = n * self.block_bytes
+        with self._lock:
+            fits = [b for b in self._spare if b.numel() >= need]
+            if fits:
+                buf = min(fits, key=lambda b: b.numel())
+                self._spare.remove(buf)
+                return buf, buf[:need]
+        buf = torch.empty(need, dtype=torch.uint8, device=self.tensors[0].device)
+        return buf, buf
+
+    def give_back(self, buf: torch.Tensor) -> None:
+        """A staging buffer nothing can write into any more (its region deregistered
+        after the write was over)."""
+        with self._lock:
+            self._spare.append(buf)
+            if len(self._spare) > self._max_spare:
+                self._spare.remove(min(self._spare, key=lambda b: b.numel()))
 
     def _staged(self, n: int) -> list[tuple[int, int, int]]:
         """``(layer, plane offset in the layer's region, offset in the staging buffer)``."""
@@ -158,16 +177,19 @@ class KvRegions:
         return out
 
     def stage_in(self, buf: torch.Tensor, blocks: Sequence[int]) -> None:
-        """Decode side: copy a complete staging buffer into ``blocks``."""
+        """Decode side: copy a complete staging buffer into ``blocks``: one copy per run
+        of consecutive blocks (plain memcpy; a gather of byte rows is many times slower)."""
         import torch
 
         n = len(blocks)
-        idx = torch.tensor(list(blocks), dtype=torch.long, device=buf.device)
+        runs = _runs(blocks)
         for i, c, off in self._staged(n):
             g = self.geometry[i]
             flat = self.tensors[i].view(-1).view(torch.uint8)
-            dst = flat[c:c + self.num_blocks * g.stride].view(self.num_blocks, g.stride)
-            dst.index_copy_(0, idx, buf[off:off + n * g.length].view(n, g.length))
+            for j, first, count in runs:
+                a = c + first * g.stride
+                src = off + j * g.length
+                flat[a:a + count * g.length].copy_(buf[src:src + count * g.length])
 
     def descriptors(self, peer: PeerInfo, local_blocks: Sequence[int],
                     remote_blocks: Sequence[int]) -> list[tuple[tuple[Any, int, int],
@@ -217,3 +239,14 @@ def _remote_geometry(peer: str, layer: int, meta: Any, fingerprint: int, mine: G
     if len(g.chunks) != len(mine.chunks) or g.length != mine.length or g.stride < g.length:
         raise LayoutError(f"{peer}'s KV region kv.{layer} has another block geometry")
     return g
+
+
+def _runs(blocks: Sequence[int]) -> list[tuple[int, int, int]]:
+    """``(index in blocks, first block, count)`` of each run of consecutive blocks."""
+    out: list[tuple[int, int, int]] = []
+    for j, b in enumerate(blocks):
+        if out and out[-1][1] + out[-1][2] == b:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((j, b, 1))
+    return out

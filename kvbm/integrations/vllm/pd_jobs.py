@@ -224,7 +224,7 @@ def _request_write(ctx: Context, peer: Peer, recv: Recv, deadline: float, out: O
     from kvbm.transports import Access
 
     rid, token = recv.remote_request_id, recv.lease.token
-    buf = ctx.kv.staging(len(recv.local_blocks))
+    base, buf = ctx.kv.staging(len(recv.local_blocks))
     region = ctx.agent.register(buf, name=f"in.{token:016x}", expose_to=peer.name,
                                 access=Access.WRITE,
                                 meta={"fp": format(ctx.kv.fingerprint, "016x")})
@@ -243,6 +243,7 @@ def _request_write(ctx: Context, peer: Peer, recv: Recv, deadline: float, out: O
     if answer.kind is not NoteKind.WRITTEN:
         raise TransportError(f"{peer.name} refused to write: {answer.why}")
     ctx.kv.stage_in(buf, recv.local_blocks)
+    ctx.kv.give_back(base)  # (only now: after a failure a late write might still land)
     out.nbytes = buf.numel()
 
 

@@ -136,7 +136,7 @@ class DisaggWorker:
             # Peers READ a prefill worker's KV; nobody writes into vLLM's KV directly (a
             # WRITE goes to a staging region of its own, see kv_regions).
             regions = KvRegions(agent, kv, tensors, Access.READ if self.roles.produce
-                                else None)
+                                else None, spare=self.config.threads)
             self._lease = np.zeros(self.config.max_handoffs, dtype=np.uint64)
             agent.register(self._lease, name="lease", expose_to=ALL_PEERS, access=Access.READ)
             carrier = Carrier(agent, self.config.threads + 2)
