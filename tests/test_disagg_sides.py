@@ -368,6 +368,28 @@ def test_prefill_hands_off_the_prompt_only(pair: Any) -> None:
     assert not d.errors
 
 
+def test_kv_both_instances_hand_off_either_way(pair: Any) -> None:
+    from kvbm.integrations.vllm.pd_params import roles_for
+
+    assert roles_for("kv_both", False) == Roles()  # kvbm's plain tiered cache
+    both = roles_for("kv_both", True)
+    assert both == Roles(produce=True, consume=True)
+    assert (roles_for("kv_producer", False), roles_for("kv_consumer", False)) == (PRODUCER,
+                                                                                  CONSUMER)
+    lay = layout()
+    a = pair(settings(lay), both, engine="A")
+    b = pair(settings(lay), both, engine="B")
+    for src, dst, seed in ((a, b, 20), (b, a, 21)):
+        prompt = toks(2 * BS + 5, seed)
+        params = prefill(src, f"p{seed}", prompt, [0, 1, 2])
+        assert decode(dst, f"d{seed}", prompt, params, [4, 5, 6]) == (len(prompt), True)
+        dst.until("recvd", f"d{seed}", src)
+        assert not dst.errors
+        assert all(torch.equal(x, y) for x, y in zip(dst.kv([4, 5, 6]), src.kv([0, 1, 2]),
+                                                     strict=True))
+        src.until("sent", f"p{seed}", dst)
+
+
 def test_received_blocks_are_ordinary_kvbm_blocks(pair: Any) -> None:
     """Once in, the decode side's kvbm saves the blocks like computed ones: they are in
     G2, matched by a later request, and announced."""
