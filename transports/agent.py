@@ -31,7 +31,7 @@ from kvbm.errors import (
     TransportError,
 )
 from kvbm.transports import stats as _stats
-from kvbm.transports.backend import Backend, Lease, available_backends, choose
+from kvbm.transports.backend import Backend, Lease, available_backends
 from kvbm.transports.config import KNOWN_BACKENDS, TransportConfig
 from kvbm.transports.control import encode
 from kvbm.transports.descriptors import Op, check_descriptors, total_bytes
@@ -40,6 +40,7 @@ from kvbm.transports.inbox import Inbox, Notification
 from kvbm.transports.metadata import PeerInfo, build
 from kvbm.transports.peer import CONTROL, ControlLink, open_connection
 from kvbm.transports.regions import ALL_PEERS, Access, RegionHandle, check_name
+from kvbm.transports.select import choose
 from kvbm.transports.server import Listener, RateLimitedLog, serve_control
 from kvbm.transports.table import RegionTable, check_meta, exposure_names
 
@@ -240,7 +241,7 @@ class Agent:
                                            f"{type(descs).__name__}")
             descs = list(descs)
         segs = check_descriptors(op, descs, is_local=self._table.owns)
-        backend = choose(self.backends, p.info, op, segs, require)
+        backend = choose(self.backends, p.info, op, segs, require, count=self.stats.count)
         held = self._table.lease_local(segs)
         xfer = Transfer(p.info, op, segs, total_bytes(segs), notify, self._finish)
         handle = TransferHandle(xfer, backend.name, self.config.io_timeout_s)
