@@ -124,3 +124,13 @@ def test_a_reader_that_stops_early_gets_no_traceback() -> None:
     proc.stderr.close()
     assert proc.wait(timeout=120) == 1
     assert b"Traceback" not in err
+
+
+def test_config_never_prints_a_secret(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "kvbm.toml"
+    path.write_text('[device]\nnum_blocks = 4\n'
+                    '[transport]\nsecret = "correct horse battery staple"\n')
+    for extra in ([], ["--toml"]):
+        rc, out, _ = _run(["config", "--file", str(path), *extra], capsys)
+        assert rc == 0
+        assert "correct horse" not in out and "<redacted>" in out

@@ -48,11 +48,27 @@ def to_toml(data: Mapping[str, Any], table: str = "") -> str:
     return out.strip("\n") + "\n" if not table else out.strip("\n")
 
 
+#: Keys whose values are credentials: printed as set or not, never their value (the output
+#: of ``kvbm config`` ends up in logs and bug reports).
+_SECRET_KEYS = frozenset({"secret", "password", "token", "secret_access_key",
+                          "aws_secret_access_key", "session_token"})
+REDACTED = "<redacted>"
+
+
+def _redacted(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: (REDACTED if k in _SECRET_KEYS and v is not None else _redacted(v))
+                for k, v in data.items()}
+    if isinstance(data, list):
+        return [_redacted(v) for v in data]
+    return data
+
+
 def _run(args: argparse.Namespace) -> int:
     from kvbm.config import ManagerConfig
 
     cfg = ManagerConfig.from_toml(args.file) if args.file else ManagerConfig.from_env()
-    data = cfg.to_dict()
+    data = _redacted(cfg.to_dict())
     if args.toml:
         print(to_toml(data), end="")
     else:
