@@ -513,6 +513,32 @@ def test_lease_that_ran_out_is_never_used(pair: Any) -> None:
     assert "LeaseLost" in d.ranks[0].pd.counters.recent[-1].why
 
 
+@pytest.mark.parametrize("mode", [PdMode.READ, PdMode.WRITE])
+def test_transfer_past_its_timeout_is_released_and_recomputed(pair: Any, mode: PdMode
+                                                              ) -> None:
+    """A timeout far below what the transfer takes: it is released where it stands and
+    every block is a load error; or, had it finished first, the blocks are whole. Never
+    some blocks, never torn ones."""
+    lay = KVLayout(2, 8, 128, BS, "float32", model_id="pd-test")  # 256 KiB a block a layer
+    p = pair(settings(lay), PRODUCER, engine="P")
+    d = pair(settings(lay), CONSUMER, cfg=DisaggConfig(mode=mode, timeout_s=1e-6),
+             engine="D")
+    prompt = toks(12 * BS, 15)
+    src, dst = list(range(12)), list(range(4, 16))
+    params = prefill(p, "r1", prompt, src)
+    before = d.kv(dst)[0].clone()
+    decode(d, "d1", prompt, params, dst)
+    d.until("recvd", "d1", p)
+    out = d.ranks[0].pd.counters.recent[-1]
+    if out.ok:
+        assert not d.errors and torch.equal(d.kv(dst)[0], p.kv(src)[0])
+    else:
+        assert d.errors == set(dst)
+        if mode is PdMode.WRITE:  # (a READ may have moved some bytes: they are not used)
+            assert torch.equal(d.kv(dst)[0], before)
+    p.until("sent", "r1", d)  # the prefill side lets go too (its lease, at the latest)
+
+
 def test_write_that_never_comes_is_fenced(pair: Any) -> None:
     """WRITE mode: the prefill side does not answer in time (it is not stepping). The
     decode side gives up, fences its regions and reports every block; the prefill side's

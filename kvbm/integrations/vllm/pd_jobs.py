@@ -211,9 +211,9 @@ def receive(ctx: Context, recv: Recv) -> Outcome:
         log.warning("kvbm: request %s: %d blocks from %s not received (%s); vLLM recomputes "
                     "them", recv.request_id, len(recv.local_blocks), addr.name, out.why)
         if peer is not None and not isinstance(e, LeaseLost):
-            if isinstance(e, TransportError):
-                ctx.peers.forget(peer.name)
-            else:  # the peer is fine: let it free the blocks now rather than at the lease
+            if isinstance(e, TransportError) and not isinstance(e, _Timeout):
+                ctx.peers.forget(peer.name)  # (broken: connect anew next time)
+            else:  # the peer may well be fine: let it free the blocks now, not at the lease
                 ctx.carrier.send(peer, Note(NoteKind.DROP, rid, token))
     out.seconds = time.monotonic() - t0
     return out
