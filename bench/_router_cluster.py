@@ -3,12 +3,13 @@ layout) serving a trace's requests in simulated time, and the event feed from th
 to the router's indexers.
 
 A worker serves a request as an engine drives kvbm (``match_prefix`` -> ``onboard`` ->
-``allocate`` -> ``commit`` -> ``release``; committed blocks go to G2 at once, G2 evicts down
-to G3 where there is one). Its time is simulated: one prefill at a time, FIFO, at
+``allocate`` -> ``commit`` -> ``release``; committed blocks go to G2 at once, and from G2 to
+G3 where there is one). Its time is simulated: one prefill at a time, FIFO, at
 ``prefill_tps`` tokens/s, where a prefix block loaded from a tier costs :data:`LOAD_COST`
 of computing it; then ``output_length * tpot`` seconds of decode, overlapping other
 requests. Its load at an instant is what a router would be told: running requests (queued
-for prefill, prefilling or decoding) and their blocks.
+for prefill, prefilling or decoding), their blocks, and the prompt tokens still queued for
+prefill (in compute-equivalent tokens).
 
 Events: with ``transport="zmq"`` every manager publishes on its own ZMQ PUB socket on
 127.0.0.1 (``[events] enabled``) and a :class:`~kvbm.router.Subscriber` feeds the indexers;
@@ -110,15 +111,22 @@ class Worker:
             host=HostTierConfig(cfg.host_blocks), disk=disk, **kw))
         self.prefill_free_at = 0.0
         self._running: list[tuple[float, int]] = []  # (end, blocks)
+        self._prefills: list[tuple[float, float, float]] = []  # (start, end, tokens), FIFO
         self.active_blocks = 0
         self.assigned = 0
 
-    def load(self, t: float) -> tuple[int, int]:
-        """(running requests, their blocks) at ``t``."""
+    def load(self, t: float) -> tuple[int, int, int]:
+        """(running requests, their blocks, prompt tokens still to prefill) at ``t``."""
         run = self._running
         while run and run[0][0] <= t:
             self.active_blocks -= heapq.heappop(run)[1]
-        return len(run), self.active_blocks
+        pre = self._prefills
+        while pre and pre[0][1] <= t:
+            heapq.heappop(pre)
+        queued = 0.0
+        for start, end, tokens in pre:  # the one prefilling counts what is left of it
+            queued += tokens if start >= t else tokens * (end - t) / (end - start)
+        return len(run), self.active_blocks, round(queued)
 
     def serve(self, req: Request) -> Served:
         mgr, cfg = self.mgr, self.cfg
@@ -140,6 +148,8 @@ class Worker:
         work = req.input_length - saved + sum(LOAD_COST[k] * v for k, v in saved_m.items())
         start = max(req.t, self.prefill_free_at)
         self.prefill_free_at = start + work / cfg.prefill_tps
+        if work > 0:
+            heapq.heappush(self._prefills, (start, self.prefill_free_at, work))
         end = self.prefill_free_at + req.output_length * cfg.tpot
         heapq.heappush(self._running, (end, req.blocks))
         self.active_blocks += req.blocks

@@ -7,7 +7,8 @@ Each router gets a fresh cluster of ``--workers`` workers (real BlockManagers wi
 and G3 with ``--disk``; CPU tensors, a tiny layout) and the same requests at the trace's
 times (bench/_router_cluster.py has the worker model):
 
-- ``round_robin``; ``least_loaded`` (fewest running requests, then fewest blocks);
+- ``round_robin``; ``least_loaded`` (fewest running requests, then fewest prompt tokens
+  queued for prefill);
 - ``gpu_overlap``: kvbm's KvRouter fed only the workers' GPU events (what a router that
   sees only G1 does);
 - ``tier_aware``: the same KvRouter and cost fed every medium's events (a block held in G2
@@ -58,6 +59,7 @@ def run_router(name: str, reqs: list[Request], cfg: ClusterConfig, cost: CostCon
     try:
         router = KvRouter(cluster.full if name == "tier_aware" else cluster.gpu, cost)
         workers = cluster.workers
+        index = {w.name: j for j, w in enumerate(workers)}
         n = len(workers)
         blocks = hits = saved = tokens = exact = short = 0
         by_medium: dict[str, int] = {}
@@ -67,13 +69,13 @@ def run_router(name: str, reqs: list[Request], cfg: ClusterConfig, cost: CostCon
             loads = [w.load(req.t) for w in workers]
             if name == "round_robin":
                 i = k % n
-            elif name == "least_loaded":
-                i = min(range(n), key=lambda j: (loads[j], (j - k) % n))
+            elif name == "least_loaded":  # fewest running, then least prefill queued
+                i = min(range(n), key=lambda j: (loads[j][0], loads[j][2], (j - k) % n))
             else:
                 cluster.sync()
                 sel = router.select(req.tokens, {w.name: WorkerLoad(loads[j][1], loads[j][0])
                                                  for j, w in enumerate(workers)})
-                i = int(sel.worker[1:])
+                i = index[sel.worker]
                 predicted = cluster.full.find_matches(req.tokens).get(sel.worker, {})
             served = workers[i].serve(req)
             cluster.served(i)
@@ -172,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tpot", type=float, default=0.02, help="decode seconds per output token")
     ap.add_argument("--prefill-weight", type=float, default=1.0,
                     help="KV routers: weight of prefill blocks against decode blocks")
+    ap.add_argument("--request-weight", type=float, default=0.0,
+                    help="KV routers: block-equivalents added per request running on a "
+                         "worker")
     ap.add_argument("--host-weight", type=float, default=0.1,
                     help="tier_aware: cost of a prefix block in G2, as a fraction of "
                          "computing it")
@@ -210,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     for name, hi in (("device_fraction", 1.0), ("host_fraction", 10.0),
                      ("disk_fraction", 100.0), ("load", 100.0), ("tpot", 60.0),
-                     ("prefill_weight", 1e6), ("host_weight", 1.0), ("disk_weight", 1.0)):
+                     ("prefill_weight", 1e6), ("request_weight", 1e6), ("host_weight", 1.0),
+                     ("disk_weight", 1.0)):
         v = getattr(args, name)
         if not (math.isfinite(v) and 0 <= v <= hi) or (v == 0 and name.endswith("fraction")):
             ap.error(f"--{name.replace('_', '-')} must be a finite number in "
@@ -235,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         trace_block_tokens=args.trace_block_tokens, transport=args.transport)
     try:
         cost = CostConfig(prefill_weight=args.prefill_weight, cpu_pinned_weight=args.host_weight,
-                          disk_weight=args.disk_weight, tie_break=TieBreak.RANDOM,
-                          seed=args.seed)
+                          disk_weight=args.disk_weight, request_weight=args.request_weight,
+                          tie_break=TieBreak.RANDOM, seed=args.seed)
     except KvbmError as e:
         ap.error(str(e))
     progress = not args.json and sys.stderr.isatty()
@@ -255,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
                     "host_blocks": cfg.host_blocks, "disk_blocks": cfg.disk_blocks,
                     "prefill_tps": cfg.prefill_tps, "tpot": cfg.tpot,
                     "distinct_blocks": distinct},
-        "cost": {"prefill_weight": cost.prefill_weight, "cpu_pinned_weight":
-                 cost.cpu_pinned_weight, "disk_weight": cost.disk_weight},
+        "cost": {"prefill_weight": cost.prefill_weight, "request_weight": cost.request_weight,
+                 "cpu_pinned_weight": cost.cpu_pinned_weight, "disk_weight": cost.disk_weight},
         "meta": _meta.run_meta(args.seed)}
     if args.json:
         json.dump(doc, sys.stdout)
