@@ -31,7 +31,7 @@ from typing import Any
 if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _meta
-from transfer_bandwidth import parse_sizes, positive
+from transfer_bandwidth import parse_sizes
 
 ROOT = Path(__file__).resolve().parent.parent
 PATHS = (("d<-d", "READ", "dev"), ("d->d", "WRITE", "dev"), ("d<-h", "READ", "host"),
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print one JSON document only")
     ap.add_argument("--sizes", type=parse_sizes, default="16M,256M",
                     help="transfer sizes, comma-separated (K, M, G suffixes)")
-    ap.add_argument("--repeat", type=positive, default=5,
+    ap.add_argument("--repeat", type=int, default=5,
                     help="runs per point; the median is reported")
     ap.add_argument("--tests", action="store_true",
                     help="first run the gpu-marked transport tests (pytest)")
@@ -156,6 +156,8 @@ def measure(sizes: list[int], repeat: int, pythonpath: str) -> list[dict[str, An
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, got {args.repeat}")
     sizes = args.sizes if isinstance(args.sizes, list) else parse_sizes(args.sizes)
     pythonpath = ensure_kvbm()
     import torch
