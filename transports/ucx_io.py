@@ -35,8 +35,12 @@ log = logging.getLogger(__name__)
 #: sequence number shifted past the index (descriptors per transfer: at most 2**20).
 TAG_INDEX_BITS = 20
 TAG_INDEX_MASK = (1 << TAG_INDEX_BITS) - 1
-#: A UCX worker address is ~200-300 bytes; anything larger from a peer is refused.
+#: A UCX worker address is ~50-300 bytes; anything larger from a peer is refused.
 MAX_ADDRESS_BYTES = 64 << 10
+#: Header byte and worker id at least.
+_MIN_ADDRESS_BYTES = 9
+#: The address format's version: the low bits of its first byte (UCX's address.c).
+_ADDRESS_VERSION_BITS = 0x0F
 #: Longest single wait in the progress loop: cancellation and a dead socket are seen
 #: within this time.
 _SLICE_MS = 50
@@ -101,8 +105,18 @@ class Worker:
         return bytes(self.worker.address.tobytes())
 
     def connect(self, address: object) -> None:
-        if not isinstance(address, bytes) or not 0 < len(address) <= MAX_ADDRESS_BYTES:
-            raise TransportError("peer sent a malformed UCX worker address")
+        """Connect the endpoint to a peer's worker ``address``.
+
+        UCX *asserts* on a malformed address (the process aborts), so what the peer sent
+        is checked first: a byte string of sane length whose header has the address
+        version of our own UCX (random bytes, or a peer on another UCX, are refused).
+        Deliberately crafted addresses can still reach UCX: the peer is authenticated,
+        and one that holds the secret is trusted not to forge UCX's wire format."""
+        mine = self.address
+        if (not isinstance(address, bytes) or not _MIN_ADDRESS_BYTES <= len(address)
+                <= MAX_ADDRESS_BYTES or (address[0] ^ mine[0]) & _ADDRESS_VERSION_BITS):
+            raise TransportError("peer sent something that is no UCX worker address of "
+                                 "this UCX version")
         try:
             addr = self._lib.UCXAddress.create_from_buffer(address)
             # No error handling: it would make UCX drop its shared-memory transports, and a

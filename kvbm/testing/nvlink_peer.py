@@ -32,7 +32,7 @@ def pattern(seed: int, size: int, device: str) -> torch.Tensor:
 
 
 def main(config_json: str) -> None:
-    torch.cuda.init()  # nvlink is advertised only when CUDA is up as the agent starts
+    torch.cuda.is_available()  # nvlink is advertised only when torch sees CUDA at start
     agent = Agent("prefill", TransportConfig.from_mapping(json.loads(config_json)))
     regions: dict[str, torch.Tensor] = {}
     try:
