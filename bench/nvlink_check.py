@@ -28,26 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _meta
-from transfer_bandwidth import parse_sizes
-
 ROOT = Path(__file__).resolve().parent.parent
-PATHS = (("d<-d", "READ", "dev"), ("d->d", "WRITE", "dev"), ("d<-h", "READ", "host"),
-         ("d->h", "WRITE", "host"))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = _meta.parser(__doc__)
-    ap.add_argument("--json", action="store_true", help="print one JSON document only")
-    ap.add_argument("--sizes", type=parse_sizes, default="16M,256M",
-                    help="transfer sizes, comma-separated (K, M, G suffixes)")
-    ap.add_argument("--repeat", type=int, default=5,
-                    help="runs per point; the median is reported")
-    ap.add_argument("--tests", action="store_true",
-                    help="first run the gpu-marked transport tests (pytest)")
-    return ap
 
 
 def ensure_kvbm() -> str:
@@ -66,6 +47,29 @@ def ensure_kvbm() -> str:
     (farm / "kvbm" / "transports").symlink_to(ROOT / "transports")
     sys.path.insert(0, str(farm))
     return os.pathsep.join(p for p in (str(farm), os.environ.get("PYTHONPATH", "")) if p)
+
+
+PYTHONPATH = ensure_kvbm()  # before the imports below, which need kvbm
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # loaded by path (tests)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _meta  # noqa: E402
+from transfer_bandwidth import parse_sizes  # noqa: E402
+
+PATHS = (("d<-d", "READ", "dev"), ("d->d", "WRITE", "dev"), ("d<-h", "READ", "host"),
+         ("d->h", "WRITE", "host"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _meta.parser(__doc__)
+    ap.add_argument("--json", action="store_true", help="print one JSON document only")
+    ap.add_argument("--sizes", type=parse_sizes, default="16M,256M",
+                    help="transfer sizes, comma-separated (K, M, G suffixes)")
+    ap.add_argument("--repeat", type=int, default=5,
+                    help="runs per point; the median is reported")
+    ap.add_argument("--tests", action="store_true",
+                    help="first run the gpu-marked transport tests (pytest)")
+    return ap
 
 
 def timed_runs(fn: Callable[[], None], sync: Callable[[], None], iters: int, repeat: int
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
     sizes = args.sizes if isinstance(args.sizes, list) else parse_sizes(args.sizes)
-    pythonpath = ensure_kvbm()
+    pythonpath = PYTHONPATH
     import torch
 
     doc: dict[str, Any] = {"device": None, "rows": [], "tests": None}
