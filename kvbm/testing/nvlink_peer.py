@@ -18,12 +18,12 @@ import json
 import sys
 from typing import Any
 
-import torch
-
 from kvbm.transports import ALL_PEERS, Agent, TransportConfig
 
 
-def pattern(seed: int, size: int, device: str) -> torch.Tensor:
+def pattern(seed: int, size: int, device: str) -> Any:
+    import torch  # lazily: kvbm's modules import without torch
+
     g = torch.Generator().manual_seed(seed)
     host = torch.randint(0, 256, (size,), dtype=torch.uint8, generator=g)
     if device == "cuda":
@@ -32,9 +32,11 @@ def pattern(seed: int, size: int, device: str) -> torch.Tensor:
 
 
 def main(config_json: str) -> None:
+    import torch
+
     torch.cuda.is_available()  # nvlink is advertised only when torch sees CUDA at start
     agent = Agent("prefill", TransportConfig.from_mapping(json.loads(config_json)))
-    regions: dict[str, torch.Tensor] = {}
+    regions: dict[str, Any] = {}
     try:
         for line in sys.stdin:
             req = json.loads(line)
