@@ -159,14 +159,19 @@ def run(sizes: list[int], seconds: float, rounds: int) -> list[dict[str, object]
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--sizes", default="2M,8M,64M")
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--sizes", default="2M,8M,64M", help="transfer sizes, comma-separated")
     ap.add_argument("--seconds", type=float, default=2.0, help="per size and op, each side")
-    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=8, help="interleaved rounds per size")
     ap.add_argument("--serve", choices=("raw", "agent"), help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.serve:
         (serve_raw if args.serve == "raw" else serve_agent)()
         return
