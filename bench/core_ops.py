@@ -35,9 +35,9 @@ import numpy as np
 import xxhash
 
 from kvbm import BlockManager, DeviceTierConfig, HostTierConfig, KVLayout, ManagerConfig
-from kvbm.lab.compact_index import CompactIndex
 from kvbm.hashing import _accel, hash_blocks
 from kvbm.index import BlockRecord, PrefixIndex
+from kvbm.lab.compact_index import CompactIndex
 from kvbm.medium import Medium
 from kvbm.pool import SlotAllocator
 

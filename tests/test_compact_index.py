@@ -18,9 +18,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from kvbm.errors import BlockStateError, InvalidArgumentError, InvalidKeyError, UnknownBlockError
 from kvbm.lab.compact_index import CompactIndex
 from kvbm.lab.hash_table import _GOLDEN, BUCKET
-from kvbm.errors import BlockStateError, InvalidArgumentError, InvalidKeyError, UnknownBlockError
 from kvbm.medium import Medium
 
 U64 = (1 << 64) - 1

@@ -78,9 +78,9 @@ def test_best_common_backend_is_chosen_and_visible(pair: tuple[Agent, Agent],
     assert [o.backend for o in opts] == ["nvlink", "ucx", "tcp"]
     assert [o.backend for o in opts if o.chosen] == ["ucx"]
     assert opts[0].reason and not opts[0].usable  # no CUDA here: why nvlink is out
-    with caplog.at_level(logging.INFO, logger="kvbm.transports.agent"):
-        with a.transfer(p, Op.READ, descs) as h:
-            h.wait(30)
+    with caplog.at_level(logging.INFO, logger="kvbm.transports.agent"), \
+            a.transfer(p, Op.READ, descs) as h:
+        h.wait(30)
     assert h.backend == "ucx" and src.id
     assert "go through ucx" in caplog.text
     snap = a.stats.snapshot()

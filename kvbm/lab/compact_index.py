@@ -30,9 +30,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from kvbm.lab.hash_table import U64Table, as_key, as_keys
 from kvbm.errors import BlockStateError, InvalidArgumentError, UnknownBlockError
 from kvbm.hashing import check_lora_name
+from kvbm.lab.hash_table import U64Table, as_key, as_keys
 from kvbm.medium import Medium
 
 _FREE = -2  # ``parent`` of an unused row
