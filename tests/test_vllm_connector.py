@@ -73,8 +73,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory, s3_bucket: str, moto_endpoint
     gen = {"op": "generate"}
     reset = {"op": "reset"}
     first = _engine(tmp, "first", base, [
-        {**gen, "prompts": [0]}, reset, {**gen, "prompts": [0]},           # cold A, A from G2
-        {**gen, "prompts": [1]}, {**gen, "prompts": [2]},                  # cold B, cold C
+        # Each cold round is flushed: its pages are on disk before the next one's saves take
+        # G2 (a loaded machine would otherwise lose pages still waiting for the disk).
+        {**gen, "prompts": [0], "flush": True}, reset, {**gen, "prompts": [0]},  # cold A, A from G2
+        {**gen, "prompts": [1], "flush": True},                            # cold B
+        {**gen, "prompts": [2], "flush": True},                            # cold C
         reset, {**gen, "prompts": [0], "flush": True},                     # A from G2 + G3
     ], prompts, events_port=_free_port())
     second = _engine(tmp, "second", base, [
