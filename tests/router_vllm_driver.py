@@ -6,8 +6,10 @@ vLLM's PUB binds an ``ipc://`` endpoint (it *connects* to a ``tcp://host:port`` 
 router's Subscriber connects), its replay ROUTER binds ``tcp://127.0.0.1:PORT``. It carries
 vLLM's own GPU events and the connector's lower-tier ones (``take_events``), one stream.
 
-Rounds (``spec["rounds"]``): ``generate`` (prompts by index: outputs, vLLM's
-``num_cached_tokens``, the connector's counters over the round), ``reset`` (vLLM's prefix
+Rounds (``spec["rounds"]``): ``generate`` (prompts by index: vLLM's ``num_cached_tokens``
+and the connector's counters over the round; ``flush``: kvbm's writes to disk are waited
+for, so a loaded machine cannot let the next round's saves push pages out of G2 before
+they reached the disk), ``reset`` (vLLM's prefix
 cache only), ``predict`` (the router's ``find_matches`` for a prompt, once every event of the
 rounds before reached it: kvbm's writes to disk are flushed, the engine stepped once so the
 connector's last events are published, and the indexer left to settle).
@@ -80,6 +82,8 @@ def main(spec_path: str) -> None:
             res = llm.generate([{"prompt_token_ids": prompts[i]} for i in rnd["prompts"]], sp,
                                use_tqdm=False)
             sched.mgr.poll()
+            if rnd.get("flush"):  # pages on their way to disk land before the next round
+                sched.mgr.flush(timeout=60)
             after = sched.counters.to_dict()
             hits = {m: n - before["hit_tokens"].get(m, 0)
                     for m, n in after["hit_tokens"].items()}

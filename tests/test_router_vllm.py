@@ -56,7 +56,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
 
     tmp = tmp_path_factory.mktemp("router-vllm")
     write_model(tmp / "model")
-    gen = {"op": "generate"}
+    gen = {"op": "generate", "flush": True}
     spec = {
         "model": str(tmp / "model"), "tmp": str(tmp), "replay_port": _free_port(),
         "prompts": _prompts(), "g1_bytes": G1_BLOCKS * BLOCK_BYTES, "max_model_len": 512,
