@@ -49,8 +49,9 @@ from __future__ import annotations
 import abc
 import importlib
 import socket
+import threading
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 from kvbm.errors import BackendUnavailableError
 from kvbm.transports.config import KNOWN_BACKENDS, TransportConfig
@@ -161,6 +162,38 @@ class Backend(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - an optional hook
         """Stop; pending transfers complete with an error."""
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+L = TypeVar("L", bound=_Closable)
+
+
+class LinkedBackend(Backend, Generic[L]):
+    """A backend that keeps its connections to each peer in one object (``_links``), made
+    under ``_lock`` on the first transfer to that peer: forgetting a peer closes it, closing
+    the backend forgets every peer."""
+
+    def __init__(self, host: BackendHost) -> None:
+        super().__init__(host)
+        self._lock = threading.Lock()
+        self._links: dict[str, L] = {}
+        self._closed = False
+
+    def forget_peer(self, peer: str) -> None:
+        with self._lock:
+            links = self._links.pop(peer, None)
+        if links is not None:
+            links.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            peers = list(self._links)
+        for p in peers:
+            self.forget_peer(p)
 
 
 def register_backend(cls: type[Backend]) -> type[Backend]:

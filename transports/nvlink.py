@@ -27,12 +27,11 @@ import collections
 import logging
 import socket
 import sys
-import threading
 import warnings
 from typing import Any, ClassVar
 
 from kvbm.errors import RemoteAccessError, TransportError
-from kvbm.transports.backend import Backend, BackendHost
+from kvbm.transports.backend import BackendHost, LinkedBackend
 from kvbm.transports.config import TransportConfig
 from kvbm.transports.control import ProtocolError, recv_frame, send_frame
 from kvbm.transports.descriptors import MAX_DESCRIPTORS, Op, Segment
@@ -184,7 +183,7 @@ def _local_slice(region: RegionHandle, off: int, n: int) -> Any:
         return torch.frombuffer(region.view(off, n), dtype=torch.uint8)
 
 
-class NvlinkBackend(Backend):
+class NvlinkBackend(LinkedBackend[LinkPool[NvLink]]):
     """See the module docstring."""
 
     name: ClassVar[str] = "nvlink"
@@ -202,9 +201,6 @@ class NvlinkBackend(Backend):
     def __init__(self, host: BackendHost) -> None:
         super().__init__(host)
         self._uuids = gpu_uuids()
-        self._lock = threading.Lock()
-        self._links: dict[str, LinkPool[NvLink]] = {}
-        self._closed = False
         host.add_channel(CHANNEL, self._serve)
 
     def info(self) -> dict[str, Any]:
@@ -234,19 +230,6 @@ class NvlinkBackend(Backend):
                     lambda p: NvLink(self.host.open_channel(p, CHANNEL)),
                     lambda link, x, s: exchange(cfg, self._uuids, link, x, s), cfg)
         links.submit(xfer)
-
-    def forget_peer(self, peer: str) -> None:
-        with self._lock:
-            links = self._links.pop(peer, None)
-        if links is not None:
-            links.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            peers = list(self._links)
-        for p in peers:
-            self.forget_peer(p)
 
     # -- serving side ----------------------------------------------------------------------
     def _serve(self, sock: socket.socket, peer: str) -> None:

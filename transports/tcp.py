@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import logging
 import socket
-import threading
 from typing import Any, ClassVar
 
 from kvbm.errors import RemoteAccessError, TransportError
-from kvbm.transports.backend import Backend, BackendHost
+from kvbm.transports.backend import BackendHost, LinkedBackend
 from kvbm.transports.control import (
     ProtocolError,
     recv_frame,
@@ -53,7 +52,7 @@ def _parse_request(frame: Any) -> tuple[Op, list[tuple[int, int, int]]]:
     return (Op.READ if frame["t"] == "r" else Op.WRITE), list(zip(it, it, it, strict=True))
 
 
-class TcpBackend(Backend):
+class TcpBackend(LinkedBackend[PeerLink]):
     """See the module docstring."""
 
     name: ClassVar[str] = "tcp"
@@ -65,9 +64,6 @@ class TcpBackend(Backend):
 
     def __init__(self, host: BackendHost) -> None:
         super().__init__(host)
-        self._lock = threading.Lock()
-        self._links: dict[str, PeerLink] = {}
-        self._closed = False
         host.add_channel(CHANNEL, self._serve)
 
     def info(self) -> dict[str, Any]:
@@ -97,19 +93,6 @@ class TcpBackend(Backend):
 
         xfer.progress = progress
         link.submit(parts)
-
-    def forget_peer(self, peer: str) -> None:
-        with self._lock:
-            link = self._links.pop(peer, None)
-        if link is not None:
-            link.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            peers = list(self._links)
-        for p in peers:
-            self.forget_peer(p)
 
     # -- serving side -----------------------------------------------------------------------------
     def _serve(self, sock: socket.socket, peer: str) -> None:

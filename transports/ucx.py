@@ -41,7 +41,7 @@ import numpy as np
 
 from kvbm.errors import RemoteAccessError, TransportError
 from kvbm.transports import ucx_io
-from kvbm.transports.backend import Backend, BackendHost
+from kvbm.transports.backend import BackendHost, LinkedBackend
 from kvbm.transports.control import ProtocolError, expect_map, recv_frame, send_frame
 from kvbm.transports.descriptors import MAX_DESCRIPTORS, Op, Segment
 from kvbm.transports.handle import Transfer
@@ -84,7 +84,7 @@ def _parse_request(frame: Any) -> tuple[Op, list[tuple[int, int, int]], int]:
     return op, list(zip(it, it, it, strict=True)), tag
 
 
-class UcxBackend(Backend):
+class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
     """See the module docstring."""
 
     name: ClassVar[str] = "ucx"
@@ -100,9 +100,6 @@ class UcxBackend(Backend):
 
     def __init__(self, host: BackendHost) -> None:
         super().__init__(host)
-        self._lock = threading.Lock()
-        self._links: dict[str, LinkPool[UcxLink]] = {}
-        self._closed = False
         host.add_channel(CHANNEL, self._serve)
         # Load UCX in the background now: the first link would otherwise wait ~1.5 s.
         threading.Thread(target=self._warm_up, name="kvbm-ucx-load", daemon=True).start()
@@ -140,19 +137,6 @@ class UcxBackend(Backend):
                     xfer.peer.name, lambda p: self.host.open_channel(p, CHANNEL),
                     self.context, self.host.config)
         links.submit(xfer)
-
-    def forget_peer(self, peer: str) -> None:
-        with self._lock:
-            links = self._links.pop(peer, None)
-        if links is not None:
-            links.close()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            peers = list(self._links)
-        for p in peers:
-            self.forget_peer(p)
 
     # -- serving side ----------------------------------------------------------------------
     def _serve(self, sock: socket.socket, peer: str) -> None:
