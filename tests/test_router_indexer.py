@@ -14,9 +14,10 @@ import xxhash
 
 from kvbm.errors import InvalidArgumentError, InvalidKeyError
 from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored
+from kvbm.events.records import AllMediaCleared
 from kvbm.hashing import hash_blocks
 from kvbm.medium import Medium
-from kvbm.router import KvIndexer
+from kvbm.router import ClearScope, KvIndexer
 
 BS = 4
 GPU, CPU, DISK, OBJ = Medium.GPU, Medium.CPU_PINNED, Medium.DISK, Medium.OBJECT
@@ -103,7 +104,7 @@ def test_all_blocks_cleared_and_remove_worker_touch_only_that_worker() -> None:
     idx = KvIndexer(BS)
     for w in ("a", "b", "c"):
         idx.apply(w, [stored(s, None, t, GPU)])
-    idx.apply("a", [AllBlocksCleared()])
+    idx.apply("a", [AllBlocksCleared()])  # a's blocks were on the GPU alone
     idx.remove_worker("b")
     assert idx.find_matches(t) == {"c": {GPU: 3}}
     assert idx.workers() == ["a", "c"]
@@ -289,6 +290,8 @@ class Model:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_random_events_against_a_reference_model(seed: int) -> None:
+    # even seeds: AllBlocksCleared clears the GPU (the default), odd ones every medium
+    scope = ClearScope.ALL if seed % 2 else ClearScope.GPU
     rng = random.Random(seed)
     # prompts sharing prefixes: a few roots, branches of them
     prompts: list[list[int]] = []
@@ -296,7 +299,7 @@ def test_random_events_against_a_reference_model(seed: int) -> None:
         base = rng.choice(prompts)[: BS * rng.randrange(0, 4)] if prompts else []
         prompts.append(base + [rng.randrange(100) for _ in range(BS * rng.randrange(1, 6))])
     workers = ["w0", "w1", "w2"]
-    idx, model = KvIndexer(BS), Model()
+    idx, model = KvIndexer(BS, clear_scope=scope), Model()
     for _ in range(300):
         w = rng.choice(workers)
         p = rng.choice(prompts)
@@ -315,8 +318,14 @@ def test_random_events_against_a_reference_model(seed: int) -> None:
         elif op < 0.95:
             idx.apply(w, [BlockRemoved([pub(x) for x in s[a:b]], medium)])
             model.remove(w, [pub(x) for x in s[a:b]], medium)
-        else:
+        elif op < 0.98:
             idx.apply(w, [AllBlocksCleared()])
+            if scope is ClearScope.ALL:
+                model.pubs[w] = {}
+            else:
+                model.remove(w, list(model.pubs.get(w, {})), GPU)
+        else:
+            idx.apply(w, [AllMediaCleared()])  # the router's own reset: every medium
             model.pubs[w] = {}
         assert idx.worker_blocks(w) == model.blocks(w)
     for p in prompts:

@@ -51,6 +51,10 @@ def _config(args: argparse.Namespace) -> Any:
         changes["block_size"] = args.block_size
     if args.salt is not None:
         changes["salt"] = args.salt
+    if args.clear_scope is not None:
+        from kvbm.router.config import ClearScope
+
+        changes["clear_scope"] = ClearScope(args.clear_scope)
     if args.nats is not None or args.durable is not None or args.no_durable:
         from kvbm.events.jetstream import NatsConfig
 
@@ -105,6 +109,9 @@ def register(sub: Any) -> None:
     p.add_argument("--port", type=int, help="port to listen on (default 8390; 0: any free)")
     p.add_argument("--block-size", type=int, help="tokens per block (default: the events')")
     p.add_argument("--salt", help="kvbm's namespace salt of the workers (their `salt`)")
+    p.add_argument("--clear-scope", choices=["gpu", "all"],
+                   help="what a worker's AllBlocksCleared clears: its GPU blocks (default; "
+                        "vLLM's prefix-cache reset) or every medium (docs/router.md)")
     p.add_argument("--nats", metavar="URL",
                    help="also consume the workers' events from NATS JetStream at URL "
                         "(docs/events-nats.md)")

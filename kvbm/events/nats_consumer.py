@@ -38,7 +38,7 @@ from kvbm.events.jetstream import (
 )
 from kvbm.events.ledger import Ledger
 from kvbm.events.nats_client import LoopThread, bind_pull_consumer, connect_until, ensure_stream
-from kvbm.events.records import AllBlocksCleared, KVEvent
+from kvbm.events.records import AllBlocksCleared, AllMediaCleared, KVEvent
 from kvbm.events.wire import decode_batch
 
 if TYPE_CHECKING:
@@ -257,7 +257,7 @@ class JetStreamConsumer:
             n["gaps"] += 1
             log.warning("nats consumer %s: worker %s: events lost before epoch %d seq %d; "
                         "cleared, asking for a resync", self._name, worker, epoch, seq)
-            events = [AllBlocksCleared(), *events]
+            events = [AllMediaCleared(), *events]  # every medium: the loss is unknown
             self._requested.pop(worker, None)
         self._cursors[worker] = cur
         if cur.synced:
@@ -289,7 +289,7 @@ class JetStreamConsumer:
 
     def _clear_all(self) -> None:
         for w in self._cursors:
-            self._apply(w, [AllBlocksCleared()])
+            self._apply(w, [AllMediaCleared()])
         self._cursors.clear()
         if self._ledgers is not None:
             self._ledgers.clear()

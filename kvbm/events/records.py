@@ -48,7 +48,21 @@ class BlockRemoved:
 
 @dataclass(frozen=True, slots=True)
 class AllBlocksCleared:
-    """Every cached block of the worker was dropped from every medium."""
+    """The worker's cache was emptied. On vLLM's wire this is vLLM's event, sent by its GPU
+    block pool's ``reset_prefix_cache``: the GPU medium only (kvbm's connector inside vLLM
+    keeps its lower tiers and announces their removals one by one, as kvbm's own
+    :meth:`~kvbm.BlockManager.clear` does)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AllMediaCleared(AllBlocksCleared):
+    """A reset that a consumer makes itself (a lost stream, a restarted publisher): every
+    block of the worker in every medium is forgotten. A router's indexer may read a plain
+    ``AllBlocksCleared`` as "the GPU prefix cache was reset" (vLLM's ``reset_prefix_cache``)
+    and keep the lower tiers; this one always clears them. kvbm's JetStream publishers
+    begin an epoch and a resync with it: there it travels as an ``AllBlocksCleared`` map
+    with ``"every_medium": true`` (a key vLLM's decoder ignores); elsewhere, and in
+    :func:`~kvbm.events.wire.event_to_wire` unless asked, as a plain ``AllBlocksCleared``."""
 
 
 KVEvent = BlockStored | BlockRemoved | AllBlocksCleared

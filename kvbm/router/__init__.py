@@ -8,6 +8,7 @@ when a subscriber is made.
 """
 
 from kvbm.router.config import (
+    ClearScope,
     CostConfig,
     RouterConfig,
     ServiceConfig,
@@ -21,6 +22,6 @@ from kvbm.router.peer import WorkerStatus
 from kvbm.router.service import RouterService
 from kvbm.router.subscriber import Subscriber
 
-__all__ = ["CostConfig", "IndexerStats", "KvIndexer", "KvRouter", "RouterConfig",
+__all__ = ["ClearScope", "CostConfig", "IndexerStats", "KvIndexer", "KvRouter", "RouterConfig",
            "RouterService", "Selection", "ServiceConfig", "Subscriber", "SubscriberConfig",
            "TieBreak", "WorkerEndpoints", "WorkerLoad", "WorkerScore", "WorkerStatus"]

@@ -38,6 +38,17 @@ class TieBreak(enum.Enum):
     NAME = "name"  # the first name in sort order: reproducible
 
 
+class ClearScope(enum.Enum):
+    """What a worker's ``AllBlocksCleared`` event clears in the router's index."""
+
+    #: its GPU medium only: vLLM sends it from its GPU block pool's ``reset_prefix_cache``,
+    #: while the lower tiers (kvbm's connector) keep their blocks and announce their own
+    #: removals; kvbm's publisher removes lower-tier blocks explicitly too
+    GPU = "gpu"
+    #: every medium (publishers whose reset means everything, Dynamo-style)
+    ALL = "all"
+
+
 def _number(where: str, value: object, *, low: float = 0.0, high: float = math.inf,
             low_open: bool = False) -> None:
     ok = (not isinstance(value, bool) and isinstance(value, int | float)
@@ -74,6 +85,10 @@ class CostConfig:
     tie_break: TieBreak = TieBreak.RANDOM
     #: Seed of the draws (ties, temperature); unset: a fresh seed per router.
     seed: int | None = None
+    #: Bounded loads (epsilon): a worker already running ``ceil((1 + load_bound) *
+    #: (requests + 1) / workers)`` requests or more is not a candidate (the cost only
+    #: ranks those below); ``none``: no bound.
+    load_bound: float | None = 0.1
 
     def __post_init__(self) -> None:
         _number("cost.prefill_weight", self.prefill_weight)
@@ -81,6 +96,8 @@ class CostConfig:
             _number(f"cost.{m.value.lower()}_weight", self.weight(m), high=1.0)
         _number("cost.request_weight", self.request_weight)
         _number("cost.temperature", self.temperature, high=1e6)
+        if self.load_bound is not None:
+            _number("cost.load_bound", self.load_bound, high=1e6)
         if not isinstance(self.tie_break, TieBreak):
             raise ConfigError(f"cost.tie_break must be one of "
                               f"{[t.value for t in TieBreak]}, got {self.tie_break!r}")
@@ -194,8 +211,14 @@ class RouterConfig:
     #: Also consume the workers' events from NATS JetStream (``[router.nats]``,
     #: ``KVBM_ROUTER_NATS_*``; docs/events-nats.md). Unset: ZMQ only.
     nats: NatsConfig | None = None
+    #: What a worker's ``AllBlocksCleared`` clears: ``gpu`` (vLLM's prefix-cache reset) or
+    #: ``all`` (docs/router.md). Resets the router makes itself always clear everything.
+    clear_scope: ClearScope = ClearScope.GPU
 
     def __post_init__(self) -> None:
+        if not isinstance(self.clear_scope, ClearScope):
+            raise ConfigError(f"router.clear_scope must be one of "
+                              f"{[s.value for s in ClearScope]}, got {self.clear_scope!r}")
         if self.block_size is not None:
             _int("router.block_size", self.block_size, 1, 1 << 20)
         if self.nats is not None and not isinstance(self.nats, NatsConfig):

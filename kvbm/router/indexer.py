@@ -7,6 +7,11 @@ nodes (see :mod:`kvbm.router.table` for the structure). A store's ``parent_block
 found through the worker's map of publisher hashes (or, for a kvbm publisher whose hashes are
 sequence hashes already, as a node); an unknown parent means a lost event: the stored blocks
 are dropped and counted as ``unknown_parents`` (see :class:`IndexerStats`).
+
+A worker's ``AllBlocksCleared`` clears its GPU medium only by default (:class:`ClearScope`):
+vLLM sends it when its GPU prefix cache is reset, while the lower tiers keep their blocks and
+announce their removals themselves. Resets of the router's own (``AllMediaCleared``,
+:meth:`KvIndexer.clear_worker`: lost events, restarts) clear every medium.
 """
 
 from __future__ import annotations
@@ -20,10 +25,13 @@ from typing import Any
 import xxhash
 
 from kvbm.errors import InvalidArgumentError, InvalidKeyError, KvbmError, TokenError
-from kvbm.events.records import AllBlocksCleared, BlockRemoved, BlockStored
+from kvbm.events.records import AllBlocksCleared, AllMediaCleared, BlockRemoved, BlockStored
 from kvbm.hashing import chain, check_lora_name, hash_blocks
 from kvbm.medium import MEDIUM_BY_BIT, Medium
+from kvbm.router.config import ClearScope
 from kvbm.router.table import MEDIUM_INDEX, NodeTable
+
+_GPU = MEDIUM_INDEX[Medium.GPU]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +70,13 @@ def _check_hashes(hashes: object, what: str) -> array.array[int]:
         raise InvalidKeyError(f"{what} must be ints in [0, 2**64): {e}") from None
 
 
+def _check_scope(scope: object) -> ClearScope:
+    if not isinstance(scope, ClearScope):
+        raise InvalidArgumentError(f"a clear scope is a ClearScope "
+                                   f"({', '.join(s.name for s in ClearScope)}), got {scope!r}")
+    return scope
+
+
 def _extra_media(ev: BlockStored) -> dict[int, list[int]] | None:
     """vLLM's per-block ``extra_keys`` (media, cache salt ...) folded into the hash as one
     media hash per block, so those blocks never match a query of bare tokens (the router
@@ -87,17 +102,21 @@ class KvIndexer:
     ``block_size``: the block size of the events and queries; ``None`` adopts the first
     event's (events of another block size are refused and counted). ``salt``: kvbm's
     namespace salt (``ManagerConfig.salt``), which must match the workers' for kvbm's own
-    hashes and :meth:`find_matches`' ``hashes`` to agree. Thread-safe.
+    hashes and :meth:`find_matches`' ``hashes`` to agree. ``clear_scope``: what a worker's
+    ``AllBlocksCleared`` clears (its GPU blocks, or everything; see
+    :meth:`set_clear_scope` for one worker). Thread-safe.
     """
 
-    def __init__(self, block_size: int | None = None, *, salt: str | bytes | int | None = None
-                 ) -> None:
+    def __init__(self, block_size: int | None = None, *, salt: str | bytes | int | None = None,
+                 clear_scope: ClearScope = ClearScope.GPU) -> None:
         if block_size is not None and (type(block_size) is not int or block_size <= 0):
             raise InvalidArgumentError(f"block_size must be a positive int or None, "
                                        f"got {block_size!r}")
         hash_blocks([], 1, salt=salt)  # refuses a bad salt now, not at the first event
         self._block_size = block_size
         self._salt = salt
+        self._scope = _check_scope(clear_scope)
+        self._scopes: dict[str, ClearScope] = {}  # per-worker overrides
         self._lock = threading.RLock()
         self._t = NodeTable()
         self._n = dict.fromkeys(("events", "unknown_parents", "rejected"), 0)
@@ -121,12 +140,34 @@ class KvIndexer:
         """Forget ``worker`` and everything it held (no-op for an unknown worker)."""
         _check_worker(worker)
         with self._lock:
+            self._scopes.pop(worker, None)
             w = self._t.workers.get(worker)
             if w is not None:
                 self._t.drop_worker(w)
 
+    @property
+    def clear_scope(self) -> ClearScope:
+        """What a worker's ``AllBlocksCleared`` clears, unless set for that worker."""
+        return self._scope
+
+    def set_clear_scope(self, worker: str, scope: ClearScope | None) -> None:
+        """What ``worker``'s ``AllBlocksCleared`` clears (``None``: the indexer's scope)."""
+        _check_worker(worker)
+        if scope is not None:
+            _check_scope(scope)
+        with self._lock:
+            if scope is None:
+                self._scopes.pop(worker, None)
+            else:
+                self._scopes[worker] = scope
+
+    def clear_scope_of(self, worker: str) -> ClearScope:
+        with self._lock:
+            return self._scopes.get(_check_worker(worker), self._scope)
+
     def clear_worker(self, worker: str) -> None:
-        """Drop every block of ``worker`` (what ``AllBlocksCleared`` does); it stays known."""
+        """Drop every block of ``worker`` in every medium (what ``AllMediaCleared`` does, and
+        ``AllBlocksCleared`` under :attr:`ClearScope.ALL`); it stays known."""
         _check_worker(worker)
         with self._lock:
             w = self._t.workers.get(worker)
@@ -179,8 +220,11 @@ class KvIndexer:
                     self._store(worker, ev, loc)
                 elif isinstance(ev, BlockRemoved):
                     self._t.remove(w, ev.block_hashes, MEDIUM_INDEX[ev.medium])
-                else:
+                elif (type(ev) is AllMediaCleared
+                      or self._scopes.get(worker, self._scope) is ClearScope.ALL):
                     self._t.clear(w)
+                else:
+                    self._t.clear_medium(w, _GPU)
             self._n["events"] += len(evs)
 
     def _check_event(self, ev: object, bs: int | None) -> int | None:

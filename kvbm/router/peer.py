@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import xxhash
 
 from kvbm.errors import EventDecodeError
-from kvbm.events.records import AllBlocksCleared, KVEvent
+from kvbm.events.records import AllBlocksCleared, AllMediaCleared, KVEvent
 from kvbm.events.wire import END_SEQ, decode_batch, parse_replay_reply
 
 COUNTERS = ("batches", "events", "gaps", "replays", "replayed_batches", "replay_timeouts",
@@ -246,13 +246,13 @@ class Peer:
         self.complete = False
         self._warn("resync", "worker %s: %s; its blocks are cleared until it announces them "
                    "again", self.name, why)
-        self._deliver([AllBlocksCleared()])
+        self._deliver([AllMediaCleared()])  # every medium: what was lost is unknown
 
     def _restart(self, why: str) -> None:
         self.n["restarts"] += 1
         self._warn("restart", "worker %s restarted (%s): its blocks are cleared", self.name,
                    why)
-        self._deliver([AllBlocksCleared()])
+        self._deliver([AllMediaCleared()])  # every medium: what was lost is unknown
         self.next = None
         self.last_live = None
         self.fresh = True

@@ -50,7 +50,8 @@ class RouterService:
             raise InvalidArgumentError(f"config must be a RouterConfig, got "
                                        f"{type(config).__name__}")
         self.config = config
-        self.indexer = KvIndexer(config.block_size, salt=config.salt)
+        self.indexer = KvIndexer(config.block_size, salt=config.salt,
+                                 clear_scope=config.clear_scope)
         self.router = KvRouter(self.indexer, config.cost)
         self.subscriber = Subscriber(self.indexer, config.subscriber)
         #: the JetStream consumer of ``config.nats`` (made by start(): it connects at once)

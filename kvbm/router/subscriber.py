@@ -5,7 +5,8 @@ empty), a DEALER per replay in progress, and a socket monitor per SUB to see rec
 all polled by one thread. What each stream's sequence means (gaps, replays, resyncs,
 restarts) is :mod:`kvbm.router.peer`'s job. Events go to a *sink*: a
 :class:`~kvbm.router.KvIndexer` or any ``on_events(worker, events)`` callable (the JetStream
-consumer feeds the same indexer its own way); a reset reaches it as ``AllBlocksCleared``.
+consumer feeds the same indexer its own way); a reset reaches it as ``AllMediaCleared``
+(every medium).
 
 Nothing a publisher sends stops the thread: bad frames and batches are logged (rate-limited)
 and counted; events the sink refuses are applied one by one, the bad ones skipped and counted.
@@ -22,7 +23,7 @@ from typing import Any
 
 from kvbm.deps import require
 from kvbm.errors import ClosedError, ConfigError, EventDecodeError, InvalidArgumentError, KvbmError
-from kvbm.events.records import AllBlocksCleared, KVEvent
+from kvbm.events.records import AllMediaCleared, KVEvent
 from kvbm.events.wire import parse_frames, replay_request
 from kvbm.router.config import SubscriberConfig, check_endpoint
 from kvbm.router.indexer import KvIndexer
@@ -330,7 +331,7 @@ class Subscriber:
         if isinstance(self._sink, KvIndexer):
             self._sink.remove_worker(name)
         else:
-            self._deliver(name, [AllBlocksCleared()])
+            self._deliver(name, [AllMediaCleared()])
 
     def _count(self, name: str, key: str) -> None:
         link = self._links.get(name)

@@ -104,6 +104,37 @@ class NodeTable:
         w.counts = [0] * N_MEDIA
         self.n["clears"] += 1
 
+    def clear_medium(self, w: Worker, mi: int) -> None:
+        """Drop ``w``'s blocks in medium ``mi`` alone (one pass over its map, as
+        :meth:`clear`; nodes sharing a residency share one transition)."""
+        mbit, bit, nbit, rows = 1 << mi, w.bit, ~w.bit, self.rows
+        if w.counts[mi]:
+            keep = _MASK ^ mbit
+            pubs = w.pubs
+            gone = [v >> 4 for v in pubs.values() if v & mbit]
+            w.pubs = {h: v ^ mbit if v & mbit else v for h, v in pubs.items() if v & keep}
+            old: Row | None = None
+            new: Row | None = None
+            for s in gone:
+                row = rows.get(s)
+                if row is None or not row[mi] & bit:
+                    continue  # another publisher hash of this worker for the node: done already
+                if row is not old:
+                    old = row
+                    cells = list(row)
+                    cells[mi] &= nbit
+                    if not (cells[0] | cells[1] | cells[2] | cells[3]) & bit:
+                        cells[_ANY] &= nbit
+                    new = self._intern_row(tuple(cells)) if cells[_ANY] else None
+                if new is None:
+                    del rows[s]
+                else:
+                    rows[s] = new
+            if w.dups:
+                w.dups = {k: n for k, n in w.dups.items() if k & 3 != mi}
+            w.counts[mi] = 0
+        self.n["clears"] += 1
+
     def _intern_row(self, row: tuple[int, ...]) -> Row:
         t: Row = row  # type: ignore[assignment]
         out = self._intern.setdefault(t, t)
