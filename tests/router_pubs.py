@@ -168,8 +168,15 @@ class WorkerModel:
                 if not self.held[h]:
                     del self.held[h]
             return [BlockRemoved(hs, medium)]
+        # as kvbm's BlockManager.clear(): the lower tiers' removals explicitly, then
+        # AllBlocksCleared, which a router reads as the GPU's (vLLM's prefix-cache reset)
+        out: list[KVEvent] = []
+        for m in Medium:
+            hs = [h for h, media in self.held.items() if m in media]
+            if hs and m is not Medium.GPU:
+                out.append(BlockRemoved(hs, m))
         self.held.clear()
-        return [AllBlocksCleared()]
+        return [*out, AllBlocksCleared()]
 
     def snapshot(self) -> list[KVEvent]:
         """The whole state as stores (what a publisher's resync re-announces)."""

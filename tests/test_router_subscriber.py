@@ -18,6 +18,7 @@ from router_pubs import WAIT_S, ScriptedPublisher, WorkerModel, payload_of, wait
 
 from kvbm.errors import ClosedError, InvalidArgumentError  # noqa: E402
 from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent  # noqa: E402
+from kvbm.events.records import AllMediaCleared  # noqa: E402
 from kvbm.medium import Medium  # noqa: E402
 from kvbm.router import KvIndexer, SubscriberConfig  # noqa: E402
 from kvbm.router.subscriber import Subscriber  # noqa: E402
@@ -92,13 +93,14 @@ def test_a_gap_older_than_the_buffer_clears_the_worker_until_it_resyncs(
         pub: ScriptedPublisher, sub: Subscriber, idx: KvIndexer) -> None:
     sub.add_worker("w", pub.endpoint, pub.replay_endpoint)
     pub.wait_subscriber()
-    pub.batch(0, [ev(0), ev(1)])
+    pub.batch(0, [ev(0), ev(1), ev(9, Medium.DISK)])
     caught_up(sub, "w", 1)
     pub.batch(1, [BlockRemoved([0], GPU)], live=False)
     pub.forget(1)  # gone from the buffer too: nobody can say what batch 1 held
     pub.batch(2, [ev(2)])
     caught_up(sub, "w", 3)
-    # block 0 may or may not be held: the worker is cleared rather than over-claimed
+    # block 0 may or may not be held: the worker is cleared rather than over-claimed, in
+    # every medium (a plain AllBlocksCleared would clear its GPU alone)
     assert set(idx.worker_blocks("w")) == {2}
     st = sub.status()["w"]
     assert not st.complete and st.counters["resyncs"] == 1
@@ -126,7 +128,7 @@ def test_a_sequence_going_back_is_a_restart(pub: ScriptedPublisher, sub: Subscri
     sub.add_worker("w", pub.endpoint, pub.replay_endpoint)
     pub.wait_subscriber()
     for s in range(4):
-        pub.batch(s, [ev(s)])
+        pub.batch(s, [ev(s), ev(50 + s, Medium.DISK)])
     caught_up(sub, "w", 4)
     pub.buffer.clear()  # a new process: a new buffer, seqs from 0
     pub.batch(0, [ev(100)], live=False)
@@ -274,7 +276,7 @@ def test_a_callable_sink_gets_events_and_resets() -> None:
         s.wait_for("w", 1, WAIT_S)
         s.remove_worker("w")
         wait_until(lambda: len(got) == 2, what="the removal")
-        assert got == [("w", [ev(0)]), ("w", [AllBlocksCleared()])]
+        assert got == [("w", [ev(0)]), ("w", [AllMediaCleared()])]
     finally:
         s.close()
         p.close()

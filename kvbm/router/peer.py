@@ -235,7 +235,7 @@ class Peer:
             self.n["skipped_events"] += batch.skipped
             self._warn("skipped events", "worker %s: batch %d: %d event(s) skipped: %s",
                        self.name, seq, batch.skipped, "; ".join(batch.skip_reasons))
-        if any(type(e) is AllBlocksCleared for e in batch.events):
+        if any(isinstance(e, AllBlocksCleared) for e in batch.events):
             self.complete = True  # the publisher's own resync: its whole state follows
         if batch.events:
             self._deliver(batch.events)
