@@ -19,7 +19,7 @@ if not _os.path.isdir(_os.path.join(__path__[0], "storage")) and _os.path.isfile
 
 if TYPE_CHECKING:
     from kvbm.config import CopyEngine, DeviceTierConfig, HostTierConfig, ManagerConfig
-    from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored
+    from kvbm.events import AllBlocksCleared, AllMediaCleared, BlockRemoved, BlockStored
     from kvbm.hashing import BlockHashes, hash_blocks
     from kvbm.index import MatchResult
     from kvbm.layout import Arrangement, KVKind, KVLayout
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AllBlocksCleared",
+    "AllMediaCleared",
     "Arrangement",
     "BlockHashes",
     "BlockManager",
@@ -55,6 +56,7 @@ __all__ = [
 #: tiers (nor, through them, anything an engine install alone brings).
 _EXPORTS = {
     "AllBlocksCleared": "kvbm.events",
+    "AllMediaCleared": "kvbm.events",
     "Arrangement": "kvbm.layout",
     "BlockHashes": "kvbm.hashing",
     "BlockManager": "kvbm.manager",

@@ -98,8 +98,9 @@ _LOWER = Medium.DISK.bit | Medium.OBJECT.bit
 #: host memory, no child in the index) whose BlockStored events still stand. Without it the
 #: page is unlinked and unannounced (after a restart, or its prefix left every tier).
 _ANNOUNCED = 0x80
-
-
+#: Hashes per BlockRemoved of clear(): a cleared million-block index is withdrawn in
+#: messages of a size every subscriber takes in stride.
+_CLEAR_EVENT_BLOCKS = 4096
 
 
 class _MemTier:
@@ -670,8 +671,11 @@ class BlockManager:
         """Drop every cached block from every tier (vLLM's ``reset_prefix_cache``).
 
         Refused with :class:`~kvbm.errors.BlockStateError` while any block is held. Returns
-        how many blocks were dropped and queues one ``AllBlocksCleared`` event. Pages of
-        persistent tiers stay where they are, unlinked, and are found again by later matches.
+        how many blocks were dropped. Events: a ``BlockRemoved`` for every block announced
+        in host memory, disk or object storage, and ``AllBlocksCleared`` for G1 when this
+        manager owns one (vLLM's event means its GPU cache: a router keeps the lower tiers
+        of a worker on it, so kvbm withdraws them one by one). Pages of persistent tiers
+        stay where they are, unlinked, and are found again by later matches.
         """
         if self._closed:
             raise closed_error()
@@ -687,16 +691,27 @@ class BlockManager:
                     t.owner[slot] = None
                     t.alloc.free([slot])
         n += self._announced
-        if self._announced:  # AllBlocksCleared withdraws their announcements too
+        gone: dict[Medium, list[int]] = {}
+        if self._announced:  # compacted blocks announced in their lower tiers
+            keys, masks = self._orphans.with_flag(_ANNOUNCED)
+            for m in mediums_of(_LOWER):
+                gone[m] = keys[(masks & m.bit) != 0].tolist()
             self._orphans.and_all(_LOWER)
             self._announced = 0
         for rec in self._index:
+            for m in mediums_of(rec.mask & ~_GPU):
+                gone.setdefault(m, []).append(rec.seq_hash)
             if rec.mask & _LOWER:
                 self._orphans[rec.seq_hash] = rec.mask & _LOWER
             rec.mask, rec.g1, rec.g2, rec.children = 0, -1, -1, None
         self._index = PrefixIndex()
         self._compactable.clear()
-        self._emit(AllBlocksCleared())
+        step = _CLEAR_EVENT_BLOCKS
+        for m, hs in gone.items():
+            for i in range(0, len(hs), step):
+                self._emit(BlockRemoved(hs[i:i + step], m))
+        if self._g1 is not None:
+            self._emit(AllBlocksCleared())
         return n
 
     # ------------------------------------------------- host-level API (engine-owned G1) --

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from kvbm.events.jetstream import NatsConfig
-from kvbm.events.records import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvbm.events.records import AllMediaCleared, BlockRemoved, BlockStored, KVEvent
 from kvbm.medium import Medium
 
 BLOCK_SIZE = 4
@@ -47,7 +47,7 @@ class Workload:
         if r < 0.0003:
             self.resident.clear()
             self.info.clear()
-            return [AllBlocksCleared()]
+            return [AllMediaCleared()]  # a clean slate of every medium
         if r < 0.55 or not self.resident:
             return [self._store_new()]
         if r < 0.7:

@@ -12,7 +12,7 @@ import pytest
 
 from kvbm.config import EventsConfig, ManagerConfig
 from kvbm.errors import ClosedError, ConfigError, InvalidArgumentError, InvalidKeyError
-from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored
+from kvbm.events import AllBlocksCleared, AllMediaCleared, BlockRemoved, BlockStored
 from kvbm.events.endpoints import offset_endpoint
 from kvbm.events.publisher import ZmqEventPublisher
 from kvbm.events.wire import (
@@ -163,7 +163,7 @@ def test_a_replay_the_buffer_no_longer_reaches_triggers_a_resync(ctx: Any) -> No
             assert time.monotonic() < deadline, "no resync after an unreachable replay"
             time.sleep(0.01)
         tail = [e for _, b in replay(ctx, pub.replay_endpoint, 0) for e in b.events]
-        assert tail[-3:] == [AllBlocksCleared(), *state]
+        assert tail[-3:] == [AllMediaCleared(), *state]
     with ZmqEventPublisher(cfg(buffer_steps=3)) as pub:  # nothing to resync from
         assert pub.replay_endpoint is not None
         for i in range(6):
@@ -219,7 +219,7 @@ def test_overflow_is_counted_then_cleared_and_resynced(ctx: Any) -> None:
                 assert seq == expect
                 expect += 1
                 events.extend(batch.events)
-            assert events == [AllBlocksCleared(), *state, *after]
+            assert events == [AllMediaCleared(), *state, *after]
         finally:
             sub.close()
 
@@ -231,7 +231,7 @@ def test_overflow_without_snapshot_sends_the_clear(ctx: Any) -> None:
             sub.join(pub)
             pub.publish([stored(i) for i in range(4)])
             assert pub.flush(10)
-            assert sub.recv()[1].events == [AllBlocksCleared()]
+            assert sub.recv()[1].events == [AllMediaCleared()]
             assert pub.stats.resyncs == 1 and pub.stats.overflows == 1
         finally:
             sub.close()
@@ -255,7 +255,7 @@ def test_snapshot_that_raises_is_counted_and_retried(ctx: Any) -> None:
             events = []
             while stored(5) not in events:
                 events.extend(sub.recv()[1].events)
-            assert events == [AllBlocksCleared(), AllBlocksCleared(), stored(5)]
+            assert events == [AllMediaCleared(), AllMediaCleared(), stored(5)]
             assert pub.stats.snapshot_errors == 2 and pub.stats.resyncs == 1
         finally:
             sub.close()
@@ -286,7 +286,7 @@ def test_full_high_water_mark_is_refused_counted_and_resynced(ctx: Any) -> None:
                 events.extend(batch.events)
                 if pub.flush(0) and last == pub.stats.next_seq - 1:
                     break
-            assert events[-2:] == [AllBlocksCleared(), stored(9)]
+            assert events[-2:] == [AllMediaCleared(), stored(9)]
             assert pub.stats.resyncs >= 1
             # the refused batches are in the replay buffer under their seqs
             assert pub.replay_endpoint is not None

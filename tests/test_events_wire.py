@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvbm.errors import EventDecodeError, InvalidArgumentError, InvalidKeyError, KvbmError
-from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored
+from kvbm.events import AllBlocksCleared, AllMediaCleared, BlockRemoved, BlockStored
 from kvbm.events.wire import (
     END_SEQ,
     EventBatch,
@@ -98,6 +98,22 @@ def test_vllm_decoder_reads_ours_and_we_read_theirs(vkv: Any) -> None:
                          data_parallel_rank=0))
     back = decode_batch(payload, strict=True)
     assert back == EventBatch(3.0, events, 0)
+
+
+def test_every_medium_clear_round_trips_and_vllm_reads_a_plain_clear(vkv: Any) -> None:
+    """kvbm's clean slate (AllMediaCleared) keeps its meaning through kvbm's codec; vLLM's
+    decoder ignores the extra key and reads its own AllBlocksCleared; vLLM's plain event
+    stays a plain one (its GPU cache only)."""
+    import msgspec
+
+    payload = encode_batch(EventBatch(1.0, [AllMediaCleared(), AllBlocksCleared()], None))
+    back = decode_batch(payload, strict=True).events
+    assert [type(e) for e in back] == [AllMediaCleared, AllBlocksCleared]
+    got = msgspec.msgpack.Decoder(type=vkv.KVEventBatch).decode(payload)
+    assert [type(e).__name__ for e in got.events] == ["AllBlocksCleared"] * 2
+    theirs = msgspec.msgpack.Encoder().encode(
+        vkv.KVEventBatch(ts=1.0, events=[vkv.AllBlocksCleared()], data_parallel_rank=None))
+    assert type(decode_batch(theirs).events[0]) is AllBlocksCleared
 
 
 def test_bytes_hashes_become_vllms_int_hashes(vkv: Any) -> None:

@@ -15,6 +15,7 @@ zmq = pytest.importorskip("zmq")
 
 from kvbm import (  # noqa: E402
     AllBlocksCleared,
+    AllMediaCleared,
     BlockManager,
     BlockRemoved,
     BlockStored,
@@ -85,8 +86,11 @@ def replay_all(endpoint: str) -> list[Any]:
 def rebuild(events: list[Any]) -> dict[int, set[Medium]]:
     state: dict[int, set[Medium]] = {}
     for e in events:
-        if isinstance(e, AllBlocksCleared):
+        if isinstance(e, AllMediaCleared):
             state.clear()
+        elif isinstance(e, AllBlocksCleared):  # as a router reads it: the GPU cache only
+            for ms in state.values():
+                ms.discard(Medium.GPU)
         elif isinstance(e, BlockStored):
             for h in e.block_hashes:
                 state.setdefault(h, set()).add(e.medium)

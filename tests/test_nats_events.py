@@ -28,7 +28,13 @@ from nats_servers import HOST, NatsServer, free_port, nats_server_binary
 from kvbm.errors import ConfigError, EventDecodeError, InvalidArgumentError
 from kvbm.events.jetstream import NatsConfig, msg_headers
 from kvbm.events.ledger import Ledger
-from kvbm.events.records import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvbm.events.records import (
+    AllBlocksCleared,
+    AllMediaCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+)
 from kvbm.events.wire import EventBatch, encode_batch
 from kvbm.medium import Medium
 from kvbm.router import KvIndexer
@@ -172,6 +178,20 @@ def test_ledger_snapshot_rebuilds_what_the_events_built() -> None:
     assert ghosts > 10  # the ghost path was exercised
 
 
+def test_ledger_reads_vllms_clear_as_its_gpu_cache_only() -> None:
+    """vLLM's AllBlocksCleared (its GPU prefix cache was reset) leaves the lower tiers a
+    connector inside vLLM keeps; a clean slate (AllMediaCleared) drops everything."""
+    led = Ledger()
+    toks = [3] * (2 * BLOCK_SIZE)
+    led.apply([BlockStored([1, 2], None, toks, BLOCK_SIZE, Medium.GPU),
+               BlockStored([1, 2], None, toks, BLOCK_SIZE, Medium.DISK),
+               BlockStored([5], None, [4] * BLOCK_SIZE, BLOCK_SIZE, Medium.GPU)])
+    led.apply([AllBlocksCleared()])
+    assert led.blocks() == {1: frozenset({Medium.DISK}), 2: frozenset({Medium.DISK})}
+    led.apply([AllMediaCleared()])
+    assert len(led) == 0
+
+
 def test_ledger_forgets_a_long_chain_of_ghosts_without_recursion() -> None:
     led = Ledger()
     n = 5000
@@ -180,7 +200,7 @@ def test_ledger_forgets_a_long_chain_of_ghosts_without_recursion() -> None:
     led.apply([BlockRemoved(hashes[:-1], Medium.GPU)])  # all ghosts but the leaf
     assert len(led) == 1
     led.apply([BlockRemoved(hashes[-1:], Medium.GPU)])
-    assert len(led) == 0 and led.snapshot_events() == [AllBlocksCleared()]
+    assert len(led) == 0 and led.snapshot_events() == [AllMediaCleared()]
 
 
 @pytest.mark.parametrize("doc", [None, 3, {"metas": []}, {"metas": [[0] * 9], "blocks": []},
@@ -578,7 +598,7 @@ def test_bridge_heals_holes_restarts_and_says_less_when_it_cannot(server: NatsSe
         # the worker restarts: its seq starts over (its cache is empty)
         with fake.lock:
             fake.buffer.clear()
-        truth.apply("fake", [AllBlocksCleared()])
+        truth.apply("fake", [AllMediaCleared()])
         parent[0] = None
         for seq in range(5):
             ev = events()
@@ -589,7 +609,7 @@ def test_bridge_heals_holes_restarts_and_says_less_when_it_cannot(server: NatsSe
         # a hole the replay buffer no longer holds: the stream forgets the worker
         ev = events()
         fake.send(5, ev, live=False, buffered=False)
-        truth.apply("fake", [AllBlocksCleared()])
+        truth.apply("fake", [AllMediaCleared()])
         parent[0] = None
         ev = events()
         truth.apply("fake", ev)

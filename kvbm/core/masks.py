@@ -168,6 +168,12 @@ class MaskTable:
             slots[pending] = (s[more] + np.uint64(1)) & cap1
         return out
 
+    def with_flag(self, flag: int) -> tuple[np.ndarray, np.ndarray]:
+        """The keys (uint64) and masks (uint8) of the entries with ``flag`` set, as copies."""
+        masks = np.frombuffer(self._masks, dtype=np.uint8)
+        sel = np.flatnonzero(masks & flag)
+        return np.frombuffer(self._keys, dtype=np.uint64)[sel].copy(), masks[sel].copy()
+
     def and_all(self, keep: int) -> None:
         """``self[k] &= keep`` for every key; a mask left 0 would mean an empty slot, so
         ``keep`` must leave every entry non-zero (clearing a flag bit beside the tiers')."""

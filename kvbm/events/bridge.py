@@ -33,7 +33,7 @@ from kvbm.deps import require
 from kvbm.errors import EventDecodeError, InvalidArgumentError
 from kvbm.events.jetstream import NatsConfig, check_worker
 from kvbm.events.nats import NatsEventPublisher
-from kvbm.events.records import AllBlocksCleared
+from kvbm.events.records import AllMediaCleared
 from kvbm.events.wire import END_SEQ, decode_batch, parse_frames, parse_replay_reply, replay_request
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class EventBridge:
             log.warning("bridge %s: worker restarted (seq %d after %d)", self.worker, seq,
                         self._next - 1)
             self._count("restarts")
-            self.publisher.publish([AllBlocksCleared()])
+            self.publisher.publish([AllMediaCleared()])
             self._next = None
             if seq > 0 and self.replay_endpoint is not None:
                 self._catch_up(ctx, 0)
@@ -225,7 +225,7 @@ class EventBridge:
         log.warning("bridge %s: batches %d..%d are lost: forwarding AllBlocksCleared",
                     self.worker, first, upto - 1)
         self._count("unhealed")
-        self.publisher.publish([AllBlocksCleared()])
+        self.publisher.publish([AllMediaCleared()])
         self._next = upto
 
     def _forward(self, seq: int, payload: bytes) -> None:

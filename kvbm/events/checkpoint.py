@@ -47,7 +47,7 @@ class Step(enum.Enum):
 def advance(cur: WorkerCursor | None, epoch: int, seq: int, sync_point: bool,
             ) -> tuple[Step, WorkerCursor]:
     """The step for a worker's message ``(epoch, seq)`` and the cursor after it. A sync
-    point (a batch that starts with ``AllBlocksCleared``) makes the worker whole whatever
+    point (a batch that starts with ``AllMediaCleared``) makes the worker whole whatever
     came before; a worker's first message, seq 0 of its epoch, is a beginning too."""
     if cur is not None and cur.epoch == epoch and seq < cur.next_seq:
         return Step.DUPLICATE, cur

@@ -21,7 +21,13 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from kvbm.errors import EventDecodeError
-from kvbm.events.records import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvbm.events.records import (
+    AllBlocksCleared,
+    AllMediaCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+)
 from kvbm.medium import MEDIUM_BY_BIT, Medium
 
 # The fields of a store shared by its blocks (and by most blocks of a worker: interned).
@@ -90,8 +96,10 @@ class Ledger:
                         b.media &= ~bit
                         if not b.media:
                             self._maybe_forget(h, b)
-            elif isinstance(ev, AllBlocksCleared):
+            elif isinstance(ev, AllMediaCleared):
                 self._blocks.clear()
+            elif isinstance(ev, AllBlocksCleared):  # vLLM's reset: its GPU cache only
+                self._drop_medium(Medium.GPU.bit)
 
     def _store(self, ev: BlockStored) -> None:
         bs = ev.block_size
@@ -149,6 +157,14 @@ class Ledger:
             del blocks[parent]
             parent = p.parent
 
+    def _drop_medium(self, bit: int) -> None:
+        """Every block leaves the medium of ``bit`` (those resident nowhere else go, unless
+        children still need them)."""
+        for h, b in list(self._blocks.items()):
+            if b.media & bit and h in self._blocks:
+                b.media &= ~bit
+                self._maybe_forget(h, b)
+
     def _maybe_forget(self, h: int, b: _Block) -> None:
         """Drop ``h`` (resident nowhere) unless children still need it."""
         if not b.media and not b.children:
@@ -175,7 +191,7 @@ class Ledger:
     def snapshot_events(self) -> list[KVEvent]:
         """``AllBlocksCleared`` and the stores (then the ghosts' removals) that rebuild this
         state from nothing: a parent is always announced before its children."""
-        out: list[KVEvent] = [AllBlocksCleared()]
+        out: list[KVEvent] = [AllMediaCleared()]
         order = list(self._topological())
         ghosts = [h for h, b in order if not b.media]
         # First pass: every block in one medium, so that each parent is known before any

@@ -36,7 +36,13 @@ from kvbm.events.jetstream import (
 )
 from kvbm.events.ledger import Ledger
 from kvbm.events.nats_client import LoopThread, connect_until, ensure_stream
-from kvbm.events.records import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvbm.events.records import (
+    AllBlocksCleared,
+    AllMediaCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+)
 from kvbm.events.wire import event_to_wire
 
 if TYPE_CHECKING:
@@ -79,7 +85,7 @@ class NatsEventPublisher:
         self._snapshot = snapshot
         self._ledger: Ledger | None = Ledger() if snapshot is None else None
         # A new epoch is a clean slate: consumers drop what an earlier one announced.
-        self._pending: list[Wire] = [event_to_wire(AllBlocksCleared())]
+        self._pending: list[Wire] = [event_to_wire(AllMediaCleared())]
         self._pending_source: int | None = None
         self._resync = False
         self._busy = True  # the opening clear is queued
@@ -280,7 +286,7 @@ class NatsEventPublisher:
             with self._lock:
                 self._n["snapshot_errors"] += 1
             return None
-        wire = [event_to_wire(AllBlocksCleared())]
+        wire = [event_to_wire(AllMediaCleared())]
         for ev in events:
             try:
                 wire.append(event_to_wire(ev))

@@ -38,7 +38,7 @@ from kvbm.events.jetstream import (
 )
 from kvbm.events.ledger import Ledger
 from kvbm.events.nats_client import LoopThread, bind_pull_consumer, connect_until, ensure_stream
-from kvbm.events.records import AllBlocksCleared, AllMediaCleared, KVEvent
+from kvbm.events.records import AllMediaCleared, KVEvent
 from kvbm.events.wire import decode_batch
 
 if TYPE_CHECKING:
@@ -248,7 +248,7 @@ class JetStreamConsumer:
         n["skipped"] += batch.skipped
         epoch, seq = hdr
         events = batch.events
-        sync_point = bool(events) and isinstance(events[0], AllBlocksCleared)
+        sync_point = bool(events) and isinstance(events[0], AllMediaCleared)
         step, cur = advance(self._cursors.get(worker), epoch, seq, sync_point)
         if step is Step.DUPLICATE:
             n["duplicates"] += 1

@@ -8,7 +8,8 @@ replay (:mod:`kvbm.events.replay`).
 Nothing is lost silently:
 
 - **Queue overflow** (the engine publishes faster than the thread sends): the events are
-  dropped and counted, and the thread then publishes ``AllBlocksCleared`` followed by the
+  dropped and counted, and the thread then publishes ``AllMediaCleared`` (on the wire an
+  ``AllBlocksCleared`` that says every medium) followed by the
   whole current state from ``snapshot()`` (a *resync*); without a snapshot the clear alone
   (a router then under-claims this worker rather than over-claims it).
 - **A subscriber at its high-water mark**: the socket is an XPUB with ``XPUB_NODROP``, so a
@@ -42,7 +43,7 @@ from kvbm.config import EventsConfig
 from kvbm.deps import require
 from kvbm.errors import ClosedError, ConfigError, InvalidArgumentError, KvbmError
 from kvbm.events.endpoints import is_bind_endpoint, offset_endpoint
-from kvbm.events.records import AllBlocksCleared, KVEvent
+from kvbm.events.records import AllMediaCleared, KVEvent
 from kvbm.events.replay import ReplayBuffer, ReplayServer
 from kvbm.events.wire import event_to_wire, pack_batch
 
@@ -328,7 +329,7 @@ class ZmqEventPublisher:
                 return
         # AllBlocksCleared goes first and alone: if it is refused the sockets are still
         # stalled, and the snapshot (possibly large) is not taken in vain.
-        if not self._send_batch([event_to_wire(AllBlocksCleared())]):
+        if not self._send_batch([event_to_wire(AllMediaCleared())]):
             self._resync_not_before = time.monotonic() + _RESYNC_RETRY_S
             return
         with self._cond:

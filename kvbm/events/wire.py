@@ -46,7 +46,13 @@ from kvbm.events.frames import (
     parse_replay_request,
     replay_request,
 )
-from kvbm.events.records import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvbm.events.records import (
+    AllBlocksCleared,
+    AllMediaCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEvent,
+)
 from kvbm.medium import Medium
 
 __all__ = [
@@ -185,11 +191,18 @@ def _wire_removed(e: BlockRemoved) -> dict[str, object]:
     return out
 
 
+#: The map key of kvbm's every-medium clear (:class:`AllMediaCleared`; vLLM's decoder
+#: ignores a key it does not know and reads an ``AllBlocksCleared``).
+_EVERY_MEDIUM = "every_medium"
+
+
 def _wire_event(e: object) -> dict[str, object]:
     if isinstance(e, BlockStored):
         return _wire_stored(e)
     if isinstance(e, BlockRemoved):
         return _wire_removed(e)
+    if isinstance(e, AllMediaCleared):
+        return {"type": "AllBlocksCleared", _EVERY_MEDIUM: True}
     if isinstance(e, AllBlocksCleared):
         return {"type": "AllBlocksCleared"}
     raise InvalidArgumentError(f"not a cache event (BlockStored, BlockRemoved, "
@@ -342,6 +355,8 @@ def _decode_event(raw: object) -> KVEvent:
             locality=_field(f["locality"], str, "BlockRemoved.locality"),
             ownership=_field(f["ownership"], str, "BlockRemoved.ownership"))
     if tag == "AllBlocksCleared":
+        if isinstance(raw, dict) and raw.get(_EVERY_MEDIUM) is True:
+            return AllMediaCleared()
         return AllBlocksCleared()
     shown = tag if isinstance(tag, str | int | None) else type(tag).__name__
     raise _bad(f"unknown event type {shown!r:.80}")
