@@ -122,10 +122,6 @@ def test_router_saw_both_publishers(run: list[dict[str, Any]]) -> None:
     assert run[4]["subscriber"]["bad_messages"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vLLM's reset_prefix_cache publishes AllBlocksCleared (GPU only: the connector keeps its "
-    "tiers), and the indexer clears every medium of the worker on it: the G2/G3 pages kvbm "
-    "still serves are forgotten by the router until stored again"))
 def test_find_matches_after_vllm_prefix_cache_reset(run: list[dict[str, Any]]) -> None:
     reset, x, predict, served = run[6], run[7], run[8], run[9]
     assert reset == {"op": "reset", "ok": True}
