@@ -35,6 +35,7 @@ torch = pytest.importorskip("torch")
 
 from kvbm.config import HostTierConfig, ManagerConfig, OffloadConfig  # noqa: E402
 from kvbm.errors import ConfigError, InvalidArgumentError  # noqa: E402
+from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored  # noqa: E402
 from kvbm.hashing import hash_blocks  # noqa: E402
 from kvbm.integrations.vllm.config import (  # noqa: E402
     DEFAULT_HOST_BLOCKS,
@@ -389,7 +390,17 @@ def test_save_then_load_round_trip_into_other_blocks():
         assert c.hit_tokens == {Medium.CPU_PINNED.value: 2 * BS}
         # the load's holds on the pages are given back
         mgr.check_invariants()
+        held = {h for e in eng.sched.take_events() if isinstance(e, BlockStored)
+                and e.medium is Medium.CPU_PINNED for h in e.block_hashes}
+        assert held
         assert eng.sched.reset()
+        # vLLM's reset_prefix_cache(reset_connector=True): vLLM sends AllBlocksCleared for
+        # its GPU cache; kvbm withdraws its own blocks one by one (a router reads vLLM's
+        # clear as the GPU only), and never sends a clear of vLLM's GPU blocks itself
+        after = eng.sched.take_events()
+        assert not any(isinstance(e, AllBlocksCleared) for e in after)
+        assert {h for e in after if isinstance(e, BlockRemoved)
+                and e.medium is Medium.CPU_PINNED for h in e.block_hashes} == held
 
 
 # -- 2. tensor parallelism ------------------------------------------------------------------
