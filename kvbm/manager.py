@@ -43,6 +43,7 @@ from kvbm.checks import (
     os_wait,
 )
 from kvbm.config import DeviceTierConfig, ManagerConfig
+from kvbm.core.event_sink import EventSink, runs
 from kvbm.core.handles import OnboardHandle, OnboardStatus, StageHandle
 from kvbm.core.masks import MaskTable
 from kvbm.errors import (
@@ -85,7 +86,6 @@ if TYPE_CHECKING:
     import torch
 
     from kvbm.events.nats import NatsEventPublisher
-    from kvbm.events.owner_snapshot import OwnerSnapshot
     from kvbm.events.publisher import ZmqEventPublisher
     from kvbm.storage.base import PageStore, RemovalReason, TierStats
 
@@ -308,8 +308,7 @@ class BlockManager:
         self._busy: collections.Counter[int] = collections.Counter()
         self._lower: list[_StoreTier] = []
         self._engine: OffloadEngine | None = None
-        self._events: collections.deque[KVEvent] = collections.deque()
-        self._events_dropped = 0
+        self._sink = EventSink(self.block_size, config.max_pending_events)
         self._tick = 0
         self._lookups = 0
         self._query_blocks = 0
@@ -323,18 +322,14 @@ class BlockManager:
         self._fill_hook: Callable[[list[tuple[int, int]]], None] | None = None
         self._check_hook: Callable[[list[tuple[int, int]]], list[bool]] | None = None
         self._bad_host_pages = 0  # refused by the check hook before a store
-        #: the ZMQ publisher of residency events ([events] enabled), and the snapshots it
-        #: asks for to resync its subscribers (built here, on the owner thread)
-        self._publisher: ZmqEventPublisher | None = None
-        self._nats: NatsEventPublisher | None = None  # [events.nats]: JetStream as well
-        self._snapshots: OwnerSnapshot | None = None
         if config.events.enabled:
-            self._start_publisher()
+            # the snapshots that resync subscribers are built here, on the owner thread
+            self._sink.start(config.events, self._residency_snapshot)
         if config.lower_tiers:
             try:
                 self._open_lower_tiers()
             except BaseException:
-                self._close_publisher()
+                self._sink.close()
                 raise
 
     # ------------------------------------------------------------------ engine-facing API --
@@ -468,7 +463,7 @@ class BlockManager:
                 for r, s in zip(direct, s1, strict=False):
                     self._place(g1, r, s, pinned=True)
             self._onboarded[Medium.CPU_PINNED] += len(direct)
-            self._emit_stored(direct, Medium.GPU)
+            self._sink.emit_stored(direct, Medium.GPU)
             pos = {id(r): i for i, r in enumerate(recs)}
             for r, a, b in zip(staged, s2, s1[len(direct):], strict=True):
                 i = pos[id(r)]
@@ -585,7 +580,7 @@ class BlockManager:
             recs.append(rec)
             parent = rec
         self._committed += len(ids)
-        self._emit_stored(stored, Medium.GPU)
+        self._sink.emit_stored(stored, Medium.GPU)
         self._emit_relinked(relinked)
         self._touch(recs)
         if self._g2 is not None and self.config.host is not None and self.config.host.eager_offload:
@@ -663,9 +658,7 @@ class BlockManager:
         """Drain the queued residency events, oldest first (also after :meth:`close`: the
         events of the close itself)."""
         self._drain()
-        out = list(self._events)
-        self._events.clear()
-        return out
+        return self._sink.take()
 
     def clear(self) -> int:
         """Drop every cached block from every tier (vLLM's ``reset_prefix_cache``).
@@ -709,9 +702,9 @@ class BlockManager:
         step = _CLEAR_EVENT_BLOCKS
         for m, hs in gone.items():
             for i in range(0, len(hs), step):
-                self._emit(BlockRemoved(hs[i:i + step], m))
+                self._sink.emit(BlockRemoved(hs[i:i + step], m))
         if self._g1 is not None:
-            self._emit(AllBlocksCleared())
+            self._sink.emit(AllBlocksCleared())
         return n
 
     # ------------------------------------------------- host-level API (engine-owned G1) --
@@ -904,7 +897,7 @@ class BlockManager:
             parent = rec
         self._committed += len(placed)
         self._offloaded += len(placed)
-        self._emit_stored(placed, Medium.CPU_PINNED)
+        self._sink.emit_stored(placed, Medium.CPU_PINNED)
         self._emit_relinked(relinked)
         self._touch(recs)
         self._store_down(placed)
@@ -1035,7 +1028,7 @@ class BlockManager:
             if not ok:
                 cut = min(cut, i)
         self._host_filled(arrived)
-        self._emit_stored(arrived, Medium.CPU_PINNED)
+        self._sink.emit_stored(arrived, Medium.CPU_PINNED)
         if not cancelled:
             self._release_stage_tail(h, cut)
             h.slots = h._slots[:cut]
@@ -1125,7 +1118,7 @@ class BlockManager:
         return ManagerStats(self._lookups, self._query_blocks, self._hit_blocks,
                             dict(self._hits_by_medium), self._committed, self._deduplicated,
                             dict(self._onboarded), self._offloaded,
-                            len(self._index) + self._announced, self._events_dropped, tiers,
+                            len(self._index) + self._announced, self._sink.dropped, tiers,
                             lower, len(self._orphans) - self._announced,
                             self._staging_misses,
                             sum(len(c.g1_holds) + len(c.g2_holds) for c in self._copies))
@@ -1189,7 +1182,7 @@ class BlockManager:
         rec.mask &= ~tier.bit
         tier.alloc.free([slot])
         tier.evictions += 1
-        self._emit(BlockRemoved([rec.seq_hash], tier.medium))
+        self._sink.emit(BlockRemoved([rec.seq_hash], tier.medium))
         if rec.mask == 0:
             self._forget(rec)
         elif not rec.mask & (_GPU | _HOST):
@@ -1224,7 +1217,7 @@ class BlockManager:
                     by_medium.setdefault(m, []).append(r.seq_hash)
             r.mask = 0
         for m, hs in by_medium.items():
-            self._emit(BlockRemoved(hs, m))
+            self._sink.emit(BlockRemoved(hs, m))
 
     def _offload(self, recs: Sequence[BlockRecord], evicting: BlockRecord | None = None) -> int:
         """Copy G1-resident ``recs`` without a G2 copy down to G2 (admission and room
@@ -1269,7 +1262,7 @@ class BlockManager:
                 self._place(g2, r, s2, pinned=False)
             placed = [r for r, _, _ in live]
             self._offloaded += len(placed)
-            self._emit_stored(placed, Medium.CPU_PINNED)
+            self._sink.emit_stored(placed, Medium.CPU_PINNED)
             self._store_down(placed)
             return len(placed)
         for r, _, s2 in reversed(live):  # tail first: see _touch
@@ -1338,7 +1331,7 @@ class BlockManager:
                 self._release_one(g2, s)
         if placed:
             self._offloaded += len(placed)
-            self._emit_stored(placed, Medium.CPU_PINNED)
+            self._sink.emit_stored(placed, Medium.CPU_PINNED)
             self._store_down(placed)
 
     def _drop_unlanded(self, tier: _MemTier, rec: BlockRecord) -> None:
@@ -1374,68 +1367,17 @@ class BlockManager:
             if g2 is not None and r.g2 >= 0:
                 g2.policy.access(r.seq_hash)
 
-    def _emit(self, event: KVEvent) -> None:
-        if self._publisher is not None:
-            # Published instead of queued for take_events(): never blocks (the publisher
-            # counts an overflow and resyncs its subscribers from a snapshot).
-            self._publisher.publish([event])
-            if self._nats is not None:
-                self._nats.publish([event])
-            return
-        if len(self._events) >= self.config.max_pending_events:
-            self._events.popleft()
-            self._events_dropped += 1
-        self._events.append(event)
-
-    def _emit_stored(self, recs: Sequence[BlockRecord], medium: Medium) -> None:
-        """One BlockStored per run of consecutive blocks (each block the parent of the next)."""
-        run: list[BlockRecord] = []
-        for r in recs:
-            if run and r.parent is not run[-1]:
-                self._emit_run(run, medium)
-                run = []
-            run.append(r)
-        if run:
-            self._emit_run(run, medium)
-
-    def _emit_run(self, run: list[BlockRecord], medium: Medium) -> None:
-        self._emit(self._stored_event(run, medium))
-
-    def _stored_event(self, run: list[BlockRecord], medium: Medium) -> BlockStored:
-        tokens = np.frombuffer(b"".join(r.tokens for r in run), dtype="<u4").tolist()
-        return BlockStored([r.seq_hash for r in run], run[0].parent_hash, tokens,
-                           self.block_size, medium, run[0].lora_name, None,
-                           [r.local_hash for r in run])
-
     # ------------------------------------------------------------------------- publisher --
-    def _start_publisher(self) -> None:
-        from kvbm.events.owner_snapshot import OwnerSnapshot
-        from kvbm.events.publisher import ZmqEventPublisher
-
-        cfg = self.config.events
-        self._snapshots = OwnerSnapshot(self._residency_snapshot)
-        self._publisher = ZmqEventPublisher(cfg, snapshot=self._snapshots)
-        if cfg.nats is not None:
-            from kvbm.events.nats import NatsEventPublisher
-
-            try:  # one snapshot serves both: a request they share is built once
-                self._nats = NatsEventPublisher(
-                    cfg.nats, cfg.nats.worker_name(cfg.data_parallel_rank),
-                    data_parallel_rank=cfg.data_parallel_rank, snapshot=self._snapshots)
-            except BaseException:
-                self._close_publisher()
-                raise
-
     @property
     def nats_publisher(self) -> NatsEventPublisher | None:
         """The JetStream publisher (``[events.nats]``), or ``None``."""
-        return self._nats
+        return self._sink.nats
 
     @property
     def publisher(self) -> ZmqEventPublisher | None:
         """The residency-event publisher (``[events] enabled``), for its endpoints and
         counters; ``None`` otherwise (then :meth:`take_events` drains the events)."""
-        return self._publisher
+        return self._sink.publisher
 
     def _residency_snapshot(self) -> list[BlockStored]:
         """Every block resident now, per medium, parents first (owner thread): what a
@@ -1446,20 +1388,8 @@ class BlockManager:
             self._orphans.and_all(_LOWER)
             self._announced = 0
         recs = self._parents_first(list(self._index))
-        out: list[BlockStored] = []
-        for medium in Medium:
-            bit = medium.bit
-            run: list[BlockRecord] = []
-            for r in recs:
-                if not r.mask & bit:
-                    continue
-                if run and r.parent is not run[-1]:
-                    out.append(self._stored_event(run, medium))
-                    run = []
-                run.append(r)
-            if run:
-                out.append(self._stored_event(run, medium))
-        return out
+        return [self._sink.stored_event(run, medium) for medium in Medium
+                for run in runs([r for r in recs if r.mask & medium.bit])]
 
     # ------------------------------------------------------------- lower tiers (G3, G4) --
     def _open_lower_tiers(self) -> None:
@@ -1511,9 +1441,7 @@ class BlockManager:
             self._reap_copies()
         if self._compactable:
             self._compact()
-        snaps = self._snapshots
-        if snaps is not None and snaps.wanted:
-            snaps.serve()
+        self._sink.serve_snapshot()
         if self._engine is None:
             return 0
         n = 0
@@ -1727,19 +1655,8 @@ class BlockManager:
                     self._engine = None
         finally:
             self._closed = True
-            self._close_publisher()
+            self._sink.close()
         return result
-
-    def _close_publisher(self) -> None:
-        """After the close's own events: they go out before the sockets close."""
-        if self._snapshots is not None:
-            self._snapshots.close()
-        for pub in (self._publisher, self._nats):
-            if pub is not None:
-                try:
-                    pub.close()
-                except Exception as e:  # closing must finish whatever the sockets do
-                    log.warning("close: the event publisher: %s", e)
 
     def _close_at_exit(self) -> None:
         """The exit flush (:class:`ExitFlush`): close a manager left open, and say so."""
@@ -1850,7 +1767,7 @@ class BlockManager:
             if not rec.mask & lt.bit:
                 rec.mask |= lt.bit
                 stored.append(rec)
-        self._emit_stored(stored, lt.medium)
+        self._sink.emit_stored(stored, lt.medium)
         self._store_deferred(lt)
 
     def _reports_misses(self, medium: Medium) -> bool:
@@ -1884,7 +1801,7 @@ class BlockManager:
             elif not was & bit:
                 unlinked.append(k)
         orphans.or_many(unlinked, bit)
-        self._emit_stored(gained, lt.medium)
+        self._sink.emit_stored(gained, lt.medium)
 
     def _on_removed(self, item: _Removal) -> None:
         bit = item.medium.bit
@@ -1906,7 +1823,7 @@ class BlockManager:
                     del self._orphans[k]
                     self._announced -= bool(was & _ANNOUNCED)
         if gone or announced:
-            self._emit(BlockRemoved([r.seq_hash for r in gone] + announced, item.medium))
+            self._sink.emit(BlockRemoved([r.seq_hash for r in gone] + announced, item.medium))
         for r in gone:
             if r.mask == 0 and self._index.get(r.seq_hash) is r:
                 self._forget(r)
@@ -1985,8 +1902,8 @@ class BlockManager:
         for rec, s1 in zip(up, dst, strict=True):
             self._place(g1, rec, s1, pinned=True)
         self._host_filled(to_g2)
-        self._emit_stored(to_g2, Medium.CPU_PINNED)
-        self._emit_stored(up, Medium.GPU)
+        self._sink.emit_stored(to_g2, Medium.CPU_PINNED)
+        self._sink.emit_stored(up, Medium.GPU)
         if not cancelled:
             self._release_tail(h, cut)
             h.block_ids = h._g1[:cut]
@@ -2124,7 +2041,7 @@ class BlockManager:
             for m in mediums_of(rec.mask & _LOWER):
                 linked.setdefault(m, []).append(rec)
         for m, rs in linked.items():
-            self._emit_stored(rs, m)
+            self._sink.emit_stored(rs, m)
 
     # ----------------------------------------------------------------------- test support --
     def check_invariants(self) -> None:
