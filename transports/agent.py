@@ -6,6 +6,7 @@
     src = peer.info.region("kv.0")                                 # what it exposed to us
     with agent.transfer(peer, Op.READ, [((kv, 0, n), (src, off, n))], notify=b"req-7") as h:
         h.wait(timeout=10)
+    agent.notify(peer, b"req-7 dropped")                            # a note without data
 
 Regions are private until exposed: ``register(..., expose_to=ALL_PEERS | name | names)`` or
 :meth:`Agent.expose` later, each with an :class:`Access` (READ, WRITE or both). A peer's
@@ -33,7 +34,7 @@ from kvbm.errors import (
 from kvbm.transports import stats as _stats
 from kvbm.transports.backend import Backend, Lease, available_backends
 from kvbm.transports.config import KNOWN_BACKENDS, TransportConfig
-from kvbm.transports.control import encode
+from kvbm.transports.control import ProtocolError, encode
 from kvbm.transports.descriptors import Op, check_descriptors, total_bytes
 from kvbm.transports.handle import Transfer, TransferHandle, TransferStatus
 from kvbm.transports.inbox import Inbox, Notification
@@ -45,6 +46,9 @@ from kvbm.transports.server import Listener, RateLimitedLog, serve_control
 from kvbm.transports.table import RegionTable, check_meta, exposure_names
 
 log = logging.getLogger(__name__)
+
+#: The largest payload of :meth:`Agent.notify` (a note, not data: data goes by transfer).
+MAX_NOTIFY_BYTES = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -220,16 +224,17 @@ class Agent:
                  notify: bytes | None = None, require: str | None = None) -> TransferHandle:
         """Start moving ``descs`` (see :mod:`kvbm.transports.descriptors`); returns at once.
 
-        ``notify`` reaches the peer (``notifications()``) after the data is in place; the
-        handle is DONE only then. ``require`` names the backend that must carry it (else
+        ``notify`` (bytes, at most :attr:`max_notify_bytes`) reaches the peer
+        (``notifications()``) after the data is in place; the handle is DONE only then.
+        ``require`` names the backend that must carry it (else
         :class:`~kvbm.errors.BackendUnavailableError`); default ``transport.require``, or
         the best one both agents run (nvlink > ucx > tcp)."""
         self._check_open()
         p, _ = self._peer(peer)
         if notify is not None and (not isinstance(notify, bytes)
-                                   or len(notify) > self.config.max_frame_bytes // 2):
+                                   or len(notify) > self.max_notify_bytes):
             raise InvalidArgumentError(f"notify must be bytes of at most "
-                                       f"{self.config.max_frame_bytes // 2}, got "
+                                       f"{self.max_notify_bytes}, got "
                                        f"{type(notify).__name__}")
         require = self.config.require if require is None else require
         if require is not None and require not in KNOWN_BACKENDS:
@@ -290,6 +295,32 @@ class Agent:
         return TransferStatus.DONE, None
 
     # -- notifications -------------------------------------------------------------------------
+    @property
+    def max_notify_bytes(self) -> int:
+        """The largest payload :meth:`notify` sends (and this agent takes from a peer's
+        notify): :data:`MAX_NOTIFY_BYTES`, less where ``max_frame_bytes`` is smaller."""
+        return min(MAX_NOTIFY_BYTES, self.config.max_frame_bytes // 2)
+
+    def notify(self, peer: Peer | str, payload: bytes) -> None:
+        """Deliver ``payload`` to ``peer``'s notifications (its inbox or callback, where its
+        transfers' notifications arrive), over the authenticated control channel, moving no
+        data. Returns once the peer took it. :class:`~kvbm.errors.InvalidArgumentError` for
+        a payload that is not bytes or longer than :attr:`max_notify_bytes`, or a peer not
+        connected; :class:`~kvbm.errors.TransportError` when the peer is gone (not
+        repeated: it may have arrived); :class:`~kvbm.errors.ClosedError` after close."""
+        self._check_open()
+        if not isinstance(peer, Peer | str):
+            raise InvalidArgumentError(f"peer must be a Peer or a peer's name, got "
+                                       f"{type(peer).__name__}")
+        if not isinstance(payload, bytes | bytearray | memoryview):
+            raise InvalidArgumentError(f"payload must be bytes, got {type(payload).__name__}")
+        data = bytes(payload)
+        if len(data) > self.max_notify_bytes:
+            raise InvalidArgumentError(f"a notification of {len(data)} bytes; at most "
+                                       f"{self.max_notify_bytes} (move data by transfer)")
+        _, link = self._peer(peer)
+        link.notify(data)
+
     def notifications(self) -> list[Notification]:
         """Take every notification received so far (oldest first)."""
         return self._inbox.take_all()
@@ -301,7 +332,15 @@ class Agent:
     # -- serving -------------------------------------------------------------------------------
     def _serve_control(self, sock: socket.socket, peer: str) -> None:
         serve_control(sock, peer, self.config.max_frame_bytes, self.metadata_for,
-                      lambda data: self._inbox.deliver(Notification(peer, data)))
+                      lambda data: self._take_note(peer, data))
+
+    def _take_note(self, peer: str, data: bytes) -> None:
+        """A peer's notification (``notify``, or a transfer's): one over the limit is the
+        peer breaking the protocol; its connection is closed, the inbox never sees it."""
+        if len(data) > self.max_notify_bytes:
+            raise ProtocolError(f"{peer} sent a notification of {len(data)} bytes, at most "
+                                f"{self.max_notify_bytes} allowed")
+        self._inbox.deliver(Notification(peer, data))
 
     def resolve(self, peer: str, op: Op, ranges: Iterable[tuple[int, int, int]]) -> Lease:
         """The serving side's check of a peer's request (see backend.BackendHost)."""

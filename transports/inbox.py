@@ -1,7 +1,8 @@
 """Notifications an agent received: a bounded queue, or a callback.
 
 A notification is the bytes a peer attached to a transfer (``notify=``), delivered after
-the transfer's data is in place. Without a callback they wait in a queue of at most
+the transfer's data is in place, or sent alone (``Agent.notify``); either way at most
+``Agent.max_notify_bytes``. Without a callback they wait in a queue of at most
 ``transport.max_notifications``; beyond it the oldest is dropped (counted, warned).
 """
 
