@@ -11,6 +11,8 @@ Commands: ``{"op": "generate", "requests": [{"prompt": [...], "params": {...} | 
 ``s`` passed), ``{"op": "reset", "connector": bool}`` (vLLM forgets its prefix cache,
 and kvbm's G2 with ``connector``; vLLM's KV memory is scribbled over),
 ``{"op": "scribble"}`` (only the KV memory is scribbled over), ``{"op": "stats"}``,
+``{"op": "metrics"}`` (the ``pd_*`` series of vLLM's Prometheus metrics, with
+``"log_stats": true`` in the spec, and of kvbm's own endpoint, with ``"metrics_port"``),
 ``{"op": "exit"}``.
 """
 
@@ -84,15 +86,18 @@ def main(spec_path: str) -> None:
     from vllm.config import KVTransferConfig
     from vllm.distributed.kv_transfer import get_kv_transfer_group
 
+    extra = {"kvbm": spec["kvbm"], "kvbm_disagg": spec["disagg"]}
+    if spec.get("metrics_port") is not None:
+        extra["kvbm_metrics_port"] = spec["metrics_port"]
     kv = KVTransferConfig(kv_connector="KvbmConnector",
                           kv_connector_module_path="kvbm.integrations.vllm",
                           kv_role=spec["role"], kv_load_failure_policy="recompute",
-                          kv_connector_extra_config={"kvbm": spec["kvbm"],
-                                                     "kvbm_disagg": spec["disagg"]})
+                          kv_connector_extra_config=extra)
     llm = LLM(model=spec["model"], load_format="dummy", skip_tokenizer_init=True,
               enable_prefix_caching=True, block_size=32, dtype="float32",
               kv_transfer_config=kv, enforce_eager=True, seed=0, max_model_len=2048,
-              kv_cache_memory_bytes=4 << 20)
+              kv_cache_memory_bytes=4 << 20,
+              disable_log_stats=not spec.get("log_stats", False))
     vsched = llm.llm_engine.engine_core.engine_core.scheduler
     conn = vsched.connector
     worker = get_kv_transfer_group()
@@ -153,11 +158,49 @@ def main(spec_path: str) -> None:
             _say({"ok": True})
         elif op == "stats":
             _say(stats())
+        elif op == "metrics":
+            _say(_pd_metrics(llm, conn))
         elif op == "exit":
             _say({"bye": True})
             return
         else:
             _say({"error": f"unknown op {op!r}"})
+
+
+def _series(name: str, labels: dict[str, str]) -> str:
+    own = {k: v for k, v in labels.items() if k not in ("engine", "model_name")}
+    return name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(own.items())) + "}"
+                   if own else "")
+
+
+def _pd_metrics(llm: Any, conn: Any) -> dict[str, Any]:
+    """``vllm``: vLLM's own metrics (what its /metrics serves) named ``vllm:kvbm_pd_*``,
+    ``series{label=value,...}`` (vLLM's engine labels left out) -> value (a histogram:
+    its count, and ``..._sum``); ``kvbm``: the ``kvbm_connector_pd_*`` lines of kvbm's
+    endpoint, as scraped over HTTP."""
+    import urllib.request
+
+    from vllm.v1.metrics.reader import Counter, Gauge, Histogram
+
+    out: dict[str, Any] = {"vllm": {}, "kvbm": {}}
+    for m in llm.get_metrics() if llm.llm_engine.log_stats else ():
+        if not m.name.startswith("vllm:kvbm_pd"):
+            continue
+        key = _series(m.name, m.labels)
+        if isinstance(m, Counter | Gauge):
+            out["vllm"][key] = m.value
+        elif isinstance(m, Histogram):
+            out["vllm"][key] = m.count
+            out["vllm"][key + "_sum"] = m.sum
+    srv = conn.scheduler_side.metrics_server
+    if srv is not None:
+        with urllib.request.urlopen(srv.url, timeout=30) as r:
+            text = r.read().decode()
+        for line in text.splitlines():
+            if line.startswith("kvbm_connector_pd"):
+                series, value = line.rsplit(" ", 1)
+                out["kvbm"][series.replace('"', "")] = float(value)
+    return out
 
 
 if __name__ == "__main__":  # vLLM may start processes that import this module again

@@ -10,7 +10,8 @@ caches), whether the KV came over (READ over tcp; WRITE over ucx where T2's back
 else tcp) or could not (a wrong secret; a prefill instance that died): then the decode
 instance recomputes, and the output is the same. The control: KV altered on the prefill
 instance after its leg (its lease intact) changes the decode instance's output, so the
-decode instance does decode from the KV that came over.
+decode instance does decode from the KV that came over. Along the way, both instances'
+prefill/decode counters show in vLLM's own Prometheus metrics and in kvbm's endpoint.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
     def spec(role: str, backends: str, disagg: dict[str, Any]) -> dict[str, Any]:
         return {"model": str(tmp / "model"), "role": role, "disagg": disagg,
+                "log_stats": True, "metrics_port": 0,
                 "kvbm": {"host": {"num_blocks": 64},
                          "transport": {"secret": SECRET, "backends": backends}}}
 
@@ -120,6 +122,7 @@ def runs(cluster: Any) -> dict[str, Any]:
     # WRITE (ucx where it runs)
     out["write"] = gen(wr, prompts[1], prefill(1), 8)
     out["p_after_write"] = ask(p, {"op": "pump", "seconds": 30})
+    out["wr_metrics"] = ask(wr, {"op": "metrics"})
 
     # The control: the prefill instance's KV is scribbled over after its leg
     params = prefill(4)
@@ -138,12 +141,14 @@ def runs(cluster: Any) -> dict[str, Any]:
         params["kvbm"]["agents"] = [[params["kvbm"]["agents"][0][0], host, port]]
         out["wrong_secret"] = gen(rd, prompts[2], params, 8)
     out["p_after_expiry"] = ask(p, {"op": "pump", "seconds": 60})
+    out["p_metrics"] = ask(p, {"op": "metrics"})
 
     # The prefill instance dies after handing off: the decode side recomputes.
     params = prefill(3)
     p.kill()
     p.wait(60)
     out["dead_peer"] = gen(rd, prompts[3], params, 8)
+    out["rd_metrics"] = ask(rd, {"op": "metrics"})
     print(json.dumps({k: v for k, v in out.items() if k != "params"}, default=str)[:20000])
     return out
 
@@ -202,3 +207,55 @@ def test_dead_prefill_instance_recomputes_the_same_output(runs: dict[str, Any]) 
     r = runs["dead_peer"]
     assert r["tokens"] == runs["ref"][3]
     assert r["stats"]["worker"]["receive_failures"] == 2
+
+
+# -- the counters, in vLLM's /metrics and kvbm's endpoint ----------------------------------
+BLOCK_BYTES = 32 * 1024  # one block of the tiny model on one rank: 2 layers x K,V x 32 x 2 x 32 x 4
+
+
+def _both(m: dict[str, Any], name: str, labels: str = "", vllm_suffix: str = "_total"
+          ) -> tuple[float | None, float | None]:
+    """``name``'s value in vLLM's metrics and in kvbm's endpoint."""
+    lab = "{" + labels + "}" if labels else ""
+    kv_name = f"kvbm_connector_{name}{vllm_suffix if vllm_suffix == '_total' else ''}"
+    return m["vllm"].get(f"vllm:kvbm_{name}{lab}"), m["kvbm"].get(kv_name + lab)
+
+
+def test_prefill_counters_in_vllms_metrics_and_kvbms_endpoint(runs: dict[str, Any]) -> None:
+    """Four requests handed off (READ, WRITE, the control, the impostor's), all let go:
+    two read by a decode side, one written, one expired."""
+    m = runs["p_metrics"]
+    wb = "ucx" if _ucx() else "tcp"
+    assert _both(m, "pd_handoffs") == (4, 4)
+    assert _both(m, "pd_handoffs_released") == (4, 4)
+    assert _both(m, "pd_leases_released", "reason=done") == (2, 2)
+    assert _both(m, "pd_leases_released", "reason=written") == (1, 1)
+    assert _both(m, "pd_leases_released", "reason=expired") == (1, 1)
+    assert _both(m, "pd_served_blocks", "backend=tcp,op=read") == (14, 14)
+    assert _both(m, "pd_served_bytes", "backend=tcp,op=read") == (14 * BLOCK_BYTES,) * 2
+    assert _both(m, "pd_served_blocks", f"backend={wb},op=write") == (7, 7)
+    assert m["vllm"]["vllm:kvbm_pd_held_requests"] == 0
+    assert m["kvbm"]["kvbm_connector_pd_held_requests"] == 0
+    assert not any("pd_load" in k for k in m["vllm"] if not k.endswith("_sum")
+                   and m["vllm"][k]), m["vllm"]  # nothing of a decode side's
+
+
+def test_decode_counters_in_vllms_metrics_and_kvbms_endpoint(runs: dict[str, Any]) -> None:
+    """READ over tcp twice (the first request, the control), then the impostor (auth) and
+    the dead prefill instance (peer_dead): every remote load started, done or failed."""
+    m = runs["rd_metrics"]
+    assert _both(m, "pd_loads_started") == (4, 4)
+    assert _both(m, "pd_load_tokens") == (sum(len(q) for q in _prompts()[:5]) - len(
+        _prompts()[1]),) * 2
+    assert _both(m, "pd_loads_done", "backend=tcp") == (2, 2)
+    assert _both(m, "pd_received_blocks", "backend=tcp") == (14, 14)
+    assert _both(m, "pd_received_bytes", "backend=tcp") == (14 * BLOCK_BYTES,) * 2
+    assert _both(m, "pd_load_failures", "reason=auth") == (1, 1)
+    assert _both(m, "pd_load_failures", "reason=peer_dead") == (1, 1)
+    assert m["vllm"]["vllm:kvbm_pd_handoff_time_seconds"] == 2  # the histogram's count
+    assert m["vllm"]["vllm:kvbm_pd_handoff_time_seconds_sum"] > 0
+    assert m["kvbm"]["kvbm_connector_pd_handoff_seconds_count"] == 2
+    w = runs["wr_metrics"]
+    wb = "ucx" if _ucx() else "tcp"
+    assert _both(w, "pd_loads_done", f"backend={wb}") == (1, 1)
+    assert _both(w, "pd_received_bytes", f"backend={wb}") == (7 * BLOCK_BYTES,) * 2

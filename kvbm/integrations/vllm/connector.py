@@ -30,7 +30,7 @@ from kvbm.integrations.vllm.config import settings_from_vllm
 from kvbm.integrations.vllm.pd_params import DisaggConfig, roles_for
 from kvbm.integrations.vllm.prom import KvbmPromMetrics, metrics_endpoint
 from kvbm.integrations.vllm.scheduler import SchedulerSide
-from kvbm.integrations.vllm.stats import KvbmConnectorStats
+from kvbm.integrations.vllm.stats import KvbmConnectorStats, merged
 from kvbm.integrations.vllm.worker import WorkerSide
 from kvbm.medium import Medium
 
@@ -211,10 +211,18 @@ class KvbmConnector(KVConnectorBase_V1):
     # -------------------------------------------------------------------------- metrics --
     def get_kv_connector_stats(self) -> KvbmConnectorStats | None:
         """What this side measured since the last step (workers: copies; scheduler: hits,
-        misses, loads, saves, the tiers' traffic and queues); vLLM adds them up."""
+        misses, loads, saves, the tiers' traffic and queues; both: the prefill/decode
+        handoffs, see pd_stats); vLLM adds them up."""
         if self._worker is not None:
-            return self._worker.meter.take()
-        return None if self._scheduler is None else self._scheduler.take_stats()
+            own = self._worker.meter.take()
+            return own if self._pdw is None else merged(own, self._pdw.take_stats())
+        if self._scheduler is None:
+            return None
+        own = self._scheduler.take_stats()
+        pd = None if self._pd is None else self._pd.take_stats()
+        if pd is not None:  # (the workers' reach kvbm's endpoint in update_connector_output)
+            self._scheduler.meter.absorb(pd)
+        return merged(own, pd)
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None

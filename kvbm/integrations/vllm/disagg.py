@@ -45,7 +45,9 @@ from kvbm.integrations.vllm.pd_params import (
     wants_handoff,
     wants_remote_prefill,
 )
+from kvbm.integrations.vllm.pd_stats import HandoffFailure, LoadFailure, PdMeter
 from kvbm.integrations.vllm.pd_wire import DisaggStep, Handshake, Hold, Recv
+from kvbm.integrations.vllm.stats import KvbmConnectorStats
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,8 @@ class DisaggScheduler:
         self.engine_id = engine_id
         self.block_size = settings.layout.block_size
         self.counters = PdCounters()
+        #: the same, and why requests were refused, for vLLM's stats (see pd_stats)
+        self.meter = PdMeter()
         self._agents: tuple[AgentAddr, ...] | None = None
         self._slots = LeaseSlots(config.max_handoffs)
         self._held: dict[str, Lease] = {}
@@ -156,19 +160,22 @@ class DisaggScheduler:
         """Remote tokens beyond vLLM's own hit, loaded asynchronously; ``(0, False)``
         when the params do not check out (the decode side then computes them)."""
         rid = request.request_id
+        # vLLM asks again while it cannot schedule the request: a refusal is counted once
+        first = rid not in self._asked
         try:
             hp = HandoffParams.from_json(request.kv_transfer_params)
         except InvalidArgumentError as e:
             log.warning("kvbm: request %s: %s; its prompt is computed here", rid, e)
-            self.counters.refused += 1
+            self._refuse(first, LoadFailure.BAD_PARAMS)
             self._asked[rid] = _Ask(None)
             return 0, False
         ask = self._asked[rid] = _Ask(hp)
-        why = self._check(hp, request)
-        if why is not None:
+        checked = self._check(hp, request)
+        if checked is not None:
+            reason, why = checked
             log.error("kvbm: request %s: the prefill side's KV is not used: %s; its prompt "
                       "is computed here", rid, why)
-            self.counters.refused += 1
+            self._refuse(first, reason)
             return 0, False
         bs = self.block_size
         if num_computed_tokens % bs or num_computed_tokens >= hp.num_tokens:
@@ -176,23 +183,29 @@ class DisaggScheduler:
         ask.ok, ask.start = True, num_computed_tokens // bs
         return hp.num_tokens - num_computed_tokens, True
 
-    def _check(self, hp: HandoffParams, request: Any) -> str | None:
+    def _refuse(self, first: bool, reason: LoadFailure) -> None:
+        if first:
+            self.counters.refused += 1
+            self.meter.add("pd_load_failures", 1, (reason,))
+
+    def _check(self, hp: HandoffParams, request: Any) -> tuple[LoadFailure, str] | None:
         layout = self.settings.layout
         if hp.layout != layout.fingerprint or hp.block_size != layout.block_size:
-            return str(LayoutError(
+            return LoadFailure.LAYOUT_MISMATCH, str(LayoutError(
                 f"the prefill instance's KV layout {hp.layout:016x} (block size "
                 f"{hp.block_size}) is not this instance's {layout.fingerprint:016x} (block "
                 f"size {layout.block_size}): serve the same model, dtype and block size on "
                 f"both, with the same kvbm_model_id"))
         if len(hp.agents) != self.settings.world_size:
-            return str(LayoutError(
+            return LoadFailure.LAYOUT_MISMATCH, str(LayoutError(
                 f"the prefill instance runs {len(hp.agents)} tensor-parallel ranks, this "
                 f"one {self.settings.world_size}: they must be equal"))
         tokens = request.all_token_ids
         if hp.num_tokens > _num_prompt(request) \
                 or token_digest(tokens[:hp.num_tokens]) != hp.tokens:
-            return (f"the prefill instance computed other tokens ({hp.num_tokens} tokens, "
-                    f"digest {hp.tokens:016x}) than this request's prompt")
+            return LoadFailure.OTHER_PROMPT, (
+                f"the prefill instance computed other tokens ({hp.num_tokens} tokens, digest "
+                f"{hp.tokens:016x}) than this request's prompt")
         return None
 
     def after_alloc(self, request: Any, block_ids: list[int], num_external_tokens: int
@@ -217,10 +230,13 @@ class DisaggScheduler:
                                      tuple(block_ids[ask.start:end]), hp.lease))
         self.counters.transfers += 1
         self.counters.transfer_tokens += num_external_tokens
+        self.meter.add("pd_loads_started")
+        self.meter.add("pd_load_tokens", num_external_tokens)
 
     def _drop(self, rid: str, hp: HandoffParams) -> None:
         self._step.recvs.append(Recv(rid, hp.request_id, hp.agents, (), (), hp.lease))
         self.counters.drops += 1
+        self.meter.add("pd_drops")
 
     # ------------------------------------------------------------------------ prefill --
     def request_finished(self, request: Any, block_ids: list[int]) -> dict[str, Any] | None:
@@ -243,6 +259,7 @@ class DisaggScheduler:
                 self._warned_no_agents = True
                 log.error("kvbm: no worker agent announced itself (vLLM's handshake); "
                           "requests are handed off without their KV")
+            self.meter.add("pd_handoff_failures", 1, (HandoffFailure.NO_AGENTS,))
             return None
         bs = self.block_size
         tokens = request.all_token_ids
@@ -255,6 +272,7 @@ class DisaggScheduler:
         lease = self._slots.take()
         if lease is None:
             self.counters.no_slot += 1
+            self.meter.add("pd_handoff_failures", 1, (HandoffFailure.NO_SLOT,))
             log.warning("kvbm: %d requests hold their blocks for decode instances already "
                         "(kvbm_disagg.max_handoffs); request %s is handed off without KV",
                         self.config.max_handoffs, rid)
@@ -262,6 +280,7 @@ class DisaggScheduler:
         self._held[rid] = lease
         self._step.holds.append(Hold(rid, lease, self.config.lease_s, blocks))
         self.counters.handoffs += 1
+        self.meter.add("pd_handoffs")
         hp = HandoffParams(self.engine_id, rid, self._agents, blocks, num, bs,
                            self.settings.layout.fingerprint, token_digest(tokens[:num]),
                            lease, self.config.lease_s)
@@ -277,6 +296,7 @@ class DisaggScheduler:
             if lease is not None:
                 self._slots.give_back(lease)
                 self.counters.released += 1
+                self.meter.add("pd_handoffs_released")
 
     # ------------------------------------------------------------------------- steps --
     def build_step(self) -> bytes | None:
@@ -288,6 +308,13 @@ class DisaggScheduler:
     def held(self) -> int:
         """Requests whose blocks are held for a decode side now."""
         return len(self._held)
+
+    def take_stats(self) -> KvbmConnectorStats | None:
+        """What this half counted since the last call (with the connector's own stats, in
+        vLLM's scheduler-side ``get_kv_connector_stats``)."""
+        if self.roles.produce:
+            self.meter.gauge("pd_held_requests", len(self._held))
+        return self.meter.take()
 
 
 def _num_prompt(request: Any) -> int:

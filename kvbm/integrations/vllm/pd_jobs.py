@@ -9,9 +9,12 @@
   reaches nothing), and every block is a load error (vLLM recomputes them).
 * :func:`write_blocks` (prefill worker): the WRITE a decode worker asked for.
 
-A note that rides on no data transfer (DROP, WRITE, REFUSED) rides on an 8-byte READ of the
-peer's lease words: every worker registers them, and the answer to a WRITE request is the
-lease word too (a prefill side that let the blocks go is seen at once).
+DONE and WRITE ride on an 8-byte READ of the peer's lease word, because the word itself is
+part of the protocol: read after the blocks, it proves they were still the request's (DONE);
+read with the WRITE request, it shows at once a prefill side that let the blocks go. The
+notes that need no word (DROP, REFUSED, and WRITTEN once the write is complete) go alone
+(``Agent.notify``, over the control channel): no data transfer, no scratch word, nothing
+the backend must reach.
 """
 
 from __future__ import annotations
@@ -26,9 +29,17 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from kvbm.errors import KvbmError, LayoutError, TransportError
+from kvbm.errors import (
+    AuthenticationError,
+    BackendUnavailableError,
+    KvbmError,
+    LayoutError,
+    RemoteAccessError,
+    TransportError,
+)
 from kvbm.errors import TransportTimeoutError as _Timeout
 from kvbm.integrations.vllm.pd_params import AgentAddr, Lease, PdMode
+from kvbm.integrations.vllm.pd_stats import LoadFailure
 from kvbm.integrations.vllm.pd_wire import Note, NoteKind, Recv
 from kvbm.transports import Op
 
@@ -38,12 +49,31 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The longest a best-effort note (DROP, REFUSED) may take.
-NOTE_TIMEOUT_S = 2.0
-
-
 class LeaseLost(KvbmError):
     """The prefill side let the blocks go before (or while) they were read."""
+
+
+def path_of(note: Note) -> str:
+    """The transport path a DONE or WRITTEN note names (``why``: the backend that carried
+    the blocks), as a metric label: one of kvbm's backends, else ``other`` (a peer's words
+    must not mint label values)."""
+    from kvbm.transports.config import KNOWN_BACKENDS
+
+    return note.why if note.why in KNOWN_BACKENDS else "other"
+
+
+def failure_reason(e: BaseException) -> LoadFailure:
+    """What a failed transfer's error says, for ``pd_load_failures{reason}``."""
+    for cls, reason in ((LeaseLost, LoadFailure.LEASE_LOST), (_Timeout, LoadFailure.TIMEOUT),
+                        (queue.Empty, LoadFailure.TIMEOUT),
+                        (AuthenticationError, LoadFailure.AUTH),
+                        (LayoutError, LoadFailure.LAYOUT_MISMATCH),
+                        (RemoteAccessError, LoadFailure.REFUSED),
+                        (BackendUnavailableError, LoadFailure.NO_PATH),
+                        (TransportError, LoadFailure.PEER_DEAD)):
+        if isinstance(e, cls):
+            return reason
+    return LoadFailure.ERROR
 
 
 @dataclass
@@ -55,6 +85,8 @@ class Outcome:
     seconds: float = 0.0
     backend: str = ""
     why: str = ""
+    #: of a failure; None when ok
+    reason: LoadFailure | None = None
 
 
 class Peers:
@@ -129,10 +161,10 @@ class Carrier:
             self._free.put(i)
 
     def send(self, peer: Peer, note: Note) -> None:
-        """Best effort: a note that nothing waits for."""
+        """Best effort: a note that nothing waits for (bounded by ``io_timeout_s``)."""
         try:
-            self.read_word(peer, 0, note, time.monotonic() + NOTE_TIMEOUT_S)
-        except (KvbmError, queue.Empty) as e:
+            self.agent.notify(peer, note.encode())
+        except KvbmError as e:
             log.debug("kvbm: %s note to %s not delivered: %s", note.kind.value, peer.name, e)
 
 
@@ -201,13 +233,17 @@ def receive(ctx: Context, recv: Recv) -> Outcome:
             h = ctx.agent.transfer(peer, Op.READ, descs)
             out.backend, out.nbytes = h.backend, h.nbytes
             wait(h, deadline)
+            # (the blocks read ride along: the prefill side counts what it served)
             _check_lease(recv.lease, ctx.carrier.read_word(
-                peer, recv.lease.slot, Note(NoteKind.DONE, rid, token), deadline))
+                peer, recv.lease.slot, Note(NoteKind.DONE, rid, token,
+                                            blocks=recv.remote_blocks, why=h.backend),
+                deadline))
         else:
             _request_write(ctx, peer, recv, deadline, out)
         out.ok = True
     except Exception as e:  # any failure is a recompute, never an exception into vLLM
         out.why = f"{type(e).__name__}: {e}"
+        out.reason = failure_reason(e)
         log.warning("kvbm: request %s: %d blocks from %s not received (%s); vLLM recomputes "
                     "them", recv.request_id, len(recv.local_blocks), addr.name, out.why)
         if peer is not None and not isinstance(e, LeaseLost):
@@ -241,7 +277,8 @@ def _request_write(ctx: Context, peer: Peer, recv: Recv, deadline: float, out: O
         ctx.agent.deregister(region, timeout=ctx.timeout_s)
     answer = got[0]
     if answer.kind is not NoteKind.WRITTEN:
-        raise TransportError(f"{peer.name} refused to write: {answer.why}")
+        raise RemoteAccessError(f"{peer.name} refused to write: {answer.why}")
+    out.backend = path_of(answer)
     ctx.kv.stage_in(buf, recv.local_blocks)
     ctx.kv.give_back(base)  # (only now: after a failure a late write might still land)
     out.nbytes = buf.numel()
@@ -252,7 +289,7 @@ def write_blocks(ctx: Context, held: tuple[int, ...], note: Note, deadline: floa
     staging region ``note.region`` and notify it WRITTEN; on failure tell it REFUSED.
     Never raises."""
     t0 = time.monotonic()
-    out = Outcome(note.request_id, False, ())
+    out = Outcome(note.request_id, False, note.blocks)
     assert note.agent is not None
     peer: Peer | None = None
     try:
@@ -260,14 +297,16 @@ def write_blocks(ctx: Context, held: tuple[int, ...], note: Note, deadline: floa
             raise LayoutError("asked for blocks the request does not hold")
         peer = ctx.peers.refresh(note.agent)  # (the staging region is new)
         descs = ctx.kv.staging_descriptors(peer.info, note.region, note.blocks)
-        h = ctx.agent.transfer(peer, Op.WRITE, descs,
-                               notify=Note(NoteKind.WRITTEN, note.request_id,
-                                           note.token).encode())
+        h = ctx.agent.transfer(peer, Op.WRITE, descs)
         out.backend, out.nbytes = h.backend, h.nbytes
         wait(h, deadline)
+        # WRITTEN only now that every byte is in place (it names the path that wrote)
+        ctx.agent.notify(peer, Note(NoteKind.WRITTEN, note.request_id, note.token,
+                                    why=h.backend).encode())
         out.ok = True
     except Exception as e:  # the decode side times out or hears REFUSED: it recomputes
         out.why = f"{type(e).__name__}: {e}"
+        out.reason = failure_reason(e)
         log.warning("kvbm: request %s: writing %d blocks to %s failed: %s", note.request_id,
                     len(note.blocks), note.agent.name, out.why)
         if isinstance(e, TransportError) and peer is not None:

@@ -4,9 +4,9 @@
   blocks to hold for a decode side (prefill) and transfers to run (decode). It travels in
   vLLM's connector metadata next to kvbm's own step plan.
 * :class:`Note` -- a notification between a decode worker and a prefill worker, carried by
-  the transport (``Agent.transfer(..., notify=...)``): DONE / DROP (the decode side has the
-  blocks, or will not take them), WRITE (please write them into my staging region),
-  WRITTEN / REFUSED (the prefill side's answer to WRITE).
+  the transport (``Agent.transfer(..., notify=...)`` or ``Agent.notify``, see pd_jobs):
+  DONE / DROP (the decode side has the blocks, or will not take them), WRITE (please
+  write them into my staging region), WRITTEN / REFUSED (the prefill side's answer).
 * :class:`Handshake` -- a worker's agent address, handed to its scheduler side by vLLM's
   ``get_handshake_metadata`` / ``set_xfer_handshake_metadata``.
 
@@ -108,10 +108,12 @@ class Note:
     request_id: str
     token: int
     #: WRITE: the decode worker's agent, the held blocks to write (the decode side's own
-    #: prefix hit is not written) and the staging region they go to, one after another
+    #: prefix hit is not written) and the staging region they go to, one after another;
+    #: DONE: the blocks the decode side read
     agent: AgentAddr | None = None
     blocks: tuple[int, ...] = ()
     region: str = ""
+    #: REFUSED: why; DONE and WRITTEN: the transport backend that carried the blocks
     why: str = ""
 
     def encode(self) -> bytes:

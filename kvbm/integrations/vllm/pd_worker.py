@@ -39,11 +39,14 @@ from kvbm.integrations.vllm.pd_jobs import (
     Outcome,
     Peers,
     Waiters,
+    path_of,
     receive,
     write_blocks,
 )
 from kvbm.integrations.vllm.pd_params import AgentAddr, DisaggConfig, Lease, Roles, release_marker
+from kvbm.integrations.vllm.pd_stats import LeaseEnd, PdMeter
 from kvbm.integrations.vllm.pd_wire import DisaggStep, Handshake, Note, NoteKind
+from kvbm.integrations.vllm.stats import KvbmConnectorStats
 
 if TYPE_CHECKING:
     import torch
@@ -81,7 +84,8 @@ class WorkerCounters:
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["recent"] = [dataclasses.asdict(o) for o in self.recent]
+        out["recent"] = [{**dataclasses.asdict(o), "reason": o.reason and o.reason.value}
+                         for o in self.recent]
         return out
 
 
@@ -109,6 +113,8 @@ class DisaggWorker:
         self.rank = rank
         self.name = agent_name(engine_id, rank)
         self.counters = WorkerCounters()
+        #: for vLLM's stats (see pd_stats)
+        self.meter = PdMeter()
         self.agent: Any = None
         self._ctx: Context | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -196,11 +202,11 @@ class DisaggWorker:
                 if hold.job.done():
                     out = hold.job.result()
                     self._record(out, sent=True)
-                    self._release(rid, "written" if out.ok else "write_failed")
+                    self._release(rid, LeaseEnd.WRITTEN if out.ok else LeaseEnd.WRITE_FAILED)
             elif now >= hold.deadline:
                 log.warning("kvbm: request %s: no decode instance took its blocks within "
                             "%.0f s; they are freed", rid, self.config.lease_s)
-                self._release(rid, "expired")
+                self._release(rid, LeaseEnd.EXPIRED)
         for rid, fut in list(self._recvs.items()):
             if fut.done():
                 del self._recvs[rid]
@@ -220,6 +226,11 @@ class DisaggWorker:
         out, self._errors = self._errors, set()
         return out
 
+    def take_stats(self) -> KvbmConnectorStats | None:
+        """What this worker counted since the last call (vLLM's worker-side
+        ``get_kv_connector_stats``, with kvbm's copies)."""
+        return self.meter.take()
+
     # ---------------------------------------------------------------------- internals --
     def _on_notification(self, n: Notification) -> None:
         """On the agent's thread: answers to WRITE go to their waiters, the rest to the
@@ -227,13 +238,13 @@ class DisaggWorker:
         try:
             note = Note.decode(n.data)
         except InvalidArgumentError as e:
-            self.counters.stray_notes += 1
+            self._stray()
             log.warning("kvbm: a note from %s was refused: %s", n.peer, e)
             return
         ctx = self._ctx
         if note.kind in (NoteKind.WRITTEN, NoteKind.REFUSED):
             if ctx is None or not ctx.waiters.deliver(note):
-                self.counters.stray_notes += 1
+                self._stray()
             return
         self._notes.put(note)
 
@@ -245,7 +256,7 @@ class DisaggWorker:
                 self._early[(note.request_id, note.token)] = (
                     note, time.monotonic() + self.config.lease_s)
             else:
-                self.counters.stray_notes += 1
+                self._stray()
             return
         if hold.job is not None:
             return  # a WRITE for it runs: it ends the hold
@@ -253,39 +264,62 @@ class DisaggWorker:
             assert self._pool is not None and self._ctx is not None
             hold.job = self._pool.submit(write_blocks, self._ctx, hold.blocks, note,
                                          hold.deadline)
-        elif note.kind in (NoteKind.DONE, NoteKind.DROP):
-            self._release(note.request_id, note.kind.value)
+        elif note.kind is NoteKind.DONE:
+            # the blocks the decode side says it read, of those held (all: an older peer)
+            read = set(note.blocks) & set(hold.blocks) if note.blocks else set(hold.blocks)
+            self._served("read", path_of(note), len(read))
+            self._release(note.request_id, LeaseEnd.DONE)
+        elif note.kind is NoteKind.DROP:
+            self._release(note.request_id, LeaseEnd.DROP)
 
-    def _release(self, rid: str, why: str) -> None:
+    def _stray(self) -> None:
+        self.counters.stray_notes += 1
+        self.meter.add("pd_stray_notes")
+
+    def _served(self, op: str, backend: str, blocks: int, nbytes: int | None = None) -> None:
+        if blocks and self._ctx is not None:
+            self.meter.add("pd_served_blocks", blocks, (op, backend))
+            self.meter.add("pd_served_bytes", blocks * self._ctx.kv.block_bytes
+                           if nbytes is None else nbytes, (op, backend))
+
+    def _release(self, rid: str, why: LeaseEnd) -> None:
         hold = self._holds.pop(rid)
         assert self._lease is not None
         # The marker first: a decode side reading the word from now on knows the blocks
         # may be reused; vLLM frees them only after the report below.
         self._lease[hold.lease.slot] = release_marker(hold.lease.token)
         self._sending.add(rid)
+        self.meter.add("pd_leases_released", 1, (why,))
         c = self.counters
-        if why == "done":
+        if why is LeaseEnd.DONE:
             c.released_done += 1
-        elif why == "drop":
+        elif why is LeaseEnd.DROP:
             c.released_drop += 1
-        elif why == "written":
+        elif why is LeaseEnd.WRITTEN:
             c.released_written += 1
-        elif why == "write_failed":
+        elif why is LeaseEnd.WRITE_FAILED:
             c.write_failures += 1
         else:
             c.expired += 1
 
     def _record(self, out: Outcome, *, sent: bool) -> None:
-        c = self.counters
+        c, m = self.counters, self.meter
         c.recent.append(out)
         if sent:
+            if out.ok:
+                self._served("write", out.backend, len(out.blocks), out.nbytes)
             return
         if out.ok:
             c.received += 1
             c.received_bytes += out.nbytes
             c.receive_seconds += out.seconds
+            m.add("pd_loads_done", 1, (out.backend,))
+            m.add("pd_received_blocks", len(out.blocks), (out.backend,))
+            m.add("pd_received_bytes", out.nbytes, (out.backend,))
+            m.observe("pd_handoff", out.seconds)
         else:
             c.receive_failures += 1
+            m.add("pd_load_failures", 1, (out.reason or "error",))
 
     def close(self) -> None:
         if self._pool is not None:

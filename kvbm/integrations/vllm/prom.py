@@ -3,8 +3,9 @@
 * In vLLM's own ``/metrics``: :class:`KvbmPromMetrics` (vLLM's ``build_prom_metrics``)
   registers ``vllm:kvbm_<name>`` for every name of
   :func:`~kvbm.integrations.vllm.stats.metric_specs` (counters get Prometheus' ``_total``,
-  with vLLM's engine labels plus their own: ``medium``, ``direction``, ``reason``) and the
-  histograms ``vllm:kvbm_load_time_seconds`` / ``vllm:kvbm_save_time_seconds``, and
+  with vLLM's engine labels plus their own: ``medium``, ``direction``, ``reason``,
+  ``backend``, ``op``) and the histograms ``vllm:kvbm_load_time_seconds`` /
+  ``vllm:kvbm_save_time_seconds`` / ``vllm:kvbm_pd_handoff_time_seconds``, and
   observes each step's :class:`~kvbm.integrations.vllm.stats.KvbmConnectorStats` data.
 * kvbm's own endpoint, in vLLM's scheduler process, when ``kv_connector_extra_config`` says:
 
@@ -19,7 +20,9 @@
   the connector's ``kvbm_connector_<name>``: every :class:`ConnectorCounters` field, the
   workers' ``copied_blocks``, ``copied_bytes``, ``copy_failures``, the histogram
   ``kvbm_connector_copy_seconds{direction}``, and the gauges ``pending_loads`` and
-  ``inflight_plans``. It stops when the connector shuts down.
+  ``inflight_plans``; with disaggregated prefill/decode every ``pd_*`` counter, the gauge
+  ``pd_held_requests`` and the histogram ``kvbm_connector_pd_handoff_seconds``. It stops
+  when the connector shuts down.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ if TYPE_CHECKING:
 
     from kvbm.manager import BlockManager
     from kvbm.metrics import MetricsServer
+    from kvbm.offload import LatencyHistogram
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +61,18 @@ PREFIX = "vllm:kvbm_"
 #: Seconds per plan of a G1<->G2 copy: from a few pages in host memory to a large prefix.
 COPY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                 0.25, 0.5, 1.0, 2.5)
-#: The workers' counters kvbm's own endpoint exports (the scheduler's are ConnectorCounters).
+#: Seconds of one prefill/decode handoff: a few blocks on one host to a long prompt across
+#: hosts, up to the default transfer timeout.
+HANDOFF_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0)
+_BUCKETS = {"pd_handoff": HANDOFF_BUCKETS}
+#: The workers' counters kvbm's own endpoint exports (the scheduler's are ConnectorCounters),
+#: besides the prefill/decode ones (every ``pd_*`` counter of metric_specs).
 WORKER_COUNTERS = ("copied_blocks", "copied_bytes", "copy_failures")
 #: Gauges of the connector itself on kvbm's endpoint (the manager's are in kvbm.metrics).
-CONNECTOR_GAUGES = ("pending_loads", "inflight_plans")
+CONNECTOR_GAUGES = ("pending_loads", "inflight_plans", "pd_held_requests")
+#: The histograms of seconds per G1<->G2 plan (the rest of TIMES have their own).
+COPY_TIMES = ("load", "save")
 
 
 class KvbmPromMetrics(KVConnectorPromMetrics):
@@ -87,7 +99,8 @@ class KvbmPromMetrics(KVConnectorPromMetrics):
                     name=PREFIX + name, documentation=spec.doc, labelnames=names,
                     multiprocess_mode="mostrecent")
         self._times = {d: histogram_cls(name=f"{PREFIX}{d}_time_seconds", documentation=doc,
-                                        labelnames=list(labelnames), buckets=list(COPY_BUCKETS))
+                                        labelnames=list(labelnames),
+                                        buckets=list(_BUCKETS.get(d, COPY_BUCKETS)))
                        for d, doc in TIMES.items()}
         self._children: dict[tuple[int, str, str], Any] = {}
 
@@ -174,6 +187,8 @@ class ConnectorCollector:
         specs = metric_specs()
         worker, times, gauges = self._meter.totals()
         names = [f.name for f in dataclasses.fields(ConnectorCounters)] + list(WORKER_COUNTERS)
+        names += [n for n, s in specs.items()
+                  if n.startswith("pd_") and s.kind is MetricKind.COUNTER]
         families = {n: CounterMetricFamily(f"kvbm_connector_{n}", specs[n].doc,
                                            labels=list(specs[n].labels)) for n in names}
         rows = counter_rows(self._counters)
@@ -189,12 +204,18 @@ class ConnectorCollector:
         hist = HistogramMetricFamily("kvbm_connector_copy_seconds",
                                      "seconds a worker spent on one plan of G1<->G2 copies",
                                      labels=["direction"])
-        for d, h in times.items():
-            buckets = [(repr(float(b)), float(c)) for b, c in zip(h.bounds, h.buckets,
-                                                                  strict=True)]
-            buckets.append(("+Inf", float(h.count)))
-            hist.add_metric([d], buckets, h.sum_seconds)
+        for d in COPY_TIMES:
+            hist.add_metric([d], *_buckets(times[d]))
         yield hist
+        handoff = HistogramMetricFamily("kvbm_connector_pd_handoff_seconds", TIMES["pd_handoff"])
+        handoff.add_metric([], *_buckets(times["pd_handoff"]))
+        yield handoff
+
+
+def _buckets(h: LatencyHistogram) -> tuple[list[tuple[str, float]], float]:
+    out = [(repr(float(b)), float(c)) for b, c in zip(h.bounds, h.buckets, strict=True)]
+    out.append(("+Inf", float(h.count)))
+    return out, h.sum_seconds
 
 
 def serve_metrics(manager: BlockManager, counters: ConnectorCounters, meter: SchedulerMeter,

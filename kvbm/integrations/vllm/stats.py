@@ -12,12 +12,15 @@ what changed since their last step as a :class:`KvbmConnectorStats` (vLLM's
 
     {"counters": {name: {labels: increase}},   # labels: label values joined by ","; "" none
      "gauges":   {name: {labels: value}},      # the latest value wins
-     "times":    {"load" | "save": {"n": plans, "sum": seconds, "samples": [seconds, ...]}}}
+     "times":    {"load" | "save" | "pd_handoff":
+                  {"n": plans, "sum": seconds, "samples": [seconds, ...]}}}
 
 Names and labels are in :func:`metric_specs`. Workers count what each rank copies between
 vLLM's KV cache and G2 (bytes, block copies, refused or failed copies, seconds per plan); the
 scheduler counts prefix hits and misses, blocks loaded and saved, and the tiers' traffic,
-corrupt pages, skipped offloads and queue depths (from the block manager's stats).
+corrupt pages, skipped offloads and queue depths (from the block manager's stats). With
+disaggregated prefill/decode, the ``pd_*`` metrics say what was handed off and received
+(see :mod:`~kvbm.integrations.vllm.pd_stats`).
 """
 
 from __future__ import annotations
@@ -119,11 +122,53 @@ _SPECS: dict[str, MetricSpec] = {
     "queued_transfers": MetricSpec(_G, _TIER, "transfers waiting in the tier's queue"),
     "pending_loads": MetricSpec(_G, (), "requests whose hit is being staged into G2"),
     "inflight_plans": MetricSpec(_G, (), "load and save plans waiting for the workers"),
+    # -- disaggregated prefill/decode (disagg.py: per request; pd_worker.py: per rank) --
+    "pd_handoffs": MetricSpec(_C, (), "prefill: requests handed off with their KV held for a "
+                              "decode instance"),
+    "pd_handoff_failures": MetricSpec(_C, ("reason",), "prefill: requests handed off without "
+                                      "their KV (no_slot: every lease slot in use; no_agents: "
+                                      "no worker agent announced itself)"),
+    "pd_handoffs_released": MetricSpec(_C, (), "prefill: handed-off requests every worker let "
+                                       "go (vLLM then frees their blocks)"),
+    "pd_held_requests": MetricSpec(_G, (), "prefill: requests whose blocks are held for a "
+                                   "decode instance now"),
+    "pd_leases_released": MetricSpec(_C, ("reason",), "prefill, per rank: holds that ended "
+                                     "(done: the decode side read the blocks; written: this "
+                                     "side wrote them; drop: the decode side did not take "
+                                     "them; write_failed; expired: the lease ran out)"),
+    "pd_served_blocks": MetricSpec(_C, ("op", "backend"), "prefill, summed over ranks: "
+                                   "blocks decode peers took (op read: they read them; "
+                                   "write: this side wrote them), by transport path"),
+    "pd_served_bytes": MetricSpec(_C, ("op", "backend"), "prefill, summed over ranks: bytes "
+                                  "of those blocks"),
+    "pd_loads_started": MetricSpec(_C, (), "decode: remote loads planned (requests whose KV "
+                                   "comes from a prefill instance)"),
+    "pd_load_tokens": MetricSpec(_C, (), "decode: tokens those loads bring"),
+    "pd_drops": MetricSpec(_C, (), "decode: prefill instances told to let a request's blocks "
+                           "go without a transfer (aborted, all in vLLM's cache, refused)"),
+    "pd_loads_done": MetricSpec(_C, ("backend",), "decode, per rank: transfers whose blocks "
+                                "all arrived, by the transport path that carried them"),
+    "pd_load_failures": MetricSpec(_C, ("reason",), "decode: remote loads recomputed instead. "
+                                   "Per request, refused params: bad_params, layout_mismatch, "
+                                   "other_prompt; per rank, failed transfers: timeout, "
+                                   "peer_dead, auth, layout_mismatch, lease_lost, refused, "
+                                   "no_path, error"),
+    "pd_received_blocks": MetricSpec(_C, ("backend",), "decode, summed over ranks: blocks "
+                                     "received from prefill instances"),
+    "pd_received_bytes": MetricSpec(_C, ("backend",), "decode, summed over ranks: bytes "
+                                    "received from prefill instances"),
+    "pd_stray_notes": MetricSpec(_C, (), "per rank: prefill/decode notes that were not kvbm's "
+                                 "or named no request this worker holds or will hold"),
 }
 
-#: Seconds a worker spent on one plan, per direction (histograms in Prometheus).
+#: Seconds per plan or transfer (histograms in Prometheus): G1<->G2 copies per direction,
+#: and the decode side's handoff time.
 TIMES = {"load": "seconds a worker spent copying one load plan from G2 into vLLM's KV cache",
-         "save": "seconds a worker spent copying one save plan from vLLM's KV cache into G2"}
+         "save": "seconds a worker spent copying one save plan from vLLM's KV cache into G2",
+         "pd_handoff": "decode, per rank: seconds from the start of a remote load to all its "
+                       "blocks in place (loads that succeeded)"}
+#: What :meth:`KvbmConnectorStats.reduce` calls the count of each of TIMES.
+_TIME_COUNTS = {"load": "load_plans", "save": "save_plans", "pd_handoff": "pd_handoff_n"}
 
 #: Samples kept per direction when stats add up (count and sum stay exact beyond it).
 MAX_SAMPLES = 1024
@@ -218,7 +263,7 @@ class KvbmConnectorStats(KVConnectorStats):
                     out[f"{name}[{key}]" if key else name] = v
         for direction, t in sorted(self.data["times"].items()):
             n, samples = int(t["n"]), sorted(t["samples"])
-            out[f"{direction}_plans"] = n
+            out[_TIME_COUNTS.get(direction, f"{direction}_n")] = n
             if n:
                 out[f"{direction}_ms_avg"] = round(1000 * float(t["sum"]) / n, 3)
             if samples:
@@ -256,6 +301,15 @@ class WorkerMeter:
     def take(self) -> KvbmConnectorStats | None:
         out, self._stats = self._stats, KvbmConnectorStats()
         return None if out.is_empty() else out
+
+
+def merged(a: KvbmConnectorStats | None, b: KvbmConnectorStats | None
+           ) -> KvbmConnectorStats | None:
+    """``a`` with ``b`` added in (either may be None: nothing to say)."""
+    if a is None or b is None:
+        return a if b is None else b
+    a.aggregate(b)
+    return a
 
 
 def counter_rows(c: ConnectorCounters) -> dict[tuple[str, str], float]:
@@ -328,12 +382,16 @@ class SchedulerMeter:
         return None if out.is_empty() else out
 
     def absorb(self, stats: KvbmConnectorStats) -> None:
-        """Add the workers' stats of a step to the totals kvbm's endpoint exports."""
+        """Add stats the meter did not take itself (the workers', the prefill/decode
+        half's) to the totals kvbm's endpoint exports; their gauges replace the last."""
         with self._lock:
             for name, row in stats.data["counters"].items():
                 for key, v in row.items():
                     if _num(v) and v > 0:
                         self._worker[(name, key)] = self._worker.get((name, key), 0) + v
+            for name, row in stats.data["gauges"].items():
+                for key, v in row.items():
+                    self._gauges[(name, key)] = v
             for d, t in stats.data["times"].items():
                 if d in self._times:
                     for s in t.get("samples", ()):
@@ -342,7 +400,8 @@ class SchedulerMeter:
 
     def totals(self) -> tuple[dict[tuple[str, str], float], dict[str, LatencyHistogram],
                               dict[tuple[str, str], float]]:
-        """The workers' counters, their seconds per plan, the last gauges (copies)."""
+        """The absorbed counters, the seconds per plan or transfer, the last gauges
+        (copies)."""
         with self._lock:
             return (dict(self._worker), {d: h.copy() for d, h in self._times.items()},
                     dict(self._gauges))
