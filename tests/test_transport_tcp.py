@@ -268,3 +268,73 @@ def test_the_example_of_the_docs_runs() -> None:
     text = (Path(__file__).resolve().parent.parent / "docs" / "transports.md").read_text()
     code = re.findall(r"^```python\n(.*?)^```", text, flags=re.M | re.S)[0]
     exec(compile(code, "docs/transports.md", "exec"), {})
+
+
+def test_a_transfer_on_an_idle_link_ends_within_the_call() -> None:
+    """One connection free and a transfer under the split threshold: the calling thread
+    moves it before ``transfer`` returns (no hand-over to a worker thread and back). The
+    handle behaves as any other: status, wait, release, context manager, the notification
+    at the peer, a refusal as the error."""
+    with Agent("a", cfg()) as a, Agent("b", cfg()) as b:
+        src = np.arange(1 << 16, dtype=np.uint8)
+        b.register(src, name="r", expose_to=ALL_PEERS)
+        peer = a.connect(*b.address)
+        r = peer.info.region("r")
+        buf = np.zeros(1 << 16, np.uint8)
+        loc = a.register(buf)
+        a.transfer(peer, Op.READ, [((loc, 0, 8), (r, 0, 8))]).wait(30)  # a connection opens
+        for op in (Op.READ, Op.WRITE, Op.READ):
+            h = a.transfer(peer, op, [((loc, 0, 1 << 16), (r, 0, 1 << 16))],
+                           notify=op.value.encode())
+            assert h.done() and h.status is TransferStatus.DONE
+            assert h.wait(0) is TransferStatus.DONE and h.wait() is TransferStatus.DONE
+            with h:
+                pass
+            h.release()
+            assert h.status is TransferStatus.DONE
+            assert b.next_notification(30) == Notification("a", op.value.encode())
+        assert (buf == src).all()
+        other = b.register(np.ones(64, np.uint8), name="other", expose_to=ALL_PEERS)
+        peer = a.refresh(peer)
+        b.unexpose(other)  # what a knows is stale now: b refuses
+        h = a.transfer(peer, Op.READ, [((loc, 0, 16), (peer.info.region("other"), 0, 16))],
+                       notify=b"no")
+        assert h.done() and h.status is TransferStatus.FAILED
+        with pytest.raises(RemoteAccessError):
+            h.wait(30)
+        assert b.next_notification(0.2) is None
+        h = a.transfer(peer, Op.READ, [((loc, 0, 8), (r, 8, 8))])  # the link still works
+        assert h.done() and h.wait(30) is TransferStatus.DONE
+        assert (buf[:8] == src[8:16]).all()
+
+
+@pytest.mark.parametrize("op", [Op.READ, Op.WRITE])
+def test_a_stalled_peer_does_not_hold_up_the_call(op: Op) -> None:
+    """A transfer started in the caller's thread on a peer that stopped answering: a worker
+    thread takes it over, ``transfer`` returns a pending handle, which can be released
+    (CANCELLED); the link works again once the peer does."""
+    from kvbm.errors import TransportTimeoutError
+    from kvbm.testing.transport_sides import ProcessSide
+
+    side = ProcessSide("stopped", cfg(), PEER)
+    try:
+        side.register("r", 1 << 20, seed=3)
+        with Agent("a", cfg()) as a:
+            peer = a.connect(*side.address)
+            r = peer.info.region("r")
+            loc = a.register(np.zeros(1 << 20, np.uint8))
+            a.transfer(peer, Op.READ, [((loc, 0, 8), (r, 0, 8))]).wait(30)
+            side.pause()
+            try:
+                h = a.transfer(peer, op, [((loc, 0, 1 << 20), (r, 0, 1 << 20))])
+                assert not h.done()
+                with pytest.raises(TransportTimeoutError):
+                    h.wait(0.2)
+                h.release()
+                assert h.status is TransferStatus.CANCELLED
+            finally:
+                side.resume()
+            a.transfer(peer, Op.READ, [((loc, 0, 4096), (r, 0, 4096))]).wait(30)
+            assert loc.view(0, 4096) == side.read("r", 0, 4096)
+    finally:
+        side.close()

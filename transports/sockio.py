@@ -6,7 +6,7 @@ the registered memory and come in with ``recvmsg_into`` / ``recv_into`` straight
 one device-to-host copy per chunk before sending, one host-to-device copy after receiving.
 
 A :class:`Channel` sends a payload of 64 KiB or more so that it starts at a multiple of
-4 KiB in its byte stream, padding the frame before it (the frame says how much). Measured
+4 KiB in its byte stream, padding the header before it (the header says how much). Measured
 on loopback: a payload whose start drifts against the kernel's pages (a 5-byte header
 before each one) costs the receiver about three times the system time of an aligned one,
 and halves the bandwidth.
@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 from collections.abc import Sequence
-from typing import Any
 
 from kvbm.errors import TransportError, TransportTimeoutError
-from kvbm.transports.control import TIMED_OUT, ProtocolError, pack_frame, recv_into_exact
+from kvbm.transports.control import TIMED_OUT, PeerClosed, recv_into_exact
 from kvbm.transports.regions import DeviceKind, RegionHandle
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ Piece = tuple[RegionHandle, int, int]
 #: Payloads of at least ALIGN_MIN bytes start at a multiple of ALIGN in the stream.
 ALIGN = 4096
 ALIGN_MIN = 64 << 10
-_ZEROS = bytes(ALIGN)
+_ZEROS_VIEW = memoryview(bytes(ALIGN))
 
 
 class Staging:
@@ -101,9 +101,10 @@ def _recvv(sock: socket.socket, views: list[memoryview]) -> None:
 
 
 def send_pieces(sock: socket.socket, pieces: Sequence[Piece], staging: Staging,
-                head: bytes = b"") -> None:
-    """Send ``head`` then the bytes of every piece, in order."""
-    views: list[memoryview] = [memoryview(head)] if head else []
+                head: Sequence[bytes | memoryview] = ()) -> None:
+    """Send the buffers of ``head`` then the bytes of every piece, in order (host memory:
+    one ``sendmsg`` for all of them in the usual case)."""
+    views: list[memoryview] = [memoryview(h) for h in head if len(h)]
     try:
         for region, off, n in pieces:
             if region.device is DeviceKind.CPU:
@@ -128,10 +129,10 @@ def send_pieces(sock: socket.socket, pieces: Sequence[Piece], staging: Staging,
 
 
 def recv_pieces(sock: socket.socket, pieces: Sequence[Piece], staging: Staging,
-                skip: int = 0) -> None:
-    """Receive (and drop) ``skip`` bytes, then the bytes of every piece, in order, into the
-    regions."""
-    views: list[memoryview] = [memoryview(bytearray(skip))] if skip else []
+                skip: memoryview | None = None) -> None:
+    """Receive (and drop) ``skip``'s length of bytes into it, then the bytes of every
+    piece, in order, into the regions."""
+    views: list[memoryview] = [skip] if skip is not None and skip.nbytes else []
     try:
         for region, off, n in pieces:
             if region.device is DeviceKind.CPU:
@@ -170,48 +171,97 @@ def drain(sock: socket.socket, n: int) -> None:
         raise _io_error(e, "draining a refused write") from None
 
 
+def recv_idle(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` (a request header) on a connection between requests: wait for its
+    first byte as long as it takes (closing the connection ends the wait:
+    :class:`PeerClosed`), the rest within the socket's timeout."""
+    while True:
+        try:
+            k = sock.recv_into(view, 0, socket.MSG_WAITALL)
+            break
+        except TIMED_OUT:
+            continue
+        except OSError as e:
+            raise TransportError(f"connection lost: {e}") from None
+    if not k:
+        raise PeerClosed("peer closed the connection")
+    if k < view.nbytes:
+        recv_into_exact(sock, view[k:])
+
+
 class Channel:
     """One data connection: its socket, the bytes sent on it so far (for the alignment of
-    payloads), and a staging buffer for device memory."""
+    payloads), a buffer for the padding it receives, and a staging buffer for device
+    memory."""
 
-    __slots__ = ("sock", "staging", "tx")
+    __slots__ = ("_pad", "_poll", "sock", "staging", "tx")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.staging = Staging()
         self.tx = 0
+        self._pad = memoryview(bytearray(ALIGN))
+        self._poll: select.poll | None = None
 
-    def send_frame(self, obj: dict[str, Any]) -> None:
-        data = pack_frame(obj)
+    def pad_for(self, head: int, nbytes: int) -> int:
+        """The padding after a header of ``head`` bytes that aligns a payload of
+        ``nbytes`` (none for a small one)."""
+        return (-(self.tx + head)) % ALIGN if nbytes >= ALIGN_MIN else 0
+
+    def send(self, head: bytes, pad: int = 0, pieces: Sequence[Piece] = (), nbytes: int = 0
+             ) -> None:
+        """Send ``head``, ``pad`` zero bytes, then the pieces' bytes (``nbytes`` of them)."""
+        if not pieces:
+            try:
+                self.sock.sendall(head)
+            except OSError as e:
+                raise _io_error(e, "sending") from None
+        else:
+            send_pieces(self.sock, pieces, self.staging, (head, _ZEROS_VIEW[:pad]))
+        self.tx += len(head) + pad + nbytes
+
+    def send_nowait(self, views: list[memoryview]) -> list[memoryview]:
+        """Send as much of ``views`` as the socket takes at once; what is left (the caller
+        counts every byte in ``tx``)."""
+        i = 0
         try:
-            self.sock.sendall(data)
+            while i < len(views):
+                sent = self.sock.sendmsg(views[i:i + _IOV], (), socket.MSG_DONTWAIT)
+                while sent:
+                    v = views[i]
+                    if sent >= v.nbytes:
+                        sent -= v.nbytes
+                        i += 1
+                    else:
+                        views[i] = v[sent:]
+                        sent = 0
+        except BlockingIOError:
+            pass  # the socket's buffer is full
         except OSError as e:
             raise _io_error(e, "sending") from None
-        self.tx += len(data)
+        return views[i:]
 
-    def send_payload(self, obj: dict[str, Any], pieces: Sequence[Piece], nbytes: int) -> None:
-        """Send frame ``obj`` (plus the padding field ``p``), then the pieces' bytes."""
-        frame = bytearray(pack_frame({**obj, "p": b"\0\0"}))  # "p" last: its 2 bytes end it
-        pad = (-(self.tx + len(frame))) % ALIGN if nbytes >= ALIGN_MIN else 0
-        if pad:
-            frame[-2:] = pad.to_bytes(2, "big")
-            frame += _ZEROS[:pad]
-        send_pieces(self.sock, pieces, self.staging, bytes(frame))
-        self.tx += len(frame) + nbytes
+    def send_rest(self, views: list[memoryview]) -> None:
+        """Send ``views``, waiting as long as the socket's timeout allows."""
+        try:
+            _sendv(self.sock, views)
+        except OSError as e:
+            raise _io_error(e, "sending") from None
 
-    def recv_payload(self, frame: dict[str, Any], pieces: Sequence[Piece]) -> None:
-        """Receive the pieces' bytes announced by ``frame`` (skipping its padding)."""
-        recv_pieces(self.sock, pieces, self.staging, padding(frame))
+    def ready(self, write: bool, timeout: float) -> bool:
+        """Whether the socket can be written (``write``) or read (data, end of stream or
+        an error waiting) within ``timeout`` seconds."""
+        if self._poll is None:
+            self._poll = select.poll()
+            self._poll.register(self.sock, select.POLLIN)
+        self._poll.modify(self.sock, select.POLLOUT if write else select.POLLIN)
+        return bool(self._poll.poll(timeout * 1e3))
+
+    def recv(self, pieces: Sequence[Piece], pad: int) -> None:
+        """Receive ``pad`` bytes of padding (dropped), then the pieces' bytes."""
+        recv_pieces(self.sock, pieces, self.staging, self._pad[:pad])
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
-
-
-def padding(frame: dict[str, Any]) -> int:
-    """The padding a payload frame announces (:class:`ProtocolError` if malformed)."""
-    p = frame.get("p")
-    if not isinstance(p, bytes) or len(p) != 2 or int.from_bytes(p, "big") >= ALIGN:
-        raise ProtocolError("malformed padding field")
-    return int.from_bytes(p, "big")

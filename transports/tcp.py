@@ -5,12 +5,13 @@ connection (opened on first use through the peer's listener, channel ``tcp``). A
 of at least ``split_threshold_bytes`` is cut into that many parts of about equal bytes,
 one per connection; a smaller one goes to whichever connection is free.
 
-On a data connection, one request at a time::
+On a data connection, one request at a time, in fixed binary headers
+(:mod:`kvbm.transports.tcp_wire`)::
 
-    READ   -> {t: r, s: [region, offset, length, ...]}
-           <- {t: ok} + the bytes        or  {t: error, code, error}
-    WRITE  -> {t: w, s: [...]} + the bytes
-           <- {t: ok}                    or  {t: error, code, error}
+    READ   -> r + ranges
+           <- ok + the bytes           or  refused / error + message
+    WRITE  -> w + ranges + the bytes
+           <- ok                       or  refused / error + message
 
 The serving side checks every range (``Agent.resolve``) before it touches memory; a refused
 WRITE's payload is read and dropped, so the connection stays usable. Bytes go out of and
@@ -25,31 +26,15 @@ import socket
 from typing import Any, ClassVar
 
 from kvbm.errors import RemoteAccessError, TransportError
+from kvbm.transports import tcp_wire as wire
 from kvbm.transports.backend import BackendHost, LinkedBackend
-from kvbm.transports.control import (
-    ProtocolError,
-    recv_frame,
-)
-from kvbm.transports.descriptors import MAX_DESCRIPTORS, Op
+from kvbm.transports.control import recv_exact
+from kvbm.transports.descriptors import Op
 from kvbm.transports.handle import Transfer
-from kvbm.transports.sockio import Channel, drain, padding
+from kvbm.transports.sockio import Channel, drain, recv_idle
 from kvbm.transports.tcp_client import CHANNEL, Join, Part, PeerLink, split
 
 log = logging.getLogger(__name__)
-
-_LIMIT = 1 << 63
-
-
-def _parse_request(frame: Any) -> tuple[Op, list[tuple[int, int, int]]]:
-    if not isinstance(frame, dict) or frame.get("t") not in ("r", "w"):
-        raise ProtocolError("not a tcp transfer request")
-    flat = frame.get("s")
-    if (not isinstance(flat, list) or not flat or len(flat) % 3
-            or len(flat) > 3 * MAX_DESCRIPTORS
-            or not all(type(x) is int and 0 <= x < _LIMIT for x in flat)):
-        raise ProtocolError("malformed ranges in a tcp transfer request")
-    it = iter(flat)
-    return (Op.READ if frame["t"] == "r" else Op.WRITE), list(zip(it, it, it, strict=True))
 
 
 class TcpBackend(LinkedBackend[PeerLink]):
@@ -97,27 +82,36 @@ class TcpBackend(LinkedBackend[PeerLink]):
     # -- serving side -----------------------------------------------------------------------------
     def _serve(self, sock: socket.socket, peer: str) -> None:
         host = self.host
+        max_bytes = host.config.max_frame_bytes
         chan = Channel(sock)
+        first = bytearray(wire.FIRST)
+        view = memoryview(first)
         while True:
-            frame = recv_frame(sock, host.config.max_frame_bytes, idle=True)
-            op, ranges = _parse_request(frame)
-            total = sum(n for _, _, n in ranges)
+            recv_idle(sock, view)
+            op, pad, count = wire.parse_head(first, max_bytes)
+            data = first[wire.HEAD.size:]
+            if count > 1:
+                data += recv_exact(sock, (count - 1) * wire.RANGE.size)
+            ranges = wire.parse_ranges(data, count)
             try:
                 lease = host.resolve(peer, op, ranges)
             except RemoteAccessError as e:
                 if op is Op.WRITE:  # its payload follows: read and drop it, stay in step
-                    drain(sock, padding(frame) + total)
-                chan.send_frame({"t": "error", "code": "access", "error": str(e)})
+                    drain(sock, pad + sum(n for _, _, n in ranges))
+                chan.send(wire.pack_error(wire.REFUSED, str(e)))
                 continue
+            total = sum(n for _, _, n in ranges)
             # counted when accepted: the requester may see its data before we return
             host.count_event("served_requests")
             host.count_event("served_bytes", total)
             with lease:
                 if op is Op.READ:
-                    chan.send_payload({"t": "ok"}, lease.pieces, total)
+                    out_pad = chan.pad_for(wire.ANSWER.size, total)
+                    chan.send(wire.ANSWER.pack(wire.OK, 0, out_pad, 0), out_pad,
+                              lease.pieces, total)
                 else:
-                    chan.recv_payload(frame, lease.pieces)
-                    chan.send_frame({"t": "ok"})
+                    chan.recv(lease.pieces, pad)
+                    chan.send(wire.ANSWER_OK)
 
 
 BACKEND = TcpBackend

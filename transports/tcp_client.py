@@ -18,15 +18,18 @@ import logging
 import queue
 import socket
 import threading
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
 
 from kvbm.errors import RemoteAccessError, TransportError, TransportTimeoutError
-from kvbm.transports.control import ProtocolError, expect_map, recv_frame
-from kvbm.transports.descriptors import Op, Segment
+from kvbm.transports import tcp_wire as wire
+from kvbm.transports.control import ProtocolError, recv_exact
+from kvbm.transports.descriptors import MAX_DESCRIPTORS, Op, Segment
 from kvbm.transports.handle import Transfer, TransferCancelled
 from kvbm.transports.metadata import PeerInfo
+from kvbm.transports.regions import DeviceKind
 from kvbm.transports.sockio import Channel
+
+_ZEROS = memoryview(bytes(wire.ALIGN))
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,11 @@ class Join:
             self.xfer.complete(self._error)
 
 
+#: What a worker thread takes from its queue: a part to claim and run, the rest of a
+#: transfer started in a caller's thread, or the sign to stop.
+Job = Part | Callable[[], None] | None
+
+
 class PeerLink:
     """The data connections to one peer, its worker threads, and its queue of parts."""
 
@@ -98,32 +106,116 @@ class PeerLink:
         self._max = max_conns
         self._timeout = io_timeout
         self._max_frame = max_frame
-        #: descriptors per request frame (each takes at most 27 bytes of msgpack)
-        self._per_request = max(1, (max_frame - 64) // 32)
+        #: descriptors per request (as many as the peer reads in one, at most)
+        self._per_request = max(1, min(MAX_DESCRIPTORS, max_frame // wire.RANGE.size))
         self._idle: list[Channel] = []
         self._count = 0
         self._closed = False
         self._cond = threading.Condition()
-        self._jobs: queue.SimpleQueue[Part | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._work, name=f"kvbm-tcp-{peer}",
                                           daemon=True) for _ in range(max_conns)]
         for t in self._threads:
             t.start()
 
     def submit(self, parts: list[Part]) -> None:
+        """Start a one-part transfer of host memory in this thread when a pooled connection
+        is idle (see :meth:`_start`); otherwise queue the parts for the worker threads."""
+        if len(parts) == 1 and all(s.local.device is DeviceKind.CPU for s in parts[0].segs):
+            with self._cond:
+                conn = self._idle.pop() if self._idle and not self._closed else None
+            if conn is not None:
+                parts[0].claim()
+                self._start(parts[0], conn)
+                return
+        self._queue(parts)
+
+    def _queue(self, jobs: Sequence[Job]) -> None:
         with self._cond:  # under the lock: never queued behind close()'s stop marks
             if self._closed:
                 raise TransportError(f"tcp link to {self.peer} is closed")
-            for p in parts:
-                self._jobs.put(p)
+            for j in jobs:
+                self._jobs.put(j)
 
     def _work(self) -> None:
         while True:
-            part = self._jobs.get()
-            if part is None:
+            job = self._jobs.get()
+            if job is None:
                 return
-            if part.claim():
-                self.run(part)
+            if not isinstance(job, Part):
+                job()  # a transfer started in a caller's thread, to be finished here
+            elif job.claim():
+                self.run(job)
+
+    def _start(self, part: Part, conn: Channel) -> None:
+        """Run the claimed ``part`` on the idle ``conn`` in this thread for as long as the
+        peer keeps up: handing a transfer to a worker thread and back costs more than a
+        small one takes. Where it would wait for the peer longer than a moment (see
+        :func:`_patience`), a worker thread takes over on the same connection, so that
+        ``Agent.transfer`` stays asynchronous with a stalled peer."""
+        xfer = part.join.xfer
+        forget = xfer.on_cancel(lambda: shutdown(conn.sock))
+        steps = self._steps(conn, xfer.op, part.segs, inline=True)
+        try:
+            for _ in steps:
+                self._hand_over(part, conn, steps, forget)
+                return
+        except BaseException as exc:
+            forget()
+            self._release(conn, broken=not isinstance(exc, RemoteAccessError))
+            if (isinstance(exc, TransportError) and _stale(exc)
+                    and not xfer.cancelled.is_set()):
+                # A pooled connection that died unseen (the peer restarted): a worker runs
+                # the part anew, on another connection. READ and WRITE can be repeated.
+                log.debug("tcp: pooled connection to %s was dead (%s); retrying", self.peer,
+                          exc)
+                try:
+                    self._queue([lambda: self.run(part)])
+                    return
+                except TransportError as e:
+                    exc = e
+            self._fail(part, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        forget()
+        self._release(conn, broken=False)
+        part.join.part_done(None)
+
+    def _hand_over(self, part: Part, conn: Channel, steps: Iterator[None],
+                   forget: Callable[[], None]) -> None:
+        def finish() -> None:
+            try:
+                for _ in steps:
+                    pass
+            except BaseException as exc:
+                forget()
+                self._release(conn, broken=not isinstance(exc, RemoteAccessError))
+                self._fail(part, exc)
+                if not isinstance(exc, Exception):
+                    raise
+            else:
+                forget()
+                self._release(conn, broken=False)
+                part.join.part_done(None)
+
+        try:
+            self._queue([finish])
+        except TransportError as e:  # the link closed meanwhile
+            forget()
+            self._release(conn, broken=True)
+            self._fail(part, e)
+
+    def _fail(self, part: Part, exc: BaseException) -> None:
+        """End ``part`` with the error ``exc`` stands for (called in an except block)."""
+        err: BaseException = exc
+        if part.join.xfer.cancelled.is_set():
+            err = TransferCancelled("cancelled")
+        elif not isinstance(exc, TransportError):
+            if isinstance(exc, Exception):
+                log.exception("tcp: transfer with %s failed", self.peer)
+            err = TransportError(f"tcp transfer failed: {exc!r}")
+        part.join.part_done(err)
 
     def run(self, part: Part) -> None:
         """Move ``part`` in this thread (it must have been claimed by the caller)."""
@@ -146,14 +238,7 @@ class PeerLink:
                               self.peer, e)
                     fresh = True
         except BaseException as exc:
-            err: BaseException = exc
-            if xfer.cancelled.is_set():
-                err = TransferCancelled("cancelled")
-            elif not isinstance(exc, TransportError):
-                if isinstance(exc, Exception):
-                    log.exception("tcp: transfer with %s failed", self.peer)
-                err = TransportError(f"tcp transfer failed: {exc!r}")
-            part.join.part_done(err)
+            self._fail(part, exc)
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt in a caller's thread stays one
         else:
@@ -162,29 +247,76 @@ class PeerLink:
     def _attempt(self, conn: Channel, xfer: Transfer, segs: list[Segment]) -> None:
         forget = xfer.on_cancel(lambda: shutdown(conn.sock))
         try:
-            # a part with more descriptors than one request frame holds: several requests
-            for i in range(0, len(segs), self._per_request):
-                self._exchange(conn, xfer.op, segs[i:i + self._per_request])
-        except BaseException:
-            self._release(conn, broken=True)
+            for _ in self._steps(conn, xfer.op, segs, inline=False):
+                pass
+        except BaseException as exc:
+            self._release(conn, broken=not isinstance(exc, RemoteAccessError))
             raise
         finally:
             forget()  # the connection serves other transfers next
         self._release(conn, broken=False)
 
-    def _exchange(self, conn: Channel, op: Op, segs: list[Segment]) -> None:
+    def _steps(self, conn: Channel, op: Op, segs: list[Segment], *, inline: bool
+               ) -> Iterator[None]:
+        """Move ``segs`` over ``conn``, in as many requests as the peer's frame limit
+        needs. ``inline``: yield where the peer keeps this thread waiting for longer than
+        a moment (whoever goes on iterating then waits as long as the socket allows)."""
+        for i in range(0, len(segs), self._per_request):
+            yield from self._exchange(conn, op, segs[i:i + self._per_request], inline)
+
+    def _exchange(self, conn: Channel, op: Op, segs: list[Segment], inline: bool
+                  ) -> Iterator[None]:
         flat: list[int] = []
         nbytes = 0
         for s in segs:
             flat += (s.remote_id, s.remote_offset, s.length)
             nbytes += s.length
         pieces = [(s.local, s.local_offset, s.length) for s in segs]
+        sock = conn.sock
         if op is Op.READ:
-            conn.send_frame({"t": "r", "s": flat})
-            conn.recv_payload(check_answer(recv_frame(conn.sock, self._max_frame)), pieces)
+            head = wire.pack_request(op, flat)
+            if not inline:
+                conn.send(head)
+            else:
+                conn.tx += len(head)
+                rest = conn.send_nowait([memoryview(head)])
+                if rest:
+                    yield
+                    conn.send_rest(rest)
+                if not conn.ready(False, _patience(nbytes)):
+                    yield
+            conn.recv(pieces, self._check_answer(sock))
+            return
+        pad = conn.pad_for(wire.HEAD.size + 8 * len(flat), nbytes)
+        head = wire.pack_request(op, flat, pad)
+        if not inline:
+            conn.send(head, pad, pieces, nbytes)
         else:
-            conn.send_payload({"t": "w", "s": flat}, pieces, nbytes)
-            check_answer(recv_frame(conn.sock, self._max_frame))
+            conn.tx += len(head) + pad + nbytes
+            views = [memoryview(head)] + ([_ZEROS[:pad]] if pad else []) + [
+                s.local.view(s.local_offset, s.length) for s in segs]
+            rest = conn.send_nowait(views)
+            while rest:  # the socket's buffer is full: wait for room while the peer reads
+                if not conn.ready(True, _patience(nbytes)):
+                    yield
+                    conn.send_rest(rest)
+                    break
+                rest = conn.send_nowait(rest)
+            if not conn.ready(False, _patience(nbytes)):
+                yield
+        self._check_answer(sock)
+
+    def _check_answer(self, sock: socket.socket) -> int:
+        """The padding an ``ok`` answer announces, or the error the peer answered instead
+        (a refusal: :class:`RemoteAccessError`; the connection stays usable)."""
+        status, pad, size = wire.parse_answer(recv_exact(sock, wire.ANSWER.size),
+                                              self._max_frame)
+        if status == wire.OK:
+            return pad
+        msg = recv_exact(sock, size).decode("utf-8", "replace") or "refused"
+        if status == wire.REFUSED:
+            raise RemoteAccessError(f"peer refused: {msg}")
+        raise TransportError(f"peer refused: {msg}")
 
     def _acquire(self, peer: PeerInfo, fresh: bool) -> tuple[Channel, bool]:
         """A connection, and whether it served before (``fresh``: a new one)."""
@@ -233,20 +365,15 @@ class PeerLink:
             c.close()
 
 
+def _patience(nbytes: int) -> float:
+    """How long a caller's thread waits for the peer before a worker thread takes over:
+    a moment, plus the time ``nbytes`` take at a slow 0.5 GB/s."""
+    return 0.002 + nbytes / 0.5e9
+
+
 def _stale(e: TransportError) -> bool:
     """Whether ``e`` says the connection was dead, rather than the peer refusing or slow."""
     return not isinstance(e, RemoteAccessError | TransportTimeoutError | ProtocolError)
-
-
-def check_answer(frame: Any) -> dict[str, Any]:
-    """The ``ok`` frame, or the error the peer answered instead."""
-    if isinstance(frame, dict) and frame.get("t") == "error":
-        msg = frame.get("error")
-        msg = msg if isinstance(msg, str) else "refused"
-        if frame.get("code") == "access":
-            raise RemoteAccessError(f"peer refused: {msg}")
-        raise TransportError(f"peer refused: {msg}")
-    return expect_map(frame, "ok")
 
 
 def shutdown(sock: socket.socket) -> None:

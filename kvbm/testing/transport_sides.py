@@ -118,6 +118,17 @@ class ThreadSide:
         self.close()
 
 
+def _stopped(pid: int) -> bool:
+    """Whether every thread of process ``pid`` is stopped (Linux /proc; elsewhere: True)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        states = [Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                  for t in tasks]
+    except OSError:
+        return True
+    return all(st in ("T", "t") for st in states)
+
+
 class ProcessSide:
     """A serving agent in a process of its own, running ``script`` (which calls
     :func:`serve_commands`)."""
@@ -152,6 +163,12 @@ class ProcessSide:
 
     def pause(self) -> None:
         self._p.send_signal(signal.SIGSTOP)
+        # The stop lands asynchronously: wait (up to 10 s) until every thread has stopped,
+        # else a request sent right after may still be served.
+        for _ in range(1000):
+            if _stopped(self._p.pid):
+                return
+            threading.Event().wait(0.01)
 
     def resume(self) -> None:
         self._p.send_signal(signal.SIGCONT)
