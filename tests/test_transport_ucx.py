@@ -99,6 +99,7 @@ def test_a_loopback_agent_keeps_ucx_on_lo(monkeypatch: pytest.MonkeyPatch) -> No
     [{"t": "hello", "addr": b"not a ucx address"}],  # UCX would assert (abort) on it
     [{"t": "hello", "addr": b"\x20" * 4}],
     [{"t": "hello", "addr": "text"}],
+    ["old hello"],  # a real address, from a peer of another protocol version
     [{"t": "nope"}],
     ["hello"],
     ["valid hello", {"t": "r", "s": [1, 0, 10], "tag": 3}],  # tag bits in the index part
@@ -109,6 +110,7 @@ def test_a_loopback_agent_keeps_ucx_on_lo(monkeypatch: pytest.MonkeyPatch) -> No
 def test_garbage_on_the_ucx_channel_drops_that_connection_only(frames: list[object]) -> None:
     from kvbm.transports import ucx_io
     from kvbm.transports.control import recv_frame, send_frame
+    from kvbm.transports.ucx_client import PROTOCOL
 
     a, b = _pair()
     with a, b:
@@ -117,7 +119,9 @@ def test_garbage_on_the_ucx_channel_drops_that_connection_only(frames: list[obje
         w = ucx_io.Worker(a.backends["ucx"].context())  # type: ignore[attr-defined]
         try:
             for f in frames:
-                send_frame(sock, {"t": "hello", "addr": w.address} if f == "valid hello" else f)
+                hello = {"t": "hello", "addr": w.address, "v": PROTOCOL}
+                send_frame(sock, hello if f == "valid hello" else
+                           {**hello, "v": PROTOCOL - 1} if f == "old hello" else f)
                 if f == "valid hello":
                     assert recv_frame(sock, 1 << 20)["t"] == "hello"
             sock.settimeout(10)

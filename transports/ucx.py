@@ -15,14 +15,32 @@ transfer (:mod:`kvbm.transports.ucx_io`): no thread spins.
 On a link, per transfer (descriptor ``i`` travels as a tagged message ``tag | i``)::
 
     READ   -> {t: r, s: [region, offset, length, ...], tag}
-           <- the server posts its sends, then {t: ok}      or  {t: error, code, error}
+           <- the server sends every range (no answer)     or  {t: error, code, error}
     WRITE  -> {t: w, s: [...], tag}, then the requester sends every range at once
-           <- {t: ok} once all landed                        or  {t: error, code, error}
+           <- once all landed, a 1-byte message tagged ``tag | ANSWER``
+                                                             or  {t: error, code, error}
+
+No "ok" ever travels on the connection: an answer there would cost the requester a
+wake-up of its own, where the first range (READ) or the ANSWER message (WRITE) arrives
+with UCX's own traffic. A requester posts its receives only once the server's first
+message is there (``Worker.arrived``), so a refusal never leaves one posted.
 
 The serving side checks every range (``Agent.resolve``) before it posts a single operation;
 the ranges of a refused WRITE are received into a 1-byte buffer (UCX drops the rest), so
 nothing outside the checked ranges is ever touched. Requests come only over the
 authenticated connection: a tagged message cannot ask for anything.
+
+Why tags and not one-sided RMA (what NIXL does: no serving thread per transfer, hence its
+lead on small transfers). Handing a peer rkeys for exactly its regions would move the
+range check to the requester, and on one host nothing would enforce it on this side:
+UCX carries RMA on user memory there by cross-memory attach (``process_vm_readv``), which
+the kernel allows on the whole address space of any process the peer may ptrace, whatever
+the rkey says; where that is unavailable (another uid; tcp across hosts) UCX emulates RMA
+with messages whose handler writes wherever the sender says, for any endpoint, once the
+context has the RMA feature. Nor can such a key be revoked: a region deregistered here
+could still be written by a peer that holds its key. Only hardware that checks keys
+(InfiniBand) keeps the promise that every remote range is checked on the serving side;
+ucxx 0.52's Python API has no memory handles or rkeys anyway.
 """
 
 from __future__ import annotations
@@ -48,11 +66,13 @@ from kvbm.transports.handle import Transfer
 from kvbm.transports.links import LinkPool
 from kvbm.transports.metadata import PeerInfo
 from kvbm.transports.regions import DeviceKind
-from kvbm.transports.ucx_client import CHANNEL, UcxLink, pool
+from kvbm.transports.ucx_client import CHANNEL, PROTOCOL, UcxLink, pool
 
 log = logging.getLogger(__name__)
 
 _LIMIT = 1 << 63
+#: A WRITE's answer (its arrival is the news; the byte is not looked at).
+_LANDED = np.ones(1, np.uint8)
 
 
 def _cuda_ready() -> bool:
@@ -142,10 +162,12 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
     def _serve(self, sock: socket.socket, peer: str) -> None:
         cfg = self.host.config
         hello = expect_map(recv_frame(sock, cfg.max_frame_bytes), "hello")
+        if hello.get("v") != PROTOCOL:
+            raise ProtocolError(f"peer speaks ucx protocol {hello.get('v')!r}, not {PROTOCOL}")
         w = ucx_io.Worker(self.context())
         try:
             w.connect(hello.get("addr"))
-            send_frame(sock, {"t": "hello", "addr": w.address})
+            send_frame(sock, {"t": "hello", "addr": w.address, "v": PROTOCOL})
             while True:
                 frame = recv_frame(sock, cfg.max_frame_bytes, idle=True)
                 self._serve_one(sock, peer, w, *_parse_request(frame))
@@ -175,14 +197,11 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
             host.count_event("served_requests")
             host.count_event("served_bytes", sum(n for _, _, n in ranges))
             if op is Op.READ:
-                # Sends first, answer second: the requester posts its receives on the
-                # answer and finds the data (or UCX's rendezvous requests) already there.
-                reqs = [w.send(b, tag | i) for i, b in enumerate(bufs)]
-                send_frame(sock, {"t": "ok"})
-                w.drive(reqs, timeout, sock=sock)
+                # No "ok": the first range's arrival tells the requester (ucx_client).
+                w.drive([w.send(b, tag | i) for i, b in enumerate(bufs)], timeout, sock=sock)
             else:
                 w.drive([w.recv(b, tag | i) for i, b in enumerate(bufs)], timeout, sock=sock)
-                send_frame(sock, {"t": "ok"})
+                w.drive([w.send(_LANDED, tag | ucx_io.ANSWER)], timeout, sock=sock)
 
 
 BACKEND = UcxBackend

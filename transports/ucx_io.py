@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 #: sequence number shifted past the index (descriptors per transfer: at most 2**20).
 TAG_INDEX_BITS = 20
 TAG_INDEX_MASK = (1 << TAG_INDEX_BITS) - 1
+#: The index of a transfer's answer message (WRITE: every range landed); above any
+#: descriptor's index (``MAX_DESCRIPTORS`` is 2**18).
+ANSWER = TAG_INDEX_MASK
 #: A UCX worker address is ~50-300 bytes; anything larger from a peer is refused.
 MAX_ADDRESS_BYTES = 64 << 10
 #: Header byte and worker id at least.
@@ -173,15 +176,24 @@ class Worker:
                     continue
                 raise TransportError(f"ucx: {type(e).__name__}: {e}") from None
 
+    def arrived(self, tag: int) -> bool:
+        """Whether a message tagged ``tag`` waits to be received (its data, or UCX's
+        rendezvous request for it, is here; the message stays queued)."""
+        return bool(self.worker.tag_probe(self._lib.UCXXTag(tag)).matched)
+
     def wait_readable(self, sock: socket.socket, timeout: float,
-                      cancelled: Callable[[], bool] | None = None) -> None:
-        """Progress (blocking on the worker's wake-up fd) until ``sock`` is readable."""
+                      cancelled: Callable[[], bool] | None = None, *,
+                      tag: int | None = None) -> bool:
+        """Progress (blocking on the worker's wake-up fd) until ``sock`` is readable
+        (``False``) or, with ``tag``, a message so tagged arrived first (``True``)."""
         epfd = self.worker.epoll_file_descriptor
         deadline = time.monotonic() + timeout
         while True:
             self.worker.progress()
+            if tag is not None and self.arrived(tag):
+                return True
             if readable(sock, 0):
-                return
+                return False
             if cancelled is not None and cancelled():
                 raise TransferCancelled("cancelled")
             if time.monotonic() > deadline:
