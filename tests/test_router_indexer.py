@@ -335,3 +335,57 @@ def test_random_events_against_a_reference_model(seed: int) -> None:
         expected = {m: sum(m in media for media in model.blocks(w).values()) for m in Medium}
         assert counts.get(w, dict.fromkeys(Medium, 0)) == expected
     assert idx.stats().nodes == len(model.nodes())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_long_prompts_against_the_reference_model(seed: int) -> None:
+    """Prompts of 64+ blocks take the numpy walk (kvbm.router.probe) and the lazy hashing
+    of tokens; queries between events see every change."""
+    rng = random.Random(seed)
+    prompts: list[list[int]] = []
+    for _ in range(6):
+        base = rng.choice(prompts)[: BS * rng.randrange(0, 80)] if prompts else []
+        prompts.append(base + [rng.randrange(100) for _ in range(BS * rng.randrange(20, 90))])
+    workers = ["w0", "w1", "w2"]
+    idx, model = KvIndexer(BS), Model()
+    for step in range(400):
+        w = rng.choice(workers)
+        p = rng.choice(prompts)
+        s = seqs(p)
+        op = rng.random()
+        medium = rng.choice(list(Medium))
+        a = rng.randrange(len(s))
+        b = min(len(s), a + rng.randrange(1, 40))
+        if op < 0.6:
+            parent = s[a - 1] if a else None
+            idx.apply(w, [stored(s[a:b], parent, p[a * BS: b * BS], medium)])
+            model.store(w, s[a:b], parent, parent, s[a:b], medium, True)
+        elif op < 0.97:
+            idx.apply(w, [BlockRemoved(s[a:b], medium)])
+            model.remove(w, s[a:b], medium)
+        else:
+            idx.apply(w, [AllBlocksCleared()])
+            model.remove(w, list(model.pubs.get(w, {})), GPU)
+        if step % 5 == 0:
+            q = rng.choice(prompts)
+            expected = model.matches(seqs(q))
+            assert idx.find_matches(q) == expected
+            assert idx.find_matches(hashes=seqs(q)) == expected
+            assert idx.find_matches(q + [1] * (BS - 1)) == expected  # a partial block
+
+
+def test_long_walks_after_a_mass_change_see_it() -> None:
+    """More changes than the walk's copy takes one by one: it is rebuilt."""
+    t = [i % 50_000 for i in range(6000 * BS)]
+    s = seqs(t)
+    idx = KvIndexer(BS)
+    idx.apply("a", [stored(s, None, t, DISK)])
+    idx.apply("b", [stored(s[:100], None, t[:400], GPU)])
+    assert idx.find_matches(t) == {"a": {DISK: 6000}, "b": {GPU: 100}}
+    idx.apply("b", [stored(s[100:5000], s[99], t[400:20000], GPU)])
+    assert idx.find_matches(t) == {"a": {DISK: 6000}, "b": {GPU: 5000}}
+    idx.clear_worker("a")
+    assert idx.find_matches(hashes=s) == {"b": {GPU: 5000}}
+    idx.apply("b", [AllBlocksCleared()])
+    assert idx.find_matches(t) == {}
+    assert idx.find_matches([7] * (100 * BS)) == {}  # a miss at the first block

@@ -26,12 +26,15 @@ import xxhash
 
 from kvbm.errors import InvalidArgumentError, InvalidKeyError, KvbmError, TokenError
 from kvbm.events.records import AllBlocksCleared, AllMediaCleared, BlockRemoved, BlockStored
-from kvbm.hashing import chain, check_lora_name, hash_blocks
+from kvbm.hashing import as_token_array, chain, check_lora_name, hash_blocks
 from kvbm.medium import MEDIUM_BY_BIT, Medium
 from kvbm.router.config import ClearScope
 from kvbm.router.table import MEDIUM_INDEX, NodeTable
 
 _GPU = MEDIUM_INDEX[Medium.GPU]
+#: find_matches of tokens hashes this many blocks first, the rest only where they all match
+#: (a prompt that shares little with the index costs little hashing)
+_HEAD_BLOCKS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,15 +335,39 @@ class KvIndexer:
         if (token_ids is None) == (hashes is None):
             raise InvalidArgumentError("find_matches takes token_ids or hashes (one of them)")
         if hashes is None:
-            seqs: Sequence[int] = self.sequence_hashes(token_ids, lora_name=lora_name)
-        else:
-            if lora_name is not None:
-                raise InvalidArgumentError("lora_name applies to token_ids, not to hashes "
-                                           "(they were computed with it already)")
-            seqs = _check_hashes(list(hashes) if isinstance(hashes, Sequence) else hashes,
-                                 "hashes")
+            return self._match_tokens(token_ids, lora_name)
+        if lora_name is not None:
+            raise InvalidArgumentError("lora_name applies to token_ids, not to hashes "
+                                       "(they were computed with it already)")
+        seqs = _check_hashes(hashes if isinstance(hashes, list | tuple)
+                             else list(hashes) if isinstance(hashes, Sequence) else hashes,
+                             "hashes")
         with self._lock:
             return self._t.tally(self._t.runs(seqs))
+
+    def _match_tokens(self, token_ids: Any, lora_name: str | None
+                      ) -> dict[str, dict[Medium, int]]:
+        """:meth:`find_matches` of tokens, hashed only as far as a worker may match: the
+        first blocks, then (where some worker holds all of them) the rest of the chain."""
+        bs = self._block_size
+        if bs is None:
+            raise InvalidArgumentError("the indexer has no block size yet (none given and "
+                                       "no event seen): query by hashes, or give block_size")
+        try:
+            arr = as_token_array(token_ids)  # every token is checked, hashed or not
+            head = hash_blocks(arr[:_HEAD_BLOCKS * bs], bs, lora_name=lora_name,
+                               salt=self._salt).sequence
+        except TokenError as e:  # one class for every bad argument of the router's calls
+            raise InvalidArgumentError(str(e)) from None
+        n = arr.size // bs
+        with self._lock:
+            runs = self._t.runs(head)
+            if n <= len(head) or sum(r[2] for r in runs) < len(head):
+                return self._t.tally(runs)
+        rest = hash_blocks(arr[len(head) * bs:n * bs], bs, lora_name=lora_name,
+                           parent_hash=head[-1]).sequence
+        with self._lock:  # the whole walk again: the index may have changed meanwhile
+            return self._t.tally(self._t.runs(head + rest))
 
     # -------------------------------------------------------------------- inspection --
     def worker_blocks(self, worker: str) -> dict[int, frozenset[Medium]]:

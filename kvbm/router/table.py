@@ -18,10 +18,14 @@ holds its lock around every call.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import array
+from collections.abc import Iterable, Sequence
 from itertools import groupby
 
+import numpy as np
+
 from kvbm.medium import MEDIUM_BY_BIT, Medium
+from kvbm.router.probe import ProbeIndex
 
 N_MEDIA = len(MEDIUM_BY_BIT)
 _ANY = N_MEDIA  # index of the union mask in a node
@@ -32,6 +36,10 @@ _MASK = (1 << N_MEDIA) - 1
 #: The intern table is forgotten beyond this many residency patterns (nodes keep theirs; the
 #: patterns seen since are shared again). Bounds the patterns that nothing uses any more.
 _INTERN_MAX = 1 << 16
+#: Prompts of at least this many blocks are walked through the numpy copy of the table
+#: (:mod:`kvbm.router.probe`); shorter ones through the dict (numpy's per-call cost wins
+#: only on long walks).
+PROBE_MIN_BLOCKS = 64
 
 Row = tuple[int, int, int, int, int]
 #: (node, workers still matching, blocks) for a run of equal consecutive nodes of a prompt
@@ -67,6 +75,18 @@ class NodeTable:
         self._expand: dict[int, int] = {}  # object mask -> mask with its groups, cached
         self.n = dict.fromkeys(("stored", "removed", "unknown_removals", "conflicts",
                                 "clears"), 0)
+        #: the walk's copy of ``rows`` and the nodes changed since it was brought up to date
+        #: (both None until a long walk wants it, or after too many changes: rebuilt then)
+        self._probe: ProbeIndex | None = None
+        self._dirty: set[int] | None = None
+
+    def _note(self, seqs: Iterable[int]) -> None:
+        """The rows of ``seqs`` changed (call only while ``_dirty`` is not None)."""
+        d = self._dirty
+        assert d is not None
+        d.update(seqs)
+        if len(d) > max(4096, len(self.rows) >> 3):  # cheaper to rebuild at the next walk
+            self._probe = self._dirty = None
 
     # ----------------------------------------------------------------------- workers --
     def worker(self, name: str) -> Worker:
@@ -84,6 +104,8 @@ class NodeTable:
 
     def clear(self, w: Worker) -> None:
         rows, bit, nbit = self.rows, w.bit, ~w.bit
+        if self._dirty is not None:
+            self._note([v >> 4 for v in w.pubs.values()])
         old: Row | None = None
         new: Row | None = None
         for v in w.pubs.values():
@@ -112,6 +134,8 @@ class NodeTable:
             keep = _MASK ^ mbit
             pubs = w.pubs
             gone = [v >> 4 for v in pubs.values() if v & mbit]
+            if self._dirty is not None:
+                self._note(gone)
             w.pubs = {h: v ^ mbit if v & mbit else v for h, v in pubs.items() if v & keep}
             old: Row | None = None
             new: Row | None = None
@@ -207,6 +231,8 @@ class NodeTable:
                 rows[s] = new = self._intern_row(tuple(cells))
         w.counts[mi] += len(new_seqs)
         self.n["stored"] += len(new_seqs)
+        if self._dirty is not None:
+            self._note(new_seqs)
 
     def _store_known(self, w: Worker, hs: list[int], seqs: list[int], mbit: int
                      ) -> list[int]:
@@ -235,6 +261,7 @@ class NodeTable:
         removed = unknown = 0
         old: Row | None = None
         new: Row | None = None
+        changed: list[int] | None = None if self._dirty is None else []
         for h in hashes:
             v = pubs.get(h)
             if v is None or not v & mbit:
@@ -247,6 +274,8 @@ class NodeTable:
             else:
                 del pubs[h]
             s = v >> 4
+            if changed is not None:
+                changed.append(s)
             if dups:
                 key = (s << 2) | mi
                 n = dups.get(key)
@@ -271,11 +300,15 @@ class NodeTable:
         w.counts[mi] -= removed
         self.n["removed"] += removed
         self.n["unknown_removals"] += unknown
+        if changed and self._dirty is not None:
+            self._note(changed)
 
     # ------------------------------------------------------------------------ queries --
-    def runs(self, seqs: Iterable[int]) -> list[Run]:
+    def runs(self, seqs: Sequence[int]) -> list[Run]:
         """Walk the prompt: (node, workers still matching, blocks) per run of consecutive
         nodes with equal residency (within a run the set of matching workers is fixed)."""
+        if len(seqs) >= PROBE_MIN_BLOCKS:
+            return self._probe_runs(seqs)
         groups = bool(self._groups)
         runs: list[Run] = []
         active = -1
@@ -291,6 +324,42 @@ class NodeTable:
             if not active:
                 break
             runs.append((row, active, len(list(run))))
+        return runs
+
+    def _probe_runs(self, seqs: Sequence[int]) -> list[Run]:
+        """:meth:`runs` through the numpy copy: the same runs, except that two equal rows
+        that are distinct objects may start two runs (the tally is the same)."""
+        probe = self._probe
+        if probe is None or probe.stale():
+            probe = self._probe = ProbeIndex(self.rows)
+            self._dirty = set()
+        elif self._dirty:
+            probe.update(self._dirty, self.rows)
+            self._dirty.clear()
+        keys = np.frombuffer(seqs if isinstance(seqs, array.array) else array.array("Q", seqs),
+                             np.uint64)
+        rids = probe.lookup(keys)
+        miss = np.flatnonzero(rids < 0)
+        if miss.size:
+            rids = rids[:miss[0]]
+        if not rids.size:
+            return []
+        cuts = (np.flatnonzero(rids[1:] != rids[:-1]) + 1).tolist()
+        starts = [0, *cuts]
+        ends = [*cuts, int(rids.size)]
+        by_id = probe.rows
+        groups = bool(self._groups)
+        runs: list[Run] = []
+        active = -1
+        for rid, a, b in zip(rids[starts].tolist(), starts, ends, strict=True):
+            row = by_id[rid]
+            any_ = row[_ANY]
+            if groups and row[_OBJ]:
+                any_ |= self._expand_obj(row[_OBJ])
+            active &= any_
+            if not active:
+                break
+            runs.append((row, active, b - a))
         return runs
 
     def tally(self, runs: list[Run]) -> dict[str, dict[Medium, int]]:
