@@ -389,3 +389,28 @@ def test_long_walks_after_a_mass_change_see_it() -> None:
     idx.apply("b", [AllBlocksCleared()])
     assert idx.find_matches(t) == {}
     assert idx.find_matches([7] * (100 * BS)) == {}  # a miss at the first block
+
+
+def test_the_walks_hash_table_wraps_around_and_deletes() -> None:
+    """kvbm.router.probe: keys that share the last home slot wrap around to the first
+    slots, in a build and in an update; a deleted key leaves a tombstone probes pass."""
+    import numpy as np
+
+    from kvbm.router.probe import EMPTY, ProbeIndex
+
+    cap = ProbeIndex({}).cap
+    rows = [("r", i) for i in range(3)]
+    last = [k * cap + cap - 1 for k in range(1, 9)]  # all at home slot cap - 1
+    table = {h: rows[i % 3] for i, h in enumerate(last)}
+    p = ProbeIndex(table)
+    assert p.cap == cap
+    q = np.array([*last, 5, cap - 1], np.uint64)
+    got = p.lookup(q).tolist()
+    assert [p.rows[r] for r in got[:8]] == [table[h] for h in last] and got[8:] == [EMPTY] * 2
+    more = [k * cap + cap - 2 for k in range(1, 4)]
+    table.update((h, rows[0]) for h in more)
+    del table[last[2]], table[last[5]]
+    p.update([*more, last[2], last[5]], table)
+    keys = [*last, *more]
+    got = p.lookup(np.array(keys, np.uint64)).tolist()
+    assert [None if r == EMPTY else p.rows[r] for r in got] == [table.get(h) for h in keys]

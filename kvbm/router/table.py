@@ -85,7 +85,7 @@ class NodeTable:
         d = self._dirty
         assert d is not None
         d.update(seqs)
-        if len(d) > max(4096, len(self.rows) >> 3):  # cheaper to rebuild at the next walk
+        if len(d) > max(4096, len(self.rows) >> 2):  # cheaper to rebuild at the next walk
             self._probe = self._dirty = None
 
     # ----------------------------------------------------------------------- workers --
