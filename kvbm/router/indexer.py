@@ -29,9 +29,10 @@ from kvbm.events.records import AllBlocksCleared, AllMediaCleared, BlockRemoved,
 from kvbm.hashing import as_token_array, chain, check_lora_name, hash_blocks
 from kvbm.medium import MEDIUM_BY_BIT, Medium
 from kvbm.router.config import ClearScope
-from kvbm.router.table import MEDIUM_INDEX, NodeTable
+from kvbm.router.table import MEDIUM_INDEX, NodeTable, Worker
 
 _GPU = MEDIUM_INDEX[Medium.GPU]
+_U64 = (1 << 64) - 1
 #: find_matches of tokens hashes this many blocks first, the rest only where they all match
 #: (a prompt that shares little with the index costs little hashing)
 _HEAD_BLOCKS = 32
@@ -220,7 +221,7 @@ class KvIndexer:
             w = self._t.worker(worker)
             for ev, loc in zip(evs, local, strict=True):
                 if loc is not None:
-                    self._store(worker, ev, loc)
+                    self._store(w, ev, loc)
                 elif isinstance(ev, BlockRemoved):
                     self._t.remove(w, ev.block_hashes, MEDIUM_INDEX[ev.medium])
                 elif (type(ev) is AllMediaCleared
@@ -244,8 +245,9 @@ class KvIndexer:
                 raise InvalidArgumentError(f"BlockStored.medium must be a Medium, got "
                                            f"{ev.medium!r}")
             hs = _check_hashes(ev.block_hashes, "BlockStored.block_hashes")
-            if ev.parent_block_hash is not None:
-                _check_hashes([ev.parent_block_hash], "BlockStored.parent_block_hash")
+            p = ev.parent_block_hash
+            if p is not None and not (type(p) is int and 0 <= p <= _U64):
+                _check_hashes([p], "BlockStored.parent_block_hash")
             tokens = ev.token_ids
             if not isinstance(tokens, list | tuple) or len(tokens) != len(hs) * bs:
                 n = len(tokens) if isinstance(tokens, list | tuple) else type(tokens).__name__
@@ -294,8 +296,7 @@ class KvIndexer:
             raise InvalidArgumentError(f"BlockStored.token_ids: {e}") from None
         return out
 
-    def _store(self, worker: str, ev: BlockStored, local: list[int]) -> None:
-        w = self._t.worker(worker)
+    def _store(self, w: Worker, ev: BlockStored, local: list[int]) -> None:
         parent = ev.parent_block_hash
         pseq: int | None = None
         if parent is not None:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import array
 from collections.abc import Iterable, Sequence
-from itertools import groupby
+from itertools import groupby, repeat
+from operator import lshift as _shl
+from operator import or_ as _or
 
 import numpy as np
 
@@ -40,6 +42,7 @@ _INTERN_MAX = 1 << 16
 #: (:mod:`kvbm.router.probe`); shorter ones through the dict (numpy's per-call cost wins
 #: only on long walks).
 PROBE_MIN_BLOCKS = 64
+_FOUR = repeat(4)  # the shift of a sequence hash in a worker's map (endless: zip stops it)
 
 Row = tuple[int, int, int, int, int]
 #: (node, workers still matching, blocks) for a run of equal consecutive nodes of a prompt
@@ -47,7 +50,7 @@ Run = tuple[Row, int, int]
 
 
 class Worker:
-    __slots__ = ("bit", "counts", "dups", "group", "idx", "name", "pubs")
+    __slots__ = ("bit", "counts", "dups", "fresh", "group", "idx", "name", "pubs")
 
     def __init__(self, name: str, idx: int) -> None:
         self.name = name
@@ -60,6 +63,8 @@ class Worker:
         #: different cache salts): a removal of one of them must not clear the bit
         self.dups: dict[int, int] = {}
         self.counts = [0] * N_MEDIA  # publisher hashes resident per medium
+        #: per medium, the row of a node that only this worker holds, only there
+        self.fresh: list[Row | None] = [None] * N_MEDIA
         self.group: str | None = None
 
 
@@ -202,20 +207,35 @@ class NodeTable:
         mbit, bit, rows = 1 << mi, w.bit, self.rows
         if pubs.keys().isdisjoint(hs) and len(set(hs)) == len(hs):
             # the common case, all new to this worker: one C-level update
-            pubs.update(zip(hs, [s << 4 | mbit for s in seqs], strict=True))
+            pubs.update(zip(hs, map(_or, map(_shl, seqs, _FOUR), repeat(mbit)), strict=True))
             new_seqs = seqs
         else:
             new_seqs = self._store_known(w, hs, seqs, mbit)
         get = rows.get
-        template = [0] * (N_MEDIA + 1)
-        template[mi] = template[_ANY] = bit
-        fresh = self._intern_row(tuple(template))
+        fresh = w.fresh[mi]
+        if fresh is None:
+            template = [0] * (N_MEDIA + 1)
+            template[mi] = template[_ANY] = bit
+            fresh = w.fresh[mi] = self._intern_row(tuple(template))
+        olds = list(map(get, new_seqs))
+        if olds.count(None) == len(olds):  # all new to the index: one C-level update
+            rows.update(zip(new_seqs, repeat(fresh)))
+        else:
+            self._store_rows(w, new_seqs, olds, mi, fresh)
+        w.counts[mi] += len(new_seqs)
+        self.n["stored"] += len(new_seqs)
+        if self._dirty is not None:
+            self._note(new_seqs)
+
+    def _store_rows(self, w: Worker, seqs: list[int], olds: list[Row | None], mi: int,
+                    fresh: Row) -> None:
+        """Set ``w``'s bit in medium ``mi`` of the nodes ``seqs`` (rows ``olds`` before)."""
+        rows, bit = self.rows, w.bit
         # the blocks of one event mostly share their old residency: one transition for all
         # (a node new to the index is the transition None -> fresh)
         old: Row | None = None
         new = fresh
-        for s in new_seqs:
-            row = get(s)
+        for s, row in zip(seqs, olds, strict=True):
             if row is old:
                 rows[s] = new
             elif row is None:
@@ -229,10 +249,6 @@ class NodeTable:
                 cells[mi] |= bit
                 cells[_ANY] |= bit
                 rows[s] = new = self._intern_row(tuple(cells))
-        w.counts[mi] += len(new_seqs)
-        self.n["stored"] += len(new_seqs)
-        if self._dirty is not None:
-            self._note(new_seqs)
 
     def _store_known(self, w: Worker, hs: list[int], seqs: list[int], mbit: int
                      ) -> list[int]:
