@@ -36,6 +36,7 @@ class ProbeIndex:
         # a slot's key and row id side by side: a probe touches one cache line, not two
         tab = np.zeros((cap, 2), np.int64)
         tab[:, 1] = EMPTY
+        self._tab = tab
         self.keys = tab.view(np.uint64)[:, 0]
         self.vals = tab[:, 1]
         self.used = 0  # live keys + tombstones
@@ -83,8 +84,10 @@ class ProbeIndex:
         # absent); the few displaced ones look at the next slots in one gather, a window
         # each; what is left (long clusters) probes on one slot at a time
         slot = keys & mask
-        v = vals_a[slot]
-        hit = (v >= 0) & (keys_a[slot] == keys)
+        pair = np.take(self._tab, slot.view(np.int64), axis=0)  # slot < cap: a valid index
+        v = pair[:, 1]
+        hit = pair[:, 0] == keys.view(np.int64)
+        hit &= v >= 0
         out = np.where(hit, v, EMPTY)
         todo = np.flatnonzero(~hit & (v != EMPTY))
         if not todo.size:
