@@ -69,15 +69,7 @@ class TcpBackend(LinkedBackend[PeerLink]):
         segs = (split(xfer.segments, cfg.parallel_connections)
                 if xfer.nbytes >= cfg.split_threshold_bytes else [xfer.segments])
         join = Join(xfer, len(segs))
-        parts = [Part(join, p) for p in segs]
-
-        def progress() -> None:  # the waiting thread runs what no worker has taken yet
-            for p in parts:
-                if p.claim():
-                    link.run(p)
-
-        xfer.progress = progress
-        link.submit(parts)
+        link.submit(xfer, [Part(join, p) for p in segs])
 
     # -- serving side -----------------------------------------------------------------------------
     def _serve(self, sock: socket.socket, peer: str) -> None:
@@ -89,9 +81,9 @@ class TcpBackend(LinkedBackend[PeerLink]):
         while True:
             recv_idle(sock, view)
             op, pad, count = wire.parse_head(first, max_bytes)
-            data = first[wire.HEAD.size:]
+            data: bytes | bytearray | memoryview = view[wire.HEAD.size:]
             if count > 1:
-                data += recv_exact(sock, (count - 1) * wire.RANGE.size)
+                data = first[wire.HEAD.size:] + recv_exact(sock, (count - 1) * wire.RANGE.size)
             ranges = wire.parse_ranges(data, count)
             try:
                 lease = host.resolve(peer, op, ranges)
@@ -100,7 +92,7 @@ class TcpBackend(LinkedBackend[PeerLink]):
                     drain(sock, pad + sum(n for _, _, n in ranges))
                 chan.send(wire.pack_error(wire.REFUSED, str(e)))
                 continue
-            total = sum(n for _, _, n in ranges)
+            total = ranges[0][2] if count == 1 else sum(n for _, _, n in ranges)
             # counted when accepted: the requester may see its data before we return
             host.count_event("served_requests")
             host.count_event("served_bytes", total)

@@ -118,9 +118,10 @@ class PeerLink:
         for t in self._threads:
             t.start()
 
-    def submit(self, parts: list[Part]) -> None:
+    def submit(self, xfer: Transfer, parts: list[Part]) -> None:
         """Start a one-part transfer of host memory in this thread when a pooled connection
-        is idle (see :meth:`_start`); otherwise queue the parts for the worker threads."""
+        is idle (see :meth:`_start`); otherwise queue the parts for the worker threads,
+        and let a thread that waits for the transfer run those no worker took yet."""
         if len(parts) == 1 and all(s.local.device is DeviceKind.CPU for s in parts[0].segs):
             with self._cond:
                 conn = self._idle.pop() if self._idle and not self._closed else None
@@ -128,6 +129,13 @@ class PeerLink:
                 parts[0].claim()
                 self._start(parts[0], conn)
                 return
+
+        def progress() -> None:
+            for p in parts:
+                if p.claim():
+                    self.run(p)
+
+        xfer.progress = progress
         self._queue(parts)
 
     def _queue(self, jobs: Sequence[Job]) -> None:

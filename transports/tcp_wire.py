@@ -62,7 +62,7 @@ def parse_head(head: bytes | bytearray | memoryview, max_bytes: int) -> tuple[Op
 def parse_ranges(data: bytes | bytearray | memoryview, count: int
                  ) -> list[tuple[int, int, int]]:
     """``count`` ranges from ``data`` (every value below 2**63, else ProtocolError)."""
-    flat = struct.unpack_from(f">{3 * count}Q", data)
+    flat = RANGE.unpack_from(data) if count == 1 else struct.unpack_from(f">{3 * count}Q", data)
     if max(flat) >= _LIMIT:
         raise ProtocolError("a range beyond 2**63 in a tcp transfer request")
     it = iter(flat)
