@@ -131,3 +131,77 @@ def test_garbage_on_the_ucx_channel_drops_that_connection_only(frames: list[obje
             w.close()
         assert b.stats.snapshot().events.get("bad_connections", 0) >= 1
         _roundtrip(a, b)  # and goes on serving
+
+
+def test_small_transfers_on_an_idle_link_run_in_the_callers_thread() -> None:
+    """Under the split threshold with a link idle, the calling thread moves the transfer
+    before ``transfer`` returns (no hand-over to a background thread, whose wake-up cost
+    more than a small transfer): with a peer that keeps up, one of a few ends within the
+    call. The handle behaves as any other; a refusal is its error; the link goes on."""
+    from kvbm.errors import RemoteAccessError
+    from kvbm.testing.transport_sides import ProcessSide
+
+    cfg = TransportConfig(secret=SECRET, backends="ucx", require="ucx", io_timeout_s=10.0)
+    side = ProcessSide("quick", cfg, PEER)
+    try:
+        side.register("r", 1 << 16, seed=5)
+        with Agent("a", cfg) as a:
+            peer = a.connect(*side.address)
+            r = peer.info.region("r")
+            buf = np.zeros(1 << 16, np.uint8)
+            loc = a.register(buf)
+            a.transfer(peer, Op.READ, [((loc, 0, 8), (r, 0, 8))]).wait(30)  # a link opens
+            within = 0
+            for i in range(20):
+                op = Op.READ if i % 2 == 0 else Op.WRITE
+                h = a.transfer(peer, op, [((loc, 0, 1 << 16), (r, 0, 1 << 16))])
+                within += h.done()
+                assert h.wait(30) is TransferStatus.DONE
+                h.release()
+                assert h.status is TransferStatus.DONE
+            assert within >= 1
+            assert bytes(buf) == side.read("r", 0, 1 << 16)
+            side.register("other", 64, seed=1)
+            peer = a.refresh(peer)
+            side.deregister("other")  # what a knows is stale now: the peer refuses
+            h = a.transfer(peer, Op.READ, [((loc, 0, 16), (peer.info.region("other"), 0, 16))])
+            with pytest.raises(RemoteAccessError):
+                h.wait(30)
+            buf[:8] = 7
+            a.transfer(peer, Op.WRITE, [((loc, 0, 8), (r, 8, 8))]).wait(30)
+            assert side.read("r", 8, 8) == bytes([7] * 8)
+    finally:
+        side.close()
+
+
+@pytest.mark.parametrize("op", [Op.READ, Op.WRITE])
+def test_a_stalled_peer_does_not_hold_up_the_call(op: Op) -> None:
+    """A transfer started in the caller's thread on a peer that stopped: a thread of its own
+    takes it over, ``transfer`` returns a pending handle, which can be released
+    (CANCELLED); a new link works once the peer goes on."""
+    from kvbm.errors import TransportTimeoutError
+    from kvbm.testing.transport_sides import ProcessSide
+
+    cfg = TransportConfig(secret=SECRET, backends="ucx", require="ucx", io_timeout_s=10.0)
+    side = ProcessSide("stopped", cfg, PEER)
+    try:
+        side.register("r", 1 << 20, seed=3)
+        with Agent("a", cfg) as a:
+            peer = a.connect(*side.address)
+            r = peer.info.region("r")
+            loc = a.register(np.zeros(1 << 20, np.uint8))
+            a.transfer(peer, Op.READ, [((loc, 0, 8), (r, 0, 8))]).wait(30)
+            side.pause()
+            try:
+                h = a.transfer(peer, op, [((loc, 0, 1 << 20), (r, 0, 1 << 20))])
+                assert not h.done()
+                with pytest.raises(TransportTimeoutError):
+                    h.wait(0.2)
+                h.release()
+                assert h.status is TransferStatus.CANCELLED
+            finally:
+                side.resume()
+            a.transfer(peer, Op.READ, [((loc, 0, 4096), (r, 0, 4096))]).wait(30)
+            assert loc.view(0, 4096) == side.read("r", 0, 4096)
+    finally:
+        side.close()

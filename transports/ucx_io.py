@@ -4,8 +4,9 @@ workers driven in blocking mode, and region ranges as ucxx buffers.
 Progress is *blocking* (``progress_worker_event``: epoll on the worker's wake-up fd), never
 a polling thread: on a machine with few cores a spinning progress loop competes with the
 peer process for the CPU, and sm transfers of 2 MiB ran ~20x slower that way (0.37 vs 7.9
-GB/s measured on the 2-core development machine). A worker is only ever progressed by the
-thread that created it, so ucxx needs no locks of ours.
+GB/s measured on the 2-core development machine). A worker is progressed by one thread at
+a time (whoever holds its link: the link pool's lock, or the start of the thread a
+transfer is handed to, orders them), so ucxx needs no locks of ours.
 
 Memory safety without UCX's error handling: on one host every byte a worker moves into
 local memory is copied by that worker's own progress calls (sm copies, CMA reads, tcp
@@ -22,14 +23,15 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Generator, Sequence
+from typing import Any, TypeVar
 
 from kvbm.errors import TransportError, TransportTimeoutError
 from kvbm.transports.handle import TransferCancelled
 from kvbm.transports.regions import DeviceKind, RegionHandle
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: Per transfer, descriptor ``i`` travels with tag ``base | i``; ``base`` is a per-link
 #: sequence number shifted past the index (descriptors per transfer: at most 2**20).
@@ -148,8 +150,19 @@ class Worker:
         ``tolerate`` accepts is ignored). :class:`TransportTimeoutError` when none completed
         for ``timeout`` s, :class:`TransferCancelled` once ``cancelled()`` says so,
         :class:`TransportError` when ``sock`` is closed by the peer meanwhile."""
+        finish(self.drive_steps(reqs, timeout, cancelled=cancelled, sock=sock,
+                                tolerate=tolerate))
+
+    def drive_steps(self, reqs: Sequence[Any], timeout: float, *,
+                    cancelled: Callable[[], bool] | None = None,
+                    sock: socket.socket | None = None,
+                    tolerate: Callable[[BaseException], bool] | None = None,
+                    hold: float = 0.0) -> Generator[None, None, None]:
+        """:meth:`drive` in steps: it sleeps in this thread for ``hold`` s at most, then
+        yields once (its consumer may go on with it in another thread), then goes on."""
         i, n = 0, len(reqs)
-        deadline = time.monotonic() + timeout
+        now = time.monotonic()
+        deadline, held = now + timeout, (now + hold if hold > 0 else 0.0)
         while True:
             self.worker.progress()
             start = i
@@ -167,7 +180,12 @@ class Worker:
                                             f"({i} of {n} operations done)")
             if sock is not None and peer_closed(sock):
                 raise TransportError("ucx: the peer closed the connection mid-transfer")
-            self.worker.progress_worker_event(_SLICE_MS)
+            if held and now >= held:
+                held = 0.0
+                yield
+                continue
+            wait = _SLICE_MS if not held else max(1, min(_SLICE_MS, int((held - now) * 1e3)))
+            self.worker.progress_worker_event(wait)
         for r in reqs:
             try:
                 r.check_error()
@@ -186,8 +204,15 @@ class Worker:
                       tag: int | None = None) -> bool:
         """Progress (blocking on the worker's wake-up fd) until ``sock`` is readable
         (``False``) or, with ``tag``, a message so tagged arrived first (``True``)."""
+        return finish(self.wait_steps(sock, timeout, cancelled, tag=tag))
+
+    def wait_steps(self, sock: socket.socket, timeout: float,
+                   cancelled: Callable[[], bool] | None = None, *, tag: int | None = None,
+                   hold: float = 0.0) -> Generator[None, None, bool]:
+        """:meth:`wait_readable` in steps (``hold``: as in :meth:`drive_steps`)."""
         epfd = self.worker.epoll_file_descriptor
-        deadline = time.monotonic() + timeout
+        now = time.monotonic()
+        deadline, held = now + timeout, (now + hold if hold > 0 else 0.0)
         while True:
             self.worker.progress()
             if tag is not None and self.arrived(tag):
@@ -196,10 +221,16 @@ class Worker:
                 return False
             if cancelled is not None and cancelled():
                 raise TransferCancelled("cancelled")
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise TransportTimeoutError(f"ucx: the peer did not answer within {timeout} s")
+            if held and now >= held:
+                held = 0.0
+                yield
+                continue
             if self.worker.arm():  # nothing pending: sleep until UCX or the socket wakes us
-                readable(sock, _SLICE_MS / 1000, epfd)
+                readable(sock, _SLICE_MS / 1000 if not held else min(_SLICE_MS / 1000,
+                                                                      held - now), epfd)
 
     def close(self) -> None:
         """Close the endpoint (bounded: a dead peer does not hold it up) and drop both."""
@@ -213,6 +244,15 @@ class Worker:
             except Exception as e:  # closing is best effort; the worker goes either way
                 log.debug("ucx: closing an endpoint: %s", e)
         self.worker = None
+
+
+def finish(steps: Generator[None, None, T]) -> T:
+    """Run ``steps`` to the end in this thread; what it returns."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
 
 
 def readable(sock: socket.socket, timeout: float, *more: int) -> bool:
