@@ -175,10 +175,13 @@ def test_small_transfers_on_an_idle_link_run_in_the_callers_thread() -> None:
 
 
 @pytest.mark.parametrize("op", [Op.READ, Op.WRITE])
-def test_a_stalled_peer_does_not_hold_up_the_call(op: Op) -> None:
+@pytest.mark.parametrize("pieces", [1, 20000])
+def test_a_stalled_peer_does_not_hold_up_the_call(op: Op, pieces: int) -> None:
     """A transfer started in the caller's thread on a peer that stopped: a thread of its own
     takes it over, ``transfer`` returns a pending handle, which can be released
-    (CANCELLED); a new link works once the peer goes on."""
+    (CANCELLED); a new link works once the peer goes on. With many descriptors, the
+    caller's moment is over before the first wait for the peer: that wait hands over at
+    once rather than block."""
     from kvbm.errors import TransportTimeoutError
     from kvbm.testing.transport_sides import ProcessSide
 
@@ -193,7 +196,11 @@ def test_a_stalled_peer_does_not_hold_up_the_call(op: Op) -> None:
             a.transfer(peer, Op.READ, [((loc, 0, 8), (r, 0, 8))]).wait(30)
             side.pause()
             try:
-                h = a.transfer(peer, op, [((loc, 0, 1 << 20), (r, 0, 1 << 20))])
+                step = (1 << 20) // pieces
+                h = a.transfer(peer, op, [((loc, i * step, step // 2 or 1),
+                                           (r, i * step, step // 2 or 1))
+                                          for i in range(pieces)] if pieces > 1 else
+                               [((loc, 0, 1 << 20), (r, 0, 1 << 20))])
                 assert not h.done()
                 with pytest.raises(TransportTimeoutError):
                     h.wait(0.2)

@@ -86,7 +86,7 @@ def exchange(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list[Seg
 def exchange_steps(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list[Segment],
                    until: float) -> Generator[None, None, None]:
     """Move ``segs`` over ``link``; waits for the peer sleep in this thread until the
-    monotonic time ``until``, after which the generator yields once (see UcxPool)."""
+    monotonic time ``until`` (0: for good), then the generator yields (see UcxPool)."""
     sock, w = link.sock, link.w
     tag = link.next_tag()
     flat: list[int] = []
@@ -101,12 +101,12 @@ def exchange_steps(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: li
         # a refusal comes on the socket instead. The receives are posted only then: none
         # is ever left posted for a message that will not come.
         if not (yield from w.wait_steps(sock, timeout, cancelled, tag=tag,
-                                        hold=until - time.monotonic())):
+                                        hold=_hold(until))):
             check_answer(recv_frame(sock, cfg.max_frame_bytes))
             raise TransportError("ucx: the peer answered a READ it then did not send")
         reqs = [w.recv(b, tag | i) for i, b in enumerate(bufs)]
         yield from w.drive_steps(reqs, timeout, cancelled=cancelled, sock=sock,
-                                 hold=until - time.monotonic())
+                                 hold=_hold(until))
     else:
         send_frame(sock, {"t": "w", "s": flat, "tag": tag})
         for i, b in enumerate(bufs):
@@ -116,12 +116,18 @@ def exchange_steps(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: li
         # (nothing was touched) comes on the socket. The sends' own completions are picked
         # up by later progress (they only read our memory).
         if not (yield from w.wait_steps(sock, timeout, cancelled, tag=tag | ucx_io.ANSWER,
-                                        hold=until - time.monotonic())):
+                                        hold=_hold(until))):
             check_answer(recv_frame(sock, cfg.max_frame_bytes))
             raise TransportError("ucx: the peer answered a WRITE on the socket")
         yield from w.drive_steps([w.recv(link.answer, tag | ucx_io.ANSWER)], timeout,
-                                 sock=sock, hold=until - time.monotonic())
+                                 sock=sock, hold=_hold(until))
     w.flush()
+
+
+def _hold(until: float) -> float:
+    """How long a wait may sleep before it yields: none of it once ``until`` passed (the
+    first wait then yields at once), no limit (0) outside the caller's thread."""
+    return max(until - time.monotonic(), 1e-6) if until else 0.0
 
 
 def patience(nbytes: int) -> float:
