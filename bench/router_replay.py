@@ -14,6 +14,10 @@ times (bench/_router_cluster.py has the worker model):
 - ``tier_aware``: the same KvRouter and cost fed every medium's events (a block held in G2
   or G3 costs its tier's weight of computing it).
 
+Both KV routers get the same loads (running requests and their blocks), the same tie
+breaks and the same bounded shares (``--share-bound``, ``--share-window``: CostConfig's
+defaults; ``--share-bound none`` turns it off): they differ only in what their index sees.
+
 The KV routers' indexers are fed by the managers' own events, over ZMQ on 127.0.0.1 by
 default (``--transport inproc``: the same codec, no sockets). Reported per router: the
 cluster's prefix-hit ratio (hit blocks / requested blocks) in total and by the medium each
@@ -182,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "computing it")
     ap.add_argument("--disk-weight", type=float, default=0.3,
                     help="tier_aware: cost of a prefix block in G3")
+    ap.add_argument("--share-bound", type=_bound, default=CostConfig().share_bound,
+                    help="KV routers: a worker that got (1 + this) x its share of the "
+                         "router's recent picks is not a candidate; 'none': no bound "
+                         "(CostConfig's default) (default: %(default)s)")
+    ap.add_argument("--share-window", type=int, default=CostConfig().share_window,
+                    help="KV routers: recent picks per worker the share counts "
+                         "(default: %(default)s)")
     ap.add_argument("--transport", choices=("zmq", "inproc"), default="zmq",
                     help="how events reach the router: ZMQ on 127.0.0.1, or the codec in "
                          "process")
@@ -199,6 +210,18 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _bound(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number >= 0 or 'none', got {text!r}") from None
+    if not (math.isfinite(v) and 0 <= v <= 1e6):
+        raise argparse.ArgumentTypeError(f"a finite number in [0, 1e6] or 'none', got {text!r}")
+    return v
+
+
 def _records(ap: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.generate:
         return generate(args.requests, seed=args.seed, family=args.family)
@@ -210,7 +233,7 @@ def _records(ap: argparse.ArgumentParser, args: argparse.Namespace) -> list[dict
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    for name in ("workers", "block_size", "trace_block_tokens", "requests"):
+    for name in ("workers", "block_size", "trace_block_tokens", "requests", "share_window"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     for name, hi in (("device_fraction", 1.0), ("host_fraction", 10.0),
@@ -242,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cost = CostConfig(prefill_weight=args.prefill_weight, cpu_pinned_weight=args.host_weight,
                           disk_weight=args.disk_weight, request_weight=args.request_weight,
-                          tie_break=TieBreak.RANDOM, seed=args.seed)
+                          tie_break=TieBreak.RANDOM, seed=args.seed, share_bound=args.share_bound,
+                          share_window=args.share_window)
     except KvbmError as e:
         ap.error(str(e))
     progress = not args.json and sys.stderr.isatty()
@@ -262,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
                     "prefill_tps": cfg.prefill_tps, "tpot": cfg.tpot,
                     "distinct_blocks": distinct},
         "cost": {"prefill_weight": cost.prefill_weight, "request_weight": cost.request_weight,
-                 "cpu_pinned_weight": cost.cpu_pinned_weight, "disk_weight": cost.disk_weight},
+                 "cpu_pinned_weight": cost.cpu_pinned_weight, "disk_weight": cost.disk_weight,
+                 "share_bound": cost.share_bound, "share_window": cost.share_window},
         "meta": _meta.run_meta(args.seed)}
     if args.json:
         json.dump(doc, sys.stdout)

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import kvbm
+from kvbm.router import CostConfig
 
 pytest.importorskip("zmq")
 pytest.importorskip("torch")
@@ -116,6 +117,8 @@ def test_router_replay_over_zmq_predicts_every_match() -> None:
     assert rows["round_robin"]["prediction_exact"] is None
     g = doc["goal"]
     assert g["target"] == 1.2 and _finite(g["saved_ratio"]) and isinstance(g["met"], bool)
+    # both KV routers ran under the router's default bounded shares
+    assert doc["cost"]["share_bound"] == CostConfig().share_bound
 
 
 def test_router_replay_from_a_trace_file_with_disk(tmp_path: Path) -> None:
@@ -136,6 +139,9 @@ def test_router_replay_from_a_trace_file_with_disk(tmp_path: Path) -> None:
     (["--generate", "--device-fraction", "0"], "--device-fraction"),
     (["--generate", "--load", "0"], "--load"),
     (["--generate", "--host-weight", "2"], "--host-weight"),
+    (["--generate", "--share-bound", "-1"], "--share-bound"),
+    (["--generate", "--share-bound", "nan"], "--share-bound"),
+    (["--generate", "--share-window", "0"], "--share-window"),
     (["--trace", "/nonexistent/t.jsonl"], "t.jsonl"),
 ])
 def test_router_replay_bad_input_is_a_usage_error(argv: list[str], message: str,

@@ -90,11 +90,52 @@ def test_ties_are_broken_by_name_or_by_a_seeded_draw() -> None:
 
 def test_temperature_spreads_picks_toward_cheaper_workers() -> None:
     idx = indexer(hot=(GPU, 10))
-    r = KvRouter(idx, CostConfig(temperature=0.5, seed=1))
+    r = KvRouter(idx, CostConfig(temperature=0.5, seed=1, share_bound=None))
     picks = [r.select(T, {"hot": 0, "cold": 0}).worker for _ in range(300)]
     assert 0 < picks.count("cold") < picks.count("hot")
-    r0 = KvRouter(idx, CostConfig(seed=1))
+    r0 = KvRouter(idx, CostConfig(seed=1, share_bound=None))
     assert {r0.select(T, {"hot": 0, "cold": 0}).worker for _ in range(50)} == {"hot"}
+
+
+def test_a_prefix_holder_gets_at_most_its_bounded_share_of_the_picks() -> None:
+    # hot holds the whole prompt on the GPU and is as idle as the others: by cost alone it
+    # takes every request (the pull that unbalances a cluster)
+    idx = indexer(hot=(GPU, 10))
+    loads = {"hot": 0, "cold": 0, "colder": 0}
+    free = KvRouter(idx, CostConfig(share_bound=None, tie_break=TieBreak.NAME))
+    assert {free.select(T, loads).worker for _ in range(30)} == {"hot"}
+    r = KvRouter(idx, CostConfig(share_bound=0.2, share_window=10, tie_break=TieBreak.NAME))
+    picks = [r.select(T, loads) for _ in range(300)]
+    names = [s.worker for s in picks]
+    # the window holds the last 30 picks: a worker is picked only while it had fewer than
+    # ceil(1.2 * 31 / 3) = 13 of them, so no 31 picks in a row hold more than 13 of hot's
+    # (about (1 + 0.2) x a third), and it gets about as many as that allows
+    assert all(names[i - 31:i].count("hot") <= 13 for i in range(31, 301))
+    assert 110 <= names.count("hot") <= 135
+    away = next(s for s in picks if s.worker != "hot")
+    # a full worker is still scored (and cheapest), flagged, and not picked
+    assert away.scores["hot"].full and away.scores["hot"].cost < away.cost
+    assert away.to_dict()["scores"]["hot"]["full"] is True
+    assert not away.scores[away.worker].full
+    # the others share the rest by cost (equal here: by name, each below its bound)
+    assert {s.worker for s in picks} == {"hot", "cold", "colder"}
+
+
+def test_the_share_bound_never_refuses_and_a_newcomer_is_not_flooded() -> None:
+    idx = indexer(hot=(GPU, 10))
+    r = KvRouter(idx, CostConfig(share_bound=0.0, share_window=5, tie_break=TieBreak.NAME))
+    # one candidate: always picked, however many times
+    assert {r.select(T, {"hot": 0}).worker for _ in range(20)} == {"hot"}
+    # hot had every recent pick; the newcomer is credited with an even share of the
+    # window instead of an empty record (which would send it every request until the
+    # window forgot hot's picks): from the first pick they share, hot (cheaper) first
+    picks = [r.select(T, {"hot": 0, "new": 0}).worker for _ in range(40)]
+    assert picks[0] == "hot" and picks[:5].count("new") <= 3
+    for i in range(10, 41):  # a worker is full at ceil(11 / 2) = 6 of the last 10 picks
+        assert picks[i - 10:i].count("hot") <= 6 and picks[i - 10:i].count("new") <= 6
+    assert 15 <= picks.count("new") <= 20
+    sel = r.select(T, {"hot": 0, "new": 0})
+    assert sel.scores["hot"].matched == {GPU: 10} and sel.scores["new"].matched == {}
 
 
 def test_select_by_hashes_and_before_any_event() -> None:
@@ -145,7 +186,10 @@ w0 = "tcp://127.0.0.1:5557,tcp://127.0.0.1:5558"
 w1 = { endpoint = "tcp://127.0.0.1:6557", object_group = "b" }
 """)
     cfg = RouterConfig.from_toml(path, env={"KVBM_ROUTER_COST_OBJECT_WEIGHT": "0.4",
+                                            "KVBM_ROUTER_COST_SHARE_BOUND": "none",
+                                            "KVBM_ROUTER_COST_SHARE_WINDOW": "32",
                                             "KVBM_HOST_NUM_BLOCKS": "9"})
+    assert cfg.cost.share_bound is None and cfg.cost.share_window == 32
     assert cfg.block_size == 16 and cfg.service.port == 9000
     assert cfg.cost.disk_weight == 0.25 and cfg.cost.object_weight == 0.4
     assert cfg.cost.tie_break is TieBreak.NAME and cfg.cost.weight(Medium.DISK) == 0.25
@@ -165,6 +209,9 @@ w1 = { endpoint = "tcp://127.0.0.1:6557", object_group = "b" }
     {"cost": {"temperature": float("inf")}},
     {"cost": {"tie_break": "coin"}},
     {"cost": {"seed": -1}},
+    {"cost": {"share_bound": -0.1}},
+    {"cost": {"share_bound": float("nan")}},
+    {"cost": {"share_window": 0}},
     {"cost": {"disk_wieght": 0.1}},
     {"service": {"port": 70000}},
     {"service": {"max_body_bytes": 10}},

@@ -85,10 +85,12 @@ class CostConfig:
     tie_break: TieBreak = TieBreak.RANDOM
     #: Seed of the draws (ties, temperature); unset: a fresh seed per router.
     seed: int | None = None
-    #: Bounded loads (epsilon): a worker already running ``ceil((1 + load_bound) *
-    #: (requests + 1) / workers)`` requests or more is not a candidate (the cost only
-    #: ranks those below); ``none``: no bound.
-    load_bound: float | None = 0.1
+    #: Bounded shares (epsilon): a worker that got ``1 + share_bound`` times its share of
+    #: the router's recent picks is not a candidate (:mod:`kvbm.router.cost`); ``none``:
+    #: no bound.
+    share_bound: float | None = 0.02
+    #: Recent picks the share counts, per candidate worker.
+    share_window: int = 4096
 
     def __post_init__(self) -> None:
         _number("cost.prefill_weight", self.prefill_weight)
@@ -96,8 +98,9 @@ class CostConfig:
             _number(f"cost.{m.value.lower()}_weight", self.weight(m), high=1.0)
         _number("cost.request_weight", self.request_weight)
         _number("cost.temperature", self.temperature, high=1e6)
-        if self.load_bound is not None:
-            _number("cost.load_bound", self.load_bound, high=1e6)
+        if self.share_bound is not None:
+            _number("cost.share_bound", self.share_bound, high=1e6)
+        _int("cost.share_window", self.share_window, 1, 1 << 20)
         if not isinstance(self.tie_break, TieBreak):
             raise ConfigError(f"cost.tie_break must be one of "
                               f"{[t.value for t in TieBreak]}, got {self.tie_break!r}")
