@@ -232,13 +232,13 @@ def _build_manager(n: int, seed: int) -> tuple[Any, Callable[[list[int]], int]]:
     matched through ``match_hashes``, the public call. Filling the table directly stands in
     for writing ``n`` pages through a disk tier (hours at 10 M)."""
     from kvbm import BlockManager, HostTierConfig, KVLayout, ManagerConfig
+    from kvbm.core.tier_state import ANNOUNCED
     from kvbm.hashing import BlockHashes
-    from kvbm.manager import _ANNOUNCED
 
     mgr = BlockManager(KVLayout(1, 1, 8, BS, "float16"),
                        ManagerConfig(device=None, host=HostTierConfig(16)))
     table = mgr._orphans
-    flags = _ANNOUNCED | Medium.DISK.bit
+    flags = ANNOUNCED | Medium.DISK.bit
     for c in range(n // CHAIN):
         for h in _chain(seed, c)[0].tolist():
             table[h] = flags

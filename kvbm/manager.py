@@ -18,14 +18,10 @@ block is written back to G2 when G1 evicts it.
 from __future__ import annotations
 
 import collections
-import contextlib
-import copy
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -34,30 +30,40 @@ from kvbm.checks import (
     U64,
     as_count,
     as_flag,
-    as_seconds,
     check_hashes,
     check_id_container,
-    check_keys,
     check_match,
     closed_error,
-    os_wait,
 )
 from kvbm.config import DeviceTierConfig, ManagerConfig
-from kvbm.core.event_sink import EventSink, runs
+from kvbm.core import compaction, host_api, lifecycle, lower_ops
+from kvbm.core.event_sink import EventSink
 from kvbm.core.handles import OnboardHandle, OnboardStatus, StageHandle
 from kvbm.core.masks import MaskTable
+from kvbm.core.tier_state import (
+    ANNOUNCED,
+    CLEAR_EVENT_BLOCKS,
+    GPU_BIT,
+    HOST_BIT,
+    LOWER_BITS,
+    Discovered,
+    LoadContext,
+    LocalCopy,
+    MemTier,
+    Removal,
+    StoreTier,
+    check_host_pool,
+)
 from kvbm.errors import (
     BlockStateError,
     ConfigError,
-    InvalidArgumentError,
     InvalidKeyError,
     LayoutError,
     PoolExhaustedError,
     TokenError,
     TransferError,
 )
-from kvbm.events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
-from kvbm.exitflush import exit_flush
+from kvbm.events import AllBlocksCleared, BlockRemoved, KVEvent
 from kvbm.hashing import (
     BlockHashes,
     MmHashes,
@@ -69,155 +75,24 @@ from kvbm.hashing import (
 from kvbm.index import BlockRecord, MatchResult, PrefixIndex
 from kvbm.layout import KVLayout
 from kvbm.medium import BEST_MEDIUM, Medium, mediums_of
-from kvbm.memory.local_copy import CopyTicket, InlineCopier, LocalCopier, make_copier
-from kvbm.offload import (
-    OffloadEngine,
-    TierQueueStats,
-    TransferHandle,
-    TransferKind,
-    TransferStatus,
-)
+from kvbm.memory.local_copy import InlineCopier, LocalCopier, make_copier
+from kvbm.offload import OffloadEngine, TierQueueStats, TransferHandle, TransferKind
 from kvbm.policies import make_admission, make_eviction
-from kvbm.policies.base import AdmissionPolicy, EvictionPolicy
-from kvbm.pool import DevicePool, HostPool, SlotAllocator
-from kvbm.reports import FlushResult, ManagerStats, TierUsage
+from kvbm.pool import DevicePool, HostPool
+from kvbm.reports import ManagerStats, TierUsage
 
 if TYPE_CHECKING:
     import torch
 
     from kvbm.events.nats import NatsEventPublisher
     from kvbm.events.publisher import ZmqEventPublisher
-    from kvbm.storage.base import PageStore, RemovalReason, TierStats
+    from kvbm.storage.base import TierStats
 
 log = logging.getLogger(__name__)
 
-_GPU = Medium.GPU.bit
-_HOST = Medium.CPU_PINNED.bit
-_LOWER = Medium.DISK.bit | Medium.OBJECT.bit
-#: In the table of unlinked pages: a block compacted out of the index (resident only below
-#: host memory, no child in the index) whose BlockStored events still stand. Without it the
-#: page is unlinked and unannounced (after a restart, or its prefix left every tier).
-_ANNOUNCED = 0x80
-#: Hashes per BlockRemoved of clear(): a cleared million-block index is withdrawn in
-#: messages of a size every subscriber takes in stride.
-_CLEAR_EVENT_BLOCKS = 4096
-
-
-class _MemTier:
-    """One in-memory tier: its pool, the record owning each slot, and its policies."""
-
-    __slots__ = ("admission", "alloc", "bit", "evictions", "is_g1", "medium", "owner", "pinned",
-                 "policy", "pool", "rejected", "skipped")
-
-    def __init__(self, medium: Medium, pool: DevicePool | HostPool, policy: EvictionPolicy,
-                 admission: AdmissionPolicy | None) -> None:
-        self.medium = medium
-        self.bit = medium.bit
-        self.is_g1 = medium is Medium.GPU
-        self.pool = pool
-        self.alloc: SlotAllocator = pool.allocator
-        self.owner: list[BlockRecord | None] = [None] * pool.num_blocks
-        self.policy = policy
-        self.admission = admission
-        #: committed blocks of this tier with a refcount > 0 (resident but not evictable)
-        self.pinned = 0
-        self.evictions = 0
-        self.rejected = 0  # refused by admission
-        self.skipped = 0  # no room (every page pinned)
-
-    def slot(self, rec: BlockRecord) -> int:
-        return rec.g1 if self.is_g1 else rec.g2
-
-    def set_slot(self, rec: BlockRecord, slot: int) -> None:
-        if self.is_g1:
-            rec.g1 = slot
-        else:
-            rec.g2 = slot
-
-    def evictable(self) -> int:
-        return len(self.policy) - self.pinned
-
-
-class _StoreTier:
-    """A tier below host memory: its store runs on the offload engine."""
-
-    __slots__ = ("bit", "deferred", "failed", "inflight", "medium", "store", "stored")
-
-    def __init__(self, store: PageStore) -> None:
-        self.store = store
-        self.medium = store.medium
-        self.bit = store.medium.bit
-        #: keys with a store transfer under way (not submitted twice)
-        self.inflight: set[int] = set()
-        #: G2 pages waiting for room under the tier's in-flight bound (oldest first)
-        self.deferred: dict[int, BlockRecord] = {}
-        self.stored = 0  # pages stored (monotonic; flush() reports the difference)
-        self.failed = 0  # pages whose store transfer failed or was cancelled
-
-
-@dataclass(frozen=True, slots=True)
-class _Removal:
-    """A tier dropped pages on its own (eviction, corruption); from a tier's thread."""
-
-    medium: Medium
-    keys: list[int]
-
-
-@dataclass(frozen=True, slots=True)
-class _Discovered:
-    """A shared tier found pages another writer stored (storage/objectdiscovery.py); from
-    a tier's thread."""
-
-    medium: Medium
-    keys: list[int]
-
-
-@dataclass(frozen=True, slots=True)
-class _StoreContext:
-    """What a store transfer carries back to the manager: the tier, and each page's record
-    with the G2 slot it was read from (the record may have moved or gone meanwhile)."""
-
-    tier: _StoreTier
-    pages: list[tuple[BlockRecord, int]]
-
-
-@dataclass(frozen=True, slots=True)
-class _LocalCopy:
-    """A G1/G2 copy in flight (standalone mode): the pages it holds until it lands."""
-
-    ticket: CopyTicket
-    #: G1 -> G2: each block with the G2 page it is being copied to (empty for G2 -> G1)
-    offloaded: list[tuple[BlockRecord, int]]
-    g1_holds: list[int]  # G1 pages held as sources
-    g2_holds: list[int]  # G2 pages held (destinations of an offload, sources of an onboard)
-
-
-@dataclass(frozen=True, slots=True)
-class _LoadContext:
-    """What a load transfer carries back: the onboard or stage it serves, the tier it reads
-    from and the positions of its blocks in that handle's prefix."""
-
-    handle: OnboardHandle | StageHandle
-    medium: Medium
-    positions: list[int]
-
-
-def _check_host_pool(pool: Any, layout: KVLayout, config: ManagerConfig) -> None:
-    """A host pool handed in (a shared-memory one) must be the one the config describes."""
-    if not isinstance(pool, HostPool):
-        raise ConfigError(f"host_pool must be a HostPool, got {type(pool).__name__}")
-    if config.host is None:
-        raise ConfigError("host_pool given but the config has no host tier (config.host)")
-    if pool.layout.fingerprint != layout.fingerprint:
-        raise LayoutError("host_pool was made for another layout")
-    if pool.num_blocks != config.host.num_blocks:
-        raise ConfigError(f"host_pool holds {pool.num_blocks} pages but host.num_blocks is "
-                          f"{config.host.num_blocks}")
-
-
-class _FlushTimeout(Exception):
-    """Internal: a flush ran out of time (flush() raises TransferError, close() warns)."""
-
+#: The handles an onboard or a stage returns live in kvbm.core.handles; named here too, beside
+#: the calls that return them.
+__all__ = ["BlockManager", "OnboardHandle", "OnboardStatus", "StageHandle"]
 
 class BlockManager:
     """Owns the prefix index, the G1/G2 pools and their policies (see module docstring).
@@ -269,44 +144,44 @@ class BlockManager:
         self.block_size = layout.block_size
         self._index = PrefixIndex()
         if host_pool is not None:
-            _check_host_pool(host_pool, layout, config)
+            check_host_pool(host_pool, layout, config)
         dev = config.device
         #: G1, or None when the engine owns its KV memory (then only the host-level calls
         #: - stage, reserve_host, commit_host, release_host - move pages, through plans)
-        self._g1: _MemTier | None = None
+        self._g1: MemTier | None = None
         #: copies between G1 and G2 (standalone mode), and those not landed yet, oldest first
         self._copier: LocalCopier | None = None
-        self._copies: collections.deque[_LocalCopy] = collections.deque()
+        self._copies: collections.deque[LocalCopy] = collections.deque()
         if dev is not None:
             g1_pool = DevicePool(layout, dev.num_blocks, dev.device)
-            self._g1 = _MemTier(Medium.GPU, g1_pool, make_eviction(dev.eviction, dev.num_blocks),
+            self._g1 = MemTier(Medium.GPU, g1_pool, make_eviction(dev.eviction, dev.num_blocks),
                                 None)
             self._copier = make_copier(dev.copies, g1_pool.device)
         #: copies that land within submit (a CPU G1): no holds while in flight, no landing
         #: step - the pages change hands in the same order as ever
         self._inline_copies = isinstance(self._copier, InlineCopier)
-        self._g2: _MemTier | None = None
+        self._g2: MemTier | None = None
         if config.host is not None:
             h = config.host
             pool = host_pool if host_pool is not None else HostPool(layout, h.num_blocks,
                                                                     h.pin_memory)
-            self._g2 = _MemTier(Medium.CPU_PINNED, pool,
+            self._g2 = MemTier(Medium.CPU_PINNED, pool,
                                 make_eviction(h.eviction, h.num_blocks),
                                 make_admission(h.admission, capacity=h.num_blocks)
                                 if h.admission is not None else None)
         self._tiers = [t for t in (self._g1, self._g2) if t is not None]
         #: finished transfers and tier removals, in the order they happened (any thread)
-        self._inbox: queue.SimpleQueue[TransferHandle | _Removal | _Discovered] = \
+        self._inbox: queue.SimpleQueue[TransferHandle | Removal | Discovered] = \
             queue.SimpleQueue()
         #: pages of persistent tiers not linked into the index (after a restart, or whose
         #: prefix left every memory tier): seq hash -> residency mask. A match re-links them.
         self._orphans = MaskTable()
-        self._announced = 0  # entries of _orphans flagged _ANNOUNCED
+        self._announced = 0  # entries of _orphans flagged ANNOUNCED
         #: records that became resident only below host memory: compacted at the next drain
         self._compactable: list[BlockRecord] = []
         #: sequence hashes of the blocks of onboards and stages still loading (not compacted)
         self._busy: collections.Counter[int] = collections.Counter()
-        self._lower: list[_StoreTier] = []
+        self._lower: list[StoreTier] = []
         self._engine: OffloadEngine | None = None
         self._sink = EventSink(self.block_size, config.max_pending_events)
         self._tick = 0
@@ -372,13 +247,13 @@ class BlockManager:
             # Compacted blocks are only read here (onboard and stage link them); pages not
             # announced yet are linked now, which announces them.
             flags = self._orphans.get_many(np.asarray(seq[len(recs):], dtype=np.uint64))
-            announced = (flags & _ANNOUNCED) != 0
+            announced = (flags & ANNOUNCED) != 0
             stop = flags.size if announced.all() else int(announced.argmin())
             if stop < flags.size and flags[stop]:
                 recs = self._linked(hashes, len(seq), tokens, lora_name)
                 masks = [r.mask for r in recs]
             else:
-                masks += (flags[:stop] & _LOWER).tolist()
+                masks += (flags[:stop] & LOWER_BITS).tolist()
         # Per-block work stays on ints (Enum hashing is Python-level and slow): count the
         # masks, then map the few distinct ones to media.
         best = BEST_MEDIUM
@@ -483,7 +358,7 @@ class BlockManager:
             engine.submit(TransferHandle(
                 TransferKind.LOAD, medium, [r.seq_hash for _, r, _ in items],
                 [g2pool.page(a) for _, _, a in items],
-                context=_LoadContext(handle, medium, [i for i, _, _ in items])))
+                context=LoadContext(handle, medium, [i for i, _, _ in items])))
         return handle
 
     def allocate(self, n: int) -> list[int]:
@@ -621,7 +496,7 @@ class BlockManager:
         if loose:
             alloc.free(loose)
 
-    def _release_one(self, tier: _MemTier, slot: int) -> None:
+    def _release_one(self, tier: MemTier, slot: int) -> None:
         if tier.alloc.decref(slot) == 0:
             rec = tier.owner[slot]
             if rec is None:  # an uncommitted (or detached) page
@@ -686,20 +561,20 @@ class BlockManager:
         n += self._announced
         gone: dict[Medium, list[int]] = {}
         if self._announced:  # compacted blocks announced in their lower tiers
-            keys, masks = self._orphans.with_flag(_ANNOUNCED)
-            for m in mediums_of(_LOWER):
+            keys, masks = self._orphans.with_flag(ANNOUNCED)
+            for m in mediums_of(LOWER_BITS):
                 gone[m] = keys[(masks & m.bit) != 0].tolist()
-            self._orphans.and_all(_LOWER)
+            self._orphans.and_all(LOWER_BITS)
             self._announced = 0
         for rec in self._index:
-            for m in mediums_of(rec.mask & ~_GPU):
+            for m in mediums_of(rec.mask & ~GPU_BIT):
                 gone.setdefault(m, []).append(rec.seq_hash)
-            if rec.mask & _LOWER:
-                self._orphans[rec.seq_hash] = rec.mask & _LOWER
+            if rec.mask & LOWER_BITS:
+                self._orphans[rec.seq_hash] = rec.mask & LOWER_BITS
             rec.mask, rec.g1, rec.g2, rec.children = 0, -1, -1, None
         self._index = PrefixIndex()
         self._compactable.clear()
-        step = _CLEAR_EVENT_BLOCKS
+        step = CLEAR_EVENT_BLOCKS
         for m, hs in gone.items():
             for i in range(0, len(hs), step):
                 self._sink.emit(BlockRemoved(hs[i:i + step], m))
@@ -708,335 +583,6 @@ class BlockManager:
         return n
 
     # ------------------------------------------------- host-level API (engine-owned G1) --
-    def stage(self, match: MatchResult, start_block: int = 0) -> StageHandle:
-        """Hold the G2 pages of the matched blocks from ``start_block`` on, loading into G2
-        (through the offload engine, in the background) those only disk or object storage
-        holds. For an engine that owns G1: a mover copies the pages into the engine's memory
-        (see :mod:`kvbm.core.plans`), then :meth:`StageHandle.release` gives them back.
-
-        No I/O on the calling thread. Without room in G2 for the loads, the prefix ends
-        before the first block to load (a miss, not an error).
-        """
-        if self._closed:
-            raise closed_error()
-        check_match(match)
-        start_block = as_count(start_block, "start_block")
-        g2 = self._g2
-        if g2 is None:
-            raise ConfigError("stage needs a host tier (config.host)")
-        self._drain()
-        recs = self._matched(match)[start_block:]
-        staged_recs = [r for r in recs if r.g2 < 0]
-        if staged_recs and not self._has_room(g2, len(staged_recs), recs):
-            recs = recs[: recs.index(staged_recs[0])]
-            staged_recs = []
-            self._staging_misses += 1
-        # The pages held, by position, as they are now: an eviction below may forget a held
-        # block (its unheld parent before start_block left every tier), detaching its page.
-        held = {i: r.g2 for i, r in enumerate(recs) if r.g2 >= 0}
-        for r in recs:
-            if r.g2 >= 0:
-                self._hold(g2, r)
-        taken = self._take(g2, len(staged_recs)) if staged_recs else []
-        # Evictions made while taking pages may have dropped blocks of the prefix (lineage):
-        # the prefix ends before the first such block.
-        alive = len(recs)
-        for i, r in enumerate(recs):
-            if r.mask == 0:
-                alive = i
-                break
-        slots: list[int] = []
-        staged: dict[int, int] = {}
-        loads: dict[Medium, list[tuple[int, BlockRecord, int]]] = {}
-        it = iter(taken)
-        for i, r in enumerate(recs):
-            if i in held:
-                slots.append(held[i])
-                continue
-            s = next(it)
-            if i >= alive:
-                g2.alloc.free([s])
-                slots.append(-1)
-                continue
-            staged[i] = s
-            slots.append(s)
-            src = Medium.DISK if r.mask & Medium.DISK.bit else Medium.OBJECT
-            loads.setdefault(src, []).append((i, r, s))
-        if alive < len(recs):
-            for i in range(alive, len(recs)):
-                if i in held:  # (a detached page is freed by its last release)
-                    self._release_one(g2, held[i])
-            recs, slots = recs[:alive], slots[:alive]
-        handle = StageHandle(self, recs, start_block, slots, staged, len(loads))
-        if not loads:
-            self._touch(recs)
-            return handle
-        self._busy.update(r.seq_hash for r in recs)
-        engine, pool = self._engine, self._host_pool()
-        assert engine is not None and pool is not None
-        for medium, items in loads.items():
-            handle.loading_from[medium] = len(items)
-            engine.submit(TransferHandle(
-                TransferKind.LOAD, medium, [r.seq_hash for _, r, _ in items],
-                [pool.page(a) for _, _, a in items],
-                context=_LoadContext(handle, medium, [i for i, _, _ in items])))
-        return handle
-
-    def stageable(self, match: MatchResult, start_block: int = 0) -> int:
-        """How many blocks of ``match`` from ``start_block`` on :meth:`stage` could hold now
-        (no I/O): those in G2, then as far as G2 has room to load the ones only below. An
-        engine promises no more than this (a promise :meth:`stage` then cuts is a load
-        error, not a miss)."""
-        if self._closed:
-            raise closed_error()
-        check_match(match)
-        start_block = as_count(start_block, "start_block")
-        g2 = self._g2
-        if g2 is None:
-            raise ConfigError("stageable needs a host tier (config.host)")
-        self._drain()
-        recs = self._matched(match)[start_block:]
-        below = [i for i, r in enumerate(recs) if r.g2 < 0]
-        if below and not self._has_room(g2, len(below), recs):
-            return below[0]
-        return len(recs)
-
-    def reserve_host(self, seq_hashes: Sequence[int]) -> list[int]:
-        """G2 pages for a mover to write blocks into (engine-owned G1), one per hash, for
-        as long a prefix of ``seq_hashes`` as G2's admission and room allow (evicting by
-        its policy). Each page is held until :meth:`commit_host` or :meth:`release_host`."""
-        if self._closed:
-            raise closed_error()
-        hashes = list(check_id_container(seq_hashes, "seq_hashes", ordered=True))
-        check_keys(hashes, "seq_hashes")
-        g2 = self._g2
-        if g2 is None:
-            raise ConfigError("reserve_host needs a host tier (config.host)")
-        self._drain()
-        n = len(hashes)
-        if g2.admission is not None:
-            admit = g2.admission.admit
-            for i, h in enumerate(hashes):
-                if not admit(h):
-                    g2.rejected += n - i
-                    n = i
-                    break
-        room = g2.alloc.num_free + g2.evictable()
-        if n > room:
-            g2.skipped += n - room
-            n = room
-        return self._take(g2, n) if n > 0 else []
-
-    def commit_host(self, slots: Sequence[int], token_ids: Any, *, start_block: int = 0,
-                    hashes: BlockHashes | None = None, lora_name: str | None = None
-                    ) -> list[bool]:
-        """Register G2 pages a mover has written (reserved with :meth:`reserve_host`):
-        ``slots[i]`` holds block ``start_block + i`` of ``token_ids``. The pages become
-        cached blocks of G2 (stored down to the lower tiers as configured). A block whose
-        parent is no longer cached cannot be matched, so it and the rest are given back.
-        Returns, per page, whether it was kept as the block's G2 copy (a block already in
-        G2 keeps its page; the new one is freed)."""
-        if self._closed:
-            raise closed_error()
-        slots = check_id_container(slots, "slots", ordered=True)
-        start_block = as_count(start_block, "start_block")
-        check_lora_name(lora_name)
-        tokens = as_token_array(token_ids)
-        if hashes is None:
-            hashes = hash_blocks(tokens, self.block_size, lora_name=lora_name,
-                                 salt=self.config.salt)
-        else:
-            check_hashes(hashes)
-        g2 = self._g2
-        if g2 is None:
-            raise ConfigError("commit_host needs a host tier (config.host)")
-        self._drain()
-        ids = [g2.alloc.check(s) for s in slots]
-        if len(set(ids)) != len(ids):
-            raise BlockStateError(f"duplicate slots in commit_host: {list(slots)}")
-        for s in ids:
-            if g2.alloc.refcount(s) != 1 or g2.owner[s] is not None:
-                raise BlockStateError(f"G2 page {s} is not a page reserved with reserve_host")
-        end = start_block + len(ids)
-        if end > len(hashes) or end * self.block_size > tokens.size:
-            raise BlockStateError(
-                f"commit_host of blocks [{start_block}, {end}) but the tokens hold "
-                f"{min(len(hashes), tokens.size // self.block_size)} full blocks")
-        parent: BlockRecord | None = None
-        if start_block > 0:
-            parent = self._parent_of(hashes, start_block, tokens, lora_name)
-        kept: list[bool] = []
-        placed: list[BlockRecord] = []
-        relinked: list[BlockRecord] = []
-        recs: list[BlockRecord] = []
-        bs4 = self.block_size * 4
-        tok_bytes = tokens[: end * self.block_size].tobytes()
-        for i, s in enumerate(ids):
-            pos = start_block + i
-            if pos > 0 and parent is None:  # lineage broken: nothing below can be matched
-                g2.alloc.free([s])
-                kept.append(False)
-                continue
-            h = hashes.sequence[pos]
-            rec = self._index.get(h)
-            if rec is None:
-                rec = BlockRecord(h, hashes.local[pos], parent,
-                                  tok_bytes[pos * bs4: (pos + 1) * bs4], lora_name)
-                if self._orphans and h in self._orphans and self._unorphan(rec):
-                    relinked.append(rec)
-                self._index.insert(rec)
-            if rec.g2 >= 0:
-                g2.alloc.free([s])
-                kept.append(False)
-                self._deduplicated += 1
-            else:
-                self._place(g2, rec, s, pinned=False)
-                placed.append(rec)
-                kept.append(True)
-            recs.append(rec)
-            parent = rec
-        self._committed += len(placed)
-        self._offloaded += len(placed)
-        self._sink.emit_stored(placed, Medium.CPU_PINNED)
-        self._emit_relinked(relinked)
-        self._touch(recs)
-        self._store_down(placed)
-        return kept
-
-    def release_host(self, slots: Iterable[int]) -> None:
-        """Give back G2 pages reserved with :meth:`reserve_host` and not committed (a save
-        that failed). Validates everything first."""
-        if self._closed:
-            raise closed_error()
-        slots = check_id_container(slots, "slots", ordered=False)
-        g2 = self._g2
-        if g2 is None:
-            raise ConfigError("release_host needs a host tier (config.host)")
-        self._drain()
-        ids = [g2.alloc.check(s) for s in slots]
-        if len(set(ids)) != len(ids):
-            raise BlockStateError(f"duplicate slots in release_host: {list(slots)}")
-        for s in ids:
-            if g2.alloc.refcount(s) != 1 or g2.owner[s] is not None:
-                raise BlockStateError(f"G2 page {s} is not a page reserved with reserve_host")
-        g2.alloc.free(ids)
-
-    def set_host_check_hook(self, hook: Callable[[list[tuple[int, int]]], list[bool]] | None
-                            ) -> None:
-        """Ask ``hook([(g2_slot, seq_hash), ...])`` whether each page still holds its block
-        before it is stored to a tier below (an engine whose movers tag pages checks the
-        tags). A page it refuses is not stored, and its G2 copy is dropped: a tier's
-        checksum would otherwise vouch for whatever the page held."""
-        if hook is not None and not callable(hook):
-            raise InvalidArgumentError(f"hook must be callable or None, got {hook!r}")
-        self._check_hook = hook
-
-    def _checked_pages(self, recs: list[BlockRecord]) -> list[BlockRecord]:
-        assert self._check_hook is not None and self._g2 is not None
-        ok = self._check_hook([(r.g2, r.seq_hash) for r in recs])
-        bad = [r for r, good in zip(recs, ok, strict=True) if not good]
-        if not bad:
-            return recs
-        log.error("kvbm: %d G2 page(s) no longer hold their block; not stored below, dropped",
-                  len(bad))
-        self._bad_host_pages += len(bad)
-        g2 = self._g2
-        for r in bad:
-            if r.g2 >= 0 and g2.alloc.refcount(r.g2) == 0 and self._index.get(r.seq_hash) is r:
-                g2.policy.remove(r.seq_hash)
-                self._evict(g2, r)
-        # (an eviction may have taken descendants with it: lineage)
-        return [r for r, good in zip(recs, ok, strict=True)
-                if good and r.g2 >= 0 and self._index.get(r.seq_hash) is r]
-
-    def set_host_fill_hook(self, hook: Callable[[list[tuple[int, int]]], None] | None
-                           ) -> None:
-        """Call ``hook([(g2_slot, seq_hash), ...])`` on the owner thread whenever pages loaded
-        from disk or object storage (verified by the tier) become G2 copies. An engine that
-        tags pages for its movers (the vLLM connector) tags them there: the only moment the
-        page is known to hold that block."""
-        if hook is not None and not callable(hook):
-            raise InvalidArgumentError(f"hook must be callable or None, got {hook!r}")
-        self._fill_hook = hook
-
-    def _host_filled(self, recs: Sequence[BlockRecord]) -> None:
-        if self._fill_hook is not None and recs:
-            self._fill_hook([(r.g2, r.seq_hash) for r in recs])
-
-    def discard_host(self, seq_hashes: Sequence[int]) -> int:
-        """Drop the G2 copies of these blocks (a mover found them damaged): they leave G2 as
-        an eviction would (copies in lower tiers stay). Blocks not in G2, or whose page is
-        held, are left alone. Returns how many were dropped."""
-        if self._closed:
-            raise closed_error()
-        hashes = list(check_id_container(seq_hashes, "seq_hashes", ordered=False))
-        check_keys(hashes, "seq_hashes")
-        g2 = self._g2
-        if g2 is None:
-            raise ConfigError("discard_host needs a host tier (config.host)")
-        self._drain()
-        n = 0
-        for h in hashes:
-            rec = self._index.get(h)
-            if rec is None or rec.g2 < 0 or g2.alloc.refcount(rec.g2) > 0:
-                continue
-            g2.policy.remove(h)
-            self._evict(g2, rec)
-            n += 1
-        return n
-
-    def _device_tier(self) -> _MemTier:
-        """G1, for the calls that use kvbm's own device pool."""
-        if self._g1 is None:
-            raise ConfigError("this manager has no device tier of its own (device = none: the "
-                              "engine owns G1); use stage/reserve_host/commit_host/"
-                              "release_host and a mover")
-        return self._g1
-
-    def _release_stage_tail(self, h: StageHandle, cut: int) -> None:
-        """Give back the holds of ``h`` from ``cut`` on that are ready (staged pages are
-        dealt with when their load finishes)."""
-        g2 = self._g2
-        assert g2 is not None
-        for i in range(cut, len(h._recs)):
-            if i not in h._staged:
-                self._release_one(g2, h._slots[i])
-
-    def _finish_stage(self, h: StageHandle) -> None:
-        """All loads of a stage finished: cache what arrived, cut at the first block that did
-        not, give back what follows."""
-        g2 = self._g2
-        assert g2 is not None
-        recs, staged = h._recs, h._staged
-        self._unbusy(recs)
-        cancelled = h._cut is not None
-        cut = h._cut if h._cut is not None else len(recs)
-        arrived: list[BlockRecord] = []
-        for i in sorted(staged):
-            s = staged[i]
-            rec = recs[i]
-            ok = h._ok.get(i, False) and self._index.get(rec.seq_hash) is rec
-            keep = ok and i < cut and not cancelled
-            if ok and rec.g2 < 0:
-                self._place(g2, rec, s, pinned=keep)
-                arrived.append(rec)
-            else:
-                g2.alloc.free([s])
-                if ok and keep:  # a G2 copy appeared meanwhile: hold that one instead
-                    self._hold(g2, rec)
-                    h._slots[i] = rec.g2
-            if not ok:
-                cut = min(cut, i)
-        self._host_filled(arrived)
-        self._sink.emit_stored(arrived, Medium.CPU_PINNED)
-        if not cancelled:
-            self._release_stage_tail(h, cut)
-            h.slots = h._slots[:cut]
-            h.sequence_hashes = [r.seq_hash for r in recs[:cut]]
-            h.status = OnboardStatus.DONE
-        self._touch(recs[:cut])
-        self._store_down(arrived)
-
     # ------------------------------------------------------------------------- data access --
     def block_view(self, block_id: int) -> torch.Tensor | list[torch.Tensor]:
         """The engine's view of one G1 block's KV (see :meth:`DevicePool.block_view`)."""
@@ -1090,10 +636,10 @@ class BlockManager:
                 or not 0 <= seq_hash <= U64:
             raise InvalidKeyError(f"a block hash must be an int in [0, 2**64), got {seq_hash!r}")
         rec = self._index.get(int(seq_hash))
-        if rec is None and self._orphans.get(int(seq_hash)) & _ANNOUNCED:
+        if rec is None and self._orphans.get(int(seq_hash)) & ANNOUNCED:
             # compacted (only below host memory): a snapshot of its residency
             rec = BlockRecord(int(seq_hash), 0, None, b"", None)
-            rec.mask = self._orphans.get(int(seq_hash)) & _LOWER
+            rec.mask = self._orphans.get(int(seq_hash)) & LOWER_BITS
         return rec
 
     def stats(self, *, drain: bool = True) -> ManagerStats:
@@ -1124,19 +670,19 @@ class BlockManager:
                             sum(len(c.g1_holds) + len(c.g2_holds) for c in self._copies))
 
     # ---------------------------------------------------------------------------- internals --
-    def _hold(self, tier: _MemTier, rec: BlockRecord) -> None:
+    def _hold(self, tier: MemTier, rec: BlockRecord) -> None:
         slot = tier.slot(rec)
         if tier.alloc.incref(slot) == 1:
             tier.pinned += 1
             tier.policy.pin(rec.seq_hash)
 
-    def _unhold(self, tier: _MemTier, rec: BlockRecord) -> None:
+    def _unhold(self, tier: MemTier, rec: BlockRecord) -> None:
         slot = tier.slot(rec)
         if tier.alloc.decref(slot) == 0:
             tier.pinned -= 1
             tier.policy.unpin(rec.seq_hash)
 
-    def _place(self, tier: _MemTier, rec: BlockRecord, slot: int, *, pinned: bool) -> None:
+    def _place(self, tier: MemTier, rec: BlockRecord, slot: int, *, pinned: bool) -> None:
         """Make ``slot`` (taken, refcount 1) the copy of ``rec`` in ``tier``."""
         tier.set_slot(rec, slot)
         tier.owner[slot] = rec
@@ -1147,7 +693,7 @@ class BlockManager:
         else:
             tier.alloc.decref(slot)
 
-    def _take(self, tier: _MemTier, n: int) -> list[int]:
+    def _take(self, tier: MemTier, n: int) -> list[int]:
         """``n`` pages of ``tier``, evicting by its policy; the caller checked there is room."""
         short = n - tier.alloc.num_free
         while short > 0:
@@ -1160,7 +706,7 @@ class BlockManager:
             short = n - tier.alloc.num_free
         return tier.alloc.allocate(n)
 
-    def _evict(self, tier: _MemTier, rec: BlockRecord) -> None:
+    def _evict(self, tier: MemTier, rec: BlockRecord) -> None:
         """``rec`` was chosen as victim of ``tier`` (the policy already forgot it)."""
         slot = tier.slot(rec)
         host = self.config.host
@@ -1185,7 +731,7 @@ class BlockManager:
         self._sink.emit(BlockRemoved([rec.seq_hash], tier.medium))
         if rec.mask == 0:
             self._forget(rec)
-        elif not rec.mask & (_GPU | _HOST):
+        elif not rec.mask & (GPU_BIT | HOST_BIT):
             self._compactable.append(rec)
 
     def _forget(self, rec: BlockRecord) -> None:
@@ -1209,11 +755,11 @@ class BlockManager:
                 else:
                     t.alloc.free([slot])
                 by_medium.setdefault(t.medium, []).append(r.seq_hash)
-            if r.mask & _LOWER:
+            if r.mask & LOWER_BITS:
                 # The page stays in its persistent tier, unlinked: a later match whose
                 # prefix is cached again links it back.
-                self._orphans[r.seq_hash] = r.mask & _LOWER
-                for m in mediums_of(r.mask & _LOWER):
+                self._orphans[r.seq_hash] = r.mask & LOWER_BITS
+                for m in mediums_of(r.mask & LOWER_BITS):
                     by_medium.setdefault(m, []).append(r.seq_hash)
             r.mask = 0
         for m, hs in by_medium.items():
@@ -1282,7 +828,7 @@ class BlockManager:
         assert copier is not None, "G1/G2 copies need kvbm's own G1"
         return copier
 
-    def _copy(self, src: _MemTier, src_slots: list[int], dst: _MemTier, dst_slots: list[int],
+    def _copy(self, src: MemTier, src_slots: list[int], dst: MemTier, dst_slots: list[int],
               *, order_consumer: bool = True,
               offloaded: list[tuple[BlockRecord, int]] | None = None,
               g1_holds: list[int] | None = None, g2_holds: list[int] | None = None) -> None:
@@ -1291,7 +837,7 @@ class BlockManager:
         assert copier is not None, "G1/G2 copies need kvbm's own G1"
         ticket = copier.submit(src.pool, src_slots, dst.pool, dst_slots,
                                order_consumer=order_consumer)
-        self._copies.append(_LocalCopy(ticket, offloaded or [], g1_holds or [], g2_holds or []))
+        self._copies.append(LocalCopy(ticket, offloaded or [], g1_holds or [], g2_holds or []))
 
     def _reap_copies(self, *, wait: bool = False) -> None:
         """Finish the G1/G2 copies that have landed (all of them with ``wait``), oldest
@@ -1310,7 +856,7 @@ class BlockManager:
             copies.popleft()
             self._landed(lc, ok)
 
-    def _landed(self, lc: _LocalCopy, ok: bool) -> None:
+    def _landed(self, lc: LocalCopy, ok: bool) -> None:
         g1, g2 = self._g1, self._g2
         # Blocks forgotten meanwhile (a lineage cascade) had their G2 page detached: the
         # hold below frees it.
@@ -1334,7 +880,7 @@ class BlockManager:
             self._sink.emit_stored(placed, Medium.CPU_PINNED)
             self._store_down(placed)
 
-    def _drop_unlanded(self, tier: _MemTier, rec: BlockRecord) -> None:
+    def _drop_unlanded(self, tier: MemTier, rec: BlockRecord) -> None:
         """``rec``'s page in ``tier`` never received its data: it stops being that block's
         copy (the caller's hold on it frees it); nothing was announced for it."""
         slot = tier.slot(rec)
@@ -1345,7 +891,7 @@ class BlockManager:
         rec.mask &= ~tier.bit
         if rec.mask == 0:
             self._forget(rec)
-        elif not rec.mask & (_GPU | _HOST):
+        elif not rec.mask & (GPU_BIT | HOST_BIT):
             self._compactable.append(rec)
 
     def _touch(self, recs: Sequence[BlockRecord]) -> None:
@@ -1379,483 +925,8 @@ class BlockManager:
         counters; ``None`` otherwise (then :meth:`take_events` drains the events)."""
         return self._sink.publisher
 
-    def _residency_snapshot(self) -> list[BlockStored]:
-        """Every block resident now, per medium, parents first (owner thread): what a
-        publisher re-announces after the ``AllBlocksCleared`` of a resync. Compacted blocks
-        lose their announcement (their tokens are not kept): a match links and announces
-        them again."""
-        if self._announced:
-            self._orphans.and_all(_LOWER)
-            self._announced = 0
-        recs = self._parents_first(list(self._index))
-        return [self._sink.stored_event(run, medium) for medium in Medium
-                for run in runs([r for r in recs if r.mask & medium.bit])]
-
     # ------------------------------------------------------------- lower tiers (G3, G4) --
-    def _open_lower_tiers(self) -> None:
-        from kvbm.tiers import open_store
-
-        oc = self.config.offload
-        host = self.config.host
-        assert host is not None
-        # Pages in flight to a tier are pinned in G2: at most half of G2, so that G2 always
-        # keeps room to stage loads and to take new offloads.
-        inflight = max(1, min(oc.max_inflight_pages, host.num_blocks // 2))
-        self._engine = OffloadEngine(max_inflight_pages=inflight,
-                                     batch_bytes=oc.batch_bytes, on_complete=self._inbox.put)
-        try:
-            for cfg in self.config.lower_tiers:
-                store: PageStore = self._engine.run(open_store(cfg, self.layout, self))
-                self._engine.add_tier(store)
-                lt = _StoreTier(store)
-                self._lower.append(lt)
-                self._orphans.or_many(self._engine.run(store.keys()), lt.bit)
-        except BaseException:
-            with contextlib.suppress(TransferError):  # the opening error is the one to see
-                self._engine.shutdown(flush=False)
-            raise
-        log.info("lower tiers: %s; %d stored pages found", [t.medium.value for t in self._lower],
-                 len(self._orphans))
-        if oc.exit_flush_timeout_s > 0:
-            exit_flush.add(self)
-
-    def on_removed(self, medium: Medium, keys: Sequence[int], reason: RemovalReason) -> None:
-        """TierListener: a tier dropped pages (called on the tier's threads)."""
-        self._inbox.put(_Removal(medium, list(keys)))
-
-    def on_discovered(self, medium: Medium, keys: Sequence[int]) -> None:
-        """TierListener (optional): a tier shared with other writers found pages they
-        stored (called on the tier's threads). They are matched like pages found at open."""
-        self._inbox.put(_Discovered(medium, list(keys)))
-
-    def poll(self) -> int:
-        """Complete finished background transfers now (owner thread). Every other call does
-        it too; an idle engine can call this to get offload events out sooner."""
-        if self._closed:
-            raise closed_error()
-        return self._drain()
-
-    def _drain(self, *, block: bool = False, timeout: float | None = None) -> int:
-        """Process the inbox on the owner thread. ``block``: wait for at least one item."""
-        if self._copies:
-            self._reap_copies()
-        if self._compactable:
-            self._compact()
-        self._sink.serve_snapshot()
-        if self._engine is None:
-            return 0
-        n = 0
-        inbox = self._inbox
-        if timeout is not None:  # (every call drains: nothing more on the common path)
-            timeout = os_wait(timeout)  # callers loop until their own deadline
-        while True:
-            try:
-                item = inbox.get(block=block and n == 0, timeout=timeout)
-            except queue.Empty:
-                return n
-            n += 1
-            if isinstance(item, _Removal):
-                self._on_removed(item)
-            elif isinstance(item, _Discovered):
-                self._on_discovered(item)
-            elif item.kind is TransferKind.STORE:
-                self._on_stored(item)
-            else:
-                self._on_loaded(item)
-
-    def _quiesce(self, timeout: float = 60.0) -> None:
-        """Wait until no store transfer is in flight (their G2 pages are pinned)."""
-        deadline = time.monotonic() + timeout
-        while any(lt.inflight for lt in self._lower):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TransferError("offloads to lower tiers did not finish in time")
-            self._drain(block=True, timeout=left)
-
     # ---------------------------------------------------------------------- flush and close --
-    def flush(self, timeout: float | None = None) -> FlushResult:
-        """Write the committed blocks down to the tiers below host memory and return once
-        each is in every such tier that admitted it (durable: see the class docstring).
-
-        With ``host.eager_offload`` off, the blocks only G1 holds are first copied to G2
-        (its admission permitting; parents first, as many at a time as G2 has room for, so
-        G2 may be smaller than G1). Then every G2 page that a lower tier lacks is stored into
-        it (offloads that backpressure skipped earlier included), within the tiers' in-flight
-        bounds, and the flush waits until no store is in flight. A page a tier refuses (its
-        admission, no room, an I/O error) is not retried: ``FlushResult.volatile`` counts
-        the blocks left in no persistent tier. Without tiers below host memory there is
-        nothing durable to write: it returns at once.
-
-        ``timeout``: seconds, finite and >= 0; ``None`` waits as long as it takes (every
-        tier operation has its own timeout). When it runs out,
-        :class:`~kvbm.errors.TransferError` is raised; what was stored so far stays stored.
-        """
-        if self._closed:
-            raise closed_error()
-        limit = as_seconds(timeout, "timeout")
-        result = self._flush(limit)
-        if not result.complete:
-            raise TransferError(f"flush did not finish within {limit} s: {result.volatile} "
-                                f"committed blocks are in no tier below host memory yet")
-        return result
-
-    def _flush(self, timeout: float | None) -> FlushResult:
-        """:meth:`flush` without the checks; ``complete=False`` when time ran out."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        self._reap_copies(wait=True)  # offloads still copying: their stores go down now
-        self._drain()
-        engine, g2, host = self._engine, self._g2, self.config.host
-        if engine is None or g2 is None or host is None or not self._lower:
-            return FlushResult(0, {}, self._volatile())
-        before = {lt.medium: (lt.stored, lt.failed) for lt in self._lower}
-        every = 0
-        for lt in self._lower:
-            every |= lt.bit
-        backlog: list[BlockRecord] = []
-        if not host.eager_offload and self._g1 is not None:
-            backlog = self._parents_first([r for r in self._device_tier().owner
-                                           if r is not None and r.g2 < 0
-                                           and r.mask & every != every])
-        tried: set[int] = set()  # each page is offered to the tiers once per flush
-        to_host = 0
-        complete = True
-        try:
-            i = 0
-            while True:
-                self._store_backlog(tried, deadline)
-                if i >= len(backlog):
-                    break
-                # G1 -> G2 in chunks that G2 can take without evicting a page that has not
-                # reached the tiers below yet, and that the tiers take without skipping.
-                room = min(g2.alloc.num_free + g2.evictable(),
-                           *(engine.store_room(lt.medium) for lt in self._lower))
-                if room <= 0:
-                    if not self._transfers_in_flight():
-                        break  # G2 is all held by the engine: the rest stays in G1
-                    self._wait_for_transfers(deadline)
-                    continue
-                chunk = [r for r in backlog[i: i + room] if r.g1 >= 0 and r.g2 < 0]
-                i += room
-                tried.update(r.seq_hash for r in chunk)
-                to_host += self._offload(chunk)
-                self._reap_copies(wait=True)  # landed: their stores are submitted
-        except _FlushTimeout:
-            complete = False
-        stored = {lt.medium: lt.stored - before[lt.medium][0] for lt in self._lower}
-        failed = sum(lt.failed - before[lt.medium][1] for lt in self._lower)
-        return FlushResult(to_host, stored, self._volatile(), failed, complete)
-
-    def _store_backlog(self, tried: set[int], deadline: float | None) -> None:
-        """Store every G2 page that a lower tier lacks (not in ``tried``) into it, parents
-        first, within the in-flight bounds; return once no store is in flight."""
-        engine, g2 = self._engine, self._g2
-        assert engine is not None and g2 is not None
-        self._drain()
-        todo = self._parents_first([
-            r for r in g2.owner if r is not None and r.seq_hash not in tried
-            and any(not r.mask & lt.bit and r.seq_hash not in lt.inflight for lt in self._lower)])
-        i = 0
-        while i < len(todo) or any(lt.inflight for lt in self._lower):
-            room = min(engine.store_room(lt.medium) for lt in self._lower)
-            if i < len(todo) and room > 0:
-                batch = [r for r in todo[i: i + room] if r.g2 >= 0]
-                i += room
-                tried.update(r.seq_hash for r in batch)
-                self._store_down(batch)
-                continue
-            if not self._transfers_in_flight():  # pragma: no cover - room comes back
-                break
-            self._wait_for_transfers(deadline)
-
-    def _transfers_in_flight(self) -> bool:
-        engine = self._engine
-        return engine is not None and any(engine.inflight_pages(lt.medium)
-                                          for lt in self._lower)
-
-    def _wait_for_transfers(self, deadline: float | None) -> None:
-        """Complete at least one transfer, or raise :class:`_FlushTimeout` at ``deadline``."""
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            raise _FlushTimeout
-        self._drain(block=True, timeout=left)
-
-    def _volatile(self) -> int:
-        """Indexed blocks that no tier below host memory holds."""
-        return sum(1 for r in self._index if not r.mask & _LOWER)
-
-    @staticmethod
-    def _parents_first(recs: list[BlockRecord]) -> list[BlockRecord]:
-        """``recs`` ordered by depth in the prefix tree (stable): a prefix of the result
-        that reached a tier is matchable there."""
-        depth: dict[int, int] = {}
-
-        def depth_of(r: BlockRecord) -> int:
-            chain: list[BlockRecord] = []
-            node: BlockRecord | None = r
-            while node is not None and id(node) not in depth:
-                chain.append(node)
-                node = node.parent
-            d = -1 if node is None else depth[id(node)]
-            for x in reversed(chain):
-                d += 1
-                depth[id(x)] = d
-            return d
-
-        return sorted(recs, key=depth_of)
-
-    def close(self, *, flush: bool | None = None, timeout: float | None = None) -> None:
-        """Flush (when ``flush``, default ``config.offload.flush_on_close``: see
-        :meth:`flush`), stop the offload engine and close the lower tiers. Idempotent.
-
-        Waits at most ``timeout`` seconds (default ``config.offload.close_timeout_s``), plus
-        a second for the workers to stop; a flush that runs out of time is logged as a
-        warning, not raised (call :meth:`flush` first to know). Loads still pending end
-        with the prefix cut before them. Afterwards every call but the few listed in the
-        class docstring raises :class:`~kvbm.errors.ClosedError`.
-        """
-        if self._closed:
-            return
-        if flush is not None and not isinstance(flush, bool):
-            raise InvalidArgumentError(f"flush must be true, false or None, got {flush!r}")
-        limit = as_seconds(timeout, "timeout")
-        oc = self.config.offload
-        self._shutdown(oc.flush_on_close if flush is None else flush,
-                       oc.close_timeout_s if limit is None else limit)
-
-    def _shutdown(self, flush: bool, limit: float) -> FlushResult | None:
-        exit_flush.discard(self)
-        engine = self._engine
-        result = None
-        try:
-            self._reap_copies(wait=True)
-            if self._copier is not None:
-                self._copier.close()
-            if engine is not None:
-                deadline = time.monotonic() + limit
-                try:
-                    if flush:
-                        result = self._flush(limit)
-                        if not result.complete:
-                            log.warning("close: the flush did not finish within %.1f s; %d "
-                                        "committed blocks are in no tier below host memory",
-                                        limit, result.volatile)
-                finally:  # whatever happened, the workers stop and the manager closes
-                    try:
-                        engine.shutdown(flush=flush,
-                                        timeout=max(deadline - time.monotonic(), 1.0))
-                    except TransferError as e:
-                        log.warning("close: %s", e)
-                    # What the workers finished or cancelled: unpins G2 pages and ends the
-                    # onboards still pending.
-                    self._drain()
-                    self._final_lower = {
-                        lt.medium: (copy.deepcopy(lt.store.stats()),
-                                    copy.deepcopy(engine.stats(lt.medium)))
-                        for lt in self._lower}
-                    self._engine = None
-        finally:
-            self._closed = True
-            self._sink.close()
-        return result
-
-    def _close_at_exit(self) -> None:
-        """The exit flush (:class:`ExitFlush`): close a manager left open, and say so."""
-        if self._closed:
-            return
-        owner = self._owner
-        if owner is not threading.main_thread() and owner.is_alive():
-            log.warning("kvbm: a BlockManager was not closed before exit and the thread that "
-                        "built it (%s) is still running: not flushing it at exit (close() it "
-                        "on that thread)", owner.name)
-            return
-        oc = self.config.offload
-        t0 = time.monotonic()
-        result = self._shutdown(oc.flush_on_close, oc.exit_flush_timeout_s)
-        took = time.monotonic() - t0
-        if result is None:
-            log.warning("kvbm: a BlockManager was not closed before exit; closed it at exit "
-                        "without flushing (offload.flush_on_close is off)")
-        elif result.complete:
-            log.warning("kvbm: a BlockManager was not closed before exit; flushed and closed "
-                        "it at exit in %.2f s (%d blocks copied to host memory, stored: %s; "
-                        "%d committed blocks in no persistent tier). Call close() before "
-                        "the program ends.", took, result.to_host,
-                        {m.value: n for m, n in result.stored.items()}, result.volatile)
-        else:
-            log.warning("kvbm: a BlockManager was not closed before exit, and the exit flush "
-                        "ran out of time after %.1f s (offload.exit_flush_timeout_s): %d "
-                        "committed blocks were not written to any persistent tier and are "
-                        "lost. Call close() before the program ends.", took, result.volatile)
-
-    def __enter__(self) -> BlockManager:
-        if self._closed:
-            raise closed_error()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _store_down(self, recs: Sequence[BlockRecord]) -> None:
-        """Queue G2-resident ``recs`` for every lower tier that lacks them (inclusive tiers).
-        Their G2 pages stay pinned until the store finishes. What the tier's in-flight bound
-        has no room for now waits (unpinned: G2 may still evict it) and is submitted as
-        earlier stores finish; nothing blocks."""
-        engine, g2 = self._engine, self._g2
-        if engine is None or g2 is None or not recs:
-            return
-        pool = self._host_pool()
-        assert pool is not None
-        for lt in self._lower:
-            todo = [r for r in recs if r.g2 >= 0 and not r.mask & lt.bit
-                    and r.seq_hash not in lt.inflight]
-            room = max(0, engine.store_room(lt.medium))
-            for r in todo[room:]:
-                lt.deferred[r.seq_hash] = r
-            todo = todo[:room]
-            if todo and self._check_hook is not None:
-                todo = self._checked_pages(todo)
-            if not todo:
-                continue
-            for r in todo:
-                lt.deferred.pop(r.seq_hash, None)
-                self._hold(g2, r)
-                lt.inflight.add(r.seq_hash)
-            engine.submit(TransferHandle(TransferKind.STORE, lt.medium,
-                                         [r.seq_hash for r in todo],
-                                         [pool.page(r.g2) for r in todo],
-                                         context=_StoreContext(lt, [(r, r.g2) for r in todo]),
-                                         parents=[r.parent_hash for r in todo]))
-
-    def _store_deferred(self, lt: _StoreTier) -> None:
-        """Submit the deferred stores of ``lt`` that its in-flight bound has room for now."""
-        if not lt.deferred or self._engine is None:
-            return
-        room = self._engine.store_room(lt.medium)
-        batch: list[BlockRecord] = []
-        for h in list(lt.deferred):
-            if len(batch) >= room:
-                break
-            r = lt.deferred.pop(h)
-            if r.g2 >= 0 and not r.mask & lt.bit and self._index.get(h) is r:
-                batch.append(r)
-        if batch:
-            self._store_down(batch)
-
-    def _on_stored(self, th: TransferHandle) -> None:
-        ctx: _StoreContext = th.context
-        lt, pages = ctx.tier, ctx.pages
-        g2 = self._g2
-        assert g2 is not None
-        stored: list[BlockRecord] = []
-        if th.status is not TransferStatus.DONE:
-            lt.failed += len(pages)
-        for (rec, slot), ok in zip(pages, th.results, strict=True):
-            lt.inflight.discard(rec.seq_hash)
-            if rec.g2 == slot:
-                self._unhold(g2, rec)
-            else:  # forgotten meanwhile: the page was detached and is ours to free
-                self._release_one(g2, slot)
-            if not ok:
-                continue
-            lt.stored += 1
-            if not rec.mask:  # forgotten meanwhile; maybe recomputed under a new record
-                cur = self._index.get(rec.seq_hash)
-                if cur is None:
-                    self._orphans[rec.seq_hash] = self._orphans.get(rec.seq_hash, 0) | lt.bit
-                    continue
-                rec = cur
-            if not rec.mask & lt.bit:
-                rec.mask |= lt.bit
-                stored.append(rec)
-        self._sink.emit_stored(stored, lt.medium)
-        self._store_deferred(lt)
-
-    def _reports_misses(self, medium: Medium) -> bool:
-        from kvbm.storage.base import Capability
-
-        return any(lt.medium is medium and lt.store.capabilities & Capability.REPORTS_MISSES
-                   for lt in self._lower)
-
-    def _on_discovered(self, item: _Discovered) -> None:
-        """Pages of a lower tier this manager did not store: unlinked (``_orphans``) until a
-        match links them, as at open; a block already indexed gains the tier's residency."""
-        lt = next((t for t in self._lower if t.medium is item.medium), None)
-        if lt is None:
-            return
-        bit, orphans = lt.bit, self._orphans
-        gained: list[BlockRecord] = []
-        unlinked: list[int] = []
-        for k in item.keys:
-            rec = self._index.get(k)
-            if rec is not None:
-                if not rec.mask & bit:
-                    rec.mask |= bit
-                    gained.append(rec)
-                continue
-            was = orphans.get(k)
-            if was & _ANNOUNCED and not was & bit:
-                # Compacted without its tokens, it cannot announce the new copy: it becomes
-                # unannounced, and the match that links it announces every copy.
-                orphans[k] = (was & _LOWER) | bit
-                self._announced -= 1
-            elif not was & bit:
-                unlinked.append(k)
-        orphans.or_many(unlinked, bit)
-        self._sink.emit_stored(gained, lt.medium)
-
-    def _on_removed(self, item: _Removal) -> None:
-        bit = item.medium.bit
-        gone: list[BlockRecord] = []
-        announced: list[int] = []  # compacted blocks whose copy there was announced
-        for k in item.keys:
-            rec = self._index.get(k)
-            if rec is not None and rec.mask & bit:
-                rec.mask &= ~bit
-                gone.append(rec)
-            elif k in self._orphans:
-                was = self._orphans[k]
-                left = was & ~bit
-                if was & _ANNOUNCED and was & bit:
-                    announced.append(k)
-                if left & _LOWER:
-                    self._orphans[k] = left
-                else:
-                    del self._orphans[k]
-                    self._announced -= bool(was & _ANNOUNCED)
-        if gone or announced:
-            self._sink.emit(BlockRemoved([r.seq_hash for r in gone] + announced, item.medium))
-        for r in gone:
-            if r.mask == 0 and self._index.get(r.seq_hash) is r:
-                self._forget(r)
-
-    def _on_loaded(self, th: TransferHandle) -> None:
-        lctx: _LoadContext = th.context
-        handle, medium, positions = lctx.handle, lctx.medium, lctx.positions
-        for i, ok in zip(positions, th.results, strict=True):
-            handle._ok[i] = ok
-        if not all(th.results):
-            # A tier that reports its definite misses itself (it has already: the listener
-            # runs before completion) failed the others transiently, e.g. an unreachable
-            # object store: keep their residency so that they are served once it answers.
-            # Any other tier's failed load is taken as "not there any more".
-            missing = [handle._recs[i].seq_hash for i, ok in zip(positions, th.results,
-                                                                   strict=True) if not ok]
-            if th.status is not th.status.FAILED and not self._reports_misses(medium):
-                self._on_removed(_Removal(medium, missing))
-        else:
-            self._onboarded[medium] += len(positions)
-        handle._pending -= 1
-        if handle._pending == 0:
-            if isinstance(handle, StageHandle):
-                self._finish_stage(handle)
-            else:
-                self._finish_onboard(handle)
-        # Loads count against the tier's in-flight bound: stores deferred behind them can
-        # go down now (nothing else may finish soon to submit them).
-        for lt in self._lower:
-            if lt.medium is medium:
-                self._store_deferred(lt)
-
     def _finish_onboard(self, h: OnboardHandle) -> None:
         """All loads of an onboard finished: keep what arrived in G2, cut the prefix at the
         first block that did not arrive, copy the rest up to G1, give back what follows."""
@@ -1919,7 +990,7 @@ class BlockManager:
             if i not in h._staged:
                 self._release_one(self._device_tier(), h._g1[i])
 
-    def _has_room(self, tier: _MemTier, need: int, will_hold: Sequence[BlockRecord]) -> bool:
+    def _has_room(self, tier: MemTier, need: int, will_hold: Sequence[BlockRecord]) -> bool:
         """Whether ``need`` pages can be taken in ``tier`` after pinning ``will_hold``."""
         short = need - tier.alloc.num_free
         if short <= 0:
@@ -1928,120 +999,67 @@ class BlockManager:
                        if tier.slot(r) >= 0 and tier.alloc.refcount(tier.slot(r)) == 0)
         return short <= tier.evictable() - unpinned
 
-    def _check_room(self, tier: _MemTier, need: int, will_hold: Sequence[BlockRecord]) -> None:
+    def _check_room(self, tier: MemTier, need: int, will_hold: Sequence[BlockRecord]) -> None:
         """Raise, changing nothing, unless :meth:`_has_room`."""
         if not self._has_room(tier, need, will_hold):
             raise PoolExhaustedError(
                 f"{tier.medium.value}: {need} pages needed, {tier.alloc.num_free} free and "
                 f"{tier.evictable()} evictable (some may be about to be pinned)")
 
-    def _relink(self, recs: list[BlockRecord], hashes: BlockHashes, tokens: Any,
-                lora_name: str | None, limit: int | None = None) -> None:
-        """Extend a match with unlinked pages of persistent tiers (lineage: only right after
-        a linked parent, or at the start of a sequence), up to ``limit`` blocks."""
-        seq, bs = hashes.sequence, self.block_size
-        end = len(seq) if limit is None else min(limit, len(seq))
-        tok = None if tokens is None else as_token_array(tokens)
-        k = len(recs)
-        announce: list[BlockRecord] = []
-        while k < end and seq[k] in self._orphans:
-            piece = (b"" if tok is None or tok.size < (k + 1) * bs
-                     else tok[k * bs: (k + 1) * bs].tobytes())
-            rec = BlockRecord(seq[k], hashes.local[k], recs[-1] if recs else None, piece,
-                              lora_name)
-            if self._unorphan(rec):
-                announce.append(rec)
-            self._index.insert(rec)
-            recs.append(rec)
-            if not rec.mask & (_GPU | _HOST):  # announced now: compacted again if unused
-                self._compactable.append(rec)
-            k += 1
-        self._emit_relinked(announce)
+    # host-level API (engine-owned G1): kvbm/core/host_api.py ----------------------------------
+    stage = host_api.stage
+    stageable = host_api.stageable
+    reserve_host = host_api.reserve_host
+    commit_host = host_api.commit_host
+    release_host = host_api.release_host
+    set_host_check_hook = host_api.set_host_check_hook
+    _checked_pages = host_api._checked_pages
+    set_host_fill_hook = host_api.set_host_fill_hook
+    _host_filled = host_api._host_filled
+    discard_host = host_api.discard_host
+    _device_tier = host_api._device_tier
+    _release_stage_tail = host_api._release_stage_tail
+    _finish_stage = host_api._finish_stage
 
-    def _unorphan(self, rec: BlockRecord) -> bool:
-        """Give ``rec`` the residency of its unlinked pages; whether they must be announced
-        (a compacted block's events still stand)."""
-        mask = self._orphans.pop(rec.seq_hash, 0)
-        rec.mask = mask & _LOWER
-        if mask & _ANNOUNCED:
-            self._announced -= 1
-            return False
-        return True
+    # lower tiers (G3, G4): kvbm/core/lower_ops.py ---------------------------------------------
+    _open_lower_tiers = lower_ops._open_lower_tiers
+    on_removed = lower_ops.on_removed
+    on_discovered = lower_ops.on_discovered
+    _store_down = lower_ops._store_down
+    _store_deferred = lower_ops._store_deferred
+    _on_stored = lower_ops._on_stored
+    _reports_misses = lower_ops._reports_misses
+    _on_discovered = lower_ops._on_discovered
+    _on_removed = lower_ops._on_removed
+    _on_loaded = lower_ops._on_loaded
 
-    def _linked(self, hashes: BlockHashes, n: int, tokens: Any,
-                lora_name: str | None) -> list[BlockRecord]:
-        """Records of the longest cached prefix of the first ``n`` blocks, linking the
-        unlinked and compacted pages of persistent tiers back into the index."""
-        recs = self._index.match(hashes.sequence[:n])
-        if self._orphans and len(recs) < n:
-            self._relink(recs, hashes, tokens, lora_name, n)
-        return recs
+    # drain, flush and close: kvbm/core/lifecycle.py -------------------------------------------
+    poll = lifecycle.poll
+    _drain = lifecycle._drain
+    _quiesce = lifecycle._quiesce
+    flush = lifecycle.flush
+    _flush = lifecycle._flush
+    _store_backlog = lifecycle._store_backlog
+    _transfers_in_flight = lifecycle._transfers_in_flight
+    _wait_for_transfers = lifecycle._wait_for_transfers
+    _volatile = lifecycle._volatile
+    _parents_first = staticmethod(lifecycle._parents_first)
+    close = lifecycle.close
+    _shutdown = lifecycle._shutdown
+    _close_at_exit = lifecycle._close_at_exit
+    __enter__ = lifecycle.__enter__
+    __exit__ = lifecycle.__exit__
 
-    def _matched(self, match: MatchResult) -> list[BlockRecord]:
-        """The records of a match's prefix as cached now (onboard, stage)."""
-        try:
-            recs = self._index.match(match.sequence_hashes)
-        except TypeError:  # an unhashable "hash" put into a match's list after the fact
-            raise InvalidKeyError("match.sequence_hashes holds something that is not a block "
-                                  "hash") from None
-        n = len(match.sequence_hashes)
-        if self._orphans and len(recs) < n and len(match.hashes) >= n:
-            self._relink(recs, match.hashes, getattr(match, "_tokens", None), match.lora_name,
-                         n)
-        return recs
-
-    def _parent_of(self, hashes: BlockHashes, start_block: int, tokens: Any,
-                   lora_name: str | None) -> BlockRecord | None:
-        """The record of block ``start_block - 1``, linked back if it was compacted."""
-        rec = self._index.get(hashes.sequence[start_block - 1])
-        if rec is None and self._orphans:
-            chain = self._linked(hashes, start_block, tokens, lora_name)
-            rec = chain[-1] if len(chain) == start_block else None
-        return rec
-
-    def _unbusy(self, recs: Sequence[BlockRecord]) -> None:
-        busy = self._busy
-        for r in recs:
-            left = busy[r.seq_hash] - 1
-            if left > 0:
-                busy[r.seq_hash] = left
-            else:
-                del busy[r.seq_hash]
-            if not r.mask & (_GPU | _HOST):
-                self._compactable.append(r)
-
-    def _compact(self) -> None:
-        """Records resident only below host memory, with no child in the index, leave the
-        index for the table of unlinked pages (``_ANNOUNCED``: nothing is announced; a
-        match reads them there, onboard and stage link them back). The index then holds a
-        Python record only for blocks of G1 and G2 and their ancestors: a disk or bucket
-        tier of tens of millions of pages costs the table's bytes per page, not a record's.
-        """
-        todo, self._compactable = self._compactable, []
-        index, orphans, busy = self._index, self._orphans, self._busy
-        for leaf in todo:
-            rec: BlockRecord | None = leaf
-            while (rec is not None and rec.mask and not rec.mask & (_GPU | _HOST)
-                   and not rec.children and rec.seq_hash not in busy
-                   and index.get(rec.seq_hash) is rec):
-                parent = rec.parent
-                index.remove_subtree(rec)  # a leaf: itself
-                orphans[rec.seq_hash] = rec.mask | _ANNOUNCED
-                self._announced += 1
-                rec.mask = 0
-                rec = parent
-
-    def _emit_relinked(self, recs: Sequence[BlockRecord]) -> None:
-        """BlockStored for the persistent-tier copies of ``recs``, linked back into the index
-        (a BlockRemoved was emitted for each when it was unlinked)."""
-        if not recs:
-            return
-        linked: dict[Medium, list[BlockRecord]] = {}
-        for rec in recs:
-            for m in mediums_of(rec.mask & _LOWER):
-                linked.setdefault(m, []).append(rec)
-        for m, rs in linked.items():
-            self._sink.emit_stored(rs, m)
+    # compaction and the resync snapshot: kvbm/core/compaction.py ------------------------------
+    _relink = compaction._relink
+    _unorphan = compaction._unorphan
+    _linked = compaction._linked
+    _matched = compaction._matched
+    _parent_of = compaction._parent_of
+    _unbusy = compaction._unbusy
+    _compact = compaction._compact
+    _emit_relinked = compaction._emit_relinked
+    _residency_snapshot = compaction._residency_snapshot
 
     # ----------------------------------------------------------------------- test support --
     def check_invariants(self) -> None:
@@ -2067,14 +1085,14 @@ class BlockManager:
                 pinned += refs > 0
             assert pinned == t.pinned, f"{t.medium}: pinned count {t.pinned} != {pinned}"
             assert len(t.policy) == sum(1 for r in t.owner if r is not None)
-        flagged = sum(1 for _, m in self._orphans.items() if m & _ANNOUNCED)
+        flagged = sum(1 for _, m in self._orphans.items() if m & ANNOUNCED)
         assert flagged == self._announced, f"announced count {self._announced} != {flagged}"
         for _, m in self._orphans.items():
-            assert m & _LOWER and not m & (_GPU | _HOST), f"unlinked mask {m:#x}"
+            assert m & LOWER_BITS and not m & (GPU_BIT | HOST_BIT), f"unlinked mask {m:#x}"
         for rec in self._index:
             assert rec.mask != 0, "indexed block resident nowhere"
-            assert bool(rec.mask & _GPU) == (rec.g1 >= 0)
-            assert bool(rec.mask & _HOST) == (rec.g2 >= 0)
+            assert bool(rec.mask & GPU_BIT) == (rec.g1 >= 0)
+            assert bool(rec.mask & HOST_BIT) == (rec.g2 >= 0)
             assert rec.seq_hash not in self._orphans
             if rec.parent is not None:
                 assert self._index.get(rec.parent.seq_hash) is rec.parent, "lineage rule"
