@@ -47,8 +47,8 @@ def _size(s: str) -> int:
 
 def _recv_exact(sock: socket.socket, view: memoryview) -> None:
     got = 0
-    while got < view.nbytes:
-        k = sock.recv_into(view[got:])
+    while got < view.nbytes:  # MSG_WAITALL, as kvbm does: one call, fewer wake-ups
+        k = sock.recv_into(view[got:], 0, socket.MSG_WAITALL)
         if not k:
             raise ConnectionError("closed")
         got += k
