@@ -212,3 +212,79 @@ def test_a_stalled_peer_does_not_hold_up_the_call(op: Op, pieces: int) -> None:
             assert loc.view(0, 4096) == side.read("r", 0, 4096)
     finally:
         side.close()
+
+
+# -- many small descriptors: coalesced messages ---------------------------------------------------
+def _scattered(rng: np.random.Generator, size: int) -> list[tuple[int, int, int]]:
+    """``(local offset, remote offset, length)`` around the coalescing threshold (256 KiB):
+    runs of small ranges, ones just below / at / above it, large ones, and neighbours
+    contiguous on both sides (merged); each side's ranges are disjoint."""
+    small = 256 << 10
+    lengths = ([32 << 10] * 40 + [small - 1, small, small + 1, 3, 1 << 20]
+               + [4096] * 30 + [small - 1] * 6 + [1, 2 << 20] + [24 << 10] * 20)
+    rng.shuffle(lengths)
+    out, lo, ro = [], 0, 0
+    for i, n in enumerate(lengths):
+        gap = 0 if i % 7 == 3 else int(rng.integers(1, 5000))  # some contiguous pairs
+        lo, ro = lo + gap, ro + gap
+        out.append((lo, ro, n))
+        lo, ro = lo + n, ro + n
+    assert max(lo, ro) <= size
+    order = rng.permutation(len(out))  # not in address order either
+    return [out[int(i)] for i in order[:len(out) // 2]] + out[len(out) // 2:]
+
+
+@pytest.mark.parametrize("staging_mib", [16, 1])
+def test_many_small_descriptors_move_exactly_their_bytes(
+        monkeypatch: pytest.MonkeyPatch, staging_mib: int) -> None:
+    from kvbm.errors import RemoteAccessError
+    from kvbm.transports import ucx_io
+
+    # 1 MiB of staging: several windows per transfer, the buffer reused between them.
+    monkeypatch.setattr(ucx_io, "STAGING_BYTES", staging_mib << 20)
+    size = 32 << 20
+    rng = np.random.default_rng(staging_mib)
+    descs = _scattered(rng, size)
+    a, b = _pair()
+    try:
+        remote = rng.integers(0, 256, size, dtype=np.uint8)
+        rr = b.register(remote, name="r", expose_to=ALL_PEERS)
+        p = a.connect(*b.address)
+        local = np.zeros(size, np.uint8)
+        loc = a.register(local)
+        r = p.info.region("r")
+
+        def run(op: Op, ds: list[tuple[int, int, int]], bad_at: int | None = None) -> None:
+            out = [((loc, lo, n), (r, ro, n)) for lo, ro, n in ds]
+            if bad_at is not None:  # out of the peer's region: only the server can tell
+                out.insert(bad_at, ((loc, 0, 4096), (rr.id, size - 100, 4096)))
+            with a.transfer(p, op, out) as h:
+                assert h.wait(30) is TransferStatus.DONE
+
+        run(Op.READ, descs)
+        want = np.zeros(size, np.uint8)
+        for lo, ro, n in descs:
+            want[lo:lo + n] = remote[ro:ro + n]
+        assert np.array_equal(local, want)
+
+        local[:] = rng.integers(0, 256, size, dtype=np.uint8)
+        want = remote.copy()
+        for lo, ro, n in descs:
+            want[ro:ro + n] = local[lo:lo + n]
+        run(Op.WRITE, descs)
+        assert np.array_equal(remote, want)
+
+        # A refused request, the bad range in the middle: nothing moves either way, and the
+        # link goes on serving.
+        before_local, before_remote = local.copy(), remote.copy()
+        for op in (Op.READ, Op.WRITE):
+            with pytest.raises(RemoteAccessError):
+                run(op, descs, bad_at=len(descs) // 2)
+            assert np.array_equal(local, before_local)
+            assert np.array_equal(remote, before_remote)
+        run(Op.READ, descs[:5])
+        for lo, ro, n in descs[:5]:
+            assert np.array_equal(local[lo:lo + n], remote[ro:ro + n])
+    finally:
+        a.close()
+        b.close()

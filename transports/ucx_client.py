@@ -23,13 +23,14 @@ from kvbm.transports.descriptors import Op, Segment
 from kvbm.transports.handle import Transfer, TransferCancelled
 from kvbm.transports.links import LinkPool, Part, check_answer, parts_of, shutdown
 from kvbm.transports.metadata import PeerInfo
+from kvbm.transports.regions import DeviceKind
 
 log = logging.getLogger(__name__)
 
 CHANNEL = "ucx"
 #: The version of the protocol on a link (in both hellos; peers of another one are
 #: refused at connect rather than misread mid-transfer).
-PROTOCOL = 2
+PROTOCOL = 3
 #: Tags are ``seq << TAG_INDEX_BITS | index``; seq stays below 2**63 with the index.
 _SEQ_LIMIT = 1 << (63 - ucx_io.TAG_INDEX_BITS)
 
@@ -42,6 +43,11 @@ class UcxLink:
         self.w = w
         self.seq = 0
         self.answer = np.empty(1, np.uint8)
+        #: Where coalesced messages are gathered and scattered (ucx_io.Staging).
+        self.staging = ucx_io.Staging()
+        #: A WRITE's last coalesced sends not yet seen completed: the staging buffer is
+        #: not reused before they are.
+        self.staged: list[Any] = []
 
     def next_tag(self) -> int:
         self.seq = (self.seq + 1) % _SEQ_LIMIT or 1
@@ -83,19 +89,46 @@ def exchange(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list[Seg
     ucx_io.finish(exchange_steps(cfg, link, xfer, segs, 0.0))
 
 
+def merge(segs: list[Segment]) -> list[Segment]:
+    """``segs`` with neighbours that are contiguous on both sides made one (no copy)."""
+    out = [segs[0]]
+    for s in segs[1:]:
+        p = out[-1]
+        if (s.local is p.local and s.remote_id == p.remote_id
+                and s.local_offset == p.local_offset + p.length
+                and s.remote_offset == p.remote_offset + p.length):
+            out[-1] = p._replace(length=p.length + s.length)
+        else:
+            out.append(s)
+    return out
+
+
 def exchange_steps(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list[Segment],
                    until: float) -> Generator[None, None, None]:
     """Move ``segs`` over ``link``; waits for the peer sleep in this thread until the
     monotonic time ``until`` (0: for good), then the generator yields (see UcxPool)."""
     sock, w = link.sock, link.w
     tag = link.next_tag()
+    segs = merge(segs)
     flat: list[int] = []
     for s in segs:
         flat += (s.remote_id, s.remote_offset, s.length)
+    remote = xfer.peer.regions
+    counts = ucx_io.group([s.length for s in segs], [
+        s.local.device is DeviceKind.CPU and (r := remote.get(s.remote_id)) is not None
+        and r.device is DeviceKind.CPU for s in segs])
+    msgs = ucx_io.messages(counts, [s.length for s in segs])
     bufs = [ucx_io.buffer(s.local, s.local_offset, s.length, w.cuda) for s in segs]
+    request: dict[str, Any] = {"t": "r" if xfer.op is Op.READ else "w", "s": flat, "tag": tag}
+    if len(msgs) < len(segs):
+        request["g"] = counts
     timeout, cancelled = cfg.io_timeout_s, xfer.cancelled.is_set
+    if link.staged:  # the last WRITE's coalesced sends: done with the buffer before reuse
+        yield from w.drive_steps(link.staged, timeout, cancelled=cancelled, sock=sock,
+                                 hold=_hold(until))
+        link.staged = []
     if xfer.op is Op.READ:
-        send_frame(sock, {"t": "r", "s": flat, "tag": tag})
+        send_frame(sock, request)
         # No answer on success: the server sends ranges only after it checked them all, so
         # the first one's arrival is the yes (one hop less than an "ok" on the socket);
         # a refusal comes on the socket instead. The receives are posted only then: none
@@ -104,13 +137,40 @@ def exchange_steps(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: li
                                         hold=_hold(until))):
             check_answer(recv_frame(sock, cfg.max_frame_bytes))
             raise TransportError("ucx: the peer answered a READ it then did not send")
-        reqs = [w.recv(b, tag | i) for i, b in enumerate(bufs)]
-        yield from w.drive_steps(reqs, timeout, cancelled=cancelled, sock=sock,
-                                 hold=_hold(until))
+        for first, end in ucx_io.windows(msgs):
+            reqs, staged = [], []
+            stage, o = link.staging.get(ucx_io.staged_bytes(msgs, first, end)), 0
+            for m in range(first, end):
+                lo, hi, n = msgs[m]
+                if hi - lo == 1:
+                    reqs.append(w.recv(bufs[lo], tag | m))
+                    continue
+                dst = stage[o:o + n]
+                staged.append((len(reqs), dst, bufs[lo:hi]))
+                reqs.append(w.recv(dst, tag | m))
+                o += n
+            yield from ucx_io.drive_staged(w, reqs, staged, timeout, lambda: _hold(until),
+                                           cancelled=cancelled, sock=sock)
     else:
-        send_frame(sock, {"t": "w", "s": flat, "tag": tag})
-        for i, b in enumerate(bufs):
-            w.send(b, tag | i)
+        send_frame(sock, request)
+        wins = ucx_io.windows(msgs)
+        for k, (first, end) in enumerate(wins):
+            reqs = []
+            stage, o = link.staging.get(ucx_io.staged_bytes(msgs, first, end)), 0
+            for m in range(first, end):
+                lo, hi, n = msgs[m]
+                if hi - lo == 1:
+                    w.send(bufs[lo], tag | m)
+                    continue
+                src = stage[o:o + n]
+                ucx_io.gather(bufs[lo:hi], src)
+                reqs.append(w.send(src, tag | m))
+                o += n
+            if k + 1 < len(wins):  # the buffer is reused for the next window
+                yield from w.drive_steps(reqs, timeout, cancelled=cancelled, sock=sock,
+                                         hold=_hold(until))
+            else:
+                link.staged = reqs
         # The answer, a message of ours tagged ANSWER, says every range landed; it comes
         # on the heels of UCX's own acknowledgements, so one wake-up sees both. A refusal
         # (nothing was touched) comes on the socket. The sends' own completions are picked
@@ -122,6 +182,8 @@ def exchange_steps(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: li
         yield from w.drive_steps([w.recv(link.answer, tag | ucx_io.ANSWER)], timeout,
                                  sock=sock, hold=_hold(until))
     w.flush()
+    if link.staged and all(r.completed for r in link.staged):
+        link.staged = []
 
 
 def _hold(until: float) -> float:
