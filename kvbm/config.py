@@ -482,7 +482,8 @@ def _build(cls: type[T], data: Mapping[str, Any], where: str) -> T:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         tp, optional = _unwrap_optional(hints[name])
-        if value is None and optional:
+        if optional and (value is None or (isinstance(value, str) and value.lower() == "none")):
+            # TOML has no null: "none" unsets an optional field, as it does in the environment
             kwargs[name] = None
         elif dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, f"{where}.{name}")  # type: ignore[arg-type]

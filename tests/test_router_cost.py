@@ -196,6 +196,10 @@ w1 = { endpoint = "tcp://127.0.0.1:6557", object_group = "b" }
     assert cfg.workers == (
         WorkerEndpoints("w0", "tcp://127.0.0.1:5557", "tcp://127.0.0.1:5558"),
         WorkerEndpoints("w1", "tcp://127.0.0.1:6557", None, "b"))
+    # TOML has no null: "none" unsets an optional field there too
+    off = tmp_path / "off.toml"
+    off.write_text('[router.cost]\nshare_bound = "none"\n')
+    assert RouterConfig.from_toml(off, env={}).cost.share_bound is None
     env = RouterConfig.from_env({"KVBM_ROUTER_WORKERS": "a=tcp://h:1;b=ipc:///tmp/x,tcp://h:2",
                                  "KVBM_ROUTER_SUBSCRIBER_RCVHWM": "10"})
     assert [w.name for w in env.workers] == ["a", "b"] and env.workers[1].replay == "tcp://h:2"
