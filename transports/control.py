@@ -113,6 +113,24 @@ def recv_into_exact(sock: socket.socket, view: memoryview) -> None:
         raise TransportError(f"connection lost while receiving: {e}") from None
 
 
+def recv_idle(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` (a header) on a connection between requests: wait for its first byte as
+    long as it takes (closing the connection ends the wait: :class:`PeerClosed`), the rest
+    within the socket's timeout."""
+    while True:
+        try:
+            k = sock.recv_into(view, 0, socket.MSG_WAITALL)
+            break
+        except TIMED_OUT:
+            continue
+        except OSError as e:
+            raise TransportError(f"connection lost: {e}") from None
+    if not k:
+        raise PeerClosed("peer closed the connection")
+    if k < view.nbytes:
+        recv_into_exact(sock, view[k:])
+
+
 def recv_frame(sock: socket.socket, max_bytes: int, *, idle: bool = False) -> Any:
     """Receive one frame of at most ``max_bytes``. With ``idle``, wait for the frame's first
     byte as long as it takes (a connection between requests; closing it ends the wait);
@@ -120,18 +138,7 @@ def recv_frame(sock: socket.socket, max_bytes: int, *, idle: bool = False) -> An
     head = bytearray(_LEN.size)
     view = memoryview(head)
     if idle:
-        while True:
-            try:
-                k = sock.recv_into(view, 0, socket.MSG_WAITALL)
-                break
-            except TIMED_OUT:
-                continue
-            except OSError as e:
-                raise TransportError(f"connection lost: {e}") from None
-        if not k:
-            raise PeerClosed("peer closed the connection")
-        if k < _LEN.size:
-            recv_into_exact(sock, view[k:])
+        recv_idle(sock, view)
     else:
         recv_into_exact(sock, view)
     (n,) = _LEN.unpack(head)

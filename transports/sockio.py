@@ -21,7 +21,7 @@ import socket
 from collections.abc import Sequence
 
 from kvbm.errors import TransportError, TransportTimeoutError
-from kvbm.transports.control import TIMED_OUT, PeerClosed, recv_into_exact
+from kvbm.transports.control import TIMED_OUT, recv_into_exact
 from kvbm.transports.regions import DeviceKind, RegionHandle
 
 log = logging.getLogger(__name__)
@@ -64,21 +64,27 @@ def _io_error(e: OSError, what: str) -> TransportError:
     return TransportError(f"connection lost while {what}: {e}")
 
 
+def _advance(views: list[memoryview], i: int, sent: int) -> int:
+    """The index of the first view not wholly sent after ``sent`` more bytes went from
+    ``views[i:]`` (a view sent in part is cut to its rest)."""
+    while sent:
+        v = views[i]
+        if sent >= v.nbytes:
+            sent -= v.nbytes
+            i += 1
+        else:
+            views[i] = v[sent:]
+            sent = 0
+    return i
+
+
 def _sendv(sock: socket.socket, views: list[memoryview]) -> None:
     if len(views) == 1:
         sock.sendall(views[0])
         return
     i = 0
     while i < len(views):
-        sent = sock.sendmsg(views[i:i + _IOV])
-        while sent:
-            v = views[i]
-            if sent >= v.nbytes:
-                sent -= v.nbytes
-                i += 1
-            else:
-                views[i] = v[sent:]
-                sent = 0
+        i = _advance(views, i, sock.sendmsg(views[i:i + _IOV]))
 
 
 def _recvv(sock: socket.socket, views: list[memoryview]) -> None:
@@ -171,24 +177,6 @@ def drain(sock: socket.socket, n: int) -> None:
         raise _io_error(e, "draining a refused write") from None
 
 
-def recv_idle(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` (a request header) on a connection between requests: wait for its
-    first byte as long as it takes (closing the connection ends the wait:
-    :class:`PeerClosed`), the rest within the socket's timeout."""
-    while True:
-        try:
-            k = sock.recv_into(view, 0, socket.MSG_WAITALL)
-            break
-        except TIMED_OUT:
-            continue
-        except OSError as e:
-            raise TransportError(f"connection lost: {e}") from None
-    if not k:
-        raise PeerClosed("peer closed the connection")
-    if k < view.nbytes:
-        recv_into_exact(sock, view[k:])
-
-
 class Channel:
     """One data connection: its socket, the bytes sent on it so far (for the alignment of
     payloads), a buffer for the padding it receives, and a staging buffer for device
@@ -226,15 +214,8 @@ class Channel:
         i = 0
         try:
             while i < len(views):
-                sent = self.sock.sendmsg(views[i:i + _IOV], (), socket.MSG_DONTWAIT)
-                while sent:
-                    v = views[i]
-                    if sent >= v.nbytes:
-                        sent -= v.nbytes
-                        i += 1
-                    else:
-                        views[i] = v[sent:]
-                        sent = 0
+                i = _advance(views, i,
+                             self.sock.sendmsg(views[i:i + _IOV], (), socket.MSG_DONTWAIT))
         except BlockingIOError:
             pass  # the socket's buffer is full
         except OSError as e:

@@ -28,10 +28,10 @@ from typing import Any, ClassVar
 from kvbm.errors import RemoteAccessError, TransportError
 from kvbm.transports import tcp_wire as wire
 from kvbm.transports.backend import BackendHost, LinkedBackend
-from kvbm.transports.control import recv_exact
+from kvbm.transports.control import recv_exact, recv_idle
 from kvbm.transports.descriptors import Op
 from kvbm.transports.handle import Transfer
-from kvbm.transports.sockio import Channel, drain, recv_idle
+from kvbm.transports.sockio import Channel, drain
 from kvbm.transports.tcp_client import CHANNEL, Join, Part, PeerLink, split
 
 log = logging.getLogger(__name__)
