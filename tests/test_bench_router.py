@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 import kvbm
-from kvbm.router import CostConfig
 
 pytest.importorskip("zmq")
 pytest.importorskip("torch")
@@ -117,8 +116,8 @@ def test_router_replay_over_zmq_predicts_every_match() -> None:
     assert rows["round_robin"]["prediction_exact"] is None
     g = doc["goal"]
     assert g["target"] == 1.2 and _finite(g["saved_ratio"]) and isinstance(g["met"], bool)
-    # both KV routers ran under the router's default bounded shares
-    assert doc["cost"]["share_bound"] == CostConfig().share_bound
+    # both KV routers ran under the benchmark's bounded shares
+    assert doc["cost"]["share_bound"] == 0.02
 
 
 def test_router_replay_from_a_trace_file_with_disk(tmp_path: Path) -> None:

@@ -97,6 +97,14 @@ def test_temperature_spreads_picks_toward_cheaper_workers() -> None:
     assert {r0.select(T, {"hot": 0, "cold": 0}).worker for _ in range(50)} == {"hot"}
 
 
+def test_by_default_the_cost_alone_picks_however_often_a_prompt_comes() -> None:
+    # Dynamo's semantics: equal loads, the prefix holder wins every time (bounded shares
+    # are opt-in)
+    idx = indexer(hot=(GPU, 10))
+    r = KvRouter(idx)
+    assert {r.select(T, {"hot": 0, "cold": 0}).worker for _ in range(50)} == {"hot"}
+
+
 def test_a_prefix_holder_gets_at_most_its_bounded_share_of_the_picks() -> None:
     # hot holds the whole prompt on the GPU and is as idle as the others: by cost alone it
     # takes every request (the pull that unbalances a cluster)

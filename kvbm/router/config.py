@@ -86,9 +86,10 @@ class CostConfig:
     #: Seed of the draws (ties, temperature); unset: a fresh seed per router.
     seed: int | None = None
     #: Bounded shares (epsilon): a worker that got ``1 + share_bound`` times its share of
-    #: the router's recent picks is not a candidate (:mod:`kvbm.router.cost`); ``none``:
-    #: no bound.
-    share_bound: float | None = 0.02
+    #: the router's recent picks is not a candidate (:mod:`kvbm.router.cost`); ``None``
+    #: (the default): the cost alone picks, so a prompt goes where its prefix is, however
+    #: often it comes (0.02 caps a hot prefix's pile-up at ~2 % above an even share).
+    share_bound: float | None = None
     #: Recent picks the share counts, per candidate worker.
     share_window: int = 4096
 
