@@ -104,7 +104,52 @@ def parts_of(xfer: Transfer, cfg: TransportConfig) -> list[Part]:
     return [Part(join, s) for s in segs]
 
 
-class LinkPool(Generic[L]):
+J = TypeVar("J")
+
+
+class LinkSlots(Generic[L, J]):
+    """At most so many links to one peer (the idle ones kept for reuse), the worker threads
+    that take jobs from one queue, and giving a link back or closing them all: the part every
+    pooled backend shares (tcp's connections and the generic :class:`LinkPool`)."""
+
+    def __init__(self) -> None:
+        self._idle: list[L] = []
+        self._count = 0
+        self._closed = False
+        self._cond = threading.Condition()
+        self._jobs: queue.SimpleQueue[J | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+
+    def _start_workers(self, n: int, name: str, work: Callable[[], None]) -> None:
+        """Start ``n`` threads running ``work`` (last in a subclass's ``__init__``: they
+        may take a job at once)."""
+        self._threads = [threading.Thread(target=work, name=name, daemon=True)
+                         for _ in range(n)]
+        for t in self._threads:
+            t.start()
+
+    def _release(self, link: L, *, broken: bool) -> None:
+        with self._cond:
+            if broken or self._closed:
+                self._count -= 1
+            else:
+                self._idle.append(link)
+            self._cond.notify()
+        if broken or self._closed:
+            link.close()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._cond.notify_all()
+            for _ in self._threads:
+                self._jobs.put(None)
+        for link in idle:
+            link.close()
+
+
+class LinkPool(LinkSlots[L, Part]):
     """The links to one peer, its background threads and its queue of parts.
 
     ``open_link(peer)`` makes a link; ``exchange(link, xfer, segments)`` moves segments
@@ -113,21 +158,13 @@ class LinkPool(Generic[L]):
     def __init__(self, kind: str, peer: str, open_link: Callable[[PeerInfo], L],
                  exchange: Callable[[L, Transfer, list[Segment]], None],
                  cfg: TransportConfig) -> None:
+        super().__init__()
         self.kind = kind
         self.peer = peer
         self._open = open_link
         self._exchange = exchange
         self._cfg = cfg
-        self._idle: list[L] = []
-        self._count = 0
-        self._closed = False
-        self._cond = threading.Condition()
-        self._jobs: queue.SimpleQueue[Part | None] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._work, name=f"kvbm-{kind}-{peer}",
-                                          daemon=True)
-                         for _ in range(cfg.parallel_connections)]
-        for t in self._threads:
-            t.start()
+        self._start_workers(cfg.parallel_connections, f"kvbm-{kind}-{peer}", self._work)
 
     def submit(self, xfer: Transfer) -> None:
         parts = parts_of(xfer, self._cfg)
@@ -205,26 +242,6 @@ class LinkPool(Generic[L]):
                 self._count -= 1
                 self._cond.notify()
             raise
-
-    def _release(self, link: L, *, broken: bool) -> None:
-        with self._cond:
-            if broken or self._closed:
-                self._count -= 1
-            else:
-                self._idle.append(link)
-            self._cond.notify()
-        if broken or self._closed:
-            link.close()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            self._cond.notify_all()
-            for _ in self._threads:
-                self._jobs.put(None)
-        for link in idle:
-            link.close()
 
 
 def check_answer(frame: Any) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +30,7 @@ from kvbm.transports import tcp_wire as wire
 from kvbm.transports.control import ProtocolError, recv_exact
 from kvbm.transports.descriptors import MAX_DESCRIPTORS, Op, Segment
 from kvbm.transports.handle import Transfer, TransferCancelled
+from kvbm.transports.links import LinkSlots
 from kvbm.transports.metadata import PeerInfo
 from kvbm.transports.regions import DeviceKind
 from kvbm.transports.sockio import Channel
@@ -102,11 +102,12 @@ class Join:
 Job = Part | Callable[[], None] | None
 
 
-class PeerLink:
+class PeerLink(LinkSlots[Channel, Part | Callable[[], None]]):
     """The data connections to one peer, its worker threads, and its queue of parts."""
 
     def __init__(self, peer: str, open_conn: Callable[[PeerInfo], socket.socket],
                  max_conns: int, io_timeout: float, max_frame: int) -> None:
+        super().__init__()
         self.peer = peer
         self._open = open_conn
         self._max = max_conns
@@ -114,15 +115,7 @@ class PeerLink:
         self._max_frame = max_frame
         #: descriptors per request (as many as the peer reads in one, at most)
         self._per_request = max(1, min(MAX_DESCRIPTORS, max_frame // wire.RANGE.size))
-        self._idle: list[Channel] = []
-        self._count = 0
-        self._closed = False
-        self._cond = threading.Condition()
-        self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
-        self._threads = [threading.Thread(target=self._work, name=f"kvbm-tcp-{peer}",
-                                          daemon=True) for _ in range(max_conns)]
-        for t in self._threads:
-            t.start()
+        self._start_workers(max_conns, f"kvbm-tcp-{peer}", self._work)
 
     def submit(self, xfer: Transfer, parts: list[Part]) -> None:
         """Start a one-part transfer of host memory in this thread when a pooled connection
@@ -357,26 +350,6 @@ class PeerLink:
                 self._count -= 1
                 self._cond.notify()
             raise
-
-    def _release(self, conn: Channel, *, broken: bool) -> None:
-        with self._cond:
-            if broken or self._closed:
-                self._count -= 1
-            else:
-                self._idle.append(conn)
-            self._cond.notify()
-        if broken or self._closed:
-            conn.close()
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            self._cond.notify_all()
-            for _ in self._threads:
-                self._jobs.put(None)
-        for c in idle:
-            c.close()
 
 
 def _patience(nbytes: int) -> float:
