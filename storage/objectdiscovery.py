@@ -51,6 +51,7 @@ from kvbm.storage.objecthead import (
     MAX_HEAD_PACKS,
     RECORD_SIZE,
     HeadError,
+    HeadInfo,
     decode_header,
     decode_records,
     encode_head,
@@ -338,21 +339,16 @@ class Discovery:
                 raise HeadError(f"a head of {size} bytes")
             want = min(size, HEAD_SIZE + RECORD_SIZE * _FIRST_RECORDS)
             data = self._get(key, 0, want, whole=want == size)
-            info = decode_header(data, fingerprint=self._fingerprint, writer=writer)
-            if old is None or info.seq < old.seq:  # new to us, or its log started over
-                new, gap = info.count, info.seq > info.count
-            else:
-                new = min(info.seq - old.seq, info.count)
-                gap = info.seq - old.seq > info.count
-            records = data[HEAD_SIZE: HEAD_SIZE + RECORD_SIZE * new]
-            have = len(records) // RECORD_SIZE
-            if have < new:
-                records += self._get(key, HEAD_SIZE + RECORD_SIZE * have,
-                                     RECORD_SIZE * (new - have), whole=False)
-            packs = decode_records(records, info=info, fingerprint=self._fingerprint,
-                                   writer=writer, first=0)
-            if len(packs) < new:
-                raise HeadError(f"{len(packs)} of {new} records there")
+            try:
+                info = decode_header(data, fingerprint=self._fingerprint, writer=writer)
+                return self._head_packs(key, writer, data, info, old)
+            except HeadError:
+                # The writer may have rewritten its head between the list and these reads
+                # (two ranged reads can see two versions): read it whole, in one request,
+                # before calling it garbage.
+                data = self._get(key, 0, HEAD_SIZE + RECORD_SIZE * MAX_HEAD_PACKS, whole=True)
+                info = decode_header(data, fingerprint=self._fingerprint, writer=writer)
+                return self._head_packs(key, writer, data, info, old)
         except HeadError as e:
             log.warning("skipping head %s: %s", key, e)
             host.count(discovery_garbage=1)
@@ -364,6 +360,25 @@ class Discovery:
             log.info("cannot read head %s now: %r", key, e)
             host.count(discovery_errors=1)
             return None
+
+    def _head_packs(self, key: str, writer: bytes, data: bytes, info: HeadInfo,
+                    old: _Seen | None) -> tuple[int, list[Announced], bool]:
+        """(log number, packs new since ``old``, whether packs were missed) of a head whose
+        header is ``info`` and whose first bytes are ``data``."""
+        if old is None or info.seq < old.seq:  # new to us, or its log started over
+            new, gap = info.count, info.seq > info.count
+        else:
+            new = min(info.seq - old.seq, info.count)
+            gap = info.seq - old.seq > info.count
+        records = data[HEAD_SIZE: HEAD_SIZE + RECORD_SIZE * new]
+        have = len(records) // RECORD_SIZE
+        if have < new:
+            records += self._get(key, HEAD_SIZE + RECORD_SIZE * have,
+                                 RECORD_SIZE * (new - have), whole=False)
+        packs = decode_records(records, info=info, fingerprint=self._fingerprint,
+                               writer=writer, first=0)
+        if len(packs) < new:
+            raise HeadError(f"{len(packs)} of {new} records there")
         return info.seq, packs, gap
 
     def _get(self, key: str, offset: int, length: int, *, whole: bool) -> bytes:
