@@ -842,6 +842,183 @@ fail:
     return NULL;
 }
 
+/* ---- prompt walks of the router's node table (kvbm/router/probe.py) -------------------
+ * The table is an open-addressing array of (key, row id) int64 pairs, linear probing from
+ * slot key & mask; row id -1 marks a slot never used (a probe ends there), -2 a deleted key
+ * (a probe goes on). A walk looks up a prompt's sequence hashes in order and stops at the
+ * first one absent; it returns the runs of equal consecutive row ids, [(row id, blocks)].
+ * Keys are looked up WALK_CHUNK at a time, their home slots prefetched first: a million-node
+ * table is far larger than the caches, and the misses of one chunk then overlap. */
+#define WALK_CHUNK 32
+#define SLOT_EMPTY (-1LL)
+
+static inline long long probe_get(const long long *tab, u64 mask, u64 key) {
+    u64 s = key & mask, left = mask + 1;
+    while (left--) {  /* bounded: a table with no empty slot still ends */
+        long long v = tab[2 * s + 1];
+        if (v == SLOT_EMPTY) return -1;
+        if (v >= 0 && (u64)tab[2 * s] == key) return v;
+        s = (s + 1) & mask;
+    }
+    return -1;
+}
+
+static inline void probe_prefetch(const long long *tab, u64 mask, u64 key) {
+#if defined(__GNUC__) || defined(__clang__)
+    __builtin_prefetch(tab + 2 * (key & mask), 0, 0);
+#else
+    (void)tab; (void)mask; (void)key;
+#endif
+}
+
+/* The table argument: a C-contiguous buffer of 16 * (mask + 1) bytes, mask + 1 a power of 2. */
+static int walk_table(PyObject *tab_o, PyObject *mask_o, Py_buffer *view, u64 *mask) {
+    if (as_u64(mask_o, "mask", mask) < 0) return -1;
+    if (PyObject_GetBuffer(tab_o, view, PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (*mask == (u64)-1 || ((*mask + 1) & *mask) != 0
+            || (u64)view->len / 16 != *mask + 1 || view->len % 16 != 0) {
+        PyErr_Format(PyExc_ValueError, "the table must hold (mask + 1) pairs of int64, mask + 1 "
+                     "a power of two (got %zd bytes, mask %llu)", view->len,
+                     (unsigned long long)*mask);
+        PyBuffer_Release(view);
+        return -1;
+    }
+    return 0;
+}
+
+/* Runs being built: (row id, count) tuples appended to `out` as a row id changes. */
+typedef struct { PyObject *out; long long rid; Py_ssize_t n; } runs_t;
+
+static int runs_flush(runs_t *r) {
+    PyObject *t;
+    int rc;
+    if (r->n == 0) return 0;
+    t = Py_BuildValue("(Ln)", r->rid, r->n);
+    if (t == NULL) return -1;
+    rc = PyList_Append(r->out, t);
+    Py_DECREF(t);
+    r->n = 0;
+    return rc;
+}
+
+/* Looks up keys[0:n] in order; returns 1 when one was absent (the walk is over), 0 when all
+ * were found, -1 on error. */
+static int walk_keys(const long long *tab, u64 mask, const u64 *keys, Py_ssize_t n,
+                     runs_t *r) {
+    Py_ssize_t i;
+    for (i = 0; i < n; i++) probe_prefetch(tab, mask, keys[i]);
+    for (i = 0; i < n; i++) {
+        long long v = probe_get(tab, mask, keys[i]);
+        if (v < 0) return 1;
+        if (r->n && v != r->rid && runs_flush(r) < 0) return -1;
+        r->rid = v;
+        r->n++;
+    }
+    return 0;
+}
+
+/* walk_hashes(table, mask, keys) -> [(row id, blocks)]: keys a buffer of native u64. */
+static PyObject *py_walk_hashes(PyObject *self, PyObject *args) {
+    PyObject *tab_o, *mask_o, *keys_o;
+    Py_buffer tab, keys;
+    u64 mask;
+    runs_t r = {NULL, 0, 0};
+    Py_ssize_t n, at;
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "OOO:walk_hashes", &tab_o, &mask_o, &keys_o)) return NULL;
+    if (walk_table(tab_o, mask_o, &tab, &mask) < 0) return NULL;
+    if (PyObject_GetBuffer(keys_o, &keys, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&tab);
+        return NULL;
+    }
+    if (keys.len % 8 != 0) {
+        PyErr_Format(PyExc_ValueError, "keys must be u64 words, got %zd bytes", keys.len);
+        goto done;
+    }
+    r.out = PyList_New(0);
+    if (r.out == NULL) goto done;
+    n = keys.len / 8;
+    for (at = 0; at < n; at += WALK_CHUNK) {
+        Py_ssize_t k = n - at < WALK_CHUNK ? n - at : WALK_CHUNK;
+        u64 chunk[WALK_CHUNK];
+        int rc;
+        memcpy(chunk, (const unsigned char *)keys.buf + 8 * at, (size_t)(8 * k));
+        rc = walk_keys((const long long *)tab.buf, mask, chunk, k, &r);
+        if (rc < 0) goto fail;
+        if (rc) break;
+    }
+    if (runs_flush(&r) < 0) goto fail;
+    goto done;
+fail:
+    Py_CLEAR(r.out);
+done:
+    PyBuffer_Release(&keys);
+    PyBuffer_Release(&tab);
+    return r.out;
+}
+
+/* walk_tokens(table, mask, tokens, block_size, seed, first_seed) -> [(row id, blocks)]:
+ * tokens a buffer of little-endian u32; each full block is hashed (local hash as in
+ * local_hashes, the first block with first_seed; sequence hash as in chain, from the root)
+ * only when the blocks before it were all found. */
+static PyObject *py_walk_tokens(PyObject *self, PyObject *args) {
+    PyObject *tab_o, *mask_o, *tok_o, *seed_o, *first_o;
+    Py_buffer tab, tok;
+    Py_ssize_t bs, step, n, at;
+    u64 mask, seed, first_seed, prev = 0;
+    unsigned char sec[SECRET_SIZE], first_sec[SECRET_SIZE];
+    runs_t r = {NULL, 0, 0};
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "OOOnOO:walk_tokens", &tab_o, &mask_o, &tok_o, &bs, &seed_o,
+                          &first_o))
+        return NULL;
+    if (bs <= 0 || bs > PY_SSIZE_T_MAX / 4) {
+        PyErr_Format(PyExc_ValueError, "block_size must be positive, got %zd", bs);
+        return NULL;
+    }
+    if (as_u64(seed_o, "seed", &seed) < 0 || as_u64(first_o, "first_seed", &first_seed) < 0)
+        return NULL;
+    if (walk_table(tab_o, mask_o, &tab, &mask) < 0) return NULL;
+    if (PyObject_GetBuffer(tok_o, &tok, PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&tab);
+        return NULL;
+    }
+    step = 4 * bs;
+    if (step > MIDSIZE_MAX) {
+        derive_secret(sec, seed);
+        derive_secret(first_sec, first_seed);
+    }
+    r.out = PyList_New(0);
+    if (r.out == NULL) goto done;
+    n = tok.len / step;
+    for (at = 0; at < n; at += WALK_CHUNK) {
+        Py_ssize_t k = n - at < WALK_CHUNK ? n - at : WALK_CHUNK, j;
+        u64 chunk[WALK_CHUNK];
+        int rc;
+        for (j = 0; j < k; j++) {
+            Py_ssize_t i = at + j;
+            const unsigned char *p = (const unsigned char *)tok.buf + i * step;
+            u64 loc = i == 0 ? xxh3_64(p, (size_t)step, first_seed, first_sec)
+                             : xxh3_64(p, (size_t)step, seed, sec);
+            prev = i == 0 ? loc : pair_hash(prev, loc);
+            chunk[j] = prev;
+        }
+        rc = walk_keys((const long long *)tab.buf, mask, chunk, k, &r);
+        if (rc < 0) goto fail;
+        if (rc) break;
+    }
+    if (runs_flush(&r) < 0) goto fail;
+    goto done;
+fail:
+    Py_CLEAR(r.out);
+done:
+    PyBuffer_Release(&tok);
+    PyBuffer_Release(&tab);
+    return r.out;
+}
+
 static PyMethodDef methods[] = {
     {"local_hashes", py_local_hashes, METH_VARARGS,
      "local_hashes(buf, step, seed, first_seed) -> list[int]\n\n"
@@ -854,6 +1031,12 @@ static PyMethodDef methods[] = {
      "           align)\n"
      "-> (checksums, zero_copy)\n\n"
      "Digests and headers of a run of disk-tier pages (storage/disk/runs.py)."},
+    {"walk_hashes", py_walk_hashes, METH_VARARGS,
+     "walk_hashes(table, mask, keys) -> list[tuple[int, int]]\n\n"
+     "Runs (row id, blocks) of the leading u64 keys found in the router's probe table."},
+    {"walk_tokens", py_walk_tokens, METH_VARARGS,
+     "walk_tokens(table, mask, tokens, block_size, seed, first_seed) -> list[tuple[int, int]]\n\n"
+     "walk_hashes of the sequence hashes of the u32 tokens' full blocks, hashed as walked."},
     {"list_u32", py_list_u32, METH_O,
      "list_u32(tokens) -> bytearray\n\n"
      "A list of ints in [0, 2**32) as little-endian u32 (what array('I') accepts)."},

@@ -14,6 +14,22 @@ def list_u32(tokens: list[Any], /) -> bytearray:
     """A list of ints in ``[0, 2**32)`` as little-endian u32, 4 bytes each (what
     ``array.array("I", ...)`` accepts; OverflowError / TypeError like it)."""
 
+def walk_hashes(table: Buffer, mask: SupportsIndex, keys: Buffer, /) -> list[tuple[int, int]]:
+    """Runs ``(row id, blocks)`` of the leading native-u64 ``keys`` found in the router's
+    probe table (``kvbm.router.probe``: ``mask + 1`` pairs of int64 key, row id)."""
+
+def walk_tokens(
+    table: Buffer,
+    mask: SupportsIndex,
+    tokens: Buffer,
+    block_size: int,
+    seed: SupportsIndex,
+    first_seed: SupportsIndex,
+    /,
+) -> list[tuple[int, int]]:
+    """:func:`walk_hashes` of the sequence hashes (from the root) of the full blocks of the
+    little-endian u32 ``tokens``, each block hashed only once those before it were found."""
+
 def chain(local: Sequence[SupportsIndex], parent: SupportsIndex | None, /) -> list[int]:
     """Sequence hashes: ``seq[i] = xxh3_64(u64le(seq[i-1]) || u64le(local[i]), seed=1337)``."""
 

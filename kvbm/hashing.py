@@ -106,6 +106,16 @@ def lora_seed(lora_name: str | None) -> int:
     return (BASE_SEED + _xxh3(_utf8(lora_name, "lora_name"))) & _U64
 
 
+def root_seeds(lora_name: str | None, salt: str | bytes | int | None) -> tuple[int, int]:
+    """``(seed, first_seed)``: the local-hash seed of every block of a chain, and the one of
+    its first block when the chain starts at the root (the salt seeds only that block).
+    Both arguments are checked as :func:`hash_blocks` checks them."""
+    seed = lora_seed(lora_name)
+    if salt is None:
+        return seed, seed
+    return seed, (seed + _xxh3(_salt_bytes(salt))) & _U64
+
+
 def _salt_bytes(salt: str | bytes | int) -> bytes:
     if isinstance(salt, str):
         return _utf8(salt, "salt")
@@ -257,14 +267,11 @@ def hash_blocks(
     n = arr.size // block_size
     # Every argument is checked even where it does not change the result (no full block,
     # a salt after a parent): malformed input is refused the same way each time.
-    seed = lora_seed(lora_name)
-    salt_bytes = None if salt is None else _salt_bytes(salt)
+    seed, salted = root_seeds(lora_name, salt)
     mm = _mm_for_block(mm_hashes, n)
     if n == 0:
         return _computed([], [])
-    first_seed = seed
-    if salt_bytes is not None and parent_hash is None:
-        first_seed = (seed + _xxh3(salt_bytes)) & _U64
+    first_seed = seed if parent_hash is not None else salted
     buf = arr[: n * block_size].tobytes()
     local = _local_hashes(buf, block_size * 4, n, seed, first_seed)
     for i, media in mm.items():

@@ -337,10 +337,22 @@ def test_random_events_against_a_reference_model(seed: int) -> None:
     assert idx.stats().nodes == len(model.nodes())
 
 
+@pytest.fixture(params=["native", "numpy"])
+def walk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Long walks in C (kvbm._xxh3) and through numpy (where it is not built): same runs."""
+    import kvbm.router.table as table_mod
+
+    if request.param == "numpy":
+        monkeypatch.setattr(table_mod, "_native", None)
+    elif table_mod._native is None:
+        pytest.skip("kvbm._xxh3 was not built")
+    return str(request.param)
+
+
 @pytest.mark.parametrize("seed", range(3))
-def test_long_prompts_against_the_reference_model(seed: int) -> None:
-    """Prompts of 64+ blocks take the numpy walk (kvbm.router.probe) and the lazy hashing
-    of tokens; queries between events see every change."""
+def test_long_prompts_against_the_reference_model(seed: int, walk: str) -> None:
+    """Prompts of 64+ blocks take the table's copy for walks (kvbm.router.probe), hashed
+    as walked (in C) or lazily (numpy); queries between events see every change."""
     rng = random.Random(seed)
     prompts: list[list[int]] = []
     for _ in range(6):
@@ -374,7 +386,26 @@ def test_long_prompts_against_the_reference_model(seed: int) -> None:
             assert idx.find_matches(q + [1] * (BS - 1)) == expected  # a partial block
 
 
-def test_long_walks_after_a_mass_change_see_it() -> None:
+def test_long_prompts_with_lora_and_salt(walk: str) -> None:
+    """The walk of a long prompt seeds its first block with the salt and every block with
+    the adapter's seed, as hash_blocks does."""
+    t = [i % 977 for i in range(120 * BS)]
+    idx = KvIndexer(BS, salt="model-x")
+    lora = seqs(t, lora_name="sql", salt="model-x")
+    plain = seqs(t, salt="model-x")
+    idx.apply("w", [stored(lora, None, t, GPU, lora_name="sql")])
+    idx.apply("v", [stored(plain[:70], None, t[:70 * BS], DISK)])
+    assert idx.find_matches(t) == {"v": {DISK: 70}}
+    assert idx.find_matches(t, lora_name="sql") == {"w": {GPU: 120}}
+    assert idx.find_matches(hashes=lora) == {"w": {GPU: 120}}
+    assert idx.find_matches(hashes=seqs(t)) == {}  # unsalted: another prefix
+    with pytest.raises(InvalidArgumentError):
+        idx.find_matches(t, lora_name=b"sql")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError):
+        idx.find_matches([*t[:-1], -1])
+
+
+def test_long_walks_after_a_mass_change_see_it(walk: str) -> None:
     """More changes than the walk's copy takes one by one: it is rebuilt."""
     t = [i % 50_000 for i in range(6000 * BS)]
     s = seqs(t)
@@ -414,3 +445,43 @@ def test_the_walks_hash_table_wraps_around_and_deletes() -> None:
     keys = [*last, *more]
     got = p.lookup(np.array(keys, np.uint64)).tolist()
     assert [None if r == EMPTY else p.rows[r] for r in got] == [table.get(h) for h in keys]
+
+
+def test_the_native_walk_reads_the_same_table() -> None:
+    """kvbm._xxh3.walk_hashes over a table with wrapped keys and tombstones: the runs of
+    row ids of the leading keys found, as ProbeIndex.lookup finds them; a table of the
+    wrong size is refused."""
+    import array
+
+    import numpy as np
+
+    from kvbm.router.probe import ProbeIndex
+
+    native = pytest.importorskip("kvbm._xxh3")
+    cap = ProbeIndex({}).cap
+    rows = [("r", i) for i in range(3)]
+    last = [k * cap + cap - 1 for k in range(1, 9)]
+    table = {h: rows[i // 3] for i, h in enumerate(last)}
+    p = ProbeIndex(table)
+    del table[last[4]]
+    p.update([last[4]], table)  # a tombstone inside the wrapped cluster
+
+    def walk(keys: list[int]) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = native.walk_hashes(p.table, p.cap - 1,
+                                                         array.array("Q", keys))
+        return out
+
+    got = [(p.rows[r], n) for r, n in walk([last[0], last[1], last[3], last[5], last[7]])]
+    assert got == [(rows[0], 2), (rows[1], 2), (rows[2], 1)]
+    assert [(p.rows[r], n) for r, n in walk([last[0], last[4], last[1]])] == [(rows[0], 1)]
+    assert walk([]) == [] and walk([5]) == []
+    ids = p.lookup(np.array([last[0], last[7]], np.uint64)).tolist()
+    assert [r for r, _ in walk([last[0], last[7]])] == ids
+    with pytest.raises(ValueError):
+        native.walk_hashes(p.table[:-1], p.cap - 1, array.array("Q", [1]))
+    with pytest.raises(ValueError):
+        native.walk_hashes(p.table, p.cap, array.array("Q", [1]))
+    with pytest.raises(ValueError):
+        native.walk_hashes(p.table, p.cap - 1, b"123")  # not u64 words
+    with pytest.raises(ValueError):
+        native.walk_tokens(p.table, p.cap - 1, b"", 0, 1, 1)

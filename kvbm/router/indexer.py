@@ -26,10 +26,10 @@ import xxhash
 
 from kvbm.errors import InvalidArgumentError, InvalidKeyError, KvbmError, TokenError
 from kvbm.events.records import AllBlocksCleared, AllMediaCleared, BlockRemoved, BlockStored
-from kvbm.hashing import as_token_array, chain, check_lora_name, hash_blocks
+from kvbm.hashing import as_token_array, chain, check_lora_name, hash_blocks, root_seeds
 from kvbm.medium import MEDIUM_BY_BIT, Medium
 from kvbm.router.config import ClearScope
-from kvbm.router.table import MEDIUM_INDEX, NodeTable, Worker
+from kvbm.router.table import MEDIUM_INDEX, PROBE_MIN_BLOCKS, NodeTable, Worker
 
 _GPU = MEDIUM_INDEX[Medium.GPU]
 _U64 = (1 << 64) - 1
@@ -356,11 +356,18 @@ class KvIndexer:
                                        "no event seen): query by hashes, or give block_size")
         try:
             arr = as_token_array(token_ids)  # every token is checked, hashed or not
+            n = arr.size // bs
+            if n >= PROBE_MIN_BLOCKS:
+                # a long prompt is hashed and walked in one native call, as far as it is found
+                seed, first_seed = root_seeds(lora_name, self._salt)
+                with self._lock:
+                    runs = self._t.token_runs(arr, bs, seed, first_seed)
+                    if runs is not None:
+                        return self._t.tally(runs)
             head = hash_blocks(arr[:_HEAD_BLOCKS * bs], bs, lora_name=lora_name,
                                salt=self._salt).sequence
         except TokenError as e:  # one class for every bad argument of the router's calls
             raise InvalidArgumentError(str(e)) from None
-        n = arr.size // bs
         with self._lock:
             runs = self._t.runs(head)
             if n <= len(head) or sum(r[2] for r in runs) < len(head):

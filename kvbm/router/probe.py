@@ -36,7 +36,8 @@ class ProbeIndex:
         # a slot's key and row id side by side: a probe touches one cache line, not two
         tab = np.zeros((cap, 2), np.int64)
         tab[:, 1] = EMPTY
-        self._tab = tab
+        #: the (key, row id) pairs as one int64 array (kvbm._xxh3's walks read it whole)
+        self.table = tab
         self.keys = tab.view(np.uint64)[:, 0]
         self.vals = tab[:, 1]
         self.used = 0  # live keys + tombstones
@@ -84,7 +85,7 @@ class ProbeIndex:
         # absent); the few displaced ones look at the next slots in one gather, a window
         # each; what is left (long clusters) probes on one slot at a time
         slot = keys & mask
-        pair = np.take(self._tab, slot.view(np.int64), axis=0)  # slot < cap: a valid index
+        pair = np.take(self.table, slot.view(np.int64), axis=0)  # slot < cap: a valid index
         v = pair[:, 1]
         hit = pair[:, 0] == keys.view(np.int64)
         hit &= v >= 0

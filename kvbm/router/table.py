@@ -23,11 +23,18 @@ from collections.abc import Iterable, Sequence
 from itertools import groupby, repeat
 from operator import lshift as _shl
 from operator import or_ as _or
+from types import ModuleType
 
 import numpy as np
 
 from kvbm.medium import MEDIUM_BY_BIT, Medium
 from kvbm.router.probe import ProbeIndex
+
+_native: ModuleType | None  # kvbm/_xxh3.c: whole prompt walks in C; None: not built
+try:
+    from kvbm import _xxh3 as _native
+except ImportError:  # the numpy walk gives the same runs
+    _native = None
 
 N_MEDIA = len(MEDIUM_BY_BIT)
 _ANY = N_MEDIA  # index of the union mask in a node
@@ -342,9 +349,8 @@ class NodeTable:
             runs.append((row, active, len(list(run))))
         return runs
 
-    def _probe_runs(self, seqs: Sequence[int]) -> list[Run]:
-        """:meth:`runs` through the numpy copy: the same runs, except that two equal rows
-        that are distinct objects may start two runs (the tally is the same)."""
+    def _synced_probe(self) -> ProbeIndex:
+        """The numpy copy of the table, brought up to date (built on first use)."""
         probe = self._probe
         if probe is None or probe.stale():
             probe = self._probe = ProbeIndex(self.rows)
@@ -352,9 +358,16 @@ class NodeTable:
         elif self._dirty:
             probe.update(self._dirty, self.rows)
             self._dirty.clear()
-        keys = np.frombuffer(seqs if isinstance(seqs, array.array) else array.array("Q", seqs),
-                             np.uint64)
-        rids = probe.lookup(keys)
+        return probe
+
+    def _probe_runs(self, seqs: Sequence[int]) -> list[Run]:
+        """:meth:`runs` through the numpy copy: the same runs, except that two equal rows
+        that are distinct objects may start two runs (the tally is the same)."""
+        probe = self._synced_probe()
+        keys = seqs if isinstance(seqs, array.array) else array.array("Q", seqs)
+        if _native is not None:
+            return self._node_runs(probe, _native.walk_hashes(probe.table, probe.cap - 1, keys))
+        rids = probe.lookup(np.frombuffer(keys, np.uint64))
         miss = np.flatnonzero(rids < 0)
         if miss.size:
             rids = rids[:miss[0]]
@@ -362,12 +375,27 @@ class NodeTable:
             return []
         cuts = (np.flatnonzero(rids[1:] != rids[:-1]) + 1).tolist()
         starts = [0, *cuts]
-        ends = [*cuts, int(rids.size)]
+        counts = np.diff([*starts, int(rids.size)]).tolist()
+        return self._node_runs(probe, zip(rids[starts].tolist(), counts, strict=True))
+
+    def token_runs(self, tokens: np.ndarray, block_size: int, seed: int, first_seed: int
+                   ) -> list[Run] | None:
+        """:meth:`runs` of the sequence hashes of ``tokens`` (little-endian u32) from the
+        root, hashed in C as far as they are found; None where kvbm._xxh3 is not built."""
+        if _native is None:
+            return None
+        probe = self._synced_probe()
+        return self._node_runs(probe, _native.walk_tokens(probe.table, probe.cap - 1, tokens,
+                                                          block_size, seed, first_seed))
+
+    def _node_runs(self, probe: ProbeIndex, id_runs: Iterable[tuple[int, int]]) -> list[Run]:
+        """Runs of (row id, blocks) as :meth:`runs` gives them, ended where no worker
+        matches every block so far."""
         by_id = probe.rows
         groups = bool(self._groups)
         runs: list[Run] = []
         active = -1
-        for rid, a, b in zip(rids[starts].tolist(), starts, ends, strict=True):
+        for rid, n in id_runs:
             row = by_id[rid]
             any_ = row[_ANY]
             if groups and row[_OBJ]:
@@ -375,7 +403,7 @@ class NodeTable:
             active &= any_
             if not active:
                 break
-            runs.append((row, active, b - a))
+            runs.append((row, active, n))
         return runs
 
     def tally(self, runs: list[Run]) -> dict[str, dict[Medium, int]]:
