@@ -23,6 +23,7 @@ import msgpack
 
 from kvbm.errors import InvalidArgumentError
 from kvbm.integrations.vllm.pd_params import MAX_BLOCKS, AgentAddr, Lease
+from kvbm.integrations.vllm.wire import unpack
 
 _VERSION = 1
 _U64 = 1 << 64
@@ -72,7 +73,7 @@ class DisaggStep:
 
     @classmethod
     def decode(cls, data: Any) -> DisaggStep:
-        obj = _unpack(data, "disaggregation step")
+        obj = unpack(data, "disaggregation step")
         try:
             version, holds, recvs = obj
             if version != _VERSION:
@@ -124,7 +125,7 @@ class Note:
 
     @classmethod
     def decode(cls, data: Any) -> Note:
-        obj = _unpack(data, "note")
+        obj = unpack(data, "note")
         try:
             version, kind, rid, token, agent, blocks, region, why = obj
             if version != _VERSION:
@@ -155,7 +156,7 @@ class Handshake:
 
     @classmethod
     def decode(cls, data: Any) -> Handshake:
-        obj = _unpack(data, "handshake")
+        obj = unpack(data, "handshake")
         try:
             version, rank, agent = obj
             if version != _VERSION:
@@ -165,15 +166,6 @@ class Handshake:
             raise
         except (TypeError, ValueError) as e:
             raise InvalidArgumentError(f"malformed handshake: {e}") from None
-
-
-def _unpack(data: Any, what: str) -> Any:
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise InvalidArgumentError(f"{what}: expected bytes, got {type(data).__name__}")
-    try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as e:  # msgpack raises several unrelated classes on garbage
-        raise InvalidArgumentError(f"{what}: not msgpack ({e})") from None
 
 
 def _i(v: Any) -> int:

@@ -52,7 +52,7 @@ class StepPlan:
 
     @classmethod
     def decode(cls, data: bytes) -> StepPlan:
-        obj = _unpack(data, "step plan")
+        obj = unpack(data, "step plan")
         try:
             version, step, pool, plans, errors, recv, send = obj
             if version != _VERSION:
@@ -86,7 +86,7 @@ class WorkerReport:
 
     @classmethod
     def decode(cls, data: bytes) -> WorkerReport:
-        obj = _unpack(data, "worker report")
+        obj = unpack(data, "worker report")
         try:
             version, rank, results, step = obj
             if version != _VERSION:
@@ -98,7 +98,9 @@ class WorkerReport:
             raise InvalidArgumentError(f"malformed worker report: {e}") from None
 
 
-def _unpack(data: Any, what: str) -> Any:
+def unpack(data: Any, what: str) -> Any:
+    """msgpack ``data`` decoded; anything else (not bytes, garbage) an InvalidArgumentError
+    naming ``what``: one refusal for every message between the connector's processes."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise InvalidArgumentError(f"{what}: expected bytes, got {type(data).__name__}")
     try:
