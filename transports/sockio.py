@@ -191,6 +191,20 @@ class Channel:
         self._pad = memoryview(bytearray(ALIGN))
         self._poll: select.poll | None = None
 
+    def recv_small(self, n: int) -> memoryview:
+        """The next ``n`` (at most 4096) bytes, a header: in a buffer of this channel, valid
+        until its next receive (no allocation per header)."""
+        view = self._pad[:n]
+        try:
+            k = self.sock.recv_into(view, 0, socket.MSG_WAITALL)
+        except OSError as e:
+            raise _io_error(e, "receiving") from None
+        if k == 0:
+            raise TransportError("peer closed the connection")
+        if k < n:
+            recv_into_exact(self.sock, view[k:])
+        return view
+
     def pad_for(self, head: int, nbytes: int) -> int:
         """The padding after a header of ``head`` bytes that aligns a payload of
         ``nbytes`` (none for a small one)."""
@@ -202,6 +216,14 @@ class Channel:
         if not pieces:
             try:
                 self.sock.sendall(head)
+            except OSError as e:
+                raise _io_error(e, "sending") from None
+        elif len(pieces) == 1 and pieces[0][0].device is DeviceKind.CPU:
+            # one host range, the usual request: one sendmsg, without send_pieces' loop
+            region, off, n = pieces[0]
+            views = [memoryview(head), _ZEROS_VIEW[:pad], region.view(off, n)]
+            try:
+                _sendv(self.sock, views)
             except OSError as e:
                 raise _io_error(e, "sending") from None
         else:
@@ -240,6 +262,19 @@ class Channel:
 
     def recv(self, pieces: Sequence[Piece], pad: int) -> None:
         """Receive ``pad`` bytes of padding (dropped), then the pieces' bytes."""
+        if len(pieces) == 1 and pieces[0][0].device is DeviceKind.CPU:
+            # one host range, the usual request: one call, without recv_pieces' loop
+            region, off, n = pieces[0]
+            try:
+                if pad:
+                    _recvv(self.sock, [self._pad[:pad], region.view(off, n)])
+                else:
+                    recv_into_exact(self.sock, region.view(off, n))
+            except TransportError:
+                raise
+            except OSError as e:
+                raise _io_error(e, "receiving") from None
+            return
         recv_pieces(self.sock, pieces, self.staging, self._pad[:pad])
 
     def close(self) -> None:

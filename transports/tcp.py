@@ -74,19 +74,21 @@ class TcpBackend(LinkedBackend[PeerLink]):
     # -- serving side -----------------------------------------------------------------------------
     def _serve(self, sock: socket.socket, peer: str) -> None:
         host = self.host
+        resolve, count_event = host.resolve, host.count_event  # bound once, not per request
         max_bytes = host.config.max_frame_bytes
         chan = Channel(sock)
         first = bytearray(wire.FIRST)
         view = memoryview(first)
+        after_head = view[wire.HEAD.size:]
         while True:
             recv_idle(sock, view)
             op, pad, count = wire.parse_head(first, max_bytes)
-            data: bytes | bytearray | memoryview = view[wire.HEAD.size:]
+            data: bytes | bytearray | memoryview = after_head
             if count > 1:
                 data = first[wire.HEAD.size:] + recv_exact(sock, (count - 1) * wire.RANGE.size)
             ranges = wire.parse_ranges(data, count)
             try:
-                lease = host.resolve(peer, op, ranges)
+                lease = resolve(peer, op, ranges)
             except RemoteAccessError as e:
                 if op is Op.WRITE:  # its payload follows: read and drop it, stay in step
                     drain(sock, pad + sum(n for _, _, n in ranges))
@@ -94,9 +96,9 @@ class TcpBackend(LinkedBackend[PeerLink]):
                 continue
             total = ranges[0][2] if count == 1 else sum(n for _, _, n in ranges)
             # counted when accepted: the requester may see its data before we return
-            host.count_event("served_requests")
-            host.count_event("served_bytes", total)
-            with lease:
+            count_event("served_requests")
+            count_event("served_bytes", total)
+            try:
                 if op is Op.READ:
                     out_pad = chan.pad_for(wire.ANSWER.size, total)
                     chan.send(wire.ANSWER.pack(wire.OK, 0, out_pad, 0), out_pad,
@@ -104,6 +106,8 @@ class TcpBackend(LinkedBackend[PeerLink]):
                 else:
                     chan.recv(lease.pieces, pad)
                     chan.send(wire.ANSWER_OK)
+            finally:
+                lease.release()
 
 
 BACKEND = TcpBackend

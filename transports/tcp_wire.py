@@ -41,8 +41,13 @@ ALIGN = 4096
 ANSWER_OK = ANSWER.pack(OK, 0, 0, 0)
 
 
+_ONE = struct.Struct(">BBHIQQQ")  # a request header and its one range, packed at once
+
+
 def pack_request(op: Op, flat: Sequence[int], pad: int = 0) -> bytes:
     """The request for ranges ``flat`` (region, offset, length, region, ...)."""
+    if len(flat) == 3:
+        return _ONE.pack(_CODES[op], 0, pad, 1, *flat)
     return HEAD.pack(_CODES[op], 0, pad, len(flat) // 3) + struct.pack(
         f">{len(flat)}Q", *flat)
 
@@ -62,7 +67,12 @@ def parse_head(head: bytes | bytearray | memoryview, max_bytes: int) -> tuple[Op
 def parse_ranges(data: bytes | bytearray | memoryview, count: int
                  ) -> list[tuple[int, int, int]]:
     """``count`` ranges from ``data`` (every value below 2**63, else ProtocolError)."""
-    flat = RANGE.unpack_from(data) if count == 1 else struct.unpack_from(f">{3 * count}Q", data)
+    if count == 1:
+        one = RANGE.unpack_from(data)
+        if one[0] >= _LIMIT or one[1] >= _LIMIT or one[2] >= _LIMIT:
+            raise ProtocolError("a range beyond 2**63 in a tcp transfer request")
+        return [one]
+    flat = struct.unpack_from(f">{3 * count}Q", data)
     if max(flat) >= _LIMIT:
         raise ProtocolError("a range beyond 2**63 in a tcp transfer request")
     it = iter(flat)
