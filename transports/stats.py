@@ -6,10 +6,8 @@ from __future__ import annotations
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from kvbm.transports.handle import TransferStatus
+from kvbm.transports.handle import TransferStatus
 
 
 @dataclass(frozen=True)
@@ -46,11 +44,11 @@ class AgentStats:
         with self._lock:
             row = self._backends.setdefault(backend, [0, 0, 0, 0])
             row[0] += 1
-            if status.value == "done":
+            if status is TransferStatus.DONE:  # identity: Enum.value is a Python descriptor
                 row[1] += nbytes
-            elif status.value == "failed":
+            elif status is TransferStatus.FAILED:
                 row[2] += 1
-            elif status.value == "cancelled":
+            elif status is TransferStatus.CANCELLED:
                 row[3] += 1
 
     def snapshot(self) -> StatsSnapshot:

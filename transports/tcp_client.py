@@ -121,7 +121,9 @@ class PeerLink(LinkSlots[Channel, Part | Callable[[], None]]):
         """Start a one-part transfer of host memory in this thread when a pooled connection
         is idle (see :meth:`_start`); otherwise queue the parts for the worker threads,
         and let a thread that waits for the transfer run those no worker took yet."""
-        if len(parts) == 1 and all(s.local.device is DeviceKind.CPU for s in parts[0].segs):
+        segs = parts[0].segs
+        if len(parts) == 1 and (segs[0].local.device is DeviceKind.CPU if len(segs) == 1 else
+                                all(s.local.device is DeviceKind.CPU for s in segs)):
             with self._cond:
                 conn = self._idle.pop() if self._idle and not self._closed else None
             if conn is not None:
@@ -268,6 +270,12 @@ class PeerLink(LinkSlots[Channel, Part | Callable[[], None]]):
         """Move ``segs`` over ``conn``, in as many requests as the peer's frame limit
         needs. ``inline``: yield where the peer keeps this thread waiting for longer than
         a moment (whoever goes on iterating then waits as long as the socket allows)."""
+        if len(segs) <= self._per_request:  # one request, the usual case: no outer generator
+            return self._exchange(conn, op, segs, inline)
+        return self._requests(conn, op, segs, inline)
+
+    def _requests(self, conn: Channel, op: Op, segs: list[Segment], inline: bool
+                  ) -> Iterator[None]:
         for i in range(0, len(segs), self._per_request):
             yield from self._exchange(conn, op, segs[i:i + self._per_request], inline)
 
@@ -279,7 +287,6 @@ class PeerLink(LinkSlots[Channel, Part | Callable[[], None]]):
             flat += (s.remote_id, s.remote_offset, s.length)
             nbytes += s.length
         pieces = [(s.local, s.local_offset, s.length) for s in segs]
-        sock = conn.sock
         if op is Op.READ:
             head = wire.pack_request(op, flat)
             if not inline:
@@ -292,7 +299,7 @@ class PeerLink(LinkSlots[Channel, Part | Callable[[], None]]):
                     conn.send_rest(rest)
                 if not conn.ready(False, _patience(nbytes)):
                     yield
-            conn.recv(pieces, self._check_answer(sock))
+            conn.recv(pieces, self._check_answer(conn))
             return
         pad = conn.pad_for(wire.HEAD.size + 8 * len(flat), nbytes)
         head = wire.pack_request(op, flat, pad)
@@ -311,16 +318,16 @@ class PeerLink(LinkSlots[Channel, Part | Callable[[], None]]):
                 rest = conn.send_nowait(rest)
             if not conn.ready(False, _patience(nbytes)):
                 yield
-        self._check_answer(sock)
+        self._check_answer(conn)
 
-    def _check_answer(self, sock: socket.socket) -> int:
+    def _check_answer(self, conn: Channel) -> int:
         """The padding an ``ok`` answer announces, or the error the peer answered instead
         (a refusal: :class:`RemoteAccessError`; the connection stays usable)."""
-        status, pad, size = wire.parse_answer(recv_exact(sock, wire.ANSWER.size),
+        status, pad, size = wire.parse_answer(conn.recv_small(wire.ANSWER.size),
                                               self._max_frame)
         if status == wire.OK:
             return pad
-        msg = recv_exact(sock, size).decode("utf-8", "replace") or "refused"
+        msg = recv_exact(conn.sock, size).decode("utf-8", "replace") or "refused"
         if status == wire.REFUSED:
             raise RemoteAccessError(f"peer refused: {msg}")
         raise TransportError(f"peer refused: {msg}")
