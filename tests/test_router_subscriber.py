@@ -44,7 +44,9 @@ def idx() -> KvIndexer:
 
 @pytest.fixture
 def sub(idx: KvIndexer) -> Iterator[Subscriber]:
-    s = Subscriber(idx, SubscriberConfig(replay_timeout_s=2.0))
+    # generous: a replay that does not answer in time is a resync, which these tests
+    # must not see merely because the machine is busy
+    s = Subscriber(idx, SubscriberConfig(replay_timeout_s=30.0))
     s.start()
     yield s
     s.close()
