@@ -917,13 +917,40 @@ static int walk_keys(const long long *tab, u64 mask, const u64 *keys, Py_ssize_t
     return 0;
 }
 
+/* Fills chunk[0:k] with the keys of blocks at..at+k-1 of a walk. */
+typedef void (*fill_fn)(void *ctx, Py_ssize_t at, Py_ssize_t k, u64 *chunk);
+
+/* The walk of n keys, WALK_CHUNK at a time: the runs list, NULL on error. */
+static PyObject *walk_run(const Py_buffer *tab, u64 mask, Py_ssize_t n, fill_fn fill,
+                          void *ctx) {
+    runs_t r = {NULL, 0, 0};
+    Py_ssize_t at;
+    r.out = PyList_New(0);
+    if (r.out == NULL) return NULL;
+    for (at = 0; at < n; at += WALK_CHUNK) {
+        Py_ssize_t k = n - at < WALK_CHUNK ? n - at : WALK_CHUNK;
+        u64 chunk[WALK_CHUNK];
+        int rc;
+        fill(ctx, at, k, chunk);
+        rc = walk_keys((const long long *)tab->buf, mask, chunk, k, &r);
+        if (rc < 0) goto fail;
+        if (rc) break;
+    }
+    if (runs_flush(&r) == 0) return r.out;
+fail:
+    Py_DECREF(r.out);
+    return NULL;
+}
+
+static void fill_keys(void *ctx, Py_ssize_t at, Py_ssize_t k, u64 *chunk) {
+    memcpy(chunk, (const unsigned char *)ctx + 8 * at, (size_t)(8 * k));
+}
+
 /* walk_hashes(table, mask, keys) -> [(row id, blocks)]: keys a buffer of native u64. */
 static PyObject *py_walk_hashes(PyObject *self, PyObject *args) {
-    PyObject *tab_o, *mask_o, *keys_o;
+    PyObject *tab_o, *mask_o, *keys_o, *out = NULL;
     Py_buffer tab, keys;
     u64 mask;
-    runs_t r = {NULL, 0, 0};
-    Py_ssize_t n, at;
     (void)self;
 
     if (!PyArg_ParseTuple(args, "OOO:walk_hashes", &tab_o, &mask_o, &keys_o)) return NULL;
@@ -932,30 +959,34 @@ static PyObject *py_walk_hashes(PyObject *self, PyObject *args) {
         PyBuffer_Release(&tab);
         return NULL;
     }
-    if (keys.len % 8 != 0) {
+    if (keys.len % 8 != 0)
         PyErr_Format(PyExc_ValueError, "keys must be u64 words, got %zd bytes", keys.len);
-        goto done;
-    }
-    r.out = PyList_New(0);
-    if (r.out == NULL) goto done;
-    n = keys.len / 8;
-    for (at = 0; at < n; at += WALK_CHUNK) {
-        Py_ssize_t k = n - at < WALK_CHUNK ? n - at : WALK_CHUNK;
-        u64 chunk[WALK_CHUNK];
-        int rc;
-        memcpy(chunk, (const unsigned char *)keys.buf + 8 * at, (size_t)(8 * k));
-        rc = walk_keys((const long long *)tab.buf, mask, chunk, k, &r);
-        if (rc < 0) goto fail;
-        if (rc) break;
-    }
-    if (runs_flush(&r) < 0) goto fail;
-    goto done;
-fail:
-    Py_CLEAR(r.out);
-done:
+    else
+        out = walk_run(&tab, mask, keys.len / 8, fill_keys, keys.buf);
     PyBuffer_Release(&keys);
     PyBuffer_Release(&tab);
-    return r.out;
+    return out;
+}
+
+/* The chain being walked from tokens: block i's sequence hash, from the root. */
+typedef struct {
+    const unsigned char *tok;
+    Py_ssize_t step;
+    u64 seed, first_seed, prev;
+    unsigned char sec[SECRET_SIZE], first_sec[SECRET_SIZE];
+} token_chain_t;
+
+static void fill_tokens(void *ctx, Py_ssize_t at, Py_ssize_t k, u64 *chunk) {
+    token_chain_t *c = (token_chain_t *)ctx;
+    Py_ssize_t j;
+    for (j = 0; j < k; j++) {
+        Py_ssize_t i = at + j;
+        const unsigned char *p = c->tok + i * c->step;
+        u64 loc = i == 0 ? xxh3_64(p, (size_t)c->step, c->first_seed, c->first_sec)
+                         : xxh3_64(p, (size_t)c->step, c->seed, c->sec);
+        c->prev = i == 0 ? loc : pair_hash(c->prev, loc);
+        chunk[j] = c->prev;
+    }
 }
 
 /* walk_tokens(table, mask, tokens, block_size, seed, first_seed) -> [(row id, blocks)]:
@@ -963,12 +994,11 @@ done:
  * local_hashes, the first block with first_seed; sequence hash as in chain, from the root)
  * only when the blocks before it were all found. */
 static PyObject *py_walk_tokens(PyObject *self, PyObject *args) {
-    PyObject *tab_o, *mask_o, *tok_o, *seed_o, *first_o;
+    PyObject *tab_o, *mask_o, *tok_o, *seed_o, *first_o, *out;
     Py_buffer tab, tok;
-    Py_ssize_t bs, step, n, at;
-    u64 mask, seed, first_seed, prev = 0;
-    unsigned char sec[SECRET_SIZE], first_sec[SECRET_SIZE];
-    runs_t r = {NULL, 0, 0};
+    Py_ssize_t bs;
+    u64 mask;
+    token_chain_t c;
     (void)self;
 
     if (!PyArg_ParseTuple(args, "OOOnOO:walk_tokens", &tab_o, &mask_o, &tok_o, &bs, &seed_o,
@@ -978,45 +1008,24 @@ static PyObject *py_walk_tokens(PyObject *self, PyObject *args) {
         PyErr_Format(PyExc_ValueError, "block_size must be positive, got %zd", bs);
         return NULL;
     }
-    if (as_u64(seed_o, "seed", &seed) < 0 || as_u64(first_o, "first_seed", &first_seed) < 0)
+    if (as_u64(seed_o, "seed", &c.seed) < 0 || as_u64(first_o, "first_seed", &c.first_seed) < 0)
         return NULL;
     if (walk_table(tab_o, mask_o, &tab, &mask) < 0) return NULL;
     if (PyObject_GetBuffer(tok_o, &tok, PyBUF_C_CONTIGUOUS) < 0) {
         PyBuffer_Release(&tab);
         return NULL;
     }
-    step = 4 * bs;
-    if (step > MIDSIZE_MAX) {
-        derive_secret(sec, seed);
-        derive_secret(first_sec, first_seed);
+    c.tok = (const unsigned char *)tok.buf;
+    c.step = 4 * bs;
+    c.prev = 0;
+    if (c.step > MIDSIZE_MAX) {
+        derive_secret(c.sec, c.seed);
+        derive_secret(c.first_sec, c.first_seed);
     }
-    r.out = PyList_New(0);
-    if (r.out == NULL) goto done;
-    n = tok.len / step;
-    for (at = 0; at < n; at += WALK_CHUNK) {
-        Py_ssize_t k = n - at < WALK_CHUNK ? n - at : WALK_CHUNK, j;
-        u64 chunk[WALK_CHUNK];
-        int rc;
-        for (j = 0; j < k; j++) {
-            Py_ssize_t i = at + j;
-            const unsigned char *p = (const unsigned char *)tok.buf + i * step;
-            u64 loc = i == 0 ? xxh3_64(p, (size_t)step, first_seed, first_sec)
-                             : xxh3_64(p, (size_t)step, seed, sec);
-            prev = i == 0 ? loc : pair_hash(prev, loc);
-            chunk[j] = prev;
-        }
-        rc = walk_keys((const long long *)tab.buf, mask, chunk, k, &r);
-        if (rc < 0) goto fail;
-        if (rc) break;
-    }
-    if (runs_flush(&r) < 0) goto fail;
-    goto done;
-fail:
-    Py_CLEAR(r.out);
-done:
+    out = walk_run(&tab, mask, tok.len / c.step, fill_tokens, &c);
     PyBuffer_Release(&tok);
     PyBuffer_Release(&tab);
-    return r.out;
+    return out;
 }
 
 static PyMethodDef methods[] = {

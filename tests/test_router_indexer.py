@@ -405,6 +405,17 @@ def test_long_prompts_with_lora_and_salt(walk: str) -> None:
         idx.find_matches([*t[:-1], -1])
 
 
+@pytest.mark.parametrize("bs", [1, 16, 61, 64])
+def test_long_prompts_of_any_block_size(walk: str, bs: int) -> None:
+    """Blocks of more than 240 bytes (60 tokens) take xxh3's long-input path."""
+    t = [(i * 7919) % 50_000 for i in range(100 * bs)]
+    s = hash_blocks(t, bs, salt=3).sequence
+    idx = KvIndexer(bs, salt=3)
+    idx.apply("w", [BlockStored(s[:90], None, t[:90 * bs], bs, CPU)])
+    assert idx.find_matches(t) == {"w": {CPU: 90}}
+    assert idx.find_matches(t[:80 * bs]) == {"w": {CPU: 80}}
+
+
 def test_long_walks_after_a_mass_change_see_it(walk: str) -> None:
     """More changes than the walk's copy takes one by one: it is rebuilt."""
     t = [i % 50_000 for i in range(6000 * BS)]
