@@ -9,15 +9,22 @@ times (bench/_router_cluster.py has the worker model):
 
 - ``round_robin``; ``least_loaded`` (fewest running requests, then fewest prompt tokens
   queued for prefill);
-- ``gpu_overlap``: kvbm's KvRouter fed only the workers' GPU events (what a router that
-  sees only G1 does);
+- ``gpu_overlap``: kvbm's KvRouter fed only the workers' GPU events, and configured as
+  Dynamo's KV router is: the cost alone picks, no bounded shares (``--baseline-share-bound``,
+  none by default). It stands for what a router that sees only G1 does today, so it gets
+  that router's settings, not kvbm's;
 - ``tier_aware``: the same KvRouter and cost fed every medium's events (a block held in G2
-  or G3 costs its tier's weight of computing it).
+  or G3 costs its tier's weight of computing it), with kvbm's recommended cluster setting of
+  bounded shares (``--share-bound``, 0.02 by default: a worker that had 1.02x its share of
+  the router's recent picks is skipped). Its cost is stickier than a G1-only one (a
+  conversation's history keeps pulling after it left the GPU), so it is the router that
+  needs the bound (without it, it balances worse: docs/router.md).
 
-Both KV routers get the same loads (running requests and their blocks), the same tie
-breaks and the same bounded shares (``--share-bound``, 0.02 here by default: a cluster
-replay is where a prefix-affine cost piles requests up; ``--share-bound none`` turns it off,
-the router's own default): they differ only in what their index sees.
+Both KV routers get the same loads (running requests and their blocks), the same cost
+weights and the same tie breaks; they differ in what their index sees and in the share
+bound, which every row (``share_bound``), the goal and ``cost`` echo. ``--share-bound
+0.02 --baseline-share-bound 0.02`` replays both under the same bound (the figures before
+this split); ``none`` for both: the cost alone for both.
 
 The KV routers' indexers are fed by the managers' own events, over ZMQ on 127.0.0.1 by
 default (``--transport inproc``: the same codec, no sockets). Reported per router: the
@@ -39,6 +46,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -56,12 +64,16 @@ ROUTERS = ("round_robin", "least_loaded", "gpu_overlap", "tier_aware")
 GOAL = 1.2
 
 
-#: Both KV routers replay under bounded shares unless told otherwise (see the module).
+#: tier_aware's bounded shares (``--share-bound``): kvbm's recommended cluster setting.
 BENCH_SHARE_BOUND = 0.02
+#: gpu_overlap's (``--baseline-share-bound``): none, as Dynamo's KV router (see the module).
+BASELINE_SHARE_BOUND: float | None = None
 
 
 def run_router(name: str, reqs: list[Request], cfg: ClusterConfig, cost: CostConfig,
                progress: bool) -> dict[str, Any]:
+    """Replay ``reqs`` on a fresh cluster behind router ``name`` (``cost``: a KV router's
+    configuration, its own share bound included)."""
     kv = name in ("gpu_overlap", "tier_aware")
     t_start = time.perf_counter()
     cluster = Cluster(cfg, with_events=kv)
@@ -117,6 +129,10 @@ def run_router(name: str, reqs: list[Request], cfg: ClusterConfig, cost: CostCon
             "prediction_exact": exact / len(reqs) if kv and reqs else None,
             "onboard_short_blocks": short,
             "events": dict(cluster.event_counts) if kv else None,
+            # the router's own bounded shares (None: the cost alone picks; not a KV router)
+            "share_bound": cost.share_bound if kv else None,
+            "share_window": cost.share_window if kv and cost.share_bound is not None
+            else None,
             "seconds": round(time.perf_counter() - t_start, 2),
         }
     finally:
@@ -132,6 +148,7 @@ def goal(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         if g["prefill_tokens_saved"] else math.inf
     return {"saved_ratio": ratio, "target": GOAL,
             "imbalance": {"gpu_overlap": g["imbalance"], "tier_aware": t["imbalance"]},
+            "share_bound": {"gpu_overlap": g["share_bound"], "tier_aware": t["share_bound"]},
             "met": ratio >= GOAL and t["imbalance"] <= g["imbalance"] + 1e-9}
 
 
@@ -154,6 +171,8 @@ def format_table(doc: dict[str, Any]) -> str:
                    f"(goal >= {g['target']}x at equal or better balance: imbalance "
                    f"{g['imbalance']['tier_aware']:.3f} vs {g['imbalance']['gpu_overlap']:.3f}"
                    f"; {'met' if g['met'] else 'not met'})")
+        out.append(f"share bound: tier_aware {g['share_bound']['tier_aware']}, gpu_overlap "
+                   f"{g['share_bound']['gpu_overlap']} (None: the cost alone picks)")
     out.append(f"events: {doc['transport']}")
     return "\n".join(out)
 
@@ -192,12 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--disk-weight", type=float, default=0.3,
                     help="tier_aware: cost of a prefix block in G3")
     ap.add_argument("--share-bound", type=_bound, default=BENCH_SHARE_BOUND,
-                    help="KV routers: a worker that got (1 + this) x its share of the "
+                    help="tier_aware: a worker that got (1 + this) x its share of the "
                          "router's recent picks is not a candidate; 'none': no bound "
                          "(the router's own default) (default: %(default)s)")
+    ap.add_argument("--baseline-share-bound", type=_bound, default=BASELINE_SHARE_BOUND,
+                    help="gpu_overlap: the same, for the GPU-only router; 'none' (the "
+                         "default): the cost alone picks, as Dynamo's KV router does")
     ap.add_argument("--share-window", type=int, default=CostConfig().share_window,
-                    help="KV routers: recent picks per worker the share counts "
-                         "(default: %(default)s)")
+                    help="KV routers with a share bound: recent picks per worker the share "
+                         "counts (default: %(default)s)")
     ap.add_argument("--transport", choices=("zmq", "inproc"), default="zmq",
                     help="how events reach the router: ZMQ on 127.0.0.1, or the codec in "
                          "process")
@@ -274,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
                           share_window=args.share_window)
     except KvbmError as e:
         ap.error(str(e))
+    costs = {"gpu_overlap": replace(cost, share_bound=args.baseline_share_bound)}
     progress = not args.json and sys.stderr.isatty()
-    rows = [run_router(name, reqs, cfg, cost, progress) for name in (args.router or ROUTERS)]
+    rows = [run_router(name, reqs, cfg, costs.get(name, cost), progress)
+            for name in (args.router or ROUTERS)]
     transport = ("ZMQ PUB/SUB on 127.0.0.1 (one publisher per worker, kvbm's Subscriber)"
                  if args.transport == "zmq" else
                  "in process, through the wire codec (msgpack encode + decode)")
@@ -292,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
                     "distinct_blocks": distinct},
         "cost": {"prefill_weight": cost.prefill_weight, "request_weight": cost.request_weight,
                  "cpu_pinned_weight": cost.cpu_pinned_weight, "disk_weight": cost.disk_weight,
-                 "share_bound": cost.share_bound, "share_window": cost.share_window},
+                 "share_window": cost.share_window,
+                 "share_bound": {"gpu_overlap": args.baseline_share_bound,
+                                 "tier_aware": args.share_bound}},
         "meta": _meta.run_meta(args.seed)}
     if args.json:
         json.dump(doc, sys.stdout)

@@ -116,8 +116,13 @@ def test_router_replay_over_zmq_predicts_every_match() -> None:
     assert rows["round_robin"]["prediction_exact"] is None
     g = doc["goal"]
     assert g["target"] == 1.2 and _finite(g["saved_ratio"]) and isinstance(g["met"], bool)
-    # both KV routers ran under the benchmark's bounded shares
-    assert doc["cost"]["share_bound"] == 0.02
+    # tier_aware ran under the benchmark's bounded shares, gpu_overlap under the cost alone
+    # (as Dynamo's KV router): each row and the goal say which
+    assert doc["cost"]["share_bound"] == {"gpu_overlap": None, "tier_aware": 0.02}
+    assert rows["tier_aware"]["share_bound"] == 0.02
+    assert rows["gpu_overlap"]["share_bound"] is None
+    assert rows["round_robin"]["share_bound"] is None
+    assert g["share_bound"] == {"gpu_overlap": None, "tier_aware": 0.02}
 
 
 def test_router_replay_from_a_trace_file_with_disk(tmp_path: Path) -> None:
@@ -126,10 +131,14 @@ def test_router_replay_from_a_trace_file_with_disk(tmp_path: Path) -> None:
                     "--seed", "4", "--out", str(trace)], check=True, capture_output=True)
     doc = _bench([str(BENCH / "router_replay.py"), "--trace", str(trace), "--workers", "2",
                   "--disk", "--transport", "inproc", "--router", "gpu_overlap",
-                  "--router", "tier_aware", "--json"])
-    _check_router_rows(doc, ["gpu_overlap", "tier_aware"])
+                  "--router", "tier_aware", "--baseline-share-bound", "0.05",
+                  "--share-bound", "none", "--json"])
+    rows = _check_router_rows(doc, ["gpu_overlap", "tier_aware"])
     assert doc["cluster"]["disk_blocks"] > 0
     assert "in process" in doc["transport"]
+    # each KV router under its own bound, as given
+    assert rows["gpu_overlap"]["share_bound"] == 0.05
+    assert rows["tier_aware"]["share_bound"] is None
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -140,6 +149,7 @@ def test_router_replay_from_a_trace_file_with_disk(tmp_path: Path) -> None:
     (["--generate", "--host-weight", "2"], "--host-weight"),
     (["--generate", "--share-bound", "-1"], "--share-bound"),
     (["--generate", "--share-bound", "nan"], "--share-bound"),
+    (["--generate", "--baseline-share-bound", "-0.5"], "--baseline-share-bound"),
     (["--generate", "--share-window", "0"], "--share-window"),
     (["--trace", "/nonexistent/t.jsonl"], "t.jsonl"),
 ])
