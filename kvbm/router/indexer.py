@@ -300,14 +300,12 @@ class KvIndexer:
         parent = ev.parent_block_hash
         pseq: int | None = None
         if parent is not None:
-            pv = w.pubs.get(parent)
-            if pv is not None:
-                pseq = pv >> 4
-            elif parent in self._t.rows:
+            pseq = self._t.seq_of(w, parent, MEDIUM_INDEX[ev.medium])
+            if pseq is None:
+                if parent not in self._t.rows:
+                    self._n["unknown_parents"] += 1
+                    return
                 pseq = parent  # a kvbm publisher: its hashes are sequence hashes already
-            else:
-                self._n["unknown_parents"] += 1
-                return
         self._t.store(w, ev.block_hashes, chain(local, pseq), ev.medium)
 
     # ------------------------------------------------------------------------ queries --
@@ -387,7 +385,7 @@ class KvIndexer:
     def block_counts(self) -> dict[str, dict[Medium, int]]:
         """Per worker, its publisher hashes resident per medium (every known worker)."""
         with self._lock:
-            return {name: dict(zip(MEDIUM_BY_BIT, w.counts, strict=True))
+            return {name: {m: len(d) for m, d in zip(MEDIUM_BY_BIT, w.media, strict=True)}
                     for name, w in sorted(self._t.workers.items())}
 
     def stats(self) -> IndexerStats:

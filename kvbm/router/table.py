@@ -12,7 +12,9 @@ small and lets a prompt walk compare nodes by identity (one dict lookup per bloc
 consecutive nodes collapsing into one run, in C).
 
 Publishers name blocks by their own hashes, and removals carry only those: each worker keeps
-a map ``publisher hash -> (sequence hash << 4) | media bits``. Not thread-safe: the indexer
+a map ``publisher hash -> sequence hash`` per medium (the sequence hashes are the int objects
+of the nodes' keys, so a store allocates nothing per block for its map; a packed
+``seq << 4 | media`` value cost a third of applying a store). Not thread-safe: the indexer
 holds its lock around every call.
 """
 
@@ -21,8 +23,6 @@ from __future__ import annotations
 import array
 from collections.abc import Iterable, Sequence
 from itertools import groupby, repeat
-from operator import lshift as _shl
-from operator import or_ as _or
 from types import ModuleType
 
 import numpy as np
@@ -41,7 +41,6 @@ _ANY = N_MEDIA  # index of the union mask in a node
 _OBJ = Medium.OBJECT.bit.bit_length() - 1
 #: medium -> its index in a node
 MEDIUM_INDEX = {m: i for i, m in enumerate(MEDIUM_BY_BIT)}
-_MASK = (1 << N_MEDIA) - 1
 #: The intern table is forgotten beyond this many residency patterns (nodes keep theirs; the
 #: patterns seen since are shared again). Bounds the patterns that nothing uses any more.
 _INTERN_MAX = 1 << 16
@@ -49,7 +48,6 @@ _INTERN_MAX = 1 << 16
 #: (:mod:`kvbm.router.probe`); shorter ones through the dict (numpy's per-call cost wins
 #: only on long walks).
 PROBE_MIN_BLOCKS = 64
-_FOUR = repeat(4)  # the shift of a sequence hash in a worker's map (endless: zip stops it)
 
 Row = tuple[int, int, int, int, int]
 #: (node, workers still matching, blocks) for a run of equal consecutive nodes of a prompt
@@ -57,19 +55,19 @@ Run = tuple[Row, int, int]
 
 
 class Worker:
-    __slots__ = ("bit", "counts", "dups", "fresh", "group", "idx", "name", "pubs")
+    __slots__ = ("bit", "dups", "fresh", "group", "idx", "media", "name")
 
     def __init__(self, name: str, idx: int) -> None:
         self.name = name
         self.idx = idx
         self.bit = 1 << idx
-        #: publisher hash -> (sequence hash << 4) | media bits
-        self.pubs: dict[int, int] = {}
+        #: per medium, publisher hash -> sequence hash of the blocks resident there (a hash
+        #: in several media names one node in each: a store that says otherwise replaces it)
+        self.media: list[dict[int, int]] = [{} for _ in range(N_MEDIA)]
         #: (sequence hash << 2 | medium index) -> extra publisher hashes of this worker that
         #: name the same node in that medium (two vLLM hashes for one token prefix, e.g.
         #: different cache salts): a removal of one of them must not clear the bit
         self.dups: dict[int, int] = {}
-        self.counts = [0] * N_MEDIA  # publisher hashes resident per medium
         #: per medium, the row of a node that only this worker holds, only there
         self.fresh: list[Row | None] = [None] * N_MEDIA
         self.group: str | None = None
@@ -116,12 +114,12 @@ class NodeTable:
 
     def clear(self, w: Worker) -> None:
         rows, bit, nbit = self.rows, w.bit, ~w.bit
+        seqs = [s for d in w.media for s in d.values()]
         if self._dirty is not None:
-            self._note([v >> 4 for v in w.pubs.values()])
+            self._note(seqs)
         old: Row | None = None
         new: Row | None = None
-        for v in w.pubs.values():
-            s = v >> 4
+        for s in seqs:
             row = rows.get(s)
             if row is None or not row[_ANY] & bit:
                 continue  # another publisher hash of this worker for the node: done already
@@ -133,22 +131,19 @@ class NodeTable:
                 del rows[s]
             else:
                 rows[s] = new
-        w.pubs.clear()
+        w.media = [{} for _ in range(N_MEDIA)]
         w.dups.clear()
-        w.counts = [0] * N_MEDIA
         self.n["clears"] += 1
 
     def clear_medium(self, w: Worker, mi: int) -> None:
         """Drop ``w``'s blocks in medium ``mi`` alone (one pass over its map, as
         :meth:`clear`; nodes sharing a residency share one transition)."""
-        mbit, bit, nbit, rows = 1 << mi, w.bit, ~w.bit, self.rows
-        if w.counts[mi]:
-            keep = _MASK ^ mbit
-            pubs = w.pubs
-            gone = [v >> 4 for v in pubs.values() if v & mbit]
+        bit, nbit, rows = w.bit, ~w.bit, self.rows
+        if w.media[mi]:
+            gone = list(w.media[mi].values())
             if self._dirty is not None:
                 self._note(gone)
-            w.pubs = {h: v ^ mbit if v & mbit else v for h, v in pubs.items() if v & keep}
+            w.media[mi] = {}
             old: Row | None = None
             new: Row | None = None
             for s in gone:
@@ -168,7 +163,6 @@ class NodeTable:
                     rows[s] = new
             if w.dups:
                 w.dups = {k: n for k, n in w.dups.items() if k & 3 != mi}
-            w.counts[mi] = 0
         self.n["clears"] += 1
 
     def _intern_row(self, row: tuple[int, ...]) -> Row:
@@ -209,27 +203,24 @@ class NodeTable:
     # ------------------------------------------------------------------------ events --
     def store(self, w: Worker, hs: list[int], seqs: list[int], medium: Medium) -> None:
         """``w`` holds the blocks named ``hs`` by its publisher, ``seqs`` here, in ``medium``."""
-        pubs = w.pubs
         mi = MEDIUM_INDEX[medium]
-        mbit, bit, rows = 1 << mi, w.bit, self.rows
-        if pubs.keys().isdisjoint(hs) and len(set(hs)) == len(hs):
+        bit, rows, media = w.bit, self.rows, w.media
+        mine = media[mi]
+        if mine.keys().isdisjoint(hs) and len(set(hs)) == len(hs) and self._unknown(w, hs, mi):
             # the common case, all new to this worker: one C-level update
-            pubs.update(zip(hs, map(_or, map(_shl, seqs, _FOUR), repeat(mbit)), strict=True))
+            mine.update(zip(hs, seqs, strict=True))
             new_seqs = seqs
         else:
-            new_seqs = self._store_known(w, hs, seqs, mbit)
-        get = rows.get
+            new_seqs = self._store_known(w, hs, seqs, mi)
         fresh = w.fresh[mi]
         if fresh is None:
             template = [0] * (N_MEDIA + 1)
             template[mi] = template[_ANY] = bit
             fresh = w.fresh[mi] = self._intern_row(tuple(template))
-        olds = list(map(get, new_seqs))
-        if olds.count(None) == len(olds):  # all new to the index: one C-level update
+        if rows.keys().isdisjoint(new_seqs):  # all new to the index: one C-level update
             rows.update(zip(new_seqs, repeat(fresh)))
         else:
-            self._store_rows(w, new_seqs, olds, mi, fresh)
-        w.counts[mi] += len(new_seqs)
+            self._store_rows(w, new_seqs, list(map(rows.get, new_seqs)), mi, fresh)
         self.n["stored"] += len(new_seqs)
         if self._dirty is not None:
             self._note(new_seqs)
@@ -257,46 +248,57 @@ class NodeTable:
                 cells[_ANY] |= bit
                 rows[s] = new = self._intern_row(tuple(cells))
 
-    def _store_known(self, w: Worker, hs: list[int], seqs: list[int], mbit: int
-                     ) -> list[int]:
+    @staticmethod
+    def _unknown(w: Worker, hs: list[int], mi: int) -> bool:
+        """None of ``hs`` is resident on ``w`` in a medium other than ``mi``."""
+        for i, d in enumerate(w.media):
+            if i != mi and d and not d.keys().isdisjoint(hs):
+                return False
+        return True
+
+    @staticmethod
+    def seq_of(w: Worker, h: int, mi: int) -> int | None:
+        """The sequence hash ``w``'s publisher hash ``h`` names (medium ``mi`` looked at
+        first), or None where ``w`` holds no such block."""
+        s = w.media[mi].get(h)
+        if s is None:
+            for d in w.media:
+                s = d.get(h)
+                if s is not None:
+                    break
+        return s
+
+    def _store_known(self, w: Worker, hs: list[int], seqs: list[int], mi: int) -> list[int]:
         """Record a store of hashes some of which the worker announced before; the sequence
         hashes that became resident in the medium (not those already there)."""
-        pubs, out = w.pubs, []
+        media, out = w.media, []
+        mine = media[mi]
         for h, s in zip(hs, seqs, strict=True):
-            v = pubs.get(h)
-            if v is None:
-                pubs[h] = (s << 4) | mbit
-            elif v >> 4 != s:  # the publisher reused a hash for other tokens: trust the news
-                self.n["conflicts"] += 1
+            cur = self.seq_of(w, h, mi)
+            if cur is not None and cur != s:  # the publisher reused a hash for other tokens:
+                self.n["conflicts"] += 1  # trust the news
                 for i in range(N_MEDIA):
-                    if v >> i & 1:
+                    if h in media[i]:
                         self.remove(w, [h], i)
-                pubs[h] = (s << 4) | mbit
-            elif v & mbit:
+            elif cur is not None and h in mine:
                 continue  # already resident there: a store is idempotent
-            else:
-                pubs[h] = v | mbit
+            mine[h] = s
             out.append(s)
         return out
 
     def remove(self, w: Worker, hashes: Iterable[int], mi: int) -> None:
-        pubs, dups, rows, mbit, bit = w.pubs, w.dups, self.rows, 1 << mi, w.bit
+        mine, dups, rows, bit = w.media[mi], w.dups, self.rows, w.bit
         removed = unknown = 0
         old: Row | None = None
         new: Row | None = None
         changed: list[int] | None = None if self._dirty is None else []
+        pop = mine.pop
         for h in hashes:
-            v = pubs.get(h)
-            if v is None or not v & mbit:
+            s = pop(h, None)
+            if s is None:
                 unknown += 1
                 continue
             removed += 1
-            nv = v ^ mbit
-            if nv & _MASK:
-                pubs[h] = nv
-            else:
-                del pubs[h]
-            s = v >> 4
             if changed is not None:
                 changed.append(s)
             if dups:
@@ -320,7 +322,6 @@ class NodeTable:
                 del rows[s]
             else:
                 rows[s] = new
-        w.counts[mi] -= removed
         self.n["removed"] += removed
         self.n["unknown_removals"] += unknown
         if changed and self._dirty is not None:
@@ -436,7 +437,12 @@ class NodeTable:
         return out
 
     def blocks(self, w: Worker) -> dict[int, frozenset[Medium]]:
-        return {h: _MEDIA_SETS[v & _MASK] for h, v in w.pubs.items()}
+        bits: dict[int, int] = {}
+        for i, d in enumerate(w.media):
+            b = 1 << i
+            for h in d:
+                bits[h] = bits.get(h, 0) | b
+        return {h: _MEDIA_SETS[m] for h, m in bits.items()}
 
 
 _MEDIA_SETS: tuple[frozenset[Medium], ...] = tuple(
