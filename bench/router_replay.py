@@ -189,13 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--disk", action="store_true", help="give every worker a G3 disk tier")
     ap.add_argument("--device-fraction", type=float, default=0.01,
                     help="G1 of the whole cluster, as a fraction of the trace's distinct "
-                         "blocks (never less than the largest request per worker)")
+                         "blocks (never less than the largest request per worker: where "
+                         "that raises G1, G2 and G3 grow in proportion)")
     ap.add_argument("--host-fraction", type=float, default=0.05,
                     help="G2 of the whole cluster, as a fraction of the distinct blocks "
-                         "(never less than the largest request per worker)")
+                         "(times G1's growth; never less than the largest request per worker)")
     ap.add_argument("--disk-fraction", type=float, default=0.25,
                     help="G3 of the whole cluster, as a fraction of the distinct blocks "
-                         "(with --disk)")
+                         "(times G1's growth; with --disk)")
     ap.add_argument("--load", type=float, default=0.8,
                     help="prefill utilization of the cluster if nothing were cached: sets "
                          "each worker's prefill tokens/s from the trace's offered tokens")
@@ -282,11 +283,17 @@ def main(argv: list[str] | None = None) -> int:
     tokens = sum(r.input_length for r in reqs)
     n = args.workers
     largest = max(r.blocks for r in reqs)
+    # G1 must hold the largest request. Where that floor raises it above the fraction asked,
+    # G2 and G3 grow by the same factor: the tiers keep the proportions asked for (else
+    # more workers would mean a cluster ever richer in G1 next to a fixed G2 and G3, and
+    # the comparison would drift towards the routers that see G1 alone)
+    asked = args.device_fraction * distinct / n
+    device = max(largest, math.ceil(asked))
+    grow = device / asked
     cfg = ClusterConfig(
-        workers=n, block_size=args.block_size,
-        device_blocks=max(largest, math.ceil(args.device_fraction * distinct / n)),
-        host_blocks=max(largest, math.ceil(args.host_fraction * distinct / n)),
-        disk_blocks=math.ceil(args.disk_fraction * distinct / n) if args.disk else 0,
+        workers=n, block_size=args.block_size, device_blocks=device,
+        host_blocks=max(largest, math.ceil(args.host_fraction * distinct / n * grow)),
+        disk_blocks=math.ceil(args.disk_fraction * distinct / n * grow) if args.disk else 0,
         prefill_tps=tokens / span / n / args.load, tpot=args.tpot,
         trace_block_tokens=args.trace_block_tokens, transport=args.transport)
     try:
@@ -311,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {
         "title": title, "rows": rows, "goal": goal(rows), "transport": transport,
         "cluster": {"workers": n, "device_blocks": cfg.device_blocks,
+                    "floor_growth": grow if grow > 1 else 1.0,
                     "host_blocks": cfg.host_blocks, "disk_blocks": cfg.disk_blocks,
                     "prefill_tps": cfg.prefill_tps, "tpot": cfg.tpot,
                     "distinct_blocks": distinct},

@@ -134,7 +134,13 @@ def test_router_replay_from_a_trace_file_with_disk(tmp_path: Path) -> None:
                   "--router", "tier_aware", "--baseline-share-bound", "0.05",
                   "--share-bound", "none", "--json"])
     rows = _check_router_rows(doc, ["gpu_overlap", "tier_aware"])
-    assert doc["cluster"]["disk_blocks"] > 0
+    c = doc["cluster"]
+    assert c["disk_blocks"] > 0
+    # 60 requests: 1 % of their blocks cannot hold the largest one, so G1 was raised to it
+    # and G2 and G3 grew with it (the default fractions: G2 5x, G3 25x G1)
+    assert c["floor_growth"] > 1
+    assert c["host_blocks"] == pytest.approx(5 * c["device_blocks"], abs=2)
+    assert c["disk_blocks"] == pytest.approx(25 * c["device_blocks"], abs=2)
     assert "in process" in doc["transport"]
     # each KV router under its own bound, as given
     assert rows["gpu_overlap"]["share_bound"] == 0.05
