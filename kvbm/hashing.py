@@ -272,13 +272,37 @@ def hash_blocks(
     if n == 0:
         return _computed([], [])
     first_seed = seed if parent_hash is not None else salted
-    buf = arr[: n * block_size].tobytes()
-    local = _local_hashes(buf, block_size * 4, n, seed, first_seed)
-    for i, media in mm.items():
-        start = i * block_size * 4
-        data = buf[start: start + block_size * 4] + struct.pack(f"<{len(media)}Q", *media)
-        local[i] = _xxh3(data, first_seed if i == 0 else seed)
+    local = _local_of(arr, n, block_size, seed, first_seed, mm)
     return _computed(local, _chain(local, parent_hash))
+
+
+def local_block_hashes(tokens: Any, block_size: int, *, lora_name: str | None = None
+                       ) -> list[int]:
+    """The local hashes of the full blocks of ``tokens`` (no salt, no media): what
+    :func:`hash_blocks` gives as ``local``, without the sequence hashes, for callers that
+    chain them onto a parent of their own (the router's events)."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+        raise TokenError(f"block_size must be a positive int, got {block_size!r}")
+    arr = as_token_array(tokens)
+    seed = lora_seed(lora_name)
+    return _local_of(arr, arr.size // block_size, block_size, seed, seed, {})
+
+
+def _local_of(arr: np.ndarray, n: int, block_size: int, seed: int, first_seed: int,
+              mm: dict[int, list[int]]) -> list[int]:
+    if n == 0:
+        return []
+    step = block_size * 4
+    if not mm and _accel is not None:  # the native loop reads the array where it lies
+        out: list[int] = _accel.local_hashes(arr[: n * block_size], step, seed, first_seed)
+        return out
+    buf = arr[: n * block_size].tobytes()
+    local = _local_hashes(buf, step, n, seed, first_seed)
+    for i, media in mm.items():
+        start = i * step
+        data = buf[start: start + step] + struct.pack(f"<{len(media)}Q", *media)
+        local[i] = _xxh3(data, first_seed if i == 0 else seed)
+    return local
 
 
 def _local_hashes(buf: bytes, step: int, n: int, seed: int, first_seed: int) -> list[int]:

@@ -20,18 +20,27 @@ import array
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import chain as _chain_iters
 from typing import Any
 
 import xxhash
 
 from kvbm.errors import InvalidArgumentError, InvalidKeyError, KvbmError, TokenError
 from kvbm.events.records import AllBlocksCleared, AllMediaCleared, BlockRemoved, BlockStored
-from kvbm.hashing import as_token_array, chain, check_lora_name, hash_blocks, root_seeds
+from kvbm.hashing import (
+    as_token_array,
+    chain,
+    check_lora_name,
+    hash_blocks,
+    local_block_hashes,
+    root_seeds,
+)
 from kvbm.medium import MEDIUM_BY_BIT, Medium
 from kvbm.router.config import ClearScope
 from kvbm.router.table import MEDIUM_INDEX, PROBE_MIN_BLOCKS, NodeTable, Worker
 
 _GPU = MEDIUM_INDEX[Medium.GPU]
+_flat = _chain_iters.from_iterable
 _U64 = (1 << 64) - 1
 #: find_matches of tokens hashes this many blocks first, the rest only where they all match
 #: (a prompt that shares little with the index costs little hashing)
@@ -270,23 +279,28 @@ class KvIndexer:
         hashing is most of a 16-block store's."""
         out: list[list[int] | None] = [None] * len(evs)
         together: dict[str | None, list[int]] = {}
+        salt = self._salt
         try:
             for i, ev in enumerate(evs):
-                if not isinstance(ev, BlockStored):
+                if type(ev) is not BlockStored and not isinstance(ev, BlockStored):
                     continue
                 assert bs is not None  # _check_event set it from the store
-                extra = _extra_media(ev)
-                salt = self._salt if ev.parent_block_hash is None else None
-                if extra is None and salt is None:
-                    together.setdefault(ev.lora_name, []).append(i)
+                extra = _extra_media(ev) if ev.extra_keys else None
+                if extra is None and (salt is None or ev.parent_block_hash is not None):
+                    group = together.get(ev.lora_name)
+                    if group is None:
+                        together[ev.lora_name] = [i]
+                    else:
+                        group.append(i)
                 else:
                     out[i] = hash_blocks(ev.token_ids, bs, lora_name=ev.lora_name,
-                                         mm_hashes=extra, salt=salt).local
+                                         mm_hashes=extra,
+                                         salt=salt if ev.parent_block_hash is None else None
+                                         ).local
             for lora, idxs in together.items():
-                tokens: list[int] = []
-                for i in idxs:
-                    tokens += evs[i].token_ids
-                local = hash_blocks(tokens, bs, lora_name=lora).local  # type: ignore[arg-type]
+                assert bs is not None  # there were stores
+                tokens = list(_flat(evs[i].token_ids for i in idxs))
+                local = local_block_hashes(tokens, bs, lora_name=lora)
                 at = 0
                 for i in idxs:
                     n = len(evs[i].block_hashes)
