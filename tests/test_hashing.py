@@ -385,3 +385,20 @@ def test_native_list_conversion_matches_array() -> None:
     # Through as_token_array: a list, numpy ints inside, same array as from numpy.
     assert as_token_array(ok).tobytes() == np.array(
         [int(x) for x in ok], dtype="<u4").tobytes()
+
+
+def test_local_block_hashes_are_hash_blocks_local(impl: str) -> None:
+    """What the router hashes its events with: hash_blocks' local hashes, without the
+    sequence (lists, arrays, a trailing partial block, a LoRA, long blocks)."""
+    rng = np.random.default_rng(11)
+    for bs in (1, 16, 64):
+        toks = rng.integers(0, 2**32, 10 * bs + 3, dtype=np.uint64)
+        for tokens in (toks.tolist(), toks.astype(np.uint32), toks.astype(np.int64)):
+            for lora in (None, "sql"):
+                assert hashing.local_block_hashes(tokens, bs, lora_name=lora) == \
+                    hash_blocks(tokens, bs, lora_name=lora).local
+    assert hashing.local_block_hashes([1, 2, 3], 4) == []
+    with pytest.raises(TokenError):
+        hashing.local_block_hashes([1, -2, 3, 4], 2)
+    with pytest.raises(TokenError):
+        hashing.local_block_hashes([1, 2], 0)
