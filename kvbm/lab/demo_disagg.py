@@ -272,9 +272,11 @@ def run_disagg_demo(*, seed: int = 7, out_dir: str | Path = ".kvbm", quick: bool
               f"last turns after both instances dropped G1 (c0, c1: G2 serves) and G2 too "
               f"(c2: disk serves) ==")
         print(format_report(demo.rows))
-        print("note: vLLM publishes a prefix-cache reset as AllBlocksCleared, which names no "
-              "medium, so the router forgets the instance's G2 and disk blocks too: after the "
-              "resets it sees less than the instances serve")
+        print("note: vLLM's prefix-cache reset (AllBlocksCleared) clears an instance's GPU "
+              "blocks in the router, which keeps its G2 and disk ones; the connector's reset "
+              "withdraws G2 and disk blocks (BlockRemoved), while pages on disk stay there, "
+              "unlinked, and are found again by the next match of their prefix: until then "
+              "the router sees less than the instance serves (c2's last turn)")
         print("router's view at the end (blocks per instance and medium): " + "; ".join(
             f"{w}: " + ", ".join(f"{m.value} {n}" for m, n in sorted(
                 c.items(), key=lambda x: x[0].value) if n) for w, c in sorted(counts.items())))
