@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     # the comparison would drift towards the routers that see G1 alone)
     asked = args.device_fraction * distinct / n
     device = max(largest, math.ceil(asked))
-    grow = device / asked
+    grow = max(1.0, largest / asked)
     cfg = ClusterConfig(
         workers=n, block_size=args.block_size, device_blocks=device,
         host_blocks=max(largest, math.ceil(args.host_fraction * distinct / n * grow)),
@@ -318,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     doc: dict[str, Any] = {
         "title": title, "rows": rows, "goal": goal(rows), "transport": transport,
         "cluster": {"workers": n, "device_blocks": cfg.device_blocks,
-                    "floor_growth": grow if grow > 1 else 1.0,
+                    "floor_growth": grow,
                     "host_blocks": cfg.host_blocks, "disk_blocks": cfg.disk_blocks,
                     "prefill_tps": cfg.prefill_tps, "tpot": cfg.tpot,
                     "distinct_blocks": distinct},

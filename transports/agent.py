@@ -240,7 +240,7 @@ class Agent:
         if require is not None and require not in KNOWN_BACKENDS:
             raise InvalidArgumentError(f"require must be one of {list(KNOWN_BACKENDS)} or None,"
                                        f" got {require!r}")
-        if type(descs) is not list and not isinstance(descs, list | tuple):  # list: no union
+        if not isinstance(descs, list | tuple):
             if not isinstance(descs, Iterable) or isinstance(descs, str | bytes):
                 raise InvalidArgumentError(f"descs must be a list of descriptors, got "
                                            f"{type(descs).__name__}")
@@ -248,8 +248,7 @@ class Agent:
         segs = check_descriptors(op, descs, is_local=self._table.owns)
         backend = choose(self.backends, p.info, op, segs, require, count=self.stats.count)
         held = self._table.lease_local(segs)
-        nbytes = segs[0].length if len(segs) == 1 else total_bytes(segs)
-        xfer = Transfer(p.info, op, segs, nbytes, notify, self._finish)
+        xfer = Transfer(p.info, op, segs, total_bytes(segs), notify, self._finish)
         handle = TransferHandle(xfer, backend.name, self.config.io_timeout_s)
         with self._lock:
             self._pending[xfer] = (handle, held)

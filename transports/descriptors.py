@@ -141,4 +141,6 @@ def check_descriptors(op: object, descs: object, *,
 
 
 def total_bytes(segments: Sequence[Segment]) -> int:
+    if len(segments) == 1:  # the usual transfer: no generator
+        return segments[0].length
     return sum(s.length for s in segments)

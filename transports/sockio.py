@@ -96,14 +96,7 @@ def _recvv(sock: socket.socket, views: list[memoryview]) -> None:
         got = sock.recvmsg_into(views[i:i + _IOV], 0, socket.MSG_WAITALL)[0]
         if got == 0:
             raise TransportError("peer closed the connection mid-transfer")
-        while got:
-            v = views[i]
-            if got >= v.nbytes:
-                got -= v.nbytes
-                i += 1
-            else:
-                views[i] = v[got:]
-                got = 0
+        i = _advance(views, i, got)
 
 
 def send_pieces(sock: socket.socket, pieces: Sequence[Piece], staging: Staging,

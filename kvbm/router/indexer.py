@@ -282,16 +282,12 @@ class KvIndexer:
         salt = self._salt
         try:
             for i, ev in enumerate(evs):
-                if type(ev) is not BlockStored and not isinstance(ev, BlockStored):
+                if not isinstance(ev, BlockStored):
                     continue
                 assert bs is not None  # _check_event set it from the store
                 extra = _extra_media(ev) if ev.extra_keys else None
                 if extra is None and (salt is None or ev.parent_block_hash is not None):
-                    group = together.get(ev.lora_name)
-                    if group is None:
-                        together[ev.lora_name] = [i]
-                    else:
-                        group.append(i)
+                    together.setdefault(ev.lora_name, []).append(i)
                 else:
                     out[i] = hash_blocks(ev.token_ids, bs, lora_name=ev.lora_name,
                                          mm_hashes=extra,

@@ -12,10 +12,9 @@ small and lets a prompt walk compare nodes by identity (one dict lookup per bloc
 consecutive nodes collapsing into one run, in C).
 
 Publishers name blocks by their own hashes, and removals carry only those: each worker keeps
-a map ``publisher hash -> sequence hash`` per medium (the sequence hashes are the int objects
-of the nodes' keys, so a store allocates nothing per block for its map; a packed
-``seq << 4 | media`` value cost a third of applying a store). Not thread-safe: the indexer
-holds its lock around every call.
+a map ``publisher hash -> sequence hash`` per medium (the values are the int objects of the
+nodes' keys: a store allocates no int per block for its map, a removal pops one entry). Not
+thread-safe: the indexer holds its lock around every call.
 """
 
 from __future__ import annotations
