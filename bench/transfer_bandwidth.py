@@ -49,6 +49,8 @@ from kvbm.layout import PRESETS
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_SIZES = "32K,128K,512K,2M,8M,32M,64M"
+#: The system label of ucx in one-sided mode (``transport.ucx_rma`` on both agents).
+RMA = "ucx-rma"
 LATENCY_BYTES = 2 << 20
 OPS = ("READ", "WRITE")
 _UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -85,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--json", action="store_true", help="print one JSON document only")
     ap.add_argument("--sizes", type=parse_sizes, default=DEFAULT_SIZES,
                     help="transfer sizes, comma-separated (K, M, G suffixes)")
-    ap.add_argument("--backend", action="append", choices=("tcp", "ucx"),
+    ap.add_argument("--backend", action="append", choices=("tcp", "ucx", "ucx-rma"),
                     help="kvbm backend to measure (repeatable; default: every one "
-                         "available here)")
+                         "available here; ucx-rma: ucx with transport.ucx_rma, one-sided)")
     ap.add_argument("--repeat", type=int, default=3,
                     help="runs per point; the median is reported")
     ap.add_argument("--budget-mib", type=positive, default=256,
@@ -218,10 +220,22 @@ def open_socket(stack: ExitStack, region: int) -> Local:
 
 
 def open_kvbm(stack: ExitStack, region: int, backends: list[str]) -> dict[str, Local]:
+    """A kvbm system per backend: ``ucx-rma`` is ucx between two agents with
+    ``transport.ucx_rma`` (one-sided), the others share one pair of agents."""
+    plain = [b for b in backends if b != RMA]
+    out = _kvbm_pair(stack, region, plain, False) if plain else {}
+    if RMA in backends:
+        out[RMA] = _kvbm_pair(stack, region, ["ucx"], True)["ucx"]
+    return {b: out[b] for b in backends}
+
+
+def _kvbm_pair(stack: ExitStack, region: int, backends: list[str], rma: bool
+               ) -> dict[str, Local]:
     from kvbm.config import config_to_dict
     from kvbm.transports import Agent, Op, TransportConfig
 
-    cfg = TransportConfig(secret=secrets.token_hex(16), backends=",".join(backends))
+    cfg = TransportConfig(secret=secrets.token_hex(16), backends=",".join(backends),
+                          ucx_rma=rma)
     buf = np.zeros(region, np.uint8)
     p = stack.enter_context(child("kvbm", str(region), json.dumps(config_to_dict(cfg))))
     agent = stack.enter_context(Agent("decode", cfg))
@@ -359,25 +373,25 @@ def _size(n: int) -> str:
 
 
 def format_doc(doc: dict[str, Any]) -> str:
-    lines = [f"{'backend':<8}{'op':<7}{'size':>9}{'GB/s':>9}{'socket GB/s':>13}"
+    lines = [f"{'backend':<9}{'op':<7}{'size':>9}{'GB/s':>9}{'socket GB/s':>13}"
              f"{'x socket':>10}{'NIXL GB/s':>11}{'x NIXL':>8}"]
     for r in doc["rows"]:
         nixl = r["nixl_gbps"]
-        lines.append(f"{r['backend']:<8}{r['op']:<7}{_size(r['bytes']):>9}{r['gbps']:>9.2f}"
+        lines.append(f"{r['backend']:<9}{r['op']:<7}{_size(r['bytes']):>9}{r['gbps']:>9.2f}"
                      f"{r['ceiling_gbps']:>13.2f}{r['ratio']:>10.2f}"
                      + (f"{nixl:>11.2f}{r['gbps'] / nixl:>8.2f}" if nixl else f"{'-':>11}"
                         f"{'-':>8}"))
     lines += ["", f"NIXL (UCX backend, DRAM): {doc['nixl']}", "",
               f"latency of one {_size(LATENCY_BYTES)} transfer",
-              f"{'backend':<8}{'op':<7}{'p50 ms':>9}{'p99 ms':>9}"]
-    lines += [f"{r['backend']:<8}{r['op']:<7}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}"
+              f"{'backend':<9}{'op':<7}{'p50 ms':>9}{'p99 ms':>9}"]
+    lines += [f"{r['backend']:<9}{r['op']:<7}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}"
               for r in doc["latency"]]
     h = doc["handoff_request"]
     lines += ["", f"KV handoff of one request: {h['tokens']} tokens of {h['layout']} = "
                   f"{h['blocks']} blocks of {_size(h['block_bytes'])} ({_size(h['bytes'])}), "
                   f"scattered, one transfer",
-              f"{'backend':<8}{'op':<7}{'ms':>9}{'GB/s':>9}{'socket ms':>11}{'x socket':>10}"]
-    lines += [f"{r['backend']:<8}{r['op']:<7}{r['ms']:>9.2f}{r['gbps']:>9.2f}"
+              f"{'backend':<9}{'op':<7}{'ms':>9}{'GB/s':>9}{'socket ms':>11}{'x socket':>10}"]
+    lines += [f"{r['backend']:<9}{r['op']:<7}{r['ms']:>9.2f}{r['gbps']:>9.2f}"
               f"{r['socket_ms']:>11.2f}{r['vs_socket']:>10.2f}" for r in doc["handoff"]]
     env = ", ".join(f"{k}={v}" for k, v in doc["ucx_env"].items())
     lines += ["", f"x socket: GB/s over a plain socket's in the same run (> 1: faster); "
@@ -388,8 +402,10 @@ def format_doc(doc: dict[str, Any]) -> str:
 def available(wanted: list[str] | None) -> tuple[list[str], dict[str, str]]:
     from kvbm.transports import available_backends
 
-    found = available_backends(wanted or ("ucx", "tcp"))
-    ok = [n for n in ("tcp", "ucx") if n in found and not isinstance(found[n], str)]
+    wanted = wanted or ["tcp", "ucx", RMA]
+    found = available_backends({"ucx" if n == RMA else n for n in wanted})
+    ok = [n for n in ("tcp", "ucx", RMA) if n in wanted
+          and not isinstance(found["ucx" if n == RMA else n], str)]
     return ok, {n: str(v) for n, v in found.items() if isinstance(v, str)}
 
 

@@ -9,6 +9,7 @@ import importlib.util
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,6 +56,26 @@ class TestUcxTcpProcesses(TransportTests):
         monkeypatch.setenv("UCX_TLS", "tcp")
         yield
         assert os.environ["UCX_TLS"] == "tcp"
+
+
+class _OneSided:
+    """Both agents in one-sided mode (``ucx_rma``): host transfers by UCX RMA."""
+
+    one_sided = True
+
+    def config(self, **over: Any) -> TransportConfig:
+        return super().config(**{"ucx_rma": True, **over})  # type: ignore[misc]
+
+
+class TestUcxRmaThreads(_OneSided, TransportTests):
+    backend = "ucx"
+    mode = PeerMode.THREAD
+
+
+class TestUcxRmaProcesses(_OneSided, TransportTests):
+    backend = "ucx"
+    mode = PeerMode.PROCESS
+    peer_script = PEER
 
 
 # -- what is particular to ucx --------------------------------------------------------------------

@@ -137,12 +137,16 @@ class Agent:
         r = self._table.own(region)
         for p in peers:
             r.expose(p, access)
+        for b in self.backends.values():
+            b.on_exposure(r)
 
     def unexpose(self, region: RegionHandle, to: str | Iterable[str] = ALL_PEERS) -> None:
         """Withdraw what :meth:`expose` granted ``to``; transfers already running finish."""
         r = self._table.own(region)
         for p in exposure_names(to, Access.READ):
             r.unexpose(p)
+        for b in self.backends.values():
+            b.on_exposure(r)
 
     def regions(self) -> list[RegionHandle]:
         return self._table.all()
@@ -345,6 +349,10 @@ class Agent:
     def resolve(self, peer: str, op: Op, ranges: Iterable[tuple[int, int, int]]) -> Lease:
         """The serving side's check of a peer's request (see backend.BackendHost)."""
         return self._table.resolve(peer, op, ranges)
+
+    def exposed(self, peer: str, rid: int) -> tuple[RegionHandle, Access]:
+        """One region a peer may reach, for a one-sided grant (see backend.BackendHost)."""
+        return self._table.exposed(peer, rid)
 
     def _refused(self, peer: str, why: str) -> None:
         self.stats.count("refused_requests")

@@ -58,7 +58,7 @@ from kvbm.transports.config import KNOWN_BACKENDS, TransportConfig
 from kvbm.transports.descriptors import Op, Segment
 from kvbm.transports.handle import Transfer
 from kvbm.transports.metadata import PeerInfo
-from kvbm.transports.regions import RegionHandle
+from kvbm.transports.regions import Access, RegionHandle
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -115,6 +115,11 @@ class BackendHost(Protocol):
         """Check ranges a peer asked for (see the module); raises RemoteAccessError."""
         ...
 
+    def exposed(self, peer: str, rid: int) -> tuple[RegionHandle, Access]:
+        """Region ``rid`` and what ``peer`` may do on it (one-sided grants); raises
+        RemoteAccessError as :meth:`resolve` does."""
+        ...
+
     def count_event(self, event: str, n: int = 1) -> None:
         """Add ``n`` to the agent's counter ``event`` (``served_requests``, ...)."""
         ...
@@ -148,6 +153,9 @@ class Backend(abc.ABC):
 
     def on_deregister(self, region: RegionHandle) -> None:  # noqa: B027 - an optional hook
         """A region is gone (no transfer uses it any more)."""
+
+    def on_exposure(self, region: RegionHandle) -> None:  # noqa: B027 - an optional hook
+        """Who may do what on ``region`` changed (``Agent.expose`` / ``unexpose``)."""
 
     def can_carry(self, peer: PeerInfo, op: Op, segments: list[Segment]) -> str | None:
         """``None`` if this backend can carry the transfer, else the reason it cannot."""

@@ -59,6 +59,13 @@ class TransportConfig:
     #: A backend every transfer must use unless the call says otherwise (``None``: the best
     #: one both agents support: nvlink > ucx > tcp).
     require: str | None = None
+    #: One-sided ucx transfers (UCX RMA, NIXL's model): peers get remote keys to the host
+    #: regions exposed to them and check ranges themselves; no serving thread per transfer
+    #: (small transfers several times faster). On one host UCX does RMA by cross-memory
+    #: attach, which the kernel does not confine to those regions: only for trusted peers.
+    #: Used between two agents that both turn it on; otherwise the serving side checks
+    #: every range (:mod:`kvbm.transports.ucx_rma`).
+    ucx_rma: bool = False
     #: Data connections per peer (tcp): a large transfer is split across them.
     parallel_connections: int = 2
     #: A tcp transfer of at least this many bytes is split across the parallel connections.
@@ -88,6 +95,8 @@ class TransportConfig:
                 shown = "<hidden>" if name == "secret" else repr(value)
                 raise ConfigError(f"transport.{name} must be a non-empty string or unset, "
                                   f"got {shown}")
+        if not isinstance(self.ucx_rma, bool):
+            raise ConfigError(f"transport.ucx_rma must be a bool, got {self.ucx_rma!r}")
         _int("port", self.port, 0, 65_535)
         _int("parallel_connections", self.parallel_connections, 1, 64)
         _int("split_threshold_bytes", self.split_threshold_bytes, 1, 1 << 40)

@@ -152,6 +152,15 @@ class RegionTable:
             held.append(r)
         return Lease(pieces, held)
 
+    def exposed(self, peer: str, rid: int) -> tuple[RegionHandle, Access]:
+        """Region ``rid`` and what ``peer`` may do on it (read-only memory: READ at most);
+        refused as :meth:`resolve` refuses."""
+        r = self._regions.get(rid)
+        acc = r.access_for(peer) if r is not None else None
+        if r is None or acc is None or r.closed:
+            self._refuse(peer, f"region {rid} is not registered with {self._owner}")
+        return r, acc if r.writable else acc & Access.READ
+
     def _refuse(self, peer: str, why: str) -> NoReturn:
         self._on_refuse(peer, why)
         raise RemoteAccessError(why)

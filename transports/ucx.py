@@ -50,8 +50,12 @@ the rkey says; where that is unavailable (another uid; tcp across hosts) UCX emu
 with messages whose handler writes wherever the sender says, for any endpoint, once the
 context has the RMA feature. Nor can such a key be revoked: a region deregistered here
 could still be written by a peer that holds its key. Only hardware that checks keys
-(InfiniBand) keeps the promise that every remote range is checked on the serving side;
-ucxx 0.52's Python API has no memory handles or rkeys anyway.
+(InfiniBand) keeps the promise that every remote range is checked on the serving side.
+Where both agents trust each other that much, ``transport.ucx_rma`` turns one-sided
+transfers on (:mod:`kvbm.transports.ucx_rma`: keys granted per region over the link's
+connection, revoked when a region goes, ranges checked by the requester); the link's
+hello says whether both sides want it (``rma``), and the serving loop then also answers
+key requests (``{t: k}``).
 """
 
 from __future__ import annotations
@@ -76,8 +80,9 @@ from kvbm.transports.descriptors import MAX_DESCRIPTORS, Op, Segment
 from kvbm.transports.handle import Transfer
 from kvbm.transports.links import LinkPool
 from kvbm.transports.metadata import PeerInfo
-from kvbm.transports.regions import DeviceKind
+from kvbm.transports.regions import Access, DeviceKind, RegionHandle
 from kvbm.transports.ucx_client import CHANNEL, PROTOCOL, UcxLink, pool
+from kvbm.transports.ucx_rma import READ_BIT, WRITE_BIT, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +133,43 @@ def _parse_request(frame: Any) -> tuple[Op, list[tuple[int, int, int]], int,
     return op, ranges, tag, msgs
 
 
+#: Regions one key request may name.
+_MAX_KEY_REGIONS = 4096
+
+
+class _Served:
+    """The serving side of one link: its socket (written by the serving thread and by
+    revocations from others, hence the lock) and the keys it holds (region id -> access)."""
+
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.lock = threading.Lock()
+        self.granted: dict[int, int] = {}
+
+    def send(self, frame: Any) -> None:
+        with self.lock:
+            send_frame(self.sock, frame)
+
+    def revoke(self, rid: int) -> None:
+        if self.granted.pop(rid, None) is None:
+            return
+        try:
+            self.send({"t": "revoke", "r": [rid]})
+        except TransportError as e:  # a peer that cannot be told loses the link
+            log.debug("ucx: cannot revoke a key from %s (%s): closing its link", self.peer, e)
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)
+
+
+def _parse_key_request(frame: dict[str, Any]) -> list[int]:
+    rids = frame.get("r")
+    if (not isinstance(rids, list) or not 0 < len(rids) <= _MAX_KEY_REGIONS
+            or not all(type(x) is int and 0 <= x < _LIMIT for x in rids)):
+        raise ProtocolError("malformed ucx key request")
+    return rids
+
+
 class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
     """See the module docstring."""
 
@@ -145,6 +187,12 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
     def __init__(self, host: BackendHost) -> None:
         super().__init__(host)
         host.add_channel(CHANNEL, self._serve)
+        #: One-sided mode (ucx_rma): region id -> its memory map, and the links holding
+        #: its key. Grants and revocations are ordered by this lock.
+        self._rma = host.config.ucx_rma
+        self._grant_lock = threading.Lock()
+        self._maps: dict[int, Mapping] = {}
+        self._holders: dict[int, set[_Served]] = {}
         # Load UCX in the background now: the first link would otherwise wait ~1.5 s.
         threading.Thread(target=self._warm_up, name="kvbm-ucx-load", daemon=True).start()
 
@@ -154,11 +202,11 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
         except Exception as e:  # reported again, as a failed transfer, on first use
             log.warning("ucx: cannot start UCX: %s", e)
 
-    def context(self) -> Any:
-        return ucx_io.context(_options(self.host.config.host))
+    def context(self, rma: bool = False) -> Any:
+        return ucx_io.context(_options(self.host.config.host), rma)
 
     def info(self) -> dict[str, Any]:
-        return {"cuda": _cuda_ready()}
+        return {"cuda": _cuda_ready(), "rma": self._rma}
 
     def can_carry(self, peer: PeerInfo, op: Op, segments: list[Segment]) -> str | None:
         # Per region, not per segment: a handoff has thousands of segments and few regions.
@@ -190,21 +238,88 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
         hello = expect_map(recv_frame(sock, cfg.max_frame_bytes), "hello")
         if hello.get("v") != PROTOCOL:
             raise ProtocolError(f"peer speaks ucx protocol {hello.get('v')!r}, not {PROTOCOL}")
-        w = ucx_io.Worker(self.context())
+        rma = self._rma and hello.get("rma") is True
+        w = ucx_io.Worker(self.context(rma))
         stage = ucx_io.Staging()
+        served = _Served(sock, peer)
         try:
             w.connect(hello.get("addr"))
-            send_frame(sock, {"t": "hello", "addr": w.address, "v": PROTOCOL})
+            served.send({"t": "hello", "addr": w.address, "v": PROTOCOL, "rma": rma})
             while True:
                 frame = recv_frame(sock, cfg.max_frame_bytes, idle=True)
-                self._serve_one(sock, peer, w, stage, *_parse_request(frame))
+                if rma and isinstance(frame, dict) and frame.get("t") == "k":
+                    self._grant(served, _parse_key_request(frame))
+                    continue
+                self._serve_one(served, w, stage, *_parse_request(frame))
         finally:
+            with self._grant_lock:
+                for rid in served.granted:
+                    self._holders.get(rid, set()).discard(served)
+                served.granted.clear()
             w.close()
 
-    def _serve_one(self, sock: socket.socket, peer: str, w: ucx_io.Worker,
+    # -- one-sided mode: keys --------------------------------------------------------------
+    def _grant(self, served: _Served, rids: list[int]) -> None:
+        """Answer a key request: a key per region, each exposed to this peer and in host
+        memory, or one refusal (and no key)."""
+        entries: list[tuple[int, int, int, int, bytes]] = []
+        with self._grant_lock:
+            try:
+                for rid in rids:
+                    region, access = self.host.exposed(served.peer, rid)
+                    if region.device is not DeviceKind.CPU:
+                        raise RemoteAccessError(f"region {region.name or rid} is not in host "
+                                                f"memory (one-sided transfers reach host "
+                                                f"memory only)")
+                    m = self._maps.get(rid)
+                    if m is None:
+                        m = self._maps[rid] = Mapping(self.context(True), region.base,
+                                                      region.length)
+                    bits = (READ_BIT if access & Access.READ else 0) | (
+                        WRITE_BIT if access & Access.WRITE else 0)
+                    entries.append((rid, region.base, region.length, bits, m.rkey))
+            except RemoteAccessError as e:
+                served.send({"t": "error", "code": "access", "error": str(e)})
+                return
+            for rid, _, _, bits, _ in entries:
+                served.granted[rid] = bits
+                self._holders.setdefault(rid, set()).add(served)
+            self.host.count_event("rma_keys_granted", len(entries))
+            served.send({"t": "keys", "k": [list(e) for e in entries]})
+
+    def on_deregister(self, region: RegionHandle) -> None:
+        with self._grant_lock:
+            for served in self._holders.pop(region.id, set()):
+                served.revoke(region.id)
+            m = self._maps.pop(region.id, None)
+        if m is not None:
+            m.unmap()
+
+    def on_exposure(self, region: RegionHandle) -> None:
+        """Keys whose holder's access changed are revoked (asked for again, the grant
+        says what the peer may do now)."""
+        with self._grant_lock:
+            holders = self._holders.get(region.id, set())
+            for served in list(holders):
+                acc = region.access_for(served.peer)
+                bits = 0 if acc is None else (READ_BIT if acc & Access.READ else 0) | (
+                    WRITE_BIT if acc & Access.WRITE and region.writable else 0)
+                if bits != served.granted.get(region.id):
+                    served.revoke(region.id)
+                    holders.discard(served)
+
+    def close(self) -> None:
+        super().close()
+        with self._grant_lock:
+            maps, self._maps = list(self._maps.values()), {}
+        for m in maps:
+            m.unmap()
+
+    def _serve_one(self, served: _Served, w: ucx_io.Worker,
                    stage: ucx_io.Staging, op: Op, ranges: list[tuple[int, int, int]],
                    tag: int, msgs: list[tuple[int, int, int]]) -> None:
         host, timeout = self.host, self.host.config.io_timeout_s
+        sock, peer = served.sock, served.peer
         try:
             lease = host.resolve(peer, op, ranges)
         except RemoteAccessError as e:
@@ -212,7 +327,7 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
                 scratch = np.empty(1, np.uint8)
                 w.drive([w.recv(scratch, tag | m) for m in range(len(msgs))], timeout,
                         sock=sock, tolerate=ucx_io.truncated)
-            send_frame(sock, {"t": "error", "code": "access", "error": str(e)})
+            served.send({"t": "error", "code": "access", "error": str(e)})
             return
         with lease:
             try:
@@ -221,7 +336,7 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
                        for lo, hi, _ in msgs for r, _, _ in lease.pieces[lo:hi]):
                     raise TransportError("ucx: coalesced ranges must be in host memory")
             except TransportError as e:
-                send_frame(sock, {"t": "error", "code": "unsupported", "error": str(e)})
+                served.send({"t": "error", "code": "unsupported", "error": str(e)})
                 raise  # a WRITE's messages are still coming: this link is done
             # Counted before the answer: the requester may see its transfer done before
             # this thread runs again, and its view of our counters must include it.

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from kvbm.errors import RemoteAccessError, TransportError
-from kvbm.transports import ucx_io
+from kvbm.errors import RemoteAccessError, TransportError, TransportTimeoutError
+from kvbm.transports import ucx_io, ucx_rma
 from kvbm.transports.config import TransportConfig
 from kvbm.transports.control import expect_map, recv_frame, send_frame, set_timeouts
 from kvbm.transports.descriptors import Op, Segment
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 CHANNEL = "ucx"
 #: The version of the protocol on a link (in both hellos; peers of another one are
 #: refused at connect rather than misread mid-transfer).
-PROTOCOL = 3
+PROTOCOL = 4
 #: Tags are ``seq << TAG_INDEX_BITS | index``; seq stays below 2**63 with the index.
 _SEQ_LIMIT = 1 << (63 - ucx_io.TAG_INDEX_BITS)
 
@@ -38,9 +38,13 @@ _SEQ_LIMIT = 1 << (63 - ucx_io.TAG_INDEX_BITS)
 class UcxLink:
     """One connection, worker and endpoint."""
 
-    def __init__(self, sock: socket.socket, w: ucx_io.Worker) -> None:
+    def __init__(self, sock: socket.socket, w: ucx_io.Worker, rma: bool = False) -> None:
         self.sock = sock
         self.w = w
+        #: One-sided (ucx_rma, both agents): transfers between host memory go by RMA with
+        #: the keys granted so far (region id -> key).
+        self.rma = rma
+        self.keys: dict[int, ucx_rma.Key] = {}
         self.seq = 0
         self.answer = np.empty(1, np.uint8)
         #: Where coalesced messages are gathered and scattered (ucx_io.Staging).
@@ -53,22 +57,32 @@ class UcxLink:
         self.seq = (self.seq + 1) % _SEQ_LIMIT or 1
         return self.seq << ucx_io.TAG_INDEX_BITS
 
+    def drop_keys(self, rids: object) -> None:
+        for rid in rids if isinstance(rids, list) else ():
+            key = self.keys.pop(rid, None) if type(rid) is int else None
+            if key is not None:
+                ucx_rma.destroy(key)
+
     def close(self) -> None:
         shutdown(self.sock)
         self.sock.close()
+        self.drop_keys(list(self.keys))  # before the endpoint they were unpacked on
         self.w.close()
 
 
 def open_link(peer: PeerInfo, open_sock: Callable[[PeerInfo], socket.socket],
-              context: Any, cfg: TransportConfig) -> UcxLink:
+              context: Callable[[bool], Any], cfg: TransportConfig) -> UcxLink:
+    want_rma = (cfg.ucx_rma and peer.backends.get("ucx", {}).get("rma") is True
+                and ucx_rma.available())
     sock = open_sock(peer)
     try:
-        w = ucx_io.Worker(context)
+        w = ucx_io.Worker(context(want_rma))
         try:
             # The peer may have to load UCX first (~1.5 s): the set-up is bounded by the
             # handshake's timeout when that is the longer one.
             set_timeouts(sock, max(cfg.io_timeout_s, cfg.handshake_timeout_s))
-            send_frame(sock, {"t": "hello", "addr": w.address, "v": PROTOCOL})
+            send_frame(sock, {"t": "hello", "addr": w.address, "v": PROTOCOL,
+                              "rma": want_rma})
             hello = expect_map(recv_frame(sock, cfg.max_frame_bytes), "hello")
             if hello.get("v") != PROTOCOL:
                 raise TransportError(f"{peer.name} speaks ucx protocol {hello.get('v')!r}, "
@@ -81,7 +95,73 @@ def open_link(peer: PeerInfo, open_sock: Callable[[PeerInfo], socket.socket],
     except BaseException:
         sock.close()
         raise
-    return UcxLink(sock, w)
+    rma = want_rma and hello.get("rma") is True
+    if want_rma:
+        log.info("ucx: a link to %s, %s", peer.name,
+                 "one-sided (RMA)" if rma else "two-sided (the peer grants no keys)")
+    return UcxLink(sock, w, rma)
+
+
+def _answer_steps(sock: socket.socket, timeout: float, cancelled: Callable[[], bool],
+                  hold: float) -> Generator[None, None, None]:
+    """Wait until ``sock`` is readable: in this thread for ``hold`` s at most (0: no
+    limit), then yield once and go on waiting (see :func:`exchange_steps`)."""
+    now = time.monotonic()
+    deadline, held = now + timeout, (now + hold if hold > 0 else 0.0)
+    while not ucx_io.readable(sock, min(0.05, held - now) if held else 0.05):
+        if cancelled():
+            raise TransferCancelled("cancelled")
+        now = time.monotonic()
+        if now > deadline:
+            raise TransportTimeoutError(f"ucx: the peer did not answer within {timeout} s")
+        if held and now >= held:
+            held = 0.0
+            yield
+
+
+def _one_sided(link: UcxLink, xfer: Transfer, segs: list[Segment]) -> bool:
+    if not link.rma:
+        return False
+    remote = xfer.peer.regions
+    return all(s.local.device is DeviceKind.CPU and (r := remote.get(s.remote_id)) is not None
+               and r.device is DeviceKind.CPU for s in segs)
+
+
+def _take_revocations(cfg: TransportConfig, link: UcxLink) -> None:
+    """Drop the keys the peer revoked meanwhile (its frames wait on the socket)."""
+    while ucx_io.readable(link.sock, 0):
+        frame = expect_map(recv_frame(link.sock, cfg.max_frame_bytes), "revoke")
+        link.drop_keys(frame.get("r"))
+
+
+def rma_exchange(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list[Segment],
+                 until: float) -> Generator[None, None, None]:
+    """Move ``segs`` one-sided (:mod:`kvbm.transports.ucx_rma`): keys for the regions not
+    yet granted first (one request; a wait for the answer yields as in
+    :func:`exchange_steps`), then every range checked, then the bytes."""
+    _take_revocations(cfg, link)
+    missing = sorted({s.remote_id for s in segs} - link.keys.keys())
+    if missing:
+        send_frame(link.sock, {"t": "k", "r": missing})
+        yield from _answer_steps(link.sock, cfg.io_timeout_s, xfer.cancelled.is_set,
+                                 _hold(until))
+        while True:
+            frame = recv_frame(link.sock, cfg.max_frame_bytes)
+            if isinstance(frame, dict) and frame.get("t") == "revoke":
+                link.drop_keys(frame.get("r"))
+                continue
+            if isinstance(frame, dict) and frame.get("t") == "keys":
+                break
+            check_answer(frame)  # a refusal: RemoteAccessError, nothing moved
+            raise TransportError("ucx: the peer answered a key request with 'ok'")
+        for rid, addr, length, bits, packed in ucx_rma.parse_keys(frame):
+            if rid in link.keys:
+                continue
+            link.keys[rid] = ucx_rma.Key(addr, length, bits,
+                                         ucx_rma.unpack(link.w.ep, packed))
+    ucx_rma.check(link.keys, xfer.op, segs)
+    ucx_rma.move(link.w.worker, link.w.ep, link.keys, xfer.op, segs, cfg.io_timeout_s,
+                 xfer.cancelled.is_set)
 
 
 def exchange(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list[Segment]
@@ -107,9 +187,12 @@ def exchange_steps(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: li
                    until: float) -> Generator[None, None, None]:
     """Move ``segs`` over ``link``; waits for the peer sleep in this thread until the
     monotonic time ``until`` (0: for good), then the generator yields (see UcxPool)."""
+    segs = merge(segs)
+    if _one_sided(link, xfer, segs):
+        yield from rma_exchange(cfg, link, xfer, segs, until)
+        return
     sock, w = link.sock, link.w
     tag = link.next_tag()
-    segs = merge(segs)
     flat: list[int] = []
     for s in segs:
         flat += (s.remote_id, s.remote_offset, s.length)
@@ -258,6 +341,6 @@ class UcxPool(LinkPool[UcxLink]):
 
 
 def pool(peer: str, open_sock: Callable[[PeerInfo], socket.socket],
-         context: Callable[[], Any], cfg: TransportConfig) -> LinkPool[UcxLink]:
-    return UcxPool("ucx", peer, lambda p: open_link(p, open_sock, context(), cfg),
+         context: Callable[[bool], Any], cfg: TransportConfig) -> LinkPool[UcxLink]:
+    return UcxPool("ucx", peer, lambda p: open_link(p, open_sock, context, cfg),
                    lambda link, x, s: exchange(cfg, link, x, s), cfg)

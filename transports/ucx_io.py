@@ -60,7 +60,7 @@ _ADDRESS_VERSION_BITS = 0x0F
 _SLICE_MS = 50
 
 _lock = threading.Lock()
-_contexts: dict[tuple[tuple[str, str], ...], Any] = {}
+_contexts: dict[tuple[Any, ...], Any] = {}
 
 
 
@@ -84,19 +84,22 @@ def as_array(obj: object) -> Any:
     return Array(obj)
 
 
-def context(options: dict[str, str]) -> Any:
+def context(options: dict[str, str], rma: bool = False) -> Any:
     """The process's UCX context for ``options`` (UCX config keys without the ``UCX_``
-    prefix; ``UCX_*`` environment variables apply as usual), created on first use."""
+    prefix; ``UCX_*`` environment variables apply as usual), created on first use. Only
+    ``rma`` contexts (:mod:`kvbm.transports.ucx_rma`) have UCX's RMA feature: with it, a
+    peer's endpoint could write this process's memory without a serving-side check."""
     # UCX reads UCX_* variables when a context is made: a change (a test switching
     # UCX_TLS) needs a context of its own.
-    key = tuple(sorted(options.items())) + tuple(sorted(
+    key = (rma, *sorted(options.items()), *sorted(
         (k, v) for k, v in os.environ.items() if k.startswith("UCX_")))
     with _lock:
         ctx = _contexts.get(key)
         if ctx is None:
             lib = ucxx()
-            ctx = _contexts[key] = lib.UCXContext(
-                dict(options), feature_flags=(lib.Feature.TAG, lib.Feature.WAKEUP))
+            features = (lib.Feature.TAG, lib.Feature.WAKEUP) + ((lib.Feature.RMA,) if rma
+                                                                else ())
+            ctx = _contexts[key] = lib.UCXContext(dict(options), feature_flags=features)
             log.info("ucx: UCX %s context (TLS=%s, NET_DEVICES=%s)",
                      ".".join(map(str, lib.get_ucx_version())),
                      ctx.config.get("TLS", "?"), ctx.config.get("NET_DEVICES", "?"))

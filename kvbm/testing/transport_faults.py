@@ -145,13 +145,17 @@ class FaultTests(SuiteBase):
 
     def test_cancel_a_stalled_transfer(self, agent: Agent, side: Side) -> None:
         side.register("r", 4 * MiB, seed=20)
+        # The stalled transfer goes to a region not used before: a one-sided backend needs
+        # the paused peer for its key, as every other backend needs it for each transfer.
+        side.register("r2", 4 * MiB, seed=20)
         peer = self.connect(agent, side)
         _, loc = self.local(agent, 4 * MiB)
         whole = [((loc, 0, 4 * MiB), (peer.info.region("r"), 0, 4 * MiB))]
         agent.transfer(peer, Op.READ, whole).wait(30)  # every data connection is open now
+        stalled = [((loc, 0, 4 * MiB), (peer.info.region("r2"), 0, 4 * MiB))]
         side.pause()
         try:
-            h = agent.transfer(peer, Op.READ, whole, notify=b"never")
+            h = agent.transfer(peer, Op.READ, stalled, notify=b"never")
             with pytest.raises(TransportError):
                 h.wait(0.2)  # still pending: the peer is stopped
             h.release()  # cancels, waits for the backend to let go
@@ -165,6 +169,7 @@ class FaultTests(SuiteBase):
 
     def test_slow_peer_times_out(self, side: Side) -> None:
         side.register("r", 4 * MiB, seed=21)
+        side.register("r2", 4 * MiB, seed=21)  # see test_cancel_a_stalled_transfer
         with Agent("impatient", self.config(io_timeout_s=0.5)) as agent:
             peer = self.connect(agent, side)
             _, loc = self.local(agent, 4 * MiB)
@@ -172,7 +177,8 @@ class FaultTests(SuiteBase):
             agent.transfer(peer, Op.READ, whole).wait(30)
             side.pause()
             try:
-                h = agent.transfer(peer, Op.READ, whole)
+                h = agent.transfer(peer, Op.READ, [((loc, 0, 4 * MiB),
+                                                    (peer.info.region("r2"), 0, 4 * MiB))])
                 with pytest.raises(TransportError):
                     h.wait(60)
                 assert h.status is TransferStatus.FAILED

@@ -262,6 +262,8 @@ class SuiteBase:
     #: The ``transport.backends`` setting of both agents (default: ``backend`` alone).
     backends: ClassVar[str | None] = None
     mode: ClassVar[PeerMode] = PeerMode.THREAD
+    #: Transfers bypass the serving side (``transport.ucx_rma``): it counts no requests.
+    one_sided: ClassVar[bool] = False
     #: The script a PROCESS-mode peer runs (tests/transport_peer.py).
     peer_script: ClassVar[Path | None] = None
     secret: ClassVar[str] = "kvbm-conformance-secret-0123456789"

@@ -199,7 +199,8 @@ class TransportTests(FaultTests):
         before = side.stats().get("served_requests", 0)
         _, loc = self.local(agent, 4096)
         agent.transfer(peer, Op.READ, [((loc, 0, 4096), (r, 0, 4096))]).wait(30)
-        assert side.stats()["served_requests"] == before + 1
+        # One-sided transfers never reach the serving side's threads (only key grants do).
+        assert side.stats().get("served_requests", 0) == before + (not self.one_sided)
         assert agent.stats.snapshot().backends[self.backend].bytes == 4096
 
 
