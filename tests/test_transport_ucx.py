@@ -78,6 +78,11 @@ class TestUcxRmaProcesses(_OneSided, TransportTests):
     peer_script = PEER
 
 
+class TestUcxRmaTcpProcesses(_OneSided, TestUcxTcpProcesses):
+    """One-sided over UCX's tcp (no cross-memory attach: UCX emulates RMA with messages,
+    and operations finish in later progress calls)."""
+
+
 # -- what is particular to ucx --------------------------------------------------------------------
 SECRET = "kvbm-ucx-test-secret-0123456789"
 

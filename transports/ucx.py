@@ -246,6 +246,8 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
             w.connect(hello.get("addr"))
             served.send({"t": "hello", "addr": w.address, "v": PROTOCOL, "rma": rma})
             while True:
+                if rma:  # a peer's RMA that UCX emulates with messages needs our progress
+                    w.progress_until_readable(sock)
                 frame = recv_frame(sock, cfg.max_frame_bytes, idle=True)
                 if rma and isinstance(frame, dict) and frame.get("t") == "k":
                     self._grant(served, _parse_key_request(frame))

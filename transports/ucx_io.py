@@ -244,6 +244,19 @@ class Worker:
                 readable(sock, _SLICE_MS / 1000 if not held else min(_SLICE_MS / 1000,
                                                                       held - now), epfd)
 
+    def progress_until_readable(self, sock: socket.socket) -> None:
+        """Progress this worker until ``sock`` is readable (or closed), sleeping on both in
+        between, with no timeout: what a one-sided link's serving side does between
+        requests, as UCX emulates RMA with messages that need its progress where no
+        transport of its does RMA (tcp)."""
+        epfd = self.worker.epoll_file_descriptor
+        while True:
+            self.worker.progress()
+            if readable(sock, 0):
+                return
+            if self.worker.arm():
+                readable(sock, None, epfd)
+
     def close(self) -> None:
         """Close the endpoint (bounded: a dead peer does not hold it up) and drop both."""
         ep, self.ep = self.ep, None
@@ -267,8 +280,9 @@ def finish(steps: Generator[None, None, T]) -> T:
             return stop.value  # type: ignore[no-any-return]
 
 
-def readable(sock: socket.socket, timeout: float, *more: int) -> bool:
-    """Whether ``sock`` is readable within ``timeout`` s (``more`` fds also end the wait)."""
+def readable(sock: socket.socket, timeout: float | None, *more: int) -> bool:
+    """Whether ``sock`` is readable within ``timeout`` s (``None``: however long it takes;
+    ``more`` fds also end the wait)."""
     try:
         fd = sock.fileno()
         ready = select.select([fd, *more], [], [], timeout)[0]
