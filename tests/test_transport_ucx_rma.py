@@ -201,3 +201,26 @@ def test_the_setting_is_validated() -> None:
     with pytest.raises(ConfigError, match="ucx_rma"):
         TransportConfig(secret=SECRET, ucx_rma="yes")  # type: ignore[arg-type]
     assert TransportConfig.from_env({"KVBM_TRANSPORT_UCX_RMA": "true"}).ucx_rma is True
+
+
+def test_a_revocation_waiting_on_the_socket_does_not_break_a_two_sided_transfer(
+        pair: tuple[Agent, Agent], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Device memory goes two-sided on a one-sided link (needs CUDA: stood in for here by
+    holding every transfer two-sided after the first); a revocation that reached the link
+    meanwhile is applied, not taken for the peer's answer."""
+    from kvbm.transports import ucx_client
+
+    a, b = pair
+    gone = b.register(np.full(4096, 1, np.uint8), name="gone", expose_to=ALL_PEERS)
+    kept = np.full(4096, 2, np.uint8)
+    b.register(kept, name="kept", expose_to=ALL_PEERS)
+    peer = a.connect(*b.address)
+    buf = np.zeros(4096, np.uint8)
+    loc = a.register(buf)
+    a.transfer(peer, Op.READ, [((loc, 0, 10), (peer.info.region("gone"), 0, 10))]).wait(30)
+    b.deregister(gone)  # its revocation now waits on the link's socket
+    monkeypatch.setattr(ucx_client, "_one_sided", lambda *_: False)
+    served = _served(b)
+    for op in (Op.READ, Op.WRITE):
+        a.transfer(peer, op, [((loc, 0, 4096), (peer.info.region("kept"), 0, 4096))]).wait(30)
+    assert (buf == 2).all() and (kept == 2).all() and _served(b) == served + 2

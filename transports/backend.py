@@ -50,10 +50,9 @@ import abc
 import importlib
 import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
-from kvbm.errors import BackendUnavailableError
 from kvbm.transports.config import KNOWN_BACKENDS, TransportConfig
 from kvbm.transports.descriptors import Op, Segment
 from kvbm.transports.handle import Transfer
@@ -239,26 +238,3 @@ def available_backends(names: Iterable[str] = ()) -> dict[str, type[Backend] | s
         cls, why = backend_class(name)
         out[name] = cls if cls is not None else str(why)
     return out
-
-
-def choose(backends: Mapping[str, Backend], peer: PeerInfo, op: Op, segments: list[Segment],
-           require: str | None) -> Backend:
-    """The backend for a transfer: ``require`` or else the highest-ranked one both agents
-    run that can carry it; :class:`BackendUnavailableError` (saying why) when none can."""
-    names = [require] if require is not None else sorted(
-        backends, key=lambda n: -backends[n].rank)
-    reasons: list[str] = []
-    for name in names:
-        b = backends.get(name)
-        if b is None:
-            reasons.append(f"{name}: not running on this agent")
-        elif name not in peer.backends:
-            reasons.append(f"{name}: {peer.name} does not offer it")
-        else:
-            why = b.can_carry(peer, op, segments)
-            if why is None:
-                return b
-            reasons.append(f"{name}: {why}")
-    what = f"backend {require!r}" if require is not None else "a backend"
-    raise BackendUnavailableError(f"no path to {peer.name} with {what}: "
-                                  f"{'; '.join(reasons) or 'none running'}")

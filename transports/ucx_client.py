@@ -127,6 +127,17 @@ def _one_sided(link: UcxLink, xfer: Transfer, segs: list[Segment]) -> bool:
                and r.device is DeviceKind.CPU for s in segs)
 
 
+def _revocation(link: UcxLink, frame: Any) -> bool:
+    """Whether ``frame``, read while waiting for a two-sided transfer, is a revocation (of
+    a one-sided link's keys: applied); else it is the peer's answer, raised as its error
+    (a refusal: RemoteAccessError), or ``False`` for an ``ok``."""
+    if link.rma and isinstance(frame, dict) and frame.get("t") == "revoke":
+        link.drop_keys(frame.get("r"))
+        return True
+    check_answer(frame)
+    return False
+
+
 def _take_revocations(cfg: TransportConfig, link: UcxLink) -> None:
     """Drop the keys the peer revoked meanwhile (its frames wait on the socket)."""
     while ucx_io.readable(link.sock, 0):
@@ -191,6 +202,8 @@ def exchange_steps(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: li
     if _one_sided(link, xfer, segs):
         yield from rma_exchange(cfg, link, xfer, segs, until)
         return
+    if link.rma:  # device memory on a one-sided link: revocations first, then as usual
+        _take_revocations(cfg, link)
     sock, w = link.sock, link.w
     tag = link.next_tag()
     flat: list[int] = []
@@ -216,9 +229,10 @@ def exchange_steps(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: li
         # the first one's arrival is the yes (one hop less than an "ok" on the socket);
         # a refusal comes on the socket instead. The receives are posted only then: none
         # is ever left posted for a message that will not come.
-        if not (yield from w.wait_steps(sock, timeout, cancelled, tag=tag,
-                                        hold=_hold(until))):
-            check_answer(recv_frame(sock, cfg.max_frame_bytes))
+        while not (yield from w.wait_steps(sock, timeout, cancelled, tag=tag,
+                                           hold=_hold(until))):
+            if _revocation(link, recv_frame(sock, cfg.max_frame_bytes)):
+                continue
             raise TransportError("ucx: the peer answered a READ it then did not send")
         for first, end in ucx_io.windows(msgs):
             reqs, staged = [], []
@@ -258,9 +272,10 @@ def exchange_steps(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: li
         # on the heels of UCX's own acknowledgements, so one wake-up sees both. A refusal
         # (nothing was touched) comes on the socket. The sends' own completions are picked
         # up by later progress (they only read our memory).
-        if not (yield from w.wait_steps(sock, timeout, cancelled, tag=tag | ucx_io.ANSWER,
-                                        hold=_hold(until))):
-            check_answer(recv_frame(sock, cfg.max_frame_bytes))
+        while not (yield from w.wait_steps(sock, timeout, cancelled,
+                                           tag=tag | ucx_io.ANSWER, hold=_hold(until))):
+            if _revocation(link, recv_frame(sock, cfg.max_frame_bytes)):
+                continue
             raise TransportError("ucx: the peer answered a WRITE on the socket")
         yield from w.drive_steps([w.recv(link.answer, tag | ucx_io.ANSWER)], timeout,
                                  sock=sock, hold=_hold(until))
