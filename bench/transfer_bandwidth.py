@@ -2,7 +2,8 @@
 socket and NIXL measured in the same run.
 
 For each size (default 32 KiB ... 64 MiB) and each backend this machine runs (``tcp``,
-``ucx`` where ucxx is installed), a kvbm agent in this process READs from and WRITEs to a
+``ucx`` where ucxx is installed, and ``ucx-rma``: ucx between two agents with
+``transport.ucx_rma``, one-sided like NIXL), a kvbm agent in this process READs from and WRITEs to a
 region of an agent in another process; each figure is the median over ``--repeat`` runs of
 back-to-back transfers of one size. In the same run and the same way: plain sockets (one
 connection, ``sendmsg`` / ``recvmsg_into``; the ``ceiling`` column) and NIXL (its UCX

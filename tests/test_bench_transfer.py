@@ -39,7 +39,7 @@ def _run(*args: str) -> dict:
 
 def test_json_shape_without_nixl() -> None:
     doc = _run("--no-nixl")
-    backends = {"tcp", "ucx"} if HAS_UCX else {"tcp"}
+    backends = {"tcp", "ucx", "ucx-rma"} if HAS_UCX else {"tcp"}
     assert {r["backend"] for r in doc["rows"]} == backends
     assert all(set(r) == ROW_KEYS for r in doc["rows"])
     assert {(r["op"], r["bytes"]) for r in doc["rows"]} == {
