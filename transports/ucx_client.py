@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from kvbm.errors import RemoteAccessError, TransportError, TransportTimeoutError
+from kvbm.errors import RemoteAccessError, TransportError
 from kvbm.transports import ucx_io, ucx_rma
 from kvbm.transports.config import TransportConfig
 from kvbm.transports.control import expect_map, recv_frame, send_frame, set_timeouts
@@ -102,23 +102,6 @@ def open_link(peer: PeerInfo, open_sock: Callable[[PeerInfo], socket.socket],
     return UcxLink(sock, w, rma)
 
 
-def _answer_steps(sock: socket.socket, timeout: float, cancelled: Callable[[], bool],
-                  hold: float) -> Generator[None, None, None]:
-    """Wait until ``sock`` is readable: in this thread for ``hold`` s at most (0: no
-    limit), then yield once and go on waiting (see :func:`exchange_steps`)."""
-    now = time.monotonic()
-    deadline, held = now + timeout, (now + hold if hold > 0 else 0.0)
-    while not ucx_io.readable(sock, min(0.05, held - now) if held else 0.05):
-        if cancelled():
-            raise TransferCancelled("cancelled")
-        now = time.monotonic()
-        if now > deadline:
-            raise TransportTimeoutError(f"ucx: the peer did not answer within {timeout} s")
-        if held and now >= held:
-            held = 0.0
-            yield
-
-
 def _one_sided(link: UcxLink, xfer: Transfer, segs: list[Segment]) -> bool:
     if not link.rma:
         return False
@@ -154,8 +137,9 @@ def rma_exchange(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list
     missing = sorted({s.remote_id for s in segs} - link.keys.keys())
     if missing:
         send_frame(link.sock, {"t": "k", "r": missing})
-        yield from _answer_steps(link.sock, cfg.io_timeout_s, xfer.cancelled.is_set,
-                                 _hold(until))
+        # The answer's wait yields as exchange_steps' do (progressing the worker is moot)
+        yield from link.w.wait_steps(link.sock, cfg.io_timeout_s, xfer.cancelled.is_set,
+                                     hold=_hold(until))
         while True:
             frame = recv_frame(link.sock, cfg.max_frame_bytes)
             if isinstance(frame, dict) and frame.get("t") == "revoke":

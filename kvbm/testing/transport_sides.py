@@ -23,7 +23,16 @@ from typing import IO, Any, ClassVar
 
 import numpy as np
 
-from kvbm.transports import ALL_PEERS, Access, Agent, Peer, RegionHandle, TransportConfig
+from kvbm.transports import (
+    ALL_PEERS,
+    Access,
+    Agent,
+    Peer,
+    RegionHandle,
+    TransferHandle,
+    TransferStatus,
+    TransportConfig,
+)
 
 MiB = 1 << 20
 
@@ -195,6 +204,26 @@ class ProcessSide:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def cancel_while_paused(side: ProcessSide, start: Callable[[], TransferHandle]) -> None:
+    """Pause ``side``, run ``start`` (which returns the handle of a transfer that needs the
+    paused peer), check the handle is still pending after the call returned and can be
+    released (CANCELLED), and resume ``side`` whatever happened."""
+    import pytest
+
+    from kvbm.errors import TransportTimeoutError
+
+    side.pause()
+    try:
+        h = start()
+        assert not h.done()
+        with pytest.raises(TransportTimeoutError):
+            h.wait(0.2)
+        h.release()
+        assert h.status is TransferStatus.CANCELLED
+    finally:
+        side.resume()
 
 
 def _encode(v: Any) -> Any:
