@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kvbm.errors import RemoteAccessError
+from kvbm.errors import RemoteAccessError, TransportError
 from kvbm.testing.transport_sides import ProcessSide, cancel_while_paused
 from kvbm.transports import (
     ALL_PEERS,
@@ -227,3 +227,47 @@ def test_a_revocation_waiting_on_the_socket_does_not_break_a_two_sided_transfer(
     for op in (Op.READ, Op.WRITE):
         a.transfer(peer, op, [((loc, 0, 4096), (peer.info.region("kept"), 0, 4096))]).wait(30)
     assert (buf == 2).all() and (kept == 2).all() and _served(b) == served + 2
+
+
+def test_keys_of_another_layout_are_refused_unread() -> None:
+    """UCX unpacks a key without bounds checks (random bytes crash it): a peer's key must
+    have the layout of this process's own; random, truncated and altered keys do not."""
+    from kvbm.transports import ucx_io, ucx_rma
+
+    like = ucx_rma.template(ucx_io.context({"NET_DEVICES": "lo"}, True))
+    ucx_rma.verify(like, like)
+    rng = np.random.default_rng(0)
+    bad = [b"", like[:-1], like + b"\x00", b"\xff" * 200]
+    bad += [rng.integers(0, 256, int(rng.integers(1, 300)), dtype=np.uint8).tobytes()
+            for _ in range(2000)]
+    for _ in range(2000):
+        b = bytearray(like)
+        b[int(rng.integers(0, len(b)))] ^= int(rng.integers(1, 256))
+        bad.append(bytes(b))
+    for b in bad:
+        if b == like:
+            continue
+        with pytest.raises(TransportError, match="layout"):
+            ucx_rma.verify(b, like)
+
+
+def test_a_peer_whose_keys_do_not_verify_gets_two_sided_transfers(
+        pair: tuple[Agent, Agent], monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvbm.transports import ucx_rma
+
+    a, b = pair
+    # this side's UCX "packs" keys of another layout than the peer's: none verifies
+    monkeypatch.setattr(ucx_rma, "template", lambda _ctx: b"\x02" + bytes(7) + b"\x00\x00")
+    src = np.arange(4096, dtype=np.uint8)
+    h = b.register(src, name="src", expose_to=ALL_PEERS)
+    other = np.full(4096, 3, np.uint8)
+    b.register(other, name="other", expose_to=ALL_PEERS)
+    peer = a.connect(*b.address)
+    dst = np.zeros(4096, np.uint8)
+    loc = a.register(dst)
+    a.transfer(peer, Op.READ, [((loc, 0, 4096), (peer.info.region("src"), 0, 4096))]).wait(30)
+    assert np.array_equal(dst, src) and _served(b) == 1 and _granted(b) == 1
+    b.deregister(h)  # the granted (unused) key is revoked on the now two-sided link
+    a.transfer(peer, Op.READ, [((loc, 0, 4096), (peer.info.region("other"), 0, 4096))]
+               ).wait(30)
+    assert (dst == 3).all() and _served(b) == 2

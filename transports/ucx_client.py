@@ -38,13 +38,18 @@ _SEQ_LIMIT = 1 << (63 - ucx_io.TAG_INDEX_BITS)
 class UcxLink:
     """One connection, worker and endpoint."""
 
-    def __init__(self, sock: socket.socket, w: ucx_io.Worker, rma: bool = False) -> None:
+    def __init__(self, sock: socket.socket, w: ucx_io.Worker, context: Any = None,
+                 rma: bool = False) -> None:
         self.sock = sock
         self.w = w
+        #: The UCX context of the link's worker (what a peer's keys are checked against).
+        self.context = context
         #: One-sided (ucx_rma, both agents): transfers between host memory go by RMA with
         #: the keys granted so far (region id -> key).
         self.rma = rma
         self.keys: dict[int, ucx_rma.Key] = {}
+        #: Keys were asked for: revocations may come on the socket from now on.
+        self.asked = False
         self.seq = 0
         self.answer = np.empty(1, np.uint8)
         #: Where coalesced messages are gathered and scattered (ucx_io.Staging).
@@ -75,8 +80,9 @@ def open_link(peer: PeerInfo, open_sock: Callable[[PeerInfo], socket.socket],
     want_rma = (cfg.ucx_rma and peer.backends.get("ucx", {}).get("rma") is True
                 and ucx_rma.available())
     sock = open_sock(peer)
+    ctx = context(want_rma)
     try:
-        w = ucx_io.Worker(context(want_rma))
+        w = ucx_io.Worker(ctx)
         try:
             # The peer may have to load UCX first (~1.5 s): the set-up is bounded by the
             # handshake's timeout when that is the longer one.
@@ -99,7 +105,7 @@ def open_link(peer: PeerInfo, open_sock: Callable[[PeerInfo], socket.socket],
     if want_rma:
         log.info("ucx: a link to %s, %s", peer.name,
                  "one-sided (RMA)" if rma else "two-sided (the peer grants no keys)")
-    return UcxLink(sock, w, rma)
+    return UcxLink(sock, w, ctx, rma)
 
 
 def _one_sided(link: UcxLink, xfer: Transfer, segs: list[Segment]) -> bool:
@@ -114,7 +120,7 @@ def _revocation(link: UcxLink, frame: Any) -> bool:
     """Whether ``frame``, read while waiting for a two-sided transfer, is a revocation (of
     a one-sided link's keys: applied); else it is the peer's answer, raised as its error
     (a refusal: RemoteAccessError), or ``False`` for an ``ok``."""
-    if link.rma and isinstance(frame, dict) and frame.get("t") == "revoke":
+    if link.asked and isinstance(frame, dict) and frame.get("t") == "revoke":
         link.drop_keys(frame.get("r"))
         return True
     check_answer(frame)
@@ -137,6 +143,7 @@ def rma_exchange(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list
     missing = sorted({s.remote_id for s in segs} - link.keys.keys())
     if missing:
         send_frame(link.sock, {"t": "k", "r": missing})
+        link.asked = True
         # The answer's wait yields as exchange_steps' do (progressing the worker is moot)
         yield from link.w.wait_steps(link.sock, cfg.io_timeout_s, xfer.cancelled.is_set,
                                      hold=_hold(until))
@@ -149,11 +156,23 @@ def rma_exchange(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list
                 break
             check_answer(frame)  # a refusal: RemoteAccessError, nothing moved
             raise TransportError("ucx: the peer answered a key request with 'ok'")
-        for rid, addr, length, bits, packed in ucx_rma.parse_keys(frame):
-            if rid in link.keys:
-                continue
-            link.keys[rid] = ucx_rma.Key(addr, length, bits,
-                                         ucx_rma.unpack(link.w.ep, packed))
+        entries = ucx_rma.parse_keys(frame)
+        like = ucx_rma.template(link.context)
+        try:
+            for *_, packed in entries:
+                ucx_rma.verify(packed, like)
+        except TransportError as e:
+            # Keys this UCX cannot read safely: the link goes on two-sided (the serving
+            # side checks each transfer), this one included.
+            log.warning("ucx: %s; transfers with %s go two-sided", e, xfer.peer.name)
+            link.rma = False
+            link.drop_keys(list(link.keys))
+            yield from exchange_steps(cfg, link, xfer, segs, until)
+            return
+        for rid, addr, length, bits, packed in entries:
+            if rid not in link.keys:
+                link.keys[rid] = ucx_rma.Key(addr, length, bits,
+                                             ucx_rma.unpack(link.w.ep, packed))
     ucx_rma.check(link.keys, xfer.op, segs)
     ucx_rma.move(link.w.worker, link.w.ep, link.keys, xfer.op, segs, cfg.io_timeout_s,
                  xfer.cancelled.is_set)
@@ -186,7 +205,7 @@ def exchange_steps(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: li
     if _one_sided(link, xfer, segs):
         yield from rma_exchange(cfg, link, xfer, segs, until)
         return
-    if link.rma:  # device memory on a one-sided link: revocations first, then as usual
+    if link.asked:  # a two-sided transfer on a link with keys: revocations first
         _take_revocations(cfg, link)
     sock, w = link.sock, link.w
     tag = link.next_tag()

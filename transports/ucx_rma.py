@@ -183,7 +183,55 @@ def parse_keys(frame: Any) -> list[tuple[int, int, int, int, bytes]]:
     return out
 
 
+def _layout(packed: bytes) -> tuple[int, int, tuple[int, ...], int] | None:
+    """``(md map, memory type, size of each memory domain's key, end of those keys)`` of
+    a packed key (UCX's format: a little-endian 64-bit map of memory domains, a memory
+    type byte, then a length-prefixed key per domain in the map, then system device
+    data); ``None`` when it does not parse."""
+    if len(packed) < 9:
+        return None
+    md_map, o, sizes = int.from_bytes(packed[:8], "little"), 9, []
+    for bit in range(64):
+        if md_map >> bit & 1:
+            if o >= len(packed):
+                return None
+            sizes.append(packed[o])
+            o += 1 + packed[o]
+    return (md_map, packed[8], tuple(sizes), o) if o <= len(packed) else None
+
+
+_templates: dict[int, bytes] = {}
+
+
+def template(context: Any) -> bytes:
+    """A key this process packs for host memory on ``context`` (cached): what a peer's
+    key must look like (see :func:`verify`)."""
+    with _lock:
+        got = _templates.get(id(context))
+    if got is None:
+        probe = ctypes.create_string_buffer(4096)
+        m = Mapping(context, ctypes.addressof(probe), len(probe))
+        got = m.rkey
+        m.unmap()
+        with _lock:
+            _templates[id(context)] = got
+    return got
+
+
+def verify(packed: bytes, like: bytes) -> None:
+    """Refuse (:class:`TransportError`) a peer's key that does not have the layout of
+    ``like`` (same memory domains, memory type and key sizes, same system device data):
+    UCX unpacks a key without bounds checks, and a malformed one crashes the process.
+    Where both ends run one UCX on one host the keys agree; a peer whose keys differ
+    (other hardware) gets two-sided transfers instead."""
+    mine, theirs = _layout(like), _layout(packed)
+    if (mine is None or theirs is None or theirs[:3] != mine[:3]
+            or packed[theirs[3]:] != like[mine[3]:]):
+        raise TransportError("ucx: the peer's remote key does not have this UCX's layout")
+
+
 def unpack(ep: Any, packed: bytes) -> int:
+    """The key handle of ``packed`` (checked with :func:`verify` first) on ``ep``."""
     rkey = ctypes.c_void_p()
     st = ucp().ucp_ep_rkey_unpack(ep.handle, packed, ctypes.byref(rkey))
     if st != _UCS_OK or not rkey.value:
