@@ -212,7 +212,7 @@ class Remote:
 
 
 def open_socket(stack: ExitStack, region: int) -> Local:
-    buf = np.zeros(region, np.uint8)
+    buf = np.random.default_rng(5).integers(0, 256, region, dtype=np.uint8)  # as NIXL's
     p = stack.enter_context(child("socket", str(region)))
     sock = stack.enter_context(socket.create_connection(("127.0.0.1", _recv(p)["port"])))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -237,7 +237,7 @@ def _kvbm_pair(stack: ExitStack, region: int, backends: list[str], rma: bool
 
     cfg = TransportConfig(secret=secrets.token_hex(16), backends=",".join(backends),
                           ucx_rma=rma)
-    buf = np.zeros(region, np.uint8)
+    buf = np.random.default_rng(5).integers(0, 256, region, dtype=np.uint8)  # as NIXL's
     p = stack.enter_context(child("kvbm", str(region), json.dumps(config_to_dict(cfg))))
     agent = stack.enter_context(Agent("decode", cfg))
     peer = agent.connect(*_recv(p)["address"])
