@@ -24,9 +24,9 @@ from kvbm.transports import (
 )
 from kvbm.transports.backend import backend_class
 from kvbm.transports.descriptors import Segment
+from kvbm.transports.links import split
 from kvbm.transports.regions import RegionHandle
 from kvbm.transports.tcp import TcpBackend
-from kvbm.transports.tcp_client import split
 
 PEER = Path(__file__).with_name("transport_peer.py")
 

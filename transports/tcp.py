@@ -31,8 +31,9 @@ from kvbm.transports.backend import BackendHost, LinkedBackend
 from kvbm.transports.control import recv_exact, recv_idle
 from kvbm.transports.descriptors import Op
 from kvbm.transports.handle import Transfer
+from kvbm.transports.links import parts_of
 from kvbm.transports.sockio import Channel, drain
-from kvbm.transports.tcp_client import CHANNEL, Join, Part, PeerLink, split
+from kvbm.transports.tcp_client import CHANNEL, PeerLink
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,7 @@ class TcpBackend(LinkedBackend[PeerLink]):
                 link = self._links[xfer.peer.name] = PeerLink(
                     xfer.peer.name, lambda p: self.host.open_channel(p, CHANNEL),
                     cfg.parallel_connections, cfg.io_timeout_s, cfg.max_frame_bytes)
-        segs = (split(xfer.segments, cfg.parallel_connections)
-                if xfer.nbytes >= cfg.split_threshold_bytes else [xfer.segments])
-        join = Join(xfer, len(segs))
-        link.submit(xfer, [Part(join, p) for p in segs])
+        link.submit(xfer, parts_of(xfer, cfg))
 
     # -- serving side -----------------------------------------------------------------------------
     def _serve(self, sock: socket.socket, peer: str) -> None:

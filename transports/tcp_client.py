@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from kvbm.errors import RemoteAccessError, TransportError, TransportTimeoutError
@@ -30,7 +29,7 @@ from kvbm.transports import tcp_wire as wire
 from kvbm.transports.control import ProtocolError, recv_exact
 from kvbm.transports.descriptors import MAX_DESCRIPTORS, Op, Segment
 from kvbm.transports.handle import Transfer, TransferCancelled
-from kvbm.transports.links import LinkSlots
+from kvbm.transports.links import LinkSlots, Part
 from kvbm.transports.metadata import PeerInfo
 from kvbm.transports.regions import DeviceKind
 from kvbm.transports.sockio import Channel
@@ -40,61 +39,6 @@ _ZEROS = memoryview(bytes(wire.ALIGN))
 log = logging.getLogger(__name__)
 
 CHANNEL = "tcp"
-
-
-def split(segments: list[Segment], parts: int) -> list[list[Segment]]:
-    """Cut ``segments`` into at most ``parts`` runs of about equal bytes, in order."""
-    total = sum(s.length for s in segments)
-    share = -(-total // parts)
-    out: list[list[Segment]] = [[]]
-    room = share
-    for s in segments:
-        while s.length > room:
-            if room:
-                out[-1].append(s._replace(length=room))
-                s = s._replace(local_offset=s.local_offset + room,
-                               remote_offset=s.remote_offset + room, length=s.length - room)
-            out.append([])
-            room = share
-        out[-1].append(s)
-        room -= s.length
-    return [p for p in out if p]
-
-
-class Part:
-    """One piece of a transfer; run once, by whoever claims it."""
-
-    __slots__ = ("_claim", "join", "segs")
-
-    def __init__(self, join: Join, segs: list[Segment]) -> None:
-        self.join = join
-        self.segs = segs
-        self._claim = threading.Lock()
-
-    def claim(self) -> bool:
-        return self._claim.acquire(blocking=False)
-
-
-class Join:
-    """Completes a transfer when its last part ends (with the first real error)."""
-
-    __slots__ = ("_error", "_left", "_lock", "xfer")
-
-    def __init__(self, xfer: Transfer, parts: int) -> None:
-        self.xfer = xfer
-        self._left = parts
-        self._error: BaseException | None = None
-        self._lock = threading.Lock()
-
-    def part_done(self, error: BaseException | None) -> None:
-        with self._lock:
-            if error is not None and (self._error is None or isinstance(
-                    self._error, TransferCancelled)):
-                self._error = error
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            self.xfer.complete(self._error)
 
 
 #: What a worker thread takes from its queue: a part to claim and run, the rest of a
@@ -162,7 +106,7 @@ class PeerLink(LinkSlots[Channel, Part | Callable[[], None]]):
         small one takes. Where it would wait for the peer longer than a moment (see
         :func:`_patience`), a worker thread takes over on the same connection, so that
         ``Agent.transfer`` stays asynchronous with a stalled peer."""
-        xfer = part.join.xfer
+        xfer = part.xfer
         forget = xfer.on_cancel(lambda: shutdown(conn.sock))
         steps = self._steps(conn, xfer.op, part.segs, inline=True)
         try:
@@ -189,7 +133,7 @@ class PeerLink(LinkSlots[Channel, Part | Callable[[], None]]):
             return
         forget()
         self._release(conn, broken=False)
-        part.join.part_done(None)
+        part.done(None)
 
     def _hand_over(self, part: Part, conn: Channel, steps: Iterator[None],
                    forget: Callable[[], None]) -> None:
@@ -206,7 +150,7 @@ class PeerLink(LinkSlots[Channel, Part | Callable[[], None]]):
             else:
                 forget()
                 self._release(conn, broken=False)
-                part.join.part_done(None)
+                part.done(None)
 
         try:
             self._queue([finish])
@@ -218,17 +162,17 @@ class PeerLink(LinkSlots[Channel, Part | Callable[[], None]]):
     def _fail(self, part: Part, exc: BaseException) -> None:
         """End ``part`` with the error ``exc`` stands for (called in an except block)."""
         err: BaseException = exc
-        if part.join.xfer.cancelled.is_set():
+        if part.xfer.cancelled.is_set():
             err = TransferCancelled("cancelled")
         elif not isinstance(exc, TransportError):
             if isinstance(exc, Exception):
                 log.exception("tcp: transfer with %s failed", self.peer)
             err = TransportError(f"tcp transfer failed: {exc!r}")
-        part.join.part_done(err)
+        part.done(err)
 
     def run(self, part: Part) -> None:
         """Move ``part`` in this thread (it must have been claimed by the caller)."""
-        xfer = part.join.xfer
+        xfer = part.xfer
         try:
             if xfer.cancelled.is_set():
                 raise TransferCancelled("cancelled before it started")
@@ -251,7 +195,7 @@ class PeerLink(LinkSlots[Channel, Part | Callable[[], None]]):
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt in a caller's thread stays one
         else:
-            part.join.part_done(None)
+            part.done(None)
 
     def _attempt(self, conn: Channel, xfer: Transfer, segs: list[Segment]) -> None:
         forget = xfer.on_cancel(lambda: shutdown(conn.sock))
