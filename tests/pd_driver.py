@@ -19,68 +19,40 @@ and kvbm's G2 with ``connector``; vLLM's KV memory is scribbled over),
 from __future__ import annotations
 
 import json
-import os
 import select
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from kvbm.lab import engine_proc
+
+PREFIX = "KVBM-PD "
+
 
 def start(tmp: Path, name: str, spec: dict[str, Any]) -> Any:
     """Start this driver on ``spec`` in a process of its own (caches and sockets under
     ``tmp``); returns the :class:`subprocess.Popen` (its stderr goes to a file)."""
-    import subprocess
-
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CACHE_ROOT=str(tmp / "vllm-cache"),
-               TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), TMPDIR=str(tmp),
-               VLLM_RPC_BASE_PATH=str(tmp), OMP_NUM_THREADS="1")
-    err = (tmp / f"{name}.stderr").open("w")
-    return subprocess.Popen([sys.executable, str(Path(__file__)), str(path)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                            text=True, env=env, cwd=tmp, bufsize=1)
+    return engine_proc.spawn([sys.executable, str(Path(__file__))], tmp, name, spec,
+                             tmp / f"{name}.stderr")
 
 
 def ask(proc: Any, cmd: dict[str, Any], timeout: float = 600) -> Any:
     """Send one command to a started driver and return its answer."""
-    proc.stdin.write(json.dumps(cmd) + "\n")
-    proc.stdin.flush()
-    return answer(proc, timeout)
+    return engine_proc.ask(proc, cmd, PREFIX, timeout)
 
 
 def answer(proc: Any, timeout: float = 600) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if not ready:
-            if proc.poll() is not None:
-                break
-            continue
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith("KVBM-PD "):
-            return json.loads(line.removeprefix("KVBM-PD "))
-    raise AssertionError(f"the engine process gave no answer (rc {proc.poll()})")
+    return engine_proc.answer(proc, PREFIX, timeout)
 
 
-#: The answers' channel: the process's stdout as it started (everything else that writes to
-#: stdout, vLLM's logs included, goes to stderr: a full pipe nobody reads would block it).
-_ANSWERS: Any = None
-
-
-def _say(obj: Any) -> None:
-    _ANSWERS.write("KVBM-PD " + json.dumps(obj) + "\n")
-    _ANSWERS.flush()
+#: Writes one answer (set in the engine process by main).
+_say: Any = None
 
 
 def main(spec_path: str) -> None:
-    global _ANSWERS
-    _ANSWERS = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
+    global _say
+    _say = engine_proc.answers(PREFIX)
     spec = json.loads(Path(spec_path).read_text())
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig

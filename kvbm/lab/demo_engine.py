@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from kvbm.lab import engine_proc
+
 #: The demo's model: a Llama small enough for two CPU engines on a laptop (weights are
 #: random: ``load_format="dummy"``, nothing is downloaded).
 TINY_LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 128,
@@ -33,50 +35,20 @@ PREFIX = "KVBM-DEMO "
 def start(work: Path, name: str, spec: dict[str, Any]) -> Any:
     """Start an engine on ``spec`` in a process of its own (its caches and sockets under
     ``work``); returns the :class:`subprocess.Popen` (stderr goes to ``work/NAME.log``)."""
-    import subprocess
-
-    path = work / f"{name}.json"
-    path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CACHE_ROOT=str(work / "vllm-cache"),
-               TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"), TMPDIR=str(work),
-               VLLM_RPC_BASE_PATH=str(work), OMP_NUM_THREADS="1")
-    err = (work / f"{name}.log").open("w")
-    return subprocess.Popen([sys.executable, "-m", "kvbm.lab.demo_engine", str(path)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                            text=True, env=env, cwd=work, bufsize=1)
+    return engine_proc.spawn([sys.executable, "-m", "kvbm.lab.demo_engine"], work, name,
+                             spec, work / f"{name}.log")
 
 
 def ask(proc: Any, cmd: dict[str, Any], timeout: float = 300) -> Any:
-    proc.stdin.write(json.dumps(cmd) + "\n")
-    proc.stdin.flush()
-    return answer(proc, timeout)
+    return engine_proc.ask(proc, cmd, PREFIX, timeout)
 
 
 def answer(proc: Any, timeout: float = 300) -> Any:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        ready, _, _ = select.select([proc.stdout], [], [], 1.0)
-        if not ready:
-            if proc.poll() is not None:
-                break
-            continue
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith(PREFIX):
-            return json.loads(line.removeprefix(PREFIX))
-    raise RuntimeError(f"the engine process gave no answer (rc {proc.poll()}); "
-                       f"see its log next to its spec")
+    return engine_proc.answer(proc, PREFIX, timeout)
 
 
 def main(spec_path: str) -> None:
-    answers = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # vLLM's prints go to the log: only answers on the answers' channel
-
-    def say(obj: Any) -> None:
-        answers.write(PREFIX + json.dumps(obj) + "\n")
-        answers.flush()
+    say = engine_proc.answers(PREFIX)  # vLLM's prints go to the log
 
     spec = json.loads(Path(spec_path).read_text())
     from vllm import LLM, SamplingParams
