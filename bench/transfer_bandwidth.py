@@ -397,6 +397,10 @@ def format_doc(doc: dict[str, Any]) -> str:
     env = ", ".join(f"{k}={v}" for k, v in doc["ucx_env"].items())
     lines += ["", f"x socket: GB/s over a plain socket's in the same run (> 1: faster); "
                   f"UCX environment: {env or 'UCX defaults'}"]
+    if any(r["backend"] == RMA for r in doc["rows"]):
+        lines.append(f"{RMA}: ucx with transport.ucx_rma on both agents (one-sided, as NIXL; "
+                     f"for peers that trust each other); ucx checks each range where it is "
+                     f"served")
     return "\n".join(lines)
 
 
