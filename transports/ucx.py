@@ -141,9 +141,11 @@ class _Served:
     """The serving side of one link: its socket (written by the serving thread and by
     revocations from others, hence the lock) and the keys it holds (region id -> access)."""
 
-    def __init__(self, sock: socket.socket, peer: str) -> None:
+    def __init__(self, sock: socket.socket, peer: str, context: Any) -> None:
         self.sock = sock
         self.peer = peer
+        #: The UCX context of the link's worker (keys are packed on it).
+        self.context = context
         self.lock = threading.Lock()
         self.granted: dict[int, int] = {}
 
@@ -187,11 +189,12 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
     def __init__(self, host: BackendHost) -> None:
         super().__init__(host)
         host.add_channel(CHANNEL, self._serve)
-        #: One-sided mode (ucx_rma): region id -> its memory map, and the links holding
-        #: its key. Grants and revocations are ordered by this lock.
+        #: One-sided mode (ucx_rma): (region id, UCX context) -> the region's memory map
+        #: on that context (a context per UCX environment: see ucx_io.context), and the
+        #: links holding a region's key. Grants and revocations are ordered by this lock.
         self._rma = host.config.ucx_rma
         self._grant_lock = threading.Lock()
-        self._maps: dict[int, Mapping] = {}
+        self._maps: dict[tuple[int, int], Mapping] = {}
         self._holders: dict[int, set[_Served]] = {}
         # Load UCX in the background now: the first link would otherwise wait ~1.5 s.
         threading.Thread(target=self._warm_up, name="kvbm-ucx-load", daemon=True).start()
@@ -239,9 +242,10 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
         if hello.get("v") != PROTOCOL:
             raise ProtocolError(f"peer speaks ucx protocol {hello.get('v')!r}, not {PROTOCOL}")
         rma = self._rma and hello.get("rma") is True
-        w = ucx_io.Worker(self.context(rma))
+        ctx = self.context(rma)
+        w = ucx_io.Worker(ctx)
         stage = ucx_io.Staging()
-        served = _Served(sock, peer)
+        served = _Served(sock, peer, ctx)
         try:
             w.connect(hello.get("addr"))
             served.send({"t": "hello", "addr": w.address, "v": PROTOCOL, "rma": rma})
@@ -273,10 +277,10 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
                         raise RemoteAccessError(f"region {region.name or rid} is not in host "
                                                 f"memory (one-sided transfers reach host "
                                                 f"memory only)")
-                    m = self._maps.get(rid)
+                    m = self._maps.get((rid, id(served.context)))
                     if m is None:
-                        m = self._maps[rid] = Mapping(self.context(True), region.base,
-                                                      region.length)
+                        m = self._maps[rid, id(served.context)] = Mapping(
+                            served.context, region.base, region.length)
                     bits = (READ_BIT if access & Access.READ else 0) | (
                         WRITE_BIT if access & Access.WRITE else 0)
                     entries.append((rid, region.base, region.length, bits, m.rkey))
@@ -293,8 +297,8 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
         with self._grant_lock:
             for served in self._holders.pop(region.id, set()):
                 served.revoke(region.id)
-            m = self._maps.pop(region.id, None)
-        if m is not None:
+            maps = [self._maps.pop(k) for k in [k for k in self._maps if k[0] == region.id]]
+        for m in maps:
             m.unmap()
 
     def on_exposure(self, region: RegionHandle) -> None:
