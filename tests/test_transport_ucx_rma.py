@@ -271,3 +271,23 @@ def test_a_peer_whose_keys_do_not_verify_gets_two_sided_transfers(
     a.transfer(peer, Op.READ, [((loc, 0, 4096), (peer.info.region("other"), 0, 4096))]
                ).wait(30)
     assert (dst == 3).all() and _served(b) == 2
+
+
+def test_a_peer_that_cannot_grant_keys_serves_two_sided(
+        pair: tuple[Agent, Agent], monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvbm.transports import ucx_rma
+
+    def refuse(*_: object) -> None:
+        raise TransportError("ucx: ucp_mem_map failed (status -3)")
+
+    a, b = pair
+    monkeypatch.setattr(ucx_rma.Mapping, "__init__", refuse)  # the serving side's UCX
+    src = np.arange(4096, dtype=np.uint8)
+    b.register(src, name="src", expose_to=ALL_PEERS)
+    peer = a.connect(*b.address)
+    dst = np.zeros(4096, np.uint8)
+    loc = a.register(dst)
+    for _ in range(2):
+        a.transfer(peer, Op.READ, [((loc, 0, 4096), (peer.info.region("src"), 0, 4096))]
+                   ).wait(30)
+    assert np.array_equal(dst, src) and _served(b) == 2 and _granted(b) == 0

@@ -73,7 +73,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kvbm.errors import RemoteAccessError, TransportError
-from kvbm.transports import ucx_io
+from kvbm.transports import ucx_io, ucx_rma
 from kvbm.transports.backend import BackendHost, LinkedBackend
 from kvbm.transports.control import ProtocolError, expect_map, recv_frame, send_frame
 from kvbm.transports.descriptors import MAX_DESCRIPTORS, Op, Segment
@@ -241,7 +241,7 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
         hello = expect_map(recv_frame(sock, cfg.max_frame_bytes), "hello")
         if hello.get("v") != PROTOCOL:
             raise ProtocolError(f"peer speaks ucx protocol {hello.get('v')!r}, not {PROTOCOL}")
-        rma = self._rma and hello.get("rma") is True
+        rma = self._rma and hello.get("rma") is True and ucx_rma.available()
         ctx = self.context(rma)
         w = ucx_io.Worker(ctx)
         stage = ucx_io.Staging()
@@ -286,6 +286,9 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
                     entries.append((rid, region.base, region.length, bits, m.rkey))
             except RemoteAccessError as e:
                 served.send({"t": "error", "code": "access", "error": str(e)})
+                return
+            except TransportError as e:  # UCX would not map it: no key, the link goes on
+                served.send({"t": "error", "code": "unsupported", "error": str(e)})
                 return
             for rid, _, _, bits, _ in entries:
                 served.granted[rid] = bits

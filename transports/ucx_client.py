@@ -154,7 +154,13 @@ def rma_exchange(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list
                 continue
             if isinstance(frame, dict) and frame.get("t") == "keys":
                 break
-            check_answer(frame)  # a refusal: RemoteAccessError, nothing moved
+            try:
+                check_answer(frame)  # a refusal: RemoteAccessError, nothing moved
+            except RemoteAccessError:
+                raise
+            except TransportError as e:  # the peer cannot grant keys (its UCX would not)
+                yield from _two_sided(cfg, link, xfer, segs, until, str(e))
+                return
             raise TransportError("ucx: the peer answered a key request with 'ok'")
         entries = ucx_rma.parse_keys(frame)
         like = ucx_rma.template(link.context)
@@ -162,12 +168,7 @@ def rma_exchange(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list
             for *_, packed in entries:
                 ucx_rma.verify(packed, like)
         except TransportError as e:
-            # Keys this UCX cannot read safely: the link goes on two-sided (the serving
-            # side checks each transfer), this one included.
-            log.warning("ucx: %s; transfers with %s go two-sided", e, xfer.peer.name)
-            link.rma = False
-            link.drop_keys(list(link.keys))
-            yield from exchange_steps(cfg, link, xfer, segs, until)
+            yield from _two_sided(cfg, link, xfer, segs, until, str(e))
             return
         for rid, addr, length, bits, packed in entries:
             if rid not in link.keys:
@@ -176,6 +177,16 @@ def rma_exchange(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list
     ucx_rma.check(link.keys, xfer.op, segs)
     ucx_rma.move(link.w.worker, link.w.ep, link.keys, xfer.op, segs, cfg.io_timeout_s,
                  xfer.cancelled.is_set)
+
+
+def _two_sided(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list[Segment],
+               until: float, why: str) -> Generator[None, None, None]:
+    """Keys that cannot be had or read safely: the link goes on two-sided (the serving
+    side checks each transfer), this transfer included."""
+    log.warning("ucx: %s; transfers with %s go two-sided", why, xfer.peer.name)
+    link.rma = False
+    link.drop_keys(list(link.keys))
+    yield from exchange_steps(cfg, link, xfer, segs, until)
 
 
 def exchange(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list[Segment]
