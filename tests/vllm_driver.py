@@ -30,12 +30,9 @@ def run_engine(tmp: Path, name: str, spec: dict[str, Any]) -> list[dict[str, Any
     ``tmp``; returns the rounds' results (an AssertionError with the output on failure)."""
     import subprocess
 
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps(spec))
-    env = dict(os.environ)
-    env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CACHE_ROOT=str(tmp / "vllm-cache"),
-               TORCHINDUCTOR_CACHE_DIR=str(tmp / "inductor"), TMPDIR=str(tmp),
-               VLLM_RPC_BASE_PATH=str(tmp), OMP_NUM_THREADS="1")
+    from kvbm.lab.engine_proc import prepare
+
+    path, env = prepare(tmp, name, spec)
     proc = subprocess.run([sys.executable, str(Path(__file__)), str(path)],
                           capture_output=True, text=True, env=env, timeout=900, cwd=tmp)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("KVBM-RESULT ")]

@@ -19,16 +19,23 @@ from pathlib import Path
 from typing import Any, TextIO
 
 
-def spawn(argv: list[str], work: Path, name: str, spec: dict[str, Any], log: Path
-          ) -> subprocess.Popen[str]:
-    """Write ``spec`` to ``work/NAME.json`` and start ``argv + [that path]`` with vLLM's
-    caches, temporary files and sockets under ``work`` and its stderr in ``log``."""
+def prepare(work: Path, name: str, spec: dict[str, Any]) -> tuple[Path, dict[str, str]]:
+    """Write ``spec`` to ``work/NAME.json``; that path and the environment of an engine
+    process whose vLLM caches, temporary files and sockets are under ``work`` (in-process
+    engine core, one OpenMP thread)."""
     path = work / f"{name}.json"
     path.write_text(json.dumps(spec))
     env = dict(os.environ)
     env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CACHE_ROOT=str(work / "vllm-cache"),
                TORCHINDUCTOR_CACHE_DIR=str(work / "inductor"), TMPDIR=str(work),
                VLLM_RPC_BASE_PATH=str(work), OMP_NUM_THREADS="1")
+    return path, env
+
+
+def spawn(argv: list[str], work: Path, name: str, spec: dict[str, Any], log: Path
+          ) -> subprocess.Popen[str]:
+    """Start ``argv + [spec's path]`` (see :func:`prepare`) with its stderr in ``log``."""
+    path, env = prepare(work, name, spec)
     err = log.open("w")
     return subprocess.Popen([*argv, str(path)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=err, text=True, env=env,
