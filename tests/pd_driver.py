@@ -77,6 +77,7 @@ def main(spec_path: str) -> None:
     def stats() -> dict[str, Any]:
         return {"pd": conn.disagg.counters.to_dict(), "held": conn.disagg.held,
                 "worker": worker.disagg_worker.counters.to_dict(),
+                "agent": dict(worker.disagg_worker.agent.stats.snapshot().events),
                 "kvbm": conn.scheduler_side.counters.to_dict(),
                 "has_requests": bool(vsched.has_requests()),
                 "g1_free": vsched.kv_cache_manager.block_pool.get_num_free_blocks(),
