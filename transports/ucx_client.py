@@ -173,7 +173,7 @@ def rma_exchange(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list
         for rid, addr, length, bits, packed in entries:
             if rid not in link.keys:
                 link.keys[rid] = ucx_rma.Key(addr, length, bits,
-                                             ucx_rma.unpack(link.w.ep, packed))
+                                             ucx_rma.unpack(link.w.ep, packed, like))
     ucx_rma.check(link.keys, xfer.op, segs)
     ucx_rma.move(link.w.worker, link.w.ep, link.keys, xfer.op, segs, cfg.io_timeout_s,
                  xfer.cancelled.is_set)

@@ -132,10 +132,19 @@ def available() -> bool:
 
 
 # -- the serving side: memory maps and grants ----------------------------------------------------
+#: Memory maps and key packing are serialised in this process (threads of the serving
+#: side and key templates of requesters share a UCX context).
+_map_lock = threading.Lock()
+
+
 class Mapping:
     """A host region mapped for RMA on one UCX context, and its packed key."""
 
     def __init__(self, context: Any, address: int, length: int) -> None:
+        with _map_lock:
+            self._map(context, address, length)
+
+    def _map(self, context: Any, address: int, length: int) -> None:
         lib = ucp()
         self._context = context
         memh = ctypes.c_void_p()
@@ -147,15 +156,17 @@ class Mapping:
         buf, size = ctypes.c_void_p(), ctypes.c_size_t()
         st = lib.ucp_rkey_pack(context.handle, memh, ctypes.byref(buf), ctypes.byref(size))
         if st != _UCS_OK:
-            self.unmap()
+            lib.ucp_mem_unmap(context.handle, memh)
+            self._memh = None
             raise TransportError(f"ucx: ucp_rkey_pack failed (status {st})")
         self.rkey = ctypes.string_at(buf, size.value)
         lib.ucp_rkey_buffer_release(buf)
 
     def unmap(self) -> None:
-        memh, self._memh = self._memh, None
-        if memh is not None:
-            ucp().ucp_mem_unmap(self._context.handle, memh)
+        with _map_lock:
+            memh, self._memh = self._memh, None
+            if memh is not None:
+                ucp().ucp_mem_unmap(self._context.handle, memh)
 
 
 # -- the requesting side: keys and moving bytes --------------------------------------------------
@@ -230,8 +241,10 @@ def verify(packed: bytes, like: bytes) -> None:
         raise TransportError("ucx: the peer's remote key does not have this UCX's layout")
 
 
-def unpack(ep: Any, packed: bytes) -> int:
-    """The key handle of ``packed`` (checked with :func:`verify` first) on ``ep``."""
+def unpack(ep: Any, packed: bytes, like: bytes) -> int:
+    """The key handle of ``packed`` on ``ep``, once :func:`verify` (against ``like``)
+    passed."""
+    verify(packed, like)
     rkey = ctypes.c_void_p()
     st = ucp().ucp_ep_rkey_unpack(ep.handle, packed, ctypes.byref(rkey))
     if st != _UCS_OK or not rkey.value:
