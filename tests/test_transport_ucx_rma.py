@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -291,3 +292,35 @@ def test_a_peer_that_cannot_grant_keys_serves_two_sided(
         a.transfer(peer, Op.READ, [((loc, 0, 4096), (peer.info.region("src"), 0, 4096))]
                    ).wait(30)
     assert np.array_equal(dst, src) and _served(b) == 2 and _granted(b) == 0
+
+
+def test_a_revocation_right_after_a_grant_is_applied_before_the_keys_are_used(
+        pair: tuple[Agent, Agent], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving side revokes a key the requester holds just after answering a key
+    request (as a deregistration or exposure change racing the grant would): the
+    requester applies it before moving anything and asks for that key again."""
+    from kvbm.transports.ucx import UcxBackend
+
+    a, b = pair
+    first = np.full(4096, 1, np.uint8)
+    b.register(first, name="first", expose_to=ALL_PEERS)
+    second = np.full(4096, 2, np.uint8)
+    b.register(second, name="second", expose_to=ALL_PEERS)
+    peer = a.connect(*b.address)
+    r1, r2 = peer.info.region("first"), peer.info.region("second")
+    buf = np.zeros(8192, np.uint8)
+    loc = a.register(buf)
+    a.transfer(peer, Op.READ, [((loc, 0, 4096), (r1, 0, 4096))]).wait(30)
+    grant = UcxBackend._grant
+
+    def grant_then_revoke(self: UcxBackend, served: Any, rids: list[int]) -> None:
+        grant(self, served, rids)
+        if r2.id in rids:
+            with self._grant_lock:
+                served.revoke(r1.id)
+
+    monkeypatch.setattr(UcxBackend, "_grant", grant_then_revoke)
+    a.transfer(peer, Op.READ, [((loc, 0, 4096), (r1, 0, 4096)),
+                               ((loc, 4096, 4096), (r2, 0, 4096))]).wait(30)
+    assert (buf[:4096] == 1).all() and (buf[4096:] == 2).all()
+    assert _granted(b) == 3  # first, second, first again

@@ -83,6 +83,11 @@ class RegionTable:
             if self._regions.get(region.id) is not region:
                 return
             del self._regions[region.id]
+        # Refused at once, one-sided holders of its key told at once (not after the wait
+        # for the transfers the serving side runs on it).
+        region.close(0)
+        for b in backends:
+            b.on_exposure(region)
         if not region.close(timeout):
             log.warning("agent %s: region %r deregistered with transfers still running",
                         self._owner, region)

@@ -75,7 +75,13 @@ import numpy as np
 from kvbm.errors import RemoteAccessError, TransportError
 from kvbm.transports import ucx_io, ucx_rma
 from kvbm.transports.backend import BackendHost, LinkedBackend
-from kvbm.transports.control import ProtocolError, expect_map, recv_frame, send_frame
+from kvbm.transports.control import (
+    ProtocolError,
+    expect_map,
+    pack_frame,
+    recv_frame,
+    send_frame,
+)
 from kvbm.transports.descriptors import MAX_DESCRIPTORS, Op, Segment
 from kvbm.transports.handle import Transfer
 from kvbm.transports.links import LinkPool
@@ -154,12 +160,18 @@ class _Served:
             send_frame(self.sock, frame)
 
     def revoke(self, rid: int) -> None:
+        """Tell the peer, without waiting on it (the caller holds the grant lock): a peer
+        whose socket would block, or that is gone, loses the link instead."""
         if self.granted.pop(rid, None) is None:
             return
-        try:
-            self.send({"t": "revoke", "r": [rid]})
-        except TransportError as e:  # a peer that cannot be told loses the link
-            log.debug("ucx: cannot revoke a key from %s (%s): closing its link", self.peer, e)
+        data = pack_frame({"t": "revoke", "r": [rid]})
+        with self.lock:
+            try:
+                sent = self.sock.send(data, socket.MSG_DONTWAIT)
+            except OSError:
+                sent = -1
+        if sent != len(data):
+            log.debug("ucx: cannot revoke a key from %s at once: closing its link", self.peer)
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
 
@@ -272,6 +284,8 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
         with self._grant_lock:
             try:
                 for rid in rids:
+                    if self._closed:
+                        raise TransportError("ucx backend is closed")
                     region, access = self.host.exposed(served.peer, rid)
                     if region.device is not DeviceKind.CPU:
                         raise RemoteAccessError(f"region {region.name or rid} is not in host "
@@ -305,12 +319,12 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
             m.unmap()
 
     def on_exposure(self, region: RegionHandle) -> None:
-        """Keys whose holder's access changed are revoked (asked for again, the grant
-        says what the peer may do now)."""
+        """Keys whose holder's access changed, or whose region is going, are revoked
+        (asked for again, the grant says what the peer may do now)."""
         with self._grant_lock:
             holders = self._holders.get(region.id, set())
             for served in list(holders):
-                acc = region.access_for(served.peer)
+                acc = None if region.closed else region.access_for(served.peer)
                 bits = 0 if acc is None else (READ_BIT if acc & Access.READ else 0) | (
                     WRITE_BIT if acc & Access.WRITE and region.writable else 0)
                 if bits != served.granted.get(region.id):

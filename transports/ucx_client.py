@@ -50,6 +50,8 @@ class UcxLink:
         self.keys: dict[int, ucx_rma.Key] = {}
         #: Keys were asked for: revocations may come on the socket from now on.
         self.asked = False
+        #: One-sided operations of failed transfers still under way (ucx_rma.settle).
+        self.abandoned: list[int] = []
         self.seq = 0
         self.answer = np.empty(1, np.uint8)
         #: Where coalesced messages are gathered and scattered (ucx_io.Staging).
@@ -71,6 +73,11 @@ class UcxLink:
     def close(self) -> None:
         shutdown(self.sock)
         self.sock.close()
+        if self.abandoned and not ucx_rma.settle(self.w.worker, self.abandoned, 0.5):
+            # Still running: their keys must outlive them (UCX would use freed keys).
+            log.warning("ucx: %d abandoned one-sided operations still running at close; "
+                        "their keys are left allocated", len(self.abandoned))
+            self.keys.clear()
         self.drop_keys(list(self.keys))  # before the endpoint they were unpacked on
         self.w.close()
 
@@ -140,43 +147,64 @@ def rma_exchange(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list
     yet granted first (one request; a wait for the answer yields as in
     :func:`exchange_steps`), then every range checked, then the bytes."""
     _take_revocations(cfg, link)
-    missing = sorted({s.remote_id for s in segs} - link.keys.keys())
-    if missing:
-        send_frame(link.sock, {"t": "k", "r": missing})
-        link.asked = True
-        # The answer's wait yields as exchange_steps' do (progressing the worker is moot)
-        yield from link.w.wait_steps(link.sock, cfg.io_timeout_s, xfer.cancelled.is_set,
-                                     hold=_hold(until))
-        while True:
-            frame = recv_frame(link.sock, cfg.max_frame_bytes)
-            if isinstance(frame, dict) and frame.get("t") == "revoke":
-                link.drop_keys(frame.get("r"))
-                continue
-            if isinstance(frame, dict) and frame.get("t") == "keys":
-                break
-            try:
-                check_answer(frame)  # a refusal: RemoteAccessError, nothing moved
-            except RemoteAccessError:
-                raise
-            except TransportError as e:  # the peer cannot grant keys (its UCX would not)
-                yield from _two_sided(cfg, link, xfer, segs, until, str(e))
-                return
-            raise TransportError("ucx: the peer answered a key request with 'ok'")
-        entries = ucx_rma.parse_keys(frame)
-        like = ucx_rma.template(link.context)
-        try:
-            for *_, packed in entries:
-                ucx_rma.verify(packed, like)
-        except TransportError as e:
-            yield from _two_sided(cfg, link, xfer, segs, until, str(e))
-            return
-        for rid, addr, length, bits, packed in entries:
-            if rid not in link.keys:
-                link.keys[rid] = ucx_rma.Key(addr, length, bits,
-                                             ucx_rma.unpack(link.w.ep, packed, like))
+    for _ in range(_KEY_ROUNDS):
+        missing = sorted({s.remote_id for s in segs} - link.keys.keys())
+        if not missing:
+            break
+        if not (yield from _ask_keys(cfg, link, xfer, segs, until, missing)):
+            return  # the link went two-sided, and the transfer with it
+        # A revocation sent right after the grant is on the socket already: applied
+        # before any key is used (a key it dropped is asked for again).
+        _take_revocations(cfg, link)
     ucx_rma.check(link.keys, xfer.op, segs)
     ucx_rma.move(link.w.worker, link.w.ep, link.keys, xfer.op, segs, cfg.io_timeout_s,
-                 xfer.cancelled.is_set)
+                 xfer.cancelled.is_set, link.abandoned)
+
+
+#: Key requests one transfer makes at most (another is made only when a revocation took
+#: a needed key meanwhile).
+_KEY_ROUNDS = 3
+
+
+def _ask_keys(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list[Segment],
+              until: float, missing: list[int]) -> Generator[None, None, bool]:
+    """Ask for the keys of ``missing`` and install them; ``False`` when the peer cannot
+    grant them or they do not verify (the transfer then went two-sided)."""
+    send_frame(link.sock, {"t": "k", "r": missing})
+    link.asked = True
+    while True:
+        # The answer's wait yields as exchange_steps' do (progressing is moot here)
+        yield from link.w.wait_steps(link.sock, cfg.io_timeout_s, xfer.cancelled.is_set,
+                                     hold=_hold(until))
+        frame = recv_frame(link.sock, cfg.max_frame_bytes)
+        if isinstance(frame, dict) and frame.get("t") == "revoke":
+            link.drop_keys(frame.get("r"))
+            continue
+        if isinstance(frame, dict) and frame.get("t") == "keys":
+            break
+        try:
+            check_answer(frame)  # a refusal: RemoteAccessError, nothing moved
+        except RemoteAccessError:
+            raise
+        except TransportError as e:  # the peer cannot grant keys (its UCX would not)
+            yield from _two_sided(cfg, link, xfer, segs, until, str(e))
+            return False
+        raise TransportError("ucx: the peer answered a key request with 'ok'")
+    entries = ucx_rma.parse_keys(frame)
+    like = ucx_rma.template(link.context)
+    try:
+        for *_, packed in entries:
+            ucx_rma.verify(packed, like)
+    except TransportError as e:
+        yield from _two_sided(cfg, link, xfer, segs, until, str(e))
+        return False
+    for rid, addr, length, bits, packed in entries:
+        old = link.keys.pop(rid, None)
+        if old is not None:  # granted anew (asked again after a revocation)
+            ucx_rma.destroy(old)
+        link.keys[rid] = ucx_rma.Key(addr, length, bits,
+                                     ucx_rma.unpack(link.w.ep, packed, like))
+    return True
 
 
 def _two_sided(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list[Segment],

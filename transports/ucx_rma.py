@@ -275,7 +275,8 @@ def check(keys: dict[int, Key], op: Op, segs: Sequence[Segment]) -> None:
 
 
 def move(worker: Any, ep: Any, keys: dict[int, Key], op: Op, segs: Sequence[Segment],
-         timeout: float, cancelled: Callable[[], bool] | None = None) -> None:
+         timeout: float, cancelled: Callable[[], bool] | None = None,
+         abandoned: list[int] | None = None) -> None:
     """Read (``ucp_get``) or write (``ucp_put``, then a flush: the bytes are in the peer's
     memory when this returns) ``segs`` (checked with :func:`check`; host memory on both
     sides). Cross-memory attach completes each operation in the call; other transports
@@ -302,10 +303,33 @@ def move(worker: Any, ep: Any, keys: dict[int, Key], op: Op, segs: Sequence[Segm
         if pending:
             wait(worker, pending, timeout, cancelled)
     except BaseException:
-        for r in pending:  # abandoned: UCX frees each once it completes or is cancelled
+        # Abandoned: RMA operations cannot be recalled, so they stay with the caller
+        # (``abandoned``), whose keys must outlive them (see :func:`settle`).
+        for r in pending:
             lib.ucp_request_cancel(worker.handle, r)
-            lib.ucp_request_free(r)
+        if abandoned is not None:
+            abandoned.extend(pending)
+        else:
+            for r in pending:
+                lib.ucp_request_free(r)
         raise
+
+
+def settle(worker: Any, abandoned: list[int], seconds: float) -> bool:
+    """Progress ``worker`` for up to ``seconds`` until the ``abandoned`` operations ended
+    (each ended one freed and removed); whether none is left. Keys an operation uses must
+    not be destroyed before it ended (UCX's rule)."""
+    lib = ucp()
+    end = time.monotonic() + seconds
+    while abandoned:
+        lib.ucp_worker_progress(worker.handle)
+        for r in list(abandoned):
+            if lib.ucp_request_check_status(r) != _UCS_INPROGRESS:
+                abandoned.remove(r)
+                lib.ucp_request_free(r)
+        if time.monotonic() > end:
+            break
+    return not abandoned
 
 
 def wait(worker: Any, pending: list[int], timeout: float,
