@@ -88,7 +88,7 @@ from kvbm.transports.links import LinkPool
 from kvbm.transports.metadata import PeerInfo
 from kvbm.transports.regions import Access, DeviceKind, RegionHandle
 from kvbm.transports.ucx_client import CHANNEL, PROTOCOL, UcxLink, pool
-from kvbm.transports.ucx_rma import READ_BIT, WRITE_BIT, Mapping
+from kvbm.transports.ucx_rma import Mapping
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,8 @@ _MAX_KEY_REGIONS = 4096
 
 class _Served:
     """The serving side of one link: its socket (written by the serving thread and by
-    revocations from others, hence the lock) and the keys it holds (region id -> access)."""
+    revocations from others, hence the lock) and the keys it holds (region id -> the
+    ``Access`` value granted)."""
 
     def __init__(self, sock: socket.socket, peer: str, context: Any) -> None:
         self.sock = sock
@@ -295,9 +296,7 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
                     if m is None:
                         m = self._maps[rid, id(served.context)] = Mapping(
                             served.context, region.base, region.length)
-                    bits = (READ_BIT if access & Access.READ else 0) | (
-                        WRITE_BIT if access & Access.WRITE else 0)
-                    entries.append((rid, region.base, region.length, bits, m.rkey))
+                    entries.append((rid, region.base, region.length, access.value, m.rkey))
             except RemoteAccessError as e:
                 served.send({"t": "error", "code": "access", "error": str(e)})
                 return
@@ -325,9 +324,9 @@ class UcxBackend(LinkedBackend[LinkPool[UcxLink]]):
             holders = self._holders.get(region.id, set())
             for served in list(holders):
                 acc = None if region.closed else region.access_for(served.peer)
-                bits = 0 if acc is None else (READ_BIT if acc & Access.READ else 0) | (
-                    WRITE_BIT if acc & Access.WRITE and region.writable else 0)
-                if bits != served.granted.get(region.id):
+                if acc is not None and not region.writable:
+                    acc &= Access.READ  # as the table grants it (RegionTable.exposed)
+                if (acc.value if acc else 0) != served.granted.get(region.id):
                     served.revoke(region.id)
                     holders.discard(served)
 

@@ -18,7 +18,13 @@ import numpy as np
 from kvbm.errors import RemoteAccessError, TransportError
 from kvbm.transports import ucx_io, ucx_rma
 from kvbm.transports.config import TransportConfig
-from kvbm.transports.control import expect_map, recv_frame, send_frame, set_timeouts
+from kvbm.transports.control import (
+    ProtocolError,
+    expect_map,
+    recv_frame,
+    send_frame,
+    set_timeouts,
+)
 from kvbm.transports.descriptors import Op, Segment
 from kvbm.transports.handle import Transfer, TransferCancelled
 from kvbm.transports.links import LinkPool, Part, check_answer, parts_of, shutdown
@@ -123,12 +129,19 @@ def _one_sided(link: UcxLink, xfer: Transfer, segs: list[Segment]) -> bool:
                and r.device is DeviceKind.CPU for s in segs)
 
 
-def _revocation(link: UcxLink, frame: Any) -> bool:
-    """Whether ``frame``, read while waiting for a two-sided transfer, is a revocation (of
-    a one-sided link's keys: applied); else it is the peer's answer, raised as its error
-    (a refusal: RemoteAccessError), or ``False`` for an ``ok``."""
+def _revoked(link: UcxLink, frame: Any) -> bool:
+    """Whether ``frame`` is a revocation of keys this link asked for (then applied)."""
     if link.asked and isinstance(frame, dict) and frame.get("t") == "revoke":
         link.drop_keys(frame.get("r"))
+        return True
+    return False
+
+
+def _revocation(link: UcxLink, frame: Any) -> bool:
+    """Whether ``frame``, read while waiting for a two-sided transfer, is a revocation
+    (applied); else it is the peer's answer, raised as its error (a refusal:
+    RemoteAccessError), or ``False`` for an ``ok``."""
+    if _revoked(link, frame):
         return True
     check_answer(frame)
     return False
@@ -137,8 +150,9 @@ def _revocation(link: UcxLink, frame: Any) -> bool:
 def _take_revocations(cfg: TransportConfig, link: UcxLink) -> None:
     """Drop the keys the peer revoked meanwhile (its frames wait on the socket)."""
     while ucx_io.readable(link.sock, 0):
-        frame = expect_map(recv_frame(link.sock, cfg.max_frame_bytes), "revoke")
-        link.drop_keys(frame.get("r"))
+        frame = recv_frame(link.sock, cfg.max_frame_bytes)
+        if not _revoked(link, frame):
+            raise ProtocolError(f"expected a 'revoke' frame, got {type(frame).__name__}")
 
 
 def rma_exchange(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list[Segment],
@@ -177,8 +191,7 @@ def _ask_keys(cfg: TransportConfig, link: UcxLink, xfer: Transfer, segs: list[Se
         yield from link.w.wait_steps(link.sock, cfg.io_timeout_s, xfer.cancelled.is_set,
                                      hold=_hold(until))
         frame = recv_frame(link.sock, cfg.max_frame_bytes)
-        if isinstance(frame, dict) and frame.get("t") == "revoke":
-            link.drop_keys(frame.get("r"))
+        if _revoked(link, frame):
             continue
         if isinstance(frame, dict) and frame.get("t") == "keys":
             break

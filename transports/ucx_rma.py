@@ -38,6 +38,7 @@ from typing import Any, NamedTuple
 from kvbm.errors import RemoteAccessError, TransportError, TransportTimeoutError
 from kvbm.transports.descriptors import Op, Segment
 from kvbm.transports.handle import TransferCancelled
+from kvbm.transports.regions import Access
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,6 @@ _SLICE_S = 0.05
 _SPINS = 16
 #: Largest packed key accepted from a peer (UCX's are tens to hundreds of bytes).
 MAX_RKEY_BYTES = 64 << 10
-#: Access bits as the keys carry them (transports.regions.Access values).
-READ_BIT, WRITE_BIT = 1, 2
 
 
 class _MapParams(ctypes.Structure):
@@ -259,7 +258,7 @@ def destroy(key: Key) -> None:
 def check(keys: dict[int, Key], op: Op, segs: Sequence[Segment]) -> None:
     """Every range inside its granted region, with the access ``op`` needs; raises
     :class:`RemoteAccessError` before anything moves."""
-    need = READ_BIT if op is Op.READ else WRITE_BIT
+    need = (Access.READ if op is Op.READ else Access.WRITE).value  # keys carry Access values
     for s in segs:
         k = keys.get(s.remote_id)
         if k is None:
